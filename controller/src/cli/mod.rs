@@ -1,0 +1,60 @@
+//! The `controller` command line: `serve` runs the daemon; every other subcommand is an admin
+//! client that talks to the running daemon over `DATA_DIR/admin.sock`.
+pub mod nodes;
+pub mod serve;
+pub mod token;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use fleetadm_common::output::OutputFormat;
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/fleetadm";
+
+#[derive(Debug, Parser)]
+#[command(name = "controller", version = crate::VERSION, about = "fleetadm controller: enrolls node agents and drives them", propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controller daemon.
+    Serve(serve::ServeArgs),
+    /// Manage bootstrap tokens used by `node-agent enroll`.
+    #[command(subcommand)]
+    Token(token::TokenCmd),
+    /// Inspect and revoke enrolled nodes.
+    #[command(subcommand)]
+    Nodes(nodes::NodesCmd),
+}
+
+/// Where the daemon keeps its state and admin socket.
+#[derive(Debug, Clone, Args)]
+pub struct DataDir {
+    /// Controller data directory (holds the state store, fleet CA and admin.sock).
+    #[arg(long, env = "FLEETADM_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
+/// Output format for admin commands.
+#[derive(Debug, Clone, Args)]
+pub struct Output {
+    /// Output format: table, json or yaml.
+    #[arg(short = 'o', long = "output", default_value = "table")]
+    pub output: OutputFormat,
+}
+
+/// Turn an admin RPC failure into a one-line error.
+pub fn rpc_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", fleetadm_common::dial::explain_status(&status))
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(a) => serve::run(a).await,
+        Command::Token(c) => token::run(c).await,
+        Command::Nodes(c) => nodes::run(c).await,
+    }
+}

@@ -1,0 +1,179 @@
+//! `controller nodes list|show|revoke`.
+use clap::Subcommand;
+use fleetadm_common::clock::{rfc3339, rfc3339_ms};
+use fleetadm_common::output::{render_structured, table};
+use fleetadm_proto::{Empty, Inventory, NodeInfo, NodeRef};
+use serde::Serialize;
+
+use super::{rpc_error, DataDir, Output};
+use crate::admin::client;
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCmd {
+    /// List enrolled nodes.
+    List {
+        #[command(flatten)]
+        data: DataDir,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Show one node with all its facts.
+    Show {
+        name: String,
+        #[command(flatten)]
+        data: DataDir,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Revoke a node's certificate: its next call is refused and its session is closed.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+}
+
+#[derive(Serialize)]
+pub struct InterfaceView {
+    pub name: String,
+    pub addresses: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct ComponentView {
+    pub name: String,
+    pub present: bool,
+    pub path: String,
+}
+
+#[derive(Serialize)]
+pub struct FactsView {
+    pub hostname: String,
+    pub machine_id: String,
+    pub interfaces: Vec<InterfaceView>,
+    pub os_id: String,
+    pub os_version_id: String,
+    pub os_pretty_name: String,
+    pub kernel: String,
+    pub arch: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub swap_enabled: bool,
+    pub clock: String,
+    pub cgroup_version: u32,
+    pub components: Vec<ComponentView>,
+}
+
+#[derive(Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub connected: bool,
+    pub last_seen: String,
+    pub addresses: Vec<String>,
+    pub revoked: bool,
+    pub enrolled_at: String,
+    pub cert_expires_at: String,
+    pub cert_serial: String,
+    pub clock_skew_ms: i64,
+    pub peer_address: String,
+    pub facts: Option<FactsView>,
+}
+
+fn facts_view(f: &Inventory) -> FactsView {
+    let os = f.os.clone().unwrap_or_default();
+    FactsView {
+        hostname: f.hostname.clone(),
+        machine_id: f.machine_id.clone(),
+        interfaces: f.interfaces.iter().map(|i| InterfaceView { name: i.name.clone(), addresses: i.addresses.clone() }).collect(),
+        os_id: os.id,
+        os_version_id: os.version_id,
+        os_pretty_name: os.pretty_name,
+        kernel: f.kernel.clone(),
+        arch: f.arch.clone(),
+        cpus: f.cpus,
+        memory_bytes: f.memory_bytes,
+        swap_enabled: f.swap_enabled,
+        clock: rfc3339_ms(f.clock_unix_ms),
+        cgroup_version: f.cgroup_version,
+        components: f
+            .components
+            .iter()
+            .map(|c| ComponentView { name: c.name.clone(), present: c.present, path: c.path.clone() })
+            .collect(),
+    }
+}
+
+pub fn node_view(n: &NodeInfo) -> NodeView {
+    NodeView {
+        name: n.name.clone(),
+        connected: n.connected,
+        last_seen: rfc3339_ms(n.last_seen_unix_ms),
+        addresses: n.addresses.clone(),
+        revoked: n.revoked,
+        enrolled_at: rfc3339(n.enrolled_at_unix),
+        cert_expires_at: rfc3339(n.cert_not_after_unix),
+        cert_serial: n.cert_serial.clone(),
+        clock_skew_ms: n.clock_skew_ms,
+        peer_address: n.peer_address.clone(),
+        facts: n.facts.as_ref().map(facts_view),
+    }
+}
+
+fn status_word(v: &NodeView) -> &'static str {
+    if v.revoked {
+        "Revoked"
+    } else if v.connected {
+        "Connected"
+    } else {
+        "Disconnected"
+    }
+}
+
+pub async fn run(cmd: NodesCmd) -> anyhow::Result<()> {
+    match cmd {
+        NodesCmd::List { data, out } => {
+            let mut c = client::connect(&data.data_dir).await?;
+            let list = c.list_nodes(Empty {}).await.map_err(rpc_error)?.into_inner();
+            let views: Vec<NodeView> = list.nodes.iter().map(node_view).collect();
+            match render_structured(&views, out.output) {
+                Some(s) => println!("{s}"),
+                None => {
+                    let rows: Vec<Vec<String>> = views
+                        .iter()
+                        .map(|v| {
+                            let f = v.facts.as_ref();
+                            vec![
+                                v.name.clone(),
+                                status_word(v).into(),
+                                v.addresses.join(","),
+                                f.map(|f| f.os_pretty_name.clone()).unwrap_or_default(),
+                                f.map(|f| f.kernel.clone()).unwrap_or_default(),
+                                v.last_seen.clone(),
+                            ]
+                        })
+                        .collect();
+                    print!("{}", table(&["NAME", "STATUS", "ADDRESSES", "OS", "KERNEL", "LAST SEEN"], &rows));
+                }
+            }
+        }
+        NodesCmd::Show { name, data, out } => {
+            let mut c = client::connect(&data.data_dir).await?;
+            let n = c.get_node(NodeRef { name }).await.map_err(rpc_error)?.into_inner();
+            let v = node_view(&n);
+            let fmt = if out.output == fleetadm_common::output::OutputFormat::Table {
+                fleetadm_common::output::OutputFormat::Yaml
+            } else {
+                out.output
+            };
+            if let Some(s) = render_structured(&v, fmt) {
+                println!("{s}");
+            }
+        }
+        NodesCmd::Revoke { name, data } => {
+            let mut c = client::connect(&data.data_dir).await?;
+            c.revoke_node(NodeRef { name: name.clone() }).await.map_err(rpc_error)?;
+            println!("node {name} revoked; its certificate is refused from now on");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! `controller serve`: open the store, load the fleet CA, and serve the agent-facing TLS listener
+//! and the local admin socket until told to stop.
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use fleetadm_common::fsutil::ensure_dir;
+use fleetadm_proto::{admin_server::AdminServer, agent_server::AgentServer, enrollment_server::EnrollmentServer};
+use fleetadm_proto::MAX_MESSAGE_BYTES;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::admin::{self, AdminService};
+use crate::dispatch::AgentService;
+use crate::enroll::EnrollmentService;
+use crate::pki::FleetCa;
+use crate::state::{Controller, Settings};
+use crate::store::{SledStore, Store};
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub advertise: Vec<String>,
+    pub node_cert_validity: Duration,
+    pub heartbeat_interval: Duration,
+}
+
+/// Names the serving certificate covers: advertised names, the listen address if specific,
+/// loopback, and this host's name.
+pub fn server_names(opts: &ServeOptions) -> Vec<String> {
+    let mut names: Vec<String> = opts.advertise.clone();
+    if !opts.listen.ip().is_unspecified() {
+        names.push(opts.listen.ip().to_string());
+    }
+    names.extend(["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()]);
+    if let Ok(h) = nix::unistd::gethostname() {
+        if let Some(h) = h.to_str() {
+            if !h.is_empty() {
+                names.push(h.to_string());
+            }
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    names
+}
+
+fn enroll_endpoint(opts: &ServeOptions) -> String {
+    let port = opts.listen.port();
+    let host = opts.advertise.first().cloned().unwrap_or_else(|| {
+        if opts.listen.ip().is_unspecified() {
+            nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+        } else {
+            opts.listen.ip().to_string()
+        }
+    });
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    for a in &opts.advertise {
+        if a.is_empty() || a.contains(char::is_whitespace) || a.contains('/') {
+            bail!("--advertise-address {a:?} is not a host name or IP address");
+        }
+    }
+    ensure_dir(&opts.data_dir, 0o700).with_context(|| format!("cannot create data dir {}", opts.data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&opts.data_dir.join("state")).with_context(|| {
+        format!("cannot open the state store in {} (is another controller using this data dir?)", opts.data_dir.display())
+    })?);
+    let ca = FleetCa::load_or_create(&opts.data_dir).context("fleet CA")?;
+    let server_cert = ca.server_cert(&server_names(&opts)).context("controller serving certificate")?;
+    let settings = Settings {
+        node_cert_validity: opts.node_cert_validity,
+        heartbeat_interval: opts.heartbeat_interval,
+        enroll_endpoint: enroll_endpoint(&opts),
+    };
+    let ca_pem = ca.cert_pem().to_string();
+    let pin = ca.pin().to_string();
+    let ctl = Controller::new(store, ca, settings);
+
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&server_cert.chain_pem, &server_cert.key_pem))
+        .client_ca_root(Certificate::from_pem(&ca_pem))
+        // Enrollment has no client certificate yet; every other RPC checks for one itself.
+        .client_auth_optional(true)
+        .timeout(Duration::from_secs(10));
+
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.listen))?;
+    let local = listener.local_addr()?;
+
+    let sock = admin::socket_path(&opts.data_dir);
+    let _ = std::fs::remove_file(&sock);
+    let uds = tokio::net::UnixListener::bind(&sock).with_context(|| format!("cannot bind admin socket {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+
+    let agent_api = Server::builder()
+        .tls_config(tls)
+        .context("TLS configuration")?
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .concurrency_limit_per_connection(32)
+        .add_service(
+            EnrollmentServer::new(EnrollmentService::new(ctl.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            AgentServer::new(AgentService::new(ctl.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), wait(stop_rx.clone()));
+
+    let admin_api = Server::builder()
+        .add_service(AdminServer::new(AdminService::new(ctl.clone())))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(uds), wait(stop_rx.clone()));
+
+    tracing::info!(listen = %local, ca_hash = %pin, admin = %sock.display(), endpoint = %ctl.settings.enroll_endpoint, "controller ready");
+    println!("controller listening on {local} (ca hash {pin}); admin socket {}", sock.display());
+    notify_ready();
+
+    let (a, b) = tokio::join!(agent_api, admin_api);
+    let _ = std::fs::remove_file(&sock);
+    a.context("agent API server")?;
+    b.context("admin API server")?;
+    ctl.store_flush();
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+/// Tell systemd (Type=notify) we are ready, when running under it.
+fn notify_ready() {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let sock = match std::os::unix::net::UnixDatagram::unbound() {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let _ = sock.send_to(b"READY=1", path);
+    }
+}

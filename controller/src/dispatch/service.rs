@@ -1,0 +1,94 @@
+//! The `Agent` service: sessions, heartbeats, inventory reports and certificate renewal.
+use std::sync::Arc;
+
+use fleetadm_common::clock::now_unix_ms;
+use fleetadm_proto::agent_server::Agent;
+use fleetadm_proto::{
+    server_event, Ack, ConnectRequest, HeartbeatRequest, HeartbeatResponse, Inventory, RenewRequest, RenewResponse,
+    ServerEvent, Welcome,
+};
+use tonic::{Request, Response, Status};
+
+use super::auth::authenticate;
+use super::sessions::SessionStream;
+use crate::enroll::csr;
+use crate::enroll::service::node_status;
+use crate::state::Controller;
+
+pub struct AgentService {
+    ctl: Arc<Controller>,
+}
+
+impl AgentService {
+    pub fn new(ctl: Arc<Controller>) -> Self {
+        Self { ctl }
+    }
+}
+
+fn store_err(e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("state store: {e}"))
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    type OpenSessionStream = SessionStream;
+
+    async fn open_session(&self, req: Request<ConnectRequest>) -> Result<Response<SessionStream>, Status> {
+        let id = authenticate(&req, &self.ctl.nodes)?;
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let body = req.into_inner();
+        let now = now_unix_ms();
+        if let Some(inv) = &body.inventory {
+            self.ctl.nodes.set_facts(&id.name, inv).map_err(store_err)?;
+        }
+        self.ctl.nodes.touch(&id.name, now, None, Some(&peer)).map_err(store_err)?;
+        let (session_id, tx, stream) = self.ctl.sessions.open(&id.name, peer.clone(), now, 16);
+        let welcome = ServerEvent {
+            event: Some(server_event::Event::Welcome(Welcome {
+                node_name: id.name.clone(),
+                session_id: session_id.to_string(),
+                server_time_unix_ms: now,
+                heartbeat_interval_secs: self.ctl.settings.heartbeat_interval.as_secs().max(1) as u32,
+            })),
+        };
+        tx.send(Ok(welcome)).await.map_err(|_| Status::unavailable("session closed while opening"))?;
+        tracing::info!(node = %id.name, %peer, session = session_id, agent_version = %body.agent_version, "session opened");
+        Ok(Response::new(stream))
+    }
+
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let id = authenticate(&req, &self.ctl.nodes)?;
+        let now = now_unix_ms();
+        let agent_time = req.get_ref().agent_time_unix_ms;
+        let skew = (agent_time > 0).then(|| agent_time as i64 - now as i64);
+        self.ctl.nodes.touch(&id.name, now, skew, None).map_err(store_err)?;
+        Ok(Response::new(HeartbeatResponse { server_time_unix_ms: now }))
+    }
+
+    async fn report_inventory(&self, req: Request<Inventory>) -> Result<Response<Ack>, Status> {
+        let id = authenticate(&req, &self.ctl.nodes)?;
+        self.ctl.nodes.set_facts(&id.name, req.get_ref()).map_err(store_err)?;
+        self.ctl.nodes.touch(&id.name, now_unix_ms(), None, None).map_err(store_err)?;
+        tracing::debug!(node = %id.name, "inventory updated");
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn renew_certificate(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
+        let id = authenticate(&req, &self.ctl.nodes)?;
+        let der = req.into_inner().csr_der;
+        let ctl = self.ctl.clone();
+        let resp = tokio::task::spawn_blocking(move || {
+            let csr = csr::vet(&der, &id.name).map_err(|e| Status::invalid_argument(format!("rejected CSR: {e}")))?;
+            let issued = ctl
+                .ca
+                .sign_node(csr, &id.name, ctl.settings.node_cert_validity)
+                .map_err(|e| Status::internal(format!("signing failed: {e}")))?;
+            ctl.nodes.record_renewal(&id.name, &issued.serial, issued.not_after_unix).map_err(node_status)?;
+            tracing::info!(node = %id.name, serial = %issued.serial, "certificate renewed");
+            Ok::<_, Status>(RenewResponse { certificate_pem: issued.pem, ca_pem: ctl.ca.cert_pem().to_string() })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("renewal task failed: {e}")))??;
+        Ok(Response::new(resp))
+    }
+}

@@ -1,0 +1,80 @@
+//! `Enrollment.Enroll`: the one RPC served without a client certificate.
+//! Order matters: everything is validated before the token is spent, and the node record is
+//! flushed before the certificate is returned.
+use std::sync::Arc;
+
+use fleetadm_proto::enrollment_server::Enrollment;
+use fleetadm_proto::{EnrollRequest, EnrollResponse};
+use tonic::{Request, Response, Status};
+
+use super::csr::{self, validate_node_name};
+use super::tokens::TokenError;
+use crate::nodes::NodeError;
+use crate::state::Controller;
+
+pub struct EnrollmentService {
+    ctl: Arc<Controller>,
+}
+
+impl EnrollmentService {
+    pub fn new(ctl: Arc<Controller>) -> Self {
+        Self { ctl }
+    }
+}
+
+pub fn token_status(e: TokenError) -> Status {
+    match e {
+        TokenError::Malformed(_) | TokenError::BadRequest(_) => Status::invalid_argument(e.to_string()),
+        TokenError::NotValid(_) | TokenError::Expired { .. } | TokenError::Exhausted(_) => {
+            Status::permission_denied(e.to_string())
+        }
+        TokenError::Store(_) => Status::internal(format!("state store: {e}")),
+    }
+}
+
+pub fn node_status(e: NodeError) -> Status {
+    match e {
+        NodeError::NameTaken { .. } => Status::already_exists(e.to_string()),
+        NodeError::Unknown(_) => Status::not_found(e.to_string()),
+        NodeError::Store(_) => Status::internal(format!("state store: {e}")),
+    }
+}
+
+#[tonic::async_trait]
+impl Enrollment for EnrollmentService {
+    async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let r = req.into_inner();
+        let ctl = self.ctl.clone();
+        // Signing and sled flushes block: keep them off the async workers.
+        let result = tokio::task::spawn_blocking(move || enroll(&ctl, r))
+            .await
+            .map_err(|e| Status::internal(format!("enrollment task failed: {e}")))?;
+        match &result {
+            Ok(resp) => tracing::info!(node = %resp.node_name, %peer, "node enrolled"),
+            Err(st) => tracing::warn!(%peer, error = %st.message(), "enrollment refused"),
+        }
+        result.map(Response::new)
+    }
+}
+
+fn enroll(ctl: &Controller, r: EnrollRequest) -> Result<EnrollResponse, Status> {
+    validate_node_name(&r.node_name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if r.machine_id.is_empty() || r.machine_id.len() > 128 {
+        return Err(Status::invalid_argument("machine_id must be 1-128 characters"));
+    }
+    ctl.tokens.check(&r.token).map_err(token_status)?;
+    let csr = csr::vet(&r.csr_der, &r.node_name).map_err(|e| Status::invalid_argument(format!("rejected CSR: {e}")))?;
+    ctl.nodes.check_claim(&r.node_name, &r.machine_id).map_err(node_status)?;
+    let issued = ctl
+        .ca
+        .sign_node(csr, &r.node_name, ctl.settings.node_cert_validity)
+        .map_err(|e| Status::internal(format!("signing failed: {e}")))?;
+    ctl.tokens.consume(&r.token).map_err(token_status)?;
+    ctl.nodes
+        .record_enrollment(&r.node_name, &r.machine_id, &issued.serial, issued.not_after_unix)
+        .map_err(node_status)?;
+    // A re-enrollment supersedes the old certificate: end any session it still holds.
+    ctl.sessions.terminate(&r.node_name, None);
+    Ok(EnrollResponse { node_name: r.node_name, certificate_pem: issued.pem, ca_pem: ctl.ca.cert_pem().to_string() })
+}

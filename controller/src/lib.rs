@@ -1,0 +1,22 @@
+//! fleetadm controller.
+//!
+//! The flow through the modules:
+//! - [`enroll`]: bootstrap tokens + CSR policy -> node certificates signed by the [`pki`] fleet CA.
+//! - [`dispatch`]: authenticated agent sessions (work stream down, reports up).
+//! - [`nodes`]: the inventory of enrolled nodes and their facts.
+//! - [`admin`]: the operator API on the local admin socket; [`cli`] is its client.
+//! - [`store`]: all durable state (sled), behind a small interface.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod daemon;
+pub mod dispatch;
+pub mod enroll;
+pub mod nodes;
+pub mod pki;
+pub mod state;
+pub mod store;
+
+/// Version with the git revision it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FLEETADM_GIT_REV"), ")");

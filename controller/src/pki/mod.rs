@@ -1,0 +1,5 @@
+//! Certificates the controller owns. Today: the fleet CA that identifies agents and the controller.
+//! The per-cluster Kubernetes PKI will live beside it.
+mod fleet_ca;
+
+pub use fleet_ca::{FleetCa, IssuedCert, PkiError, ServerCert};

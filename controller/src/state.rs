@@ -1,0 +1,48 @@
+//! The controller's shared state, handed to every service.
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::dispatch::Sessions;
+use crate::enroll::Tokens;
+use crate::nodes::Nodes;
+use crate::pki::FleetCa;
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Lifetime of node client certificates.
+    pub node_cert_validity: Duration,
+    /// How often agents heartbeat.
+    pub heartbeat_interval: Duration,
+    /// What agents should dial (HOST:PORT), shown in the enrollment command.
+    pub enroll_endpoint: String,
+}
+
+pub struct Controller {
+    pub store: Arc<dyn Store>,
+    pub tokens: Tokens,
+    pub nodes: Arc<Nodes>,
+    pub ca: FleetCa,
+    pub sessions: Sessions,
+    pub settings: Settings,
+}
+
+impl Controller {
+    pub fn new(store: Arc<dyn Store>, ca: FleetCa, settings: Settings) -> Arc<Self> {
+        let nodes = Arc::new(Nodes::new(store.clone()));
+        let on_close_nodes = nodes.clone();
+        let sessions = Sessions::new(move |name| {
+            let _ = on_close_nodes.touch(name, fleetadm_common::clock::now_unix_ms(), None, None);
+            tracing::info!(node = name, "session closed");
+        });
+        Arc::new(Self { tokens: Tokens::new(store.clone()), nodes, store, ca, sessions, settings })
+    }
+
+    /// Make lazily written liveness data durable before exit (one flushed write flushes all).
+    pub fn store_flush(&self) {
+        let now = fleetadm_common::clock::now_unix_ms().to_string();
+        if let Err(e) = self.store.put(crate::store::Table::Meta, "last-shutdown", now.as_bytes(), crate::store::Durability::Flush) {
+            tracing::warn!(error = %e, "final flush failed");
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The `node-agent` command line.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use fleetadm_common::clock::{now_unix_ms, parse_duration, rfc3339_ms};
+use fleetadm_common::output::{render_structured, OutputFormat};
+use serde::Serialize;
+
+use crate::enroll::{self, EnrollOptions};
+use crate::identity::{Identity, StateDir};
+use crate::session::{self, status, RunOptions};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/node-agent";
+
+#[derive(Debug, Parser)]
+#[command(name = "node-agent", version = crate::VERSION, about = "fleetadm node agent: enrolls this host and pulls its work from the controller", propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct State {
+    /// Where the agent keeps its identity and state.
+    #[arg(long, env = "NODE_AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Enroll this host with a controller using a bootstrap token and the controller's CA pin.
+    Enroll(EnrollArgs),
+    /// Keep a session with the controller and do the work it sends (the systemd service runs this).
+    Run(RunArgs),
+    /// Show enrollment, certificate and session state.
+    Status {
+        #[command(flatten)]
+        state: State,
+        /// Output format: table, json or yaml.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: OutputFormat,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    #[command(flatten)]
+    state: State,
+    /// Controller address, HOST:PORT.
+    #[arg(long)]
+    controller: String,
+    /// Bootstrap token from `controller token create`.
+    #[arg(long, env = "NODE_AGENT_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Pin of the controller's CA: sha256:<hex>, printed by `controller token create`.
+    #[arg(long)]
+    ca_hash: String,
+    /// Name of this node (default: the hostname).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Enroll again even if this host is already enrolled.
+    #[arg(long)]
+    force: bool,
+    /// Give up on the controller after this long.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    state: State,
+    /// First reconnect delay ceiling (doubles per failure, full jitter).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    backoff_initial: Duration,
+    /// Largest reconnect delay ceiling.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    backoff_max: Duration,
+    /// How often host facts are re-collected (changes are reported).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    inventory_interval: Duration,
+}
+
+fn default_node_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .map(|h| h.split('.').next().unwrap_or_default().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct StatusView {
+    enrolled: bool,
+    node_name: Option<String>,
+    controller: Option<String>,
+    certificate_expires: Option<String>,
+    certificate_renews: Option<String>,
+    session: Option<String>,
+    session_since: Option<String>,
+    last_error: Option<String>,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Enroll(a) => {
+            let dir = StateDir::new(&a.state.state_dir);
+            let node_name = a.node_name.unwrap_or_else(default_node_name);
+            let opts = EnrollOptions {
+                controller: a.controller,
+                token: a.token,
+                ca_hash: a.ca_hash,
+                node_name,
+                force: a.force,
+                timeout: a.timeout,
+            };
+            let cfg = enroll::enroll(&dir, &opts).await?;
+            println!("enrolled as {} with controller {}", cfg.node_name, cfg.controller);
+            if std::path::Path::new("/run/systemd/system").exists() {
+                println!("start the agent with: systemctl enable --now node-agent");
+            } else {
+                println!("start the agent with: node-agent run --state-dir {}", dir.root.display());
+            }
+            Ok(())
+        }
+        Command::Run(a) => {
+            let dir = StateDir::new(&a.state.state_dir);
+            let opts = RunOptions {
+                backoff_initial: a.backoff_initial,
+                backoff_max: a.backoff_max,
+                inventory_interval: a.inventory_interval,
+                ..RunOptions::default()
+            };
+            notify_ready();
+            session::run(&dir, &opts, shutdown_signal()).await.context("node-agent run")?;
+            Ok(())
+        }
+        Command::Status { state, output } => {
+            let dir = StateDir::new(&state.state_dir);
+            let mut v = StatusView {
+                enrolled: false,
+                node_name: None,
+                controller: None,
+                certificate_expires: None,
+                certificate_renews: None,
+                session: None,
+                session_since: None,
+                last_error: None,
+            };
+            if dir.is_enrolled() {
+                let id = Identity::load(&dir)?;
+                v.enrolled = true;
+                v.node_name = Some(id.config.node_name.clone());
+                v.controller = Some(id.config.controller.clone());
+                v.certificate_expires = Some(humantime::format_rfc3339_seconds(id.not_after).to_string());
+                v.certificate_renews = Some(humantime::format_rfc3339_seconds(id.renew_at()).to_string());
+                v.session = Some("not running".into());
+                if let Some(st) = status::read(&dir) {
+                    if status::writer_alive(&st) || st.state == status::SessionState::Stopped {
+                        let mut word = serde_json::to_value(st.state).ok().and_then(|x| x.as_str().map(String::from)).unwrap_or_default();
+                        if st.state == status::SessionState::Backoff && st.retry_at_ms > now_unix_ms() {
+                            word = format!("backoff (retry in {}s)", (st.retry_at_ms - now_unix_ms()) / 1000);
+                        }
+                        v.session = Some(word);
+                        v.session_since = Some(rfc3339_ms(st.since_ms));
+                    }
+                    v.last_error = st.last_error;
+                }
+            }
+            match render_structured(&v, output) {
+                Some(s) => println!("{s}"),
+                None => {
+                    println!("enrolled:     {}", if v.enrolled { "yes" } else { "no" });
+                    if v.enrolled {
+                        println!("node name:    {}", v.node_name.unwrap_or_default());
+                        println!("controller:   {}", v.controller.unwrap_or_default());
+                        println!("cert expires: {} (renews at {})", v.certificate_expires.unwrap_or_default(), v.certificate_renews.unwrap_or_default());
+                        println!("session:      {}{}", v.session.unwrap_or_default(), v.session_since.map(|s| format!(" since {s}")).unwrap_or_default());
+                        if let Some(e) = v.last_error {
+                            println!("last error:   {e}");
+                        }
+                    } else {
+                        println!("enroll with:  node-agent enroll --controller HOST:PORT --token TOKEN --ca-hash sha256:...");
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else { return std::future::pending().await };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// Tell systemd (Type=notify) we are up.
+fn notify_ready() {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
+            let _ = sock.send_to(b"READY=1", path);
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! fleetadm node agent.
+//!
+//! - [`enroll`]: token + CA pin + CSR -> identity ([`identity`]), key generated and kept here.
+//! - [`session`]: the pull loop: one mTLS session, heartbeats, reports, renewal, reconnects.
+//! - [`inventory`]: host facts.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod enroll;
+pub mod identity;
+pub mod inventory;
+pub mod session;
+
+/// Version with the git revision it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FLEETADM_GIT_REV"), ")");

@@ -1,0 +1,235 @@
+//! `node-agent run`: keep one mTLS session with the controller. The controller pushes work down a
+//! server stream; heartbeats, inventory and certificate renewal are separate calls. Any failure
+//! ends the session and the agent reconnects after an exponential, fully jittered backoff.
+pub mod backoff;
+pub mod status;
+
+use std::time::{Duration, SystemTime};
+
+use fleetadm_common::clock::now_unix_ms;
+use fleetadm_common::dial::{self, DialOptions, PinReport, Trust};
+use fleetadm_proto::agent_client::AgentClient;
+use fleetadm_proto::{server_event, ConnectRequest, HeartbeatRequest, Inventory, RenewRequest};
+use thiserror::Error;
+use tonic::transport::Channel;
+
+use crate::identity::{cert_matches_key, new_key_and_csr, validity, Identity, IdentityError, StateDir};
+use crate::inventory;
+use backoff::Backoff;
+use status::{SessionState, SessionStatus};
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("the controller refuses this node: {0}")]
+    Refused(String),
+    #[error("this node's certificate expired at {0}; re-enroll with a new token: node-agent enroll --force ...")]
+    Expired(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub inventory_interval: Duration,
+    pub dial: DialOptions,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            inventory_interval: Duration::from_secs(60),
+            dial: DialOptions::default(),
+        }
+    }
+}
+
+/// Why a session ended.
+enum Ended {
+    /// Reconnect after a backoff.
+    Retry(String),
+    /// Reconnect at once (certificate renewed).
+    Renewed,
+    /// Stop for good.
+    Fatal(RunError),
+    /// Asked to stop.
+    Stop,
+}
+
+/// Run until `stop` resolves or a fatal error.
+pub async fn run(dir: &StateDir, opts: &RunOptions, stop: impl std::future::Future<Output = ()>) -> Result<(), RunError> {
+    tokio::pin!(stop);
+    let mut backoff = Backoff::new(opts.backoff_initial, opts.backoff_max);
+    let mut last_inventory: Option<Inventory> = None;
+    loop {
+        let identity = Identity::load(dir)?;
+        if identity.expired() {
+            let err = RunError::Expired(humantime::format_rfc3339_seconds(identity.not_after).to_string());
+            status::write(dir, &SessionStatus::new(SessionState::Stopped, &identity.config.controller, Some(err.to_string())));
+            return Err(err);
+        }
+        status::write(dir, &SessionStatus::new(SessionState::Connecting, &identity.config.controller, None));
+        let started = std::time::Instant::now();
+        let ended = tokio::select! {
+            e = session(dir, &identity, opts, &mut last_inventory) => e,
+            _ = &mut stop => Ended::Stop,
+        };
+        match ended {
+            Ended::Stop => {
+                status::write(dir, &SessionStatus::new(SessionState::Stopped, &identity.config.controller, None));
+                return Ok(());
+            }
+            Ended::Fatal(e) => {
+                tracing::error!(error = %e, "giving up");
+                status::write(dir, &SessionStatus::new(SessionState::Stopped, &identity.config.controller, Some(e.to_string())));
+                return Err(e);
+            }
+            Ended::Renewed => {
+                backoff.reset();
+                continue;
+            }
+            Ended::Retry(reason) => {
+                // A session that lasted a while was healthy: start the backoff afresh.
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %reason, retry_in = ?delay, "session ended");
+                let mut st = SessionStatus::new(SessionState::Backoff, &identity.config.controller, Some(reason));
+                st.retry_at_ms = now_unix_ms() + delay.as_millis() as u64;
+                status::write(dir, &st);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = &mut stop => {
+                        status::write(dir, &SessionStatus::new(SessionState::Stopped, &identity.config.controller, None));
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn classify(st: &tonic::Status) -> Ended {
+    match st.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Ended::Fatal(RunError::Refused(st.message().to_string())),
+        _ => Ended::Retry(dial::explain_status(st)),
+    }
+}
+
+async fn collect_inventory(dir: &StateDir) -> Inventory {
+    let src = inventory::Sources { root: "/".into(), fallback_machine_id: dir.machine_id() };
+    tokio::task::spawn_blocking(move || inventory::collect(&src)).await.unwrap_or_default()
+}
+
+async fn connect(identity: &Identity, opts: &RunOptions) -> Result<AgentClient<Channel>, String> {
+    let config = dial::client_config(
+        &Trust::Ca(identity.ca_der().map_err(|e| e.to_string())?),
+        Some(identity.tls_identity().map_err(|e| e.to_string())?),
+        PinReport::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let channel = dial::connect(&identity.config.controller, config, &opts.dial).await.map_err(|e| e.to_string())?;
+    Ok(AgentClient::new(channel)
+        .max_decoding_message_size(fleetadm_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(fleetadm_proto::MAX_MESSAGE_BYTES))
+}
+
+async fn session(dir: &StateDir, identity: &Identity, opts: &RunOptions, last_inventory: &mut Option<Inventory>) -> Ended {
+    let mut client = match connect(identity, opts).await {
+        Ok(c) => c,
+        Err(e) => return Ended::Retry(e),
+    };
+    let inv = collect_inventory(dir).await;
+    let req = ConnectRequest { inventory: Some(inv.clone()), agent_version: crate::VERSION.to_string() };
+    let mut stream = match client.open_session(req).await {
+        Ok(r) => r.into_inner(),
+        Err(st) => return classify(&st),
+    };
+    *last_inventory = Some(inv);
+    let welcome = match stream.message().await {
+        Ok(Some(fleetadm_proto::ServerEvent { event: Some(server_event::Event::Welcome(w)) })) => w,
+        Ok(Some(_)) => return Ended::Retry("controller sent something other than a welcome".into()),
+        Ok(None) => return Ended::Retry("controller closed the session".into()),
+        Err(st) => return classify(&st),
+    };
+    let mut st = SessionStatus::new(SessionState::Connected, &identity.config.controller, None);
+    st.session_id = welcome.session_id.clone();
+    status::write(dir, &st);
+    tracing::info!(node = %welcome.node_name, session = %welcome.session_id, controller = %identity.config.controller, "session established");
+
+    let hb_every = Duration::from_secs(u64::from(welcome.heartbeat_interval_secs.max(1)));
+    let mut heartbeat = tokio::time::interval(hb_every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut inventory_tick = tokio::time::interval(opts.inventory_interval);
+    inventory_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    inventory_tick.reset();
+    let renew_in = identity.renew_at().duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+    let renew = tokio::time::sleep(renew_in);
+    tokio::pin!(renew);
+
+    loop {
+        tokio::select! {
+            msg = stream.message() => match msg {
+                Ok(Some(ev)) => match ev.event {
+                    Some(server_event::Event::Shutdown(s)) if s.r#final => {
+                        return Ended::Fatal(RunError::Refused(s.reason));
+                    }
+                    Some(server_event::Event::Shutdown(s)) => return Ended::Retry(format!("controller ended the session: {}", s.reason)),
+                    Some(server_event::Event::Welcome(_)) | None => {}
+                },
+                Ok(None) => return Ended::Retry("controller closed the session".into()),
+                Err(st) => return classify(&st),
+            },
+            _ = heartbeat.tick() => {
+                let mut req = tonic::Request::new(HeartbeatRequest { agent_time_unix_ms: now_unix_ms() });
+                req.set_timeout(hb_every.max(Duration::from_secs(5)));
+                if let Err(st) = client.heartbeat(req).await {
+                    return classify(&st);
+                }
+            }
+            _ = inventory_tick.tick() => {
+                let inv = collect_inventory(dir).await;
+                if last_inventory.as_ref().map(|old| inventory::changed(old, &inv)).unwrap_or(true) {
+                    if let Err(st) = client.report_inventory(inv.clone()).await {
+                        return classify(&st);
+                    }
+                    tracing::info!("inventory change reported");
+                    *last_inventory = Some(inv);
+                }
+            }
+            _ = &mut renew => {
+                match renew_certificate(dir, identity, &mut client).await {
+                    Ok(()) => return Ended::Renewed,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "certificate renewal failed; retrying in 30s");
+                        renew.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(30).min(
+                            identity.not_after.duration_since(SystemTime::now()).unwrap_or(Duration::from_secs(1)) / 2 + Duration::from_millis(100)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn renew_certificate(dir: &StateDir, identity: &Identity, client: &mut AgentClient<Channel>) -> Result<(), String> {
+    let kc = new_key_and_csr(&identity.config.node_name).map_err(|e| e.to_string())?;
+    let resp = client
+        .renew_certificate(RenewRequest { csr_der: kc.csr_der.clone() })
+        .await
+        .map_err(|st| dial::explain_status(&st))?
+        .into_inner();
+    if !cert_matches_key(&resp.certificate_pem, &kc.key) {
+        return Err("renewed certificate is not for the new key".into());
+    }
+    if resp.ca_pem.trim() != identity.ca_pem.trim() {
+        return Err("controller answered with a different CA; refusing to switch trust".into());
+    }
+    let (_, not_after) = validity(&resp.certificate_pem)?;
+    Identity::save(dir, &identity.config, &kc.key.serialize_pem(), &resp.certificate_pem, &identity.ca_pem).map_err(|e| e.to_string())?;
+    tracing::info!(not_after = %humantime::format_rfc3339_seconds(not_after), "certificate renewed");
+    Ok(())
+}
