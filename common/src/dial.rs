@@ -124,12 +124,9 @@ impl ServerCertVerifier for PinnedCaVerifier {
                 Ok(p) if p == self.pin => {
                     let mut roots = RootCertStore::empty();
                     roots.add(candidate.clone().into_owned())?;
-                    let inner = WebPkiServerVerifier::builder_with_provider(
-                        Arc::new(roots),
-                        self.provider.clone(),
-                    )
-                    .build()
-                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                        .build()
+                        .map_err(|e| rustls::Error::General(e.to_string()))?;
                     return inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now);
                 }
                 Ok(p) => seen.push(p.to_string()),
@@ -183,14 +180,14 @@ pub fn client_config(
         .with_safe_default_protocol_versions()
         .map_err(|e| DialError::BadTlsMaterial(e.to_string()))?;
     let builder = match trust {
-        Trust::Pinned(pin) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier { pin: pin.clone(), provider, report })),
+        Trust::Pinned(pin) => builder.dangerous().with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
+            pin: pin.clone(),
+            provider,
+            report,
+        })),
         Trust::Ca(ca) => {
             let mut roots = RootCertStore::empty();
-            roots
-                .add(ca.clone())
-                .map_err(|e| DialError::BadTlsMaterial(format!("fleet CA certificate: {e}")))?;
+            roots.add(ca.clone()).map_err(|e| DialError::BadTlsMaterial(format!("fleet CA certificate: {e}")))?;
             builder.with_root_certificates(roots)
         }
     };
@@ -210,9 +207,7 @@ pub async fn connect(addr: &str, config: ClientConfig, opts: &DialOptions) -> Re
     let name = server_name(&host)?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let target = format!("{}:{}", if host.contains(':') { format!("[{host}]") } else { host.clone() }, port);
-    let uri: Uri = format!("http://{target}")
-        .parse()
-        .map_err(|_| DialError::BadAddress(addr.to_string()))?;
+    let uri: Uri = format!("http://{target}").parse().map_err(|_| DialError::BadAddress(addr.to_string()))?;
     let dial_target = target.clone();
     let service = tower::service_fn(move |_uri: Uri| {
         let connector = connector.clone();
@@ -237,35 +232,57 @@ pub async fn connect(addr: &str, config: ClientConfig, opts: &DialOptions) -> Re
 
 /// Turn a transport/TLS error chain into one actionable sentence.
 pub fn explain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    let mut last = err.to_string();
-    while let Some(e) = cur {
+    let chain: Vec<&(dyn std::error::Error + 'static)> = std::iter::successors(Some(err), |e| e.source()).collect();
+    // A TLS error anywhere in the chain says the most.
+    for e in &chain {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return explain_tls(tls);
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(inner) = io.get_ref() {
-                if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
-                    return explain_tls(tls);
-                }
-            }
-            return match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => "connection refused (is the controller running and listening there?)".into(),
-                std::io::ErrorKind::TimedOut => "connection timed out (firewall or wrong address?)".into(),
-                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-                    "the controller closed the connection during the TLS handshake (it may have rejected this node's certificate)".into()
-                }
-                _ => io.to_string(),
-            };
+        if let Some(tls) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
+            return explain_tls(tls);
         }
-        let text = e.to_string();
-        if text.contains("timed out") {
-            return "connection timed out (firewall or wrong address?)".into();
-        }
-        last = text;
-        cur = e.source();
     }
-    last
+    for e in &chain {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    return "connection refused (is the controller running and listening there?)".into()
+                }
+                std::io::ErrorKind::TimedOut => return "connection timed out (firewall or wrong address?)".into(),
+                _ => {}
+            }
+        }
+    }
+    let text: Vec<String> = chain.iter().map(|e| e.to_string()).collect();
+    let all = text.join(": ");
+    if all.contains("fatal alert: CertificateRequired") {
+        return explain_tls(&rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired));
+    }
+    if all.contains("fatal alert: CertificateExpired") {
+        return explain_tls(&rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired));
+    }
+    if all.contains("fatal alert: UnknownCA")
+        || all.contains("fatal alert: BadCertificate")
+        || all.contains("fatal alert: DecryptError")
+    {
+        return explain_tls(&rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate));
+    }
+    if all.contains("timed out") {
+        return "connection timed out (firewall or wrong address?)".into();
+    }
+    if all.contains("connection reset")
+        || all.contains("broken pipe")
+        || all.contains("connection closed")
+        || all.contains("early eof")
+        || all.contains("UnexpectedEof")
+    {
+        return "the controller closed the connection (it may have rejected this node's certificate)".into();
+    }
+    text.last().cloned().unwrap_or_default()
 }
 
 fn explain_tls(err: &rustls::Error) -> String {

@@ -37,12 +37,10 @@ impl fmt::Display for OutputFormat {
 pub fn render_structured<T: Serialize>(value: &T, format: OutputFormat) -> Option<String> {
     match format {
         OutputFormat::Table => None,
-        OutputFormat::Json => Some(
-            serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
-        ),
-        OutputFormat::Yaml => {
-            Some(serde_yaml::to_string(value).unwrap_or_else(|e| format!("error: {e}\n")))
+        OutputFormat::Json => {
+            Some(serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")))
         }
+        OutputFormat::Yaml => Some(serde_yaml::to_string(value).unwrap_or_else(|e| format!("error: {e}\n"))),
     }
 }
 

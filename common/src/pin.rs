@@ -18,10 +18,7 @@ pub struct CaPin([u8; 32]);
 
 impl CaPin {
     pub fn parse(text: &str) -> Result<Self, PinError> {
-        let hexpart = text
-            .trim()
-            .strip_prefix("sha256:")
-            .ok_or_else(|| PinError::Malformed(text.to_string()))?;
+        let hexpart = text.trim().strip_prefix("sha256:").ok_or_else(|| PinError::Malformed(text.to_string()))?;
         let bytes = hex::decode(hexpart).map_err(|_| PinError::Malformed(text.to_string()))?;
         let arr: [u8; 32] = bytes.try_into().map_err(|_| PinError::Malformed(text.to_string()))?;
         Ok(Self(arr))

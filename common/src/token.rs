@@ -25,9 +25,8 @@ impl std::fmt::Debug for BootstrapToken {
 impl BootstrapToken {
     pub fn generate() -> Self {
         let mut rng = rand::rngs::OsRng;
-        let mut pick = |n: usize| -> String {
-            (0..n).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
-        };
+        let mut pick =
+            |n: usize| -> String { (0..n).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect() };
         Self { id: pick(6), secret: pick(16) }
     }
 
@@ -67,7 +66,15 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_rejected() {
-        for bad in ["", "abcdef", "abcdef.", "ABCDEF.0123456789abcdef", "abcde.0123456789abcdef", "abcdef.0123456789abcde!", "abcdef-0123456789abcdef"] {
+        for bad in [
+            "",
+            "abcdef",
+            "abcdef.",
+            "ABCDEF.0123456789abcdef",
+            "abcde.0123456789abcdef",
+            "abcdef.0123456789abcde!",
+            "abcdef-0123456789abcdef",
+        ] {
             assert_eq!(BootstrapToken::parse(bad), Err(MalformedToken), "{bad}");
         }
     }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use fleetadm_common::fsutil::ensure_dir;
-use fleetadm_proto::{admin_server::AdminServer, agent_server::AgentServer, enrollment_server::EnrollmentServer};
 use fleetadm_proto::MAX_MESSAGE_BYTES;
+use fleetadm_proto::{admin_server::AdminServer, agent_server::AgentServer, enrollment_server::EnrollmentServer};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
@@ -65,7 +65,10 @@ fn enroll_endpoint(opts: &ServeOptions) -> String {
     }
 }
 
-pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     for a in &opts.advertise {
         if a.is_empty() || a.contains(char::is_whitespace) || a.contains('/') {
             bail!("--advertise-address {a:?} is not a host name or IP address");
@@ -73,7 +76,10 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
     }
     ensure_dir(&opts.data_dir, 0o700).with_context(|| format!("cannot create data dir {}", opts.data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&opts.data_dir.join("state")).with_context(|| {
-        format!("cannot open the state store in {} (is another controller using this data dir?)", opts.data_dir.display())
+        format!(
+            "cannot open the state store in {} (is another controller using this data dir?)",
+            opts.data_dir.display()
+        )
     })?);
     let ca = FleetCa::load_or_create(&opts.data_dir).context("fleet CA")?;
     let server_cert = ca.server_cert(&server_names(&opts)).context("controller serving certificate")?;
@@ -100,7 +106,8 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
 
     let sock = admin::socket_path(&opts.data_dir);
     let _ = std::fs::remove_file(&sock);
-    let uds = tokio::net::UnixListener::bind(&sock).with_context(|| format!("cannot bind admin socket {}", sock.display()))?;
+    let uds = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("cannot bind admin socket {}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -72,56 +72,71 @@ impl Nodes {
     }
 
     /// Record a (re-)enrollment, atomically re-checking the name claim. Flushed.
-    pub fn record_enrollment(&self, name: &str, machine_id: &str, serial: &str, not_after: u64) -> Result<NodeRecord, NodeError> {
-        let out = store::update_json(&*self.store, Table::Nodes, name, Durability::Flush, |cur: Option<NodeRecord>| {
-            if let Some(rec) = &cur {
-                if !rec.revoked && rec.machine_id != machine_id {
-                    return Err(NodeError::NameTaken { name: name.into(), existing: rec.machine_id.clone() });
+    pub fn record_enrollment(
+        &self,
+        name: &str,
+        machine_id: &str,
+        serial: &str,
+        not_after: u64,
+    ) -> Result<NodeRecord, NodeError> {
+        let out =
+            store::update_json(&*self.store, Table::Nodes, name, Durability::Flush, |cur: Option<NodeRecord>| {
+                if let Some(rec) = &cur {
+                    if !rec.revoked && rec.machine_id != machine_id {
+                        return Err(NodeError::NameTaken { name: name.into(), existing: rec.machine_id.clone() });
+                    }
                 }
-            }
-            Ok::<_, NodeError>(Update::Put(NodeRecord {
-                name: name.into(),
-                machine_id: machine_id.into(),
-                enrolled_at: now_unix(),
-                cert_serial: serial.into(),
-                previous_serial: None,
-                cert_not_after: not_after,
-                revoked: false,
-                revoked_at: 0,
-                last_seen_ms: cur.as_ref().map(|c| c.last_seen_ms).unwrap_or(0),
-                clock_skew_ms: 0,
-                peer_address: String::new(),
-            }))
-        })?;
+                Ok::<_, NodeError>(Update::Put(NodeRecord {
+                    name: name.into(),
+                    machine_id: machine_id.into(),
+                    enrolled_at: now_unix(),
+                    cert_serial: serial.into(),
+                    previous_serial: None,
+                    cert_not_after: not_after,
+                    revoked: false,
+                    revoked_at: 0,
+                    last_seen_ms: cur.as_ref().map(|c| c.last_seen_ms).unwrap_or(0),
+                    clock_skew_ms: 0,
+                    peer_address: String::new(),
+                }))
+            })?;
         out?.ok_or_else(|| NodeError::Unknown(name.into()))
     }
 
     /// Record a renewed certificate. Flushed.
     pub fn record_renewal(&self, name: &str, serial: &str, not_after: u64) -> Result<NodeRecord, NodeError> {
-        let out = store::update_json(&*self.store, Table::Nodes, name, Durability::Flush, |cur: Option<NodeRecord>| {
-            let mut rec = cur.ok_or_else(|| NodeError::Unknown(name.into()))?;
-            rec.previous_serial = Some(std::mem::replace(&mut rec.cert_serial, serial.into()));
-            rec.cert_not_after = not_after;
-            Ok::<_, NodeError>(Update::Put(rec))
-        })?;
+        let out =
+            store::update_json(&*self.store, Table::Nodes, name, Durability::Flush, |cur: Option<NodeRecord>| {
+                let mut rec = cur.ok_or_else(|| NodeError::Unknown(name.into()))?;
+                rec.previous_serial = Some(std::mem::replace(&mut rec.cert_serial, serial.into()));
+                rec.cert_not_after = not_after;
+                Ok::<_, NodeError>(Update::Put(rec))
+            })?;
         out?.ok_or_else(|| NodeError::Unknown(name.into()))
     }
 
     /// Revoke a node's certificates. Flushed before it returns.
     pub fn revoke(&self, name: &str) -> Result<NodeRecord, NodeError> {
-        let out = store::update_json(&*self.store, Table::Nodes, name, Durability::Flush, |cur: Option<NodeRecord>| {
-            let mut rec = cur.ok_or_else(|| NodeError::Unknown(name.into()))?;
-            if !rec.revoked {
-                rec.revoked = true;
-                rec.revoked_at = now_unix();
-            }
-            Ok::<_, NodeError>(Update::Put(rec))
-        })?;
+        let out =
+            store::update_json(&*self.store, Table::Nodes, name, Durability::Flush, |cur: Option<NodeRecord>| {
+                let mut rec = cur.ok_or_else(|| NodeError::Unknown(name.into()))?;
+                if !rec.revoked {
+                    rec.revoked = true;
+                    rec.revoked_at = now_unix();
+                }
+                Ok::<_, NodeError>(Update::Put(rec))
+            })?;
         out?.ok_or_else(|| NodeError::Unknown(name.into()))
     }
 
     /// Liveness bookkeeping: not worth a flush.
-    pub fn touch(&self, name: &str, last_seen_ms: u64, skew_ms: Option<i64>, peer: Option<&str>) -> Result<(), StoreError> {
+    pub fn touch(
+        &self,
+        name: &str,
+        last_seen_ms: u64,
+        skew_ms: Option<i64>,
+        peer: Option<&str>,
+    ) -> Result<(), StoreError> {
         let out = store::update_json(&*self.store, Table::Nodes, name, Durability::Lazy, |cur: Option<NodeRecord>| {
             let Some(mut rec) = cur else { return Ok::<_, ()>(Update::Keep) };
             rec.last_seen_ms = last_seen_ms;

@@ -41,7 +41,9 @@ impl Controller {
     /// Make lazily written liveness data durable before exit (one flushed write flushes all).
     pub fn store_flush(&self) {
         let now = fleetadm_common::clock::now_unix_ms().to_string();
-        if let Err(e) = self.store.put(crate::store::Table::Meta, "last-shutdown", now.as_bytes(), crate::store::Durability::Flush) {
+        if let Err(e) =
+            self.store.put(crate::store::Table::Meta, "last-shutdown", now.as_bytes(), crate::store::Durability::Flush)
+        {
             tracing::warn!(error = %e, "final flush failed");
         }
     }

@@ -159,7 +159,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 v.session = Some("not running".into());
                 if let Some(st) = status::read(&dir) {
                     if status::writer_alive(&st) || st.state == status::SessionState::Stopped {
-                        let mut word = serde_json::to_value(st.state).ok().and_then(|x| x.as_str().map(String::from)).unwrap_or_default();
+                        let mut word = serde_json::to_value(st.state)
+                            .ok()
+                            .and_then(|x| x.as_str().map(String::from))
+                            .unwrap_or_default();
                         if st.state == status::SessionState::Backoff && st.retry_at_ms > now_unix_ms() {
                             word = format!("backoff (retry in {}s)", (st.retry_at_ms - now_unix_ms()) / 1000);
                         }
@@ -176,13 +179,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     if v.enrolled {
                         println!("node name:    {}", v.node_name.unwrap_or_default());
                         println!("controller:   {}", v.controller.unwrap_or_default());
-                        println!("cert expires: {} (renews at {})", v.certificate_expires.unwrap_or_default(), v.certificate_renews.unwrap_or_default());
-                        println!("session:      {}{}", v.session.unwrap_or_default(), v.session_since.map(|s| format!(" since {s}")).unwrap_or_default());
+                        println!(
+                            "cert expires: {} (renews at {})",
+                            v.certificate_expires.unwrap_or_default(),
+                            v.certificate_renews.unwrap_or_default()
+                        );
+                        println!(
+                            "session:      {}{}",
+                            v.session.unwrap_or_default(),
+                            v.session_since.map(|s| format!(" since {s}")).unwrap_or_default()
+                        );
                         if let Some(e) = v.last_error {
                             println!("last error:   {e}");
                         }
                     } else {
-                        println!("enroll with:  node-agent enroll --controller HOST:PORT --token TOKEN --ca-hash sha256:...");
+                        println!(
+                            "enroll with:  node-agent enroll --controller HOST:PORT --token TOKEN --ca-hash sha256:..."
+                        );
                     }
                 }
             }

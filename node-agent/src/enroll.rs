@@ -57,7 +57,8 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<AgentConfig,
 
     let report = PinReport::default();
     let connect_err = |reason: String| EnrollError::Connect { addr: opts.controller.clone(), reason };
-    let config = dial::client_config(&Trust::Pinned(pin.clone()), None, report.clone()).map_err(|e| connect_err(e.to_string()))?;
+    let config = dial::client_config(&Trust::Pinned(pin.clone()), None, report.clone())
+        .map_err(|e| connect_err(e.to_string()))?;
     let dial_opts = DialOptions { connect_timeout: opts.timeout, ..DialOptions::default() };
     let channel = match dial::connect(&opts.controller, config, &dial_opts).await {
         Ok(c) => c,
@@ -100,7 +101,8 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<AgentConfig,
     if !cert_matches_key(&resp.certificate_pem, &kc.key) {
         return Err(EnrollError::BadAnswer("the certificate is not for this node's key".into()));
     }
-    let config = AgentConfig { controller: opts.controller.clone(), node_name: resp.node_name, enrolled_at: now_unix() };
+    let config =
+        AgentConfig { controller: opts.controller.clone(), node_name: resp.node_name, enrolled_at: now_unix() };
     Identity::save(dir, &config, &kc.key.serialize_pem(), &resp.certificate_pem, &resp.ca_pem)?;
     let _ = std::fs::remove_file(dir.session());
     Ok(config)

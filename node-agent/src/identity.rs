@@ -20,9 +20,18 @@ pub enum IdentityError {
     #[error("this host is not enrolled (no {0}); run `node-agent enroll --controller HOST:PORT --token TOKEN --ca-hash sha256:...` first")]
     NotEnrolled(PathBuf),
     #[error("{what} {path}")]
-    Io { what: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what}")]
-    Crypto { what: &'static str, #[source] source: rcgen::Error },
+    Crypto {
+        what: &'static str,
+        #[source]
+        source: rcgen::Error,
+    },
     #[error("{0} is corrupt: {1}")]
     Corrupt(PathBuf, String),
 }
@@ -89,9 +98,8 @@ pub fn new_key_and_csr(node_name: &str) -> Result<KeyAndCsr, IdentityError> {
         .map_err(|source| IdentityError::Crypto { what: "invalid node name for a certificate", source })?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, node_name);
-    let csr = params
-        .serialize_request(&key)
-        .map_err(|source| IdentityError::Crypto { what: "cannot create CSR", source })?;
+    let csr =
+        params.serialize_request(&key).map_err(|source| IdentityError::Crypto { what: "cannot create CSR", source })?;
     Ok(KeyAndCsr { key, csr_der: csr.der().to_vec() })
 }
 
@@ -141,13 +149,20 @@ impl Identity {
 
     /// Persist key, certificate and CA; `agent.json` last so a crash never leaves a half identity
     /// that claims to be enrolled.
-    pub fn save(dir: &StateDir, config: &AgentConfig, key_pem: &str, cert_pem: &str, ca_pem: &str) -> Result<(), IdentityError> {
+    pub fn save(
+        dir: &StateDir,
+        config: &AgentConfig,
+        key_pem: &str,
+        cert_pem: &str,
+        ca_pem: &str,
+    ) -> Result<(), IdentityError> {
         dir.ensure()?;
         let io = |what: &'static str, path: PathBuf| move |source| IdentityError::Io { what, path, source };
         write_private(&dir.key(), key_pem.as_bytes()).map_err(io("cannot write private key", dir.key()))?;
         write_atomic(&dir.cert(), cert_pem.as_bytes(), 0o644).map_err(io("cannot write certificate", dir.cert()))?;
         write_atomic(&dir.ca(), ca_pem.as_bytes(), 0o644).map_err(io("cannot write fleet CA", dir.ca()))?;
-        let json = serde_json::to_vec_pretty(config).map_err(|e| IdentityError::Corrupt(dir.config(), e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(config).map_err(|e| IdentityError::Corrupt(dir.config(), e.to_string()))?;
         write_atomic(&dir.config(), &json, 0o600).map_err(io("cannot write", dir.config()))?;
         Ok(())
     }

@@ -12,10 +12,16 @@ pub enum AdminConnectError {
     NoSocket { dir: String, sock: String },
     #[error("no controller daemon is answering on {sock} (stale socket from a stopped daemon?); start one with `controller serve --data-dir {dir}`")]
     Refused { dir: String, sock: String },
-    #[error("permission denied on {sock}: the admin socket is owner-only; run as the controller's user (usually root)")]
+    #[error(
+        "permission denied on {sock}: the admin socket is owner-only; run as the controller's user (usually root)"
+    )]
     Permission { sock: String },
     #[error("cannot connect to the admin socket {sock}")]
-    Other { sock: String, #[source] source: tonic::transport::Error },
+    Other {
+        sock: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
 }
 
 pub async fn connect(data_dir: &Path) -> Result<AdminClient<Channel>, AdminConnectError> {

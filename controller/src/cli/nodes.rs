@@ -84,7 +84,11 @@ fn facts_view(f: &Inventory) -> FactsView {
     FactsView {
         hostname: f.hostname.clone(),
         machine_id: f.machine_id.clone(),
-        interfaces: f.interfaces.iter().map(|i| InterfaceView { name: i.name.clone(), addresses: i.addresses.clone() }).collect(),
+        interfaces: f
+            .interfaces
+            .iter()
+            .map(|i| InterfaceView { name: i.name.clone(), addresses: i.addresses.clone() })
+            .collect(),
         os_id: os.id,
         os_version_id: os.version_id,
         os_pretty_name: os.pretty_name,

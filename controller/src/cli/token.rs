@@ -84,7 +84,11 @@ pub async fn run(cmd: TokenCmd) -> anyhow::Result<()> {
         TokenCmd::Create(a) => {
             let mut c = client::connect(&a.data.data_dir).await?;
             let t = c
-                .create_token(CreateTokenRequest { ttl_secs: a.ttl.as_secs(), uses: a.uses, description: a.description })
+                .create_token(CreateTokenRequest {
+                    ttl_secs: a.ttl.as_secs(),
+                    uses: a.uses,
+                    description: a.description,
+                })
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
@@ -102,7 +106,12 @@ pub async fn run(cmd: TokenCmd) -> anyhow::Result<()> {
                 None => {
                     println!("token:      {}", v.token);
                     println!("ca hash:    {}", v.ca_hash);
-                    println!("expires at: {} ({} use{})", v.expires_at, v.uses_left, if v.uses_left == 1 { "" } else { "s" });
+                    println!(
+                        "expires at: {} ({} use{})",
+                        v.expires_at,
+                        v.uses_left,
+                        if v.uses_left == 1 { "" } else { "s" }
+                    );
                     println!();
                     println!("On each host, run:");
                     println!("  {}", v.command);

@@ -30,10 +30,9 @@ pub fn authenticate<T>(req: &Request<T>, nodes: &Nodes) -> Result<NodeIdentity, 
         .ok_or_else(|| Status::unauthenticated("the client certificate has no node name (CN)"))?
         .to_string();
     let serial = hex::encode(cert.raw_serial());
-    let record = nodes
-        .get(&name)
-        .map_err(|e| Status::internal(format!("state store: {e}")))?
-        .ok_or_else(|| Status::permission_denied(format!("node {name:?} is not enrolled; enroll it again with a new token")))?;
+    let record = nodes.get(&name).map_err(|e| Status::internal(format!("state store: {e}")))?.ok_or_else(|| {
+        Status::permission_denied(format!("node {name:?} is not enrolled; enroll it again with a new token"))
+    })?;
     if record.revoked {
         return Err(Status::permission_denied(format!(
             "node {name:?} has been revoked; to re-admit it, create a token and run `node-agent enroll --force`"

@@ -62,13 +62,7 @@ impl Sessions {
         let removed = self
             .inner
             .lock()
-            .map(|mut m| {
-                if m.get(node).map(|e| e.id) == Some(id) {
-                    m.remove(node).is_some()
-                } else {
-                    false
-                }
-            })
+            .map(|mut m| if m.get(node).map(|e| e.id) == Some(id) { m.remove(node).is_some() } else { false })
             .unwrap_or(false);
         if removed {
             (self.on_close)(node);
@@ -158,7 +152,12 @@ mod tests {
         drop(tx);
         s.terminate(
             "n1",
-            Some(ServerEvent { event: Some(fleetadm_proto::server_event::Event::Shutdown(fleetadm_proto::Shutdown { reason: "bye".into(), r#final: true })) }),
+            Some(ServerEvent {
+                event: Some(fleetadm_proto::server_event::Event::Shutdown(fleetadm_proto::Shutdown {
+                    reason: "bye".into(),
+                    r#final: true,
+                })),
+            }),
         );
         assert!(stream.next().await.unwrap().is_ok());
         assert!(stream.next().await.is_none());

@@ -25,7 +25,9 @@ pub struct TokenRecord {
 pub enum TokenError {
     #[error(transparent)]
     Malformed(#[from] fleetadm_common::token::MalformedToken),
-    #[error("bootstrap token {0:?} is not valid (unknown id or wrong secret); create one with `controller token create`")]
+    #[error(
+        "bootstrap token {0:?} is not valid (unknown id or wrong secret); create one with `controller token create`"
+    )]
     NotValid(String),
     #[error("bootstrap token {id:?} expired at {}; create a new one with `controller token create`", rfc3339(*.expires_at))]
     Expired { id: String, expires_at: u64 },
@@ -50,9 +52,17 @@ impl Tokens {
     }
 
     /// Create a token. Returns the secret token (shown once) and its stored record.
-    pub fn create(&self, ttl: Duration, uses: u32, description: &str) -> Result<(BootstrapToken, TokenRecord), TokenError> {
+    pub fn create(
+        &self,
+        ttl: Duration,
+        uses: u32,
+        description: &str,
+    ) -> Result<(BootstrapToken, TokenRecord), TokenError> {
         if ttl.is_zero() || ttl > MAX_TTL {
-            return Err(TokenError::BadRequest(format!("ttl must be between 1s and {}", humantime::format_duration(MAX_TTL))));
+            return Err(TokenError::BadRequest(format!(
+                "ttl must be between 1s and {}",
+                humantime::format_duration(MAX_TTL)
+            )));
         }
         if uses == 0 || uses > MAX_USES {
             return Err(TokenError::BadRequest(format!("uses must be between 1 and {MAX_USES}")));
@@ -71,7 +81,8 @@ impl Tokens {
                 expires_at: now + ttl.as_secs(),
                 uses_left: uses,
             };
-            let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Io { table: "tokens", source: Box::new(e) })?;
+            let bytes =
+                serde_json::to_vec(&rec).map_err(|e| StoreError::Io { table: "tokens", source: Box::new(e) })?;
             // Never overwrite an existing id (36^6 ids, so a clash is rare but possible).
             if self.store.compare_and_swap(Table::Tokens, &rec.id, None, Some(bytes), Durability::Flush)? {
                 return Ok((token, rec));
@@ -113,11 +124,17 @@ impl Tokens {
     pub fn consume(&self, text: &str) -> Result<TokenRecord, TokenError> {
         let token = BootstrapToken::parse(text)?;
         let now = now_unix();
-        let out = store::update_json(&*self.store, Table::Tokens, &token.id, Durability::Flush, |cur: Option<TokenRecord>| {
-            let mut rec = Self::validate(cur, &token, now)?;
-            rec.uses_left -= 1;
-            Ok::<_, TokenError>(Update::Put(rec))
-        })?;
+        let out = store::update_json(
+            &*self.store,
+            Table::Tokens,
+            &token.id,
+            Durability::Flush,
+            |cur: Option<TokenRecord>| {
+                let mut rec = Self::validate(cur, &token, now)?;
+                rec.uses_left -= 1;
+                Ok::<_, TokenError>(Update::Put(rec))
+            },
+        )?;
         out?.ok_or_else(|| TokenError::NotValid(token.id.clone()))
     }
 }

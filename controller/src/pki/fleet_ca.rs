@@ -26,9 +26,18 @@ const BACKDATE: Duration = Duration::from_secs(300);
 #[derive(Debug, Error)]
 pub enum PkiError {
     #[error("{what} at {path}")]
-    Io { what: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what}")]
-    Rcgen { what: &'static str, #[source] source: rcgen::Error },
+    Rcgen {
+        what: &'static str,
+        #[source]
+        source: rcgen::Error,
+    },
     #[error("fleet CA files are inconsistent: {0} exists but {1} does not; restore both or remove both")]
     HalfCa(PathBuf, PathBuf),
     #[error("cannot parse certificate {0}")]
@@ -110,7 +119,8 @@ impl FleetCa {
                 // Key first: a crash between the two writes leaves a key without a cert, which
                 // the next start reports instead of silently minting a second CA.
                 write_private(&key, kp.serialize_pem().as_bytes()).map_err(io("cannot write fleet CA key", &key))?;
-                write_atomic(&crt, cert.pem().as_bytes(), 0o644).map_err(io("cannot write fleet CA certificate", &crt))?;
+                write_atomic(&crt, cert.pem().as_bytes(), 0o644)
+                    .map_err(io("cannot write fleet CA certificate", &crt))?;
                 tracing::info!(path = %crt.display(), "created fleet CA");
                 (cert.pem(), kp.serialize_pem())
             }
@@ -187,8 +197,7 @@ impl FleetCa {
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, node_name);
         params.distinguished_name.push(DnType::OrganizationName, "fleetadm:nodes");
-        params.subject_alt_names =
-            vec![SanType::DnsName(node_name.try_into().map_err(rc("node name as DNS SAN"))?)];
+        params.subject_alt_names = vec![SanType::DnsName(node_name.try_into().map_err(rc("node name as DNS SAN"))?)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -237,9 +246,7 @@ fn cert_sans(cert: &X509Certificate<'_>) -> BTreeSet<String> {
 /// First certificate in a PEM text, as DER.
 pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
-    CertificateDer::from_pem_slice(pem.as_bytes())
-        .map(|c| c.to_vec())
-        .map_err(|e| PkiError::Parse(e.to_string()))
+    CertificateDer::from_pem_slice(pem.as_bytes()).map(|c| c.to_vec()).map_err(|e| PkiError::Parse(e.to_string()))
 }
 
 #[cfg(test)]

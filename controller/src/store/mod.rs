@@ -43,11 +43,24 @@ pub enum Durability {
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("cannot open the state store at {path}")]
-    Open { path: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Open {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("state store I/O on table {table}")]
-    Io { table: &'static str, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Io {
+        table: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("corrupt record {key:?} in table {table}")]
-    Corrupt { table: &'static str, key: String, #[source] source: serde_json::Error },
+    Corrupt {
+        table: &'static str,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("record {key:?} in table {table} kept changing under concurrent updates")]
     Contended { table: &'static str, key: String },
 }
@@ -86,7 +99,13 @@ pub fn get_json<T: DeserializeOwned>(s: &dyn Store, table: Table, key: &str) -> 
     s.get(table, key)?.map(|b| decode(table, key, &b)).transpose()
 }
 
-pub fn put_json<T: Serialize>(s: &dyn Store, table: Table, key: &str, value: &T, d: Durability) -> Result<(), StoreError> {
+pub fn put_json<T: Serialize>(
+    s: &dyn Store,
+    table: Table,
+    key: &str,
+    value: &T,
+    d: Durability,
+) -> Result<(), StoreError> {
     s.put(table, key, &encode(table, value)?, d)
 }
 
@@ -103,7 +122,13 @@ pub enum Update<T> {
 
 /// Atomic read-modify-write of one JSON record. `f` may refuse with a domain error `E`, in which
 /// case nothing is written. Retries on concurrent modification.
-pub fn update_json<T, E, F>(s: &dyn Store, table: Table, key: &str, d: Durability, mut f: F) -> Result<Result<Option<T>, E>, StoreError>
+pub fn update_json<T, E, F>(
+    s: &dyn Store,
+    table: Table,
+    key: &str,
+    d: Durability,
+    mut f: F,
+) -> Result<Result<Option<T>, E>, StoreError>
 where
     T: Serialize + DeserializeOwned,
     F: FnMut(Option<T>) -> Result<Update<T>, E>,

@@ -67,11 +67,8 @@ impl Store for SledStore {
         new: Option<Vec<u8>>,
         d: Durability,
     ) -> Result<bool, StoreError> {
-        let swapped = self
-            .tree(table)?
-            .compare_and_swap(key.as_bytes(), expected, new)
-            .map_err(|e| io(table, e))?
-            .is_ok();
+        let swapped =
+            self.tree(table)?.compare_and_swap(key.as_bytes(), expected, new).map_err(|e| io(table, e))?.is_ok();
         if swapped {
             self.settle(table, d)?;
         }
@@ -108,13 +105,21 @@ mod tests {
         put_json(&s, Table::Tokens, "t", &Rec { n: 1 }, Durability::Flush).unwrap();
         let r = update_json(&s, Table::Tokens, "t", Durability::Flush, |cur: Option<Rec>| {
             let cur = cur.unwrap();
-            if cur.n == 0 { Err("empty") } else { Ok(Update::Put(Rec { n: cur.n - 1 })) }
+            if cur.n == 0 {
+                Err("empty")
+            } else {
+                Ok(Update::Put(Rec { n: cur.n - 1 }))
+            }
         })
         .unwrap();
         assert_eq!(r, Ok(Some(Rec { n: 0 })));
         let r = update_json(&s, Table::Tokens, "t", Durability::Flush, |cur: Option<Rec>| {
             let cur = cur.unwrap();
-            if cur.n == 0 { Err("empty") } else { Ok(Update::Put(Rec { n: cur.n - 1 })) }
+            if cur.n == 0 {
+                Err("empty")
+            } else {
+                Ok(Update::Put(Rec { n: cur.n - 1 }))
+            }
         })
         .unwrap();
         assert_eq!(r, Err("empty"));
@@ -134,7 +139,11 @@ mod tests {
                     for _ in 0..5 {
                         let r = update_json(&*s, Table::Tokens, "t", Durability::Lazy, |cur: Option<Rec>| {
                             let cur = cur.unwrap();
-                            if cur.n == 0 { Err(()) } else { Ok(Update::Put(Rec { n: cur.n - 1 })) }
+                            if cur.n == 0 {
+                                Err(())
+                            } else {
+                                Ok(Update::Put(Rec { n: cur.n - 1 }))
+                            }
                         })
                         .unwrap();
                         if r.is_ok() {

@@ -53,12 +53,12 @@ pub fn interfaces() -> Vec<Interface> {
             let entry = by_name.entry(ifa.interface_name.clone()).or_default();
             let (Some(addr), mask) = (ifa.address, ifa.netmask) else { continue };
             if let Some(v4) = addr.as_sockaddr_in() {
-                let prefix = mask.and_then(|m| m.as_sockaddr_in().map(|m| u32::from(m.ip()).count_ones())).unwrap_or(32);
+                let prefix =
+                    mask.and_then(|m| m.as_sockaddr_in().map(|m| u32::from(m.ip()).count_ones())).unwrap_or(32);
                 entry.push(format!("{}/{}", v4.ip(), prefix));
             } else if let Some(v6) = addr.as_sockaddr_in6() {
-                let prefix = mask
-                    .and_then(|m| m.as_sockaddr_in6().map(|m| u128::from(m.ip()).count_ones()))
-                    .unwrap_or(128);
+                let prefix =
+                    mask.and_then(|m| m.as_sockaddr_in6().map(|m| u128::from(m.ip()).count_ones())).unwrap_or(128);
                 entry.push(format!("{}/{}", v6.ip(), prefix));
             }
         }
@@ -151,7 +151,11 @@ mod tests {
         std::fs::create_dir_all(r.join("usr/bin")).unwrap();
         std::fs::create_dir_all(r.join("sys/fs/cgroup")).unwrap();
         std::fs::write(r.join("etc/machine-id"), "abc123\n").unwrap();
-        std::fs::write(r.join("etc/os-release"), "ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n").unwrap();
+        std::fs::write(
+            r.join("etc/os-release"),
+            "ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n",
+        )
+        .unwrap();
         std::fs::write(r.join("proc/swaps"), "Filename Type Size Used Priority\n/swap file 1024 0 -2\n").unwrap();
         std::fs::write(r.join("sys/fs/cgroup/cgroup.controllers"), "cpu memory\n").unwrap();
         std::fs::write(r.join("usr/bin/kubeadm"), "#!/bin/sh\n").unwrap();

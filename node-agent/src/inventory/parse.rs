@@ -56,7 +56,9 @@ mod tests {
     #[test]
     fn parses_proc_and_etc_files() {
         assert_eq!(
-            os_release("NAME=\"Rocky Linux\"\nID=\"rocky\"\nVERSION_ID=\"9.3\"\nPRETTY_NAME=\"Rocky Linux 9.3 (Blue Onyx)\"\n"),
+            os_release(
+                "NAME=\"Rocky Linux\"\nID=\"rocky\"\nVERSION_ID=\"9.3\"\nPRETTY_NAME=\"Rocky Linux 9.3 (Blue Onyx)\"\n"
+            ),
             ("rocky".into(), "9.3".into(), "Rocky Linux 9.3 (Blue Onyx)".into())
         );
         assert_eq!(cpu_count("processor\t: 0\nmodel name\t: x\n\nprocessor\t: 1\n"), 2);

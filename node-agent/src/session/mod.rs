@@ -60,7 +60,11 @@ enum Ended {
 }
 
 /// Run until `stop` resolves or a fatal error.
-pub async fn run(dir: &StateDir, opts: &RunOptions, stop: impl std::future::Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run(
+    dir: &StateDir,
+    opts: &RunOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
     tokio::pin!(stop);
     let mut backoff = Backoff::new(opts.backoff_initial, opts.backoff_max);
     let mut last_inventory: Option<Inventory> = None;
@@ -68,7 +72,10 @@ pub async fn run(dir: &StateDir, opts: &RunOptions, stop: impl std::future::Futu
         let identity = Identity::load(dir)?;
         if identity.expired() {
             let err = RunError::Expired(humantime::format_rfc3339_seconds(identity.not_after).to_string());
-            status::write(dir, &SessionStatus::new(SessionState::Stopped, &identity.config.controller, Some(err.to_string())));
+            status::write(
+                dir,
+                &SessionStatus::new(SessionState::Stopped, &identity.config.controller, Some(err.to_string())),
+            );
             return Err(err);
         }
         status::write(dir, &SessionStatus::new(SessionState::Connecting, &identity.config.controller, None));
@@ -84,7 +91,10 @@ pub async fn run(dir: &StateDir, opts: &RunOptions, stop: impl std::future::Futu
             }
             Ended::Fatal(e) => {
                 tracing::error!(error = %e, "giving up");
-                status::write(dir, &SessionStatus::new(SessionState::Stopped, &identity.config.controller, Some(e.to_string())));
+                status::write(
+                    dir,
+                    &SessionStatus::new(SessionState::Stopped, &identity.config.controller, Some(e.to_string())),
+                );
                 return Err(e);
             }
             Ended::Renewed => {
@@ -115,7 +125,9 @@ pub async fn run(dir: &StateDir, opts: &RunOptions, stop: impl std::future::Futu
 
 fn classify(st: &tonic::Status) -> Ended {
     match st.code() {
-        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Ended::Fatal(RunError::Refused(st.message().to_string())),
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            Ended::Fatal(RunError::Refused(st.message().to_string()))
+        }
         _ => Ended::Retry(dial::explain_status(st)),
     }
 }
@@ -138,7 +150,12 @@ async fn connect(identity: &Identity, opts: &RunOptions) -> Result<AgentClient<C
         .max_encoding_message_size(fleetadm_proto::MAX_MESSAGE_BYTES))
 }
 
-async fn session(dir: &StateDir, identity: &Identity, opts: &RunOptions, last_inventory: &mut Option<Inventory>) -> Ended {
+async fn session(
+    dir: &StateDir,
+    identity: &Identity,
+    opts: &RunOptions,
+    last_inventory: &mut Option<Inventory>,
+) -> Ended {
     let mut client = match connect(identity, opts).await {
         Ok(c) => c,
         Err(e) => return Ended::Retry(e),
@@ -215,7 +232,11 @@ async fn session(dir: &StateDir, identity: &Identity, opts: &RunOptions, last_in
     }
 }
 
-async fn renew_certificate(dir: &StateDir, identity: &Identity, client: &mut AgentClient<Channel>) -> Result<(), String> {
+async fn renew_certificate(
+    dir: &StateDir,
+    identity: &Identity,
+    client: &mut AgentClient<Channel>,
+) -> Result<(), String> {
     let kc = new_key_and_csr(&identity.config.node_name).map_err(|e| e.to_string())?;
     let resp = client
         .renew_certificate(RenewRequest { csr_der: kc.csr_der.clone() })
@@ -229,7 +250,8 @@ async fn renew_certificate(dir: &StateDir, identity: &Identity, client: &mut Age
         return Err("controller answered with a different CA; refusing to switch trust".into());
     }
     let (_, not_after) = validity(&resp.certificate_pem)?;
-    Identity::save(dir, &identity.config, &kc.key.serialize_pem(), &resp.certificate_pem, &identity.ca_pem).map_err(|e| e.to_string())?;
+    Identity::save(dir, &identity.config, &kc.key.serialize_pem(), &resp.certificate_pem, &identity.ca_pem)
+        .map_err(|e| e.to_string())?;
     tracing::info!(not_after = %humantime::format_rfc3339_seconds(not_after), "certificate renewed");
     Ok(())
 }

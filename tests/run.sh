@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every fleetadm test: formatting, lints, unit tests, loopback integration tests (real TLS,
+# real sled), and the VM tests (real Debian kernel under qemu) when their prerequisites can be
+# installed. Installs what it needs itself, so it works on a fresh Debian machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+need_apt=()
+command -v cc >/dev/null || need_apt+=(build-essential)
+command -v git >/dev/null || need_apt+=(git)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+if ! command -v cargo >/dev/null; then
+  echo "cargo is required (https://rustup.rs)" >&2
+  exit 1
+fi
+rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+log "format"
+cargo fmt --all -- --check
+
+log "build"
+cargo build --workspace --all-targets --locked
+
+log "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "unit and integration tests"
+cargo test --workspace --locked --no-fail-fast
