@@ -144,7 +144,7 @@ pub async fn serve(
 
     tracing::info!(listen = %local, ca_hash = %pin, admin = %sock.display(), endpoint = %ctl.settings.enroll_endpoint, "controller ready");
     println!("controller listening on {local} (ca hash {pin}); admin socket {}", sock.display());
-    notify_ready();
+    fleetadm_common::notify_ready();
 
     let (a, b) = tokio::join!(agent_api, admin_api);
     let _ = std::fs::remove_file(&sock);
@@ -153,15 +153,4 @@ pub async fn serve(
     ctl.store_flush();
     tracing::info!("controller stopped");
     Ok(())
-}
-
-/// Tell systemd (Type=notify) we are ready, when running under it.
-fn notify_ready() {
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        let sock = match std::os::unix::net::UnixDatagram::unbound() {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        let _ = sock.send_to(b"READY=1", path);
-    }
 }

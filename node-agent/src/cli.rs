@@ -34,6 +34,9 @@ pub enum Command {
     Enroll(EnrollArgs),
     /// Keep a session with the controller and do the work it sends (the systemd service runs this).
     Run(RunArgs),
+    /// The node-local apiserver load balancer (IPVS), by hand.
+    #[command(subcommand)]
+    Lb(crate::lb_cli::LbCmd),
     /// Show enrollment, certificate and session state.
     Status {
         #[command(flatten)]
@@ -133,10 +136,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 inventory_interval: a.inventory_interval,
                 ..RunOptions::default()
             };
-            notify_ready();
+            fleetadm_common::notify_ready();
             session::run(&dir, &opts, shutdown_signal()).await.context("node-agent run")?;
             Ok(())
         }
+        Command::Lb(cmd) => crate::lb_cli::run(cmd, shutdown_signal()).await,
         Command::Status { state, output } => {
             let dir = StateDir::new(&state.state_dir);
             let mut v = StatusView {
@@ -212,13 +216,4 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
     }
     tracing::info!("shutting down");
-}
-
-/// Tell systemd (Type=notify) we are up.
-fn notify_ready() {
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
-            let _ = sock.send_to(b"READY=1", path);
-        }
-    }
 }

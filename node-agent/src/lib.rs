@@ -3,13 +3,18 @@
 //! - [`enroll`]: token + CA pin + CSR -> identity ([`identity`]), key generated and kept here.
 //! - [`session`]: the pull loop: one mTLS session, heartbeats, reports, renewal, reconnects.
 //! - [`inventory`]: host facts.
+//! - [`lb`]: the node-local apiserver load balancer (IPVS + dummy VIP + health guard), over
+//!   [`netlink`].
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod enroll;
 pub mod identity;
 pub mod inventory;
+pub mod lb;
+pub mod lb_cli;
 pub mod session;
 
 /// Version with the git revision it was built from.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FLEETADM_GIT_REV"), ")");
+pub mod netlink;
