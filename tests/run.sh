@@ -29,5 +29,8 @@ cargo build --workspace --all-targets --locked
 log "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-log "unit and integration tests"
+log "VM harness (Debian kernel under qemu)"
+tests/vm/prepare.sh >/dev/null
+
+log "unit, integration and VM tests"
 cargo test --workspace --locked --no-fail-fast

@@ -237,14 +237,19 @@ pub async fn run_guard(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(SocketAddr, Result<(), String>)>(64);
     let mut tasks = Vec::new();
     for rs in spec.real_servers.clone() {
-        let (tx, prober, interval) = (tx.clone(), prober.clone(), cfg.interval);
+        let (tx, prober, interval, fall) = (tx.clone(), prober.clone(), cfg.interval, cfg.fall.max(1));
         tasks.push(tokio::spawn(async move {
+            let mut failures = 0u32;
             loop {
                 let r = prober.probe(rs).await;
+                failures = if r.is_err() { failures.saturating_add(1) } else { 0 };
                 if tx.send((rs, r)).await.is_err() {
                     return;
                 }
-                tokio::time::sleep(interval).await;
+                // A fresh failure is confirmed quickly (like HAProxy's fastinter), so a dead
+                // master leaves rotation in about one interval instead of `fall` intervals.
+                let pause = if failures > 0 && failures < fall { interval / 4 } else { interval };
+                tokio::time::sleep(pause).await;
             }
         }));
     }
