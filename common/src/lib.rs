@@ -12,6 +12,7 @@
 
 pub mod clock;
 pub mod dial;
+pub mod docs;
 pub mod fsutil;
 pub mod logging;
 pub mod output;

@@ -21,11 +21,29 @@ pub struct Cli {
     pub command: Command,
 }
 
+pub const DEFAULT_CONFIG: &str = "/etc/node-agent/config.toml";
+
 #[derive(Debug, Clone, Args)]
 pub struct State {
-    /// Where the agent keeps its identity and state.
-    #[arg(long, env = "NODE_AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
+    /// Where the agent keeps its identity and state [default: from the config file, else /var/lib/node-agent].
+    #[arg(long, env = "NODE_AGENT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Configuration file (used when it exists).
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+impl State {
+    /// The state dir: flag or environment, else the config file, else the default.
+    pub fn resolve(&self) -> anyhow::Result<(StateDir, crate::config::AgentFileConfig)> {
+        let cfg = crate::config::AgentFileConfig::load(&self.config)?;
+        let dir = self
+            .state_dir
+            .clone()
+            .or_else(|| cfg.state_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        Ok((StateDir::new(dir), cfg))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -37,6 +55,9 @@ pub enum Command {
     /// The node-local apiserver load balancer (IPVS), by hand.
     #[command(subcommand)]
     Lb(crate::lb_cli::LbCmd),
+    /// Write shell completions and man pages into a directory (used to build packages).
+    #[command(hide = true)]
+    GenerateDocs { out: PathBuf },
     /// Show enrollment, certificate and session state.
     Status {
         #[command(flatten)]
@@ -75,15 +96,15 @@ pub struct EnrollArgs {
 pub struct RunArgs {
     #[command(flatten)]
     state: State,
-    /// First reconnect delay ceiling (doubles per failure, full jitter).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    backoff_initial: Duration,
-    /// Largest reconnect delay ceiling.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    backoff_max: Duration,
-    /// How often host facts are re-collected (changes are reported).
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    inventory_interval: Duration,
+    /// First reconnect delay ceiling (doubles per failure, full jitter) [default: 1s].
+    #[arg(long, value_parser = parse_duration)]
+    backoff_initial: Option<Duration>,
+    /// Largest reconnect delay ceiling [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    backoff_max: Option<Duration>,
+    /// How often host facts are re-collected; changes are reported [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    inventory_interval: Option<Duration>,
 }
 
 fn default_node_name() -> String {
@@ -109,7 +130,7 @@ struct StatusView {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Enroll(a) => {
-            let dir = StateDir::new(&a.state.state_dir);
+            let (dir, _) = a.state.resolve()?;
             let node_name = a.node_name.unwrap_or_else(default_node_name);
             let opts = EnrollOptions {
                 controller: a.controller,
@@ -121,28 +142,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let cfg = enroll::enroll(&dir, &opts).await?;
             println!("enrolled as {} with controller {}", cfg.node_name, cfg.controller);
-            if std::path::Path::new("/run/systemd/system").exists() {
-                println!("start the agent with: systemctl enable --now node-agent");
-            } else {
-                println!("start the agent with: node-agent run --state-dir {}", dir.root.display());
-            }
+            println!("{}", crate::service::start_after_enroll(&dir));
             Ok(())
         }
         Command::Run(a) => {
-            let dir = StateDir::new(&a.state.state_dir);
+            let (dir, cfg) = a.state.resolve()?;
+            let d = RunOptions::default();
             let opts = RunOptions {
-                backoff_initial: a.backoff_initial,
-                backoff_max: a.backoff_max,
-                inventory_interval: a.inventory_interval,
-                ..RunOptions::default()
+                backoff_initial: a.backoff_initial.or(cfg.backoff_initial).unwrap_or(d.backoff_initial),
+                backoff_max: a.backoff_max.or(cfg.backoff_max).unwrap_or(d.backoff_max),
+                inventory_interval: a.inventory_interval.or(cfg.inventory_interval).unwrap_or(d.inventory_interval),
+                ..d
             };
             fleetadm_common::notify_ready();
             session::run(&dir, &opts, shutdown_signal()).await.context("node-agent run")?;
             Ok(())
         }
+        Command::GenerateDocs { out } => {
+            fleetadm_common::docs::generate(<Cli as clap::CommandFactory>::command(), &out)?;
+            Ok(())
+        }
         Command::Lb(cmd) => crate::lb_cli::run(cmd, shutdown_signal()).await,
         Command::Status { state, output } => {
-            let dir = StateDir::new(&state.state_dir);
+            let (dir, _) = state.resolve()?;
             let mut v = StatusView {
                 enrolled: false,
                 node_name: None,

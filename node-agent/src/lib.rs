@@ -8,11 +8,13 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod config;
 pub mod enroll;
 pub mod identity;
 pub mod inventory;
 pub mod lb;
 pub mod lb_cli;
+pub mod service;
 pub mod session;
 
 /// Version with the git revision it was built from.

@@ -40,7 +40,7 @@ if [ ! -f "$cache/initramfs.cpio.gz" ] || [ "$here/init" -nt "$cache/initramfs.c
   mkdir -p "$work"/{bin,dev,proc,sys,mods,lower,upper,newroot}
   cp /bin/busybox "$work/bin/busybox"
   : > "$work/modules.order"
-  for m in virtio_pci 9pnet_virtio 9p overlay; do
+  for m in virtio_pci 9pnet_virtio 9p overlay virtio_blk ext4; do
     modprobe -d "$kroot" -S "$ver" --show-depends "$m" | awk '$1=="insmod"{print $2}' | while read -r ko; do
       base=$(basename "$ko")
       if [ ! -f "$work/mods/$base" ]; then

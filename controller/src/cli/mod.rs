@@ -28,6 +28,9 @@ pub enum Command {
     /// Inspect and revoke enrolled nodes.
     #[command(subcommand)]
     Nodes(nodes::NodesCmd),
+    /// Write shell completions and man pages into a directory (used to build packages).
+    #[command(hide = true)]
+    GenerateDocs { out: PathBuf },
 }
 
 /// Where the daemon keeps its state and admin socket.
@@ -56,5 +59,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a).await,
         Command::Token(c) => token::run(c).await,
         Command::Nodes(c) => nodes::run(c).await,
+        Command::GenerateDocs { out } => {
+            fleetadm_common::docs::generate(<Cli as clap::CommandFactory>::command(), &out)?;
+            Ok(())
+        }
     }
 }

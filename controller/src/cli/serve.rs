@@ -5,38 +5,83 @@ use std::time::Duration;
 use clap::Args;
 use fleetadm_common::clock::parse_duration;
 
-use super::DataDir;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
 use crate::daemon::{self, ServeOptions};
+
+pub const DEFAULT_CONFIG: &str = "/etc/fleetadm/controller.toml";
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    #[command(flatten)]
-    pub data: DataDir,
-    /// Address for agents (TLS, gRPC).
-    #[arg(long, default_value = "0.0.0.0:9443")]
-    pub listen: SocketAddr,
+    /// Controller data directory [default: from the config file, else /var/lib/fleetadm].
+    #[arg(long, env = "FLEETADM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Configuration file (used when it exists); flags win over it.
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Address for agents (TLS, gRPC) [default: 0.0.0.0:9443].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
     /// Name or IP agents use to reach this controller; repeatable. Added to the serving
     /// certificate, and the first one is used in printed enrollment commands.
     #[arg(long = "advertise-address")]
     pub advertise: Vec<String>,
-    /// Lifetime of node client certificates (agents renew at ~70%).
-    #[arg(long, default_value = "8760h", value_parser = parse_duration)]
-    pub node_cert_validity: Duration,
-    /// How often agents send a heartbeat.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
-    pub heartbeat_interval: Duration,
+    /// Lifetime of node client certificates; agents renew at ~70% [default: 8760h].
+    #[arg(long, value_parser = parse_duration)]
+    pub node_cert_validity: Option<Duration>,
+    /// How often agents send a heartbeat [default: 15s].
+    #[arg(long, value_parser = parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+}
+
+/// `/etc/fleetadm/controller.toml`: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerFileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub advertise_addresses: Vec<String>,
+    pub node_cert_validity: Option<String>,
+    pub heartbeat_interval: Option<String>,
+}
+
+impl ControllerFileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+        }
+    }
+}
+
+fn file_duration(v: &Option<String>, key: &str, path: &Path) -> anyhow::Result<Option<Duration>> {
+    v.as_deref()
+        .map(|s| parse_duration(s).map_err(|e| anyhow::anyhow!("{}: {key}: {e}", path.display())))
+        .transpose()
 }
 
 pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
-    if a.node_cert_validity < Duration::from_secs(10) {
+    let cfg = ControllerFileConfig::load(&a.config)?;
+    let node_cert_validity = match a.node_cert_validity {
+        Some(d) => d,
+        None => file_duration(&cfg.node_cert_validity, "node_cert_validity", &a.config)?
+            .unwrap_or(Duration::from_secs(8760 * 3600)),
+    };
+    if node_cert_validity < Duration::from_secs(10) {
         anyhow::bail!("--node-cert-validity must be at least 10s");
     }
+    let heartbeat_interval = match a.heartbeat_interval {
+        Some(d) => d,
+        None => file_duration(&cfg.heartbeat_interval, "heartbeat_interval", &a.config)?.unwrap_or(Duration::from_secs(15)),
+    };
     let opts = ServeOptions {
-        data_dir: a.data.data_dir,
-        listen: a.listen,
-        advertise: a.advertise,
-        node_cert_validity: a.node_cert_validity,
-        heartbeat_interval: a.heartbeat_interval,
+        data_dir: a.data_dir.or(cfg.data_dir).unwrap_or_else(|| PathBuf::from(super::DEFAULT_DATA_DIR)),
+        listen: a.listen.or(cfg.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9443))),
+        advertise: if a.advertise.is_empty() { cfg.advertise_addresses } else { a.advertise },
+        node_cert_validity,
+        heartbeat_interval,
     };
     daemon::serve(opts, shutdown_signal()).await
 }

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Package test on a real Debian with systemd (runs on the host):
+#   build the .deb/.rpm packages (revision 1 and a newer revision 2), boot a debootstrapped Debian
+#   under qemu on a private network inside a network namespace, `apt-get install ./node-agent*.deb`
+#   there, enroll against a controller on the host side, and check: service enabled but idle
+#   before enrollment, active and connected after, survives a reboot, survives an upgrade without
+#   re-enrolling, stops on remove, state gone on purge. Also inspects the .rpm with rpm(8).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cd "$repo"
+fails=0
+ok() { echo "ok - $*"; }
+not_ok() { echo "not ok - $*"; fails=$((fails+1)); }
+check() { local what=$1; shift; if "$@"; then ok "$what"; else not_ok "$what"; fi; }
+die() { echo "not ok - $*"; echo "RESULT fails=$((fails+1))"; exit 1; }
+
+cache=$("$here/prepare.sh") || die "VM harness"
+img=$("$here/debian-image.sh") || die "Debian image"
+ver=$(cat "$cache/kernel/.done")
+work=$(mktemp -d "$repo/tests/.cache/pkgtest.XXXX")
+lab=$work/lab
+mkdir -p "$lab"
+
+# --- packages: a first build and a newer build of the same code
+DEB_REVISION=1 packaging/build.sh > "$work/build1.log" 2>&1 || die "packaging/build.sh (see $work/build1.log)"
+cp dist/node-agent_*-1_amd64.deb "$lab/" && cp dist/node-agent-*-1.x86_64.rpm "$work/"
+DEB_REVISION=2 packaging/build.sh > "$work/build2.log" 2>&1 || die "packaging/build.sh revision 2"
+cp dist/node-agent_*-2_amd64.deb "$lab/"
+deb1=$(basename "$lab"/node-agent_*-1_amd64.deb)
+deb2=$(basename "$lab"/node-agent_*-2_amd64.deb)
+
+# --- the .rpm, inspected with Debian's rpm
+command -v rpm >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rpm >/dev/null
+rpmf=$(ls "$work"/node-agent-*.rpm)
+check "rpm ships the binary 0755" grep -q '^/usr/bin/node-agent .* 0100755 ' <(rpm -qp --dump "$rpmf" 2>/dev/null)
+check "rpm ships the unit" grep -qx /usr/lib/systemd/system/node-agent.service <(rpm -qpl "$rpmf" 2>/dev/null)
+check "rpm marks config.toml as config" grep -qx /etc/node-agent/config.toml <(rpm -qpc "$rpmf" 2>/dev/null)
+check "rpm ships man pages and completions" test "$(rpm -qpl "$rpmf" 2>/dev/null | grep -c -e man1/node-agent -e completions)" -ge 3
+check "rpm scriptlets enable/start and stop the unit" bash -c "rpm -qp --scripts '$rpmf' 2>/dev/null | grep -q 'systemctl enable node-agent.service' && rpm -qp --scripts '$rpmf' 2>/dev/null | grep -q 'disable --now node-agent.service'"
+
+# --- private network: bridge + tap in a namespace; controller on the host side of it
+ns=fleetadm-pkg-$$
+cleanup() {
+  [ -n "${qpid:-}" ] && kill "$qpid" 2>/dev/null
+  [ -n "${cpid:-}" ] && kill "$cpid" 2>/dev/null
+  ip netns del "$ns" 2>/dev/null
+}
+trap cleanup EXIT
+ip netns add "$ns"
+ip -n "$ns" link set lo up
+ip -n "$ns" link add br0 type bridge
+ip -n "$ns" addr add 10.77.0.1/24 dev br0
+ip -n "$ns" link set br0 up
+ip -n "$ns" tuntap add tap0 mode tap
+ip -n "$ns" link set tap0 master br0 up
+ctl=$work/ctl
+ip netns exec "$ns" target/release/controller serve --data-dir "$ctl" --listen 10.77.0.1:9443 \
+  --advertise-address 10.77.0.1 --heartbeat-interval 2s --config /dev/null > "$work/controller.log" 2>&1 &
+cpid=$!
+admin() { target/release/controller "$@" --data-dir "$ctl"; }
+for _ in $(seq 100); do [ -S "$ctl/admin.sock" ] && break; sleep 0.1; done
+
+qemu-img create -q -f qcow2 -b "$img" -F raw "$work/disk.qcow2"
+boot() {
+  ip netns exec "$ns" qemu-system-x86_64 -machine q35,accel=tcg -cpu max -smp 2 -m 1024 \
+    -kernel "$cache/kernel/boot/vmlinuz-$ver" -initrd "$cache/initramfs.cpio.gz" \
+    -append "console=ttyS0 fleetadm.root=/dev/vda fleetadm.ip=10.77.0.11/24 panic=-1" \
+    -drive file="$work/disk.qcow2",if=virtio,format=qcow2 \
+    -netdev tap,id=n0,ifname=tap0,script=no,downscript=no -device virtio-net-pci,netdev=n0,mac=52:54:00:77:00:11 \
+    -virtfs local,path="$lab",mount_tag=lab,security_model=none,multidevs=remap \
+    -nographic -serial file:"$work/serial.log" -monitor none -display none > /dev/null 2>&1 &
+  qpid=$!
+}
+booted_id() { cat "$lab/booted" 2>/dev/null; }
+wait_boot() { # wait_boot PREVIOUS_BOOT_ID
+  for _ in $(seq 900); do
+    local b; b=$(booted_id)
+    [ -n "$b" ] && [ "$b" != "$1" ] && return 0
+    sleep 0.2
+  done
+  return 1
+}
+n=0
+gx() { # run a command in the guest; prints its output; returns its exit code
+  n=$((n+1))
+  printf '%s\n' "$1" > "$lab/cmd.$n.tmp" && mv "$lab/cmd.$n.tmp" "$lab/cmd.$n"
+  for _ in $(seq ${2:-600}); do [ -f "$lab/rc.$n" ] && break; sleep 0.2; done
+  cat "$lab/out.$n" 2>/dev/null
+  [ -f "$lab/rc.$n" ] || { echo "(guest command $n timed out)"; return 124; }
+  return "$(cat "$lab/rc.$n")"
+}
+node_json() { admin nodes list -o json 2>/dev/null | python3 -c 'import json,sys; n=[x for x in json.load(sys.stdin) if x["name"]=="fleetadm-vm"]; print(json.dumps(n[0]) if n else "")'; }
+connected() { node_json | grep -q '"connected": true'; }
+wait_until() { local t=$1; shift; for _ in $(seq $((t*5))); do "$@" && return 0; sleep 0.2; done; return 1; }
+
+boot
+wait_boot "" || { tail -n 30 "$work/serial.log"; die "guest did not boot"; }
+ok "Debian guest booted with systemd"
+
+out=$(gx "cd /lab && DEBIAN_FRONTEND=noninteractive apt-get install -y ./$deb1 2>&1")
+check "apt-get install ./$deb1" test $? -eq 0 || echo "$out"
+check "unit enabled on install" gx "systemctl is-enabled node-agent"
+check "service idle until enrolled (condition not met)" gx "! systemctl is-active -q node-agent && systemctl show -p ConditionResult node-agent | grep -q no"
+check "state dir is 0700" gx "test \$(stat -c %a /var/lib/node-agent) = 700"
+check "config is a conffile" gx "grep -qx /etc/node-agent/config.toml /var/lib/dpkg/info/node-agent.conffiles"
+check "man page and completions installed" gx "test -f /usr/share/man/man1/node-agent.1.gz && test -f /usr/share/bash-completion/completions/node-agent"
+check "--version carries the git revision" gx "node-agent --version | grep -q '$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)'"
+
+tok=$(admin token create -o json --description pkgtest)
+token=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])' <<<"$tok")
+hash=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["ca_hash"])' <<<"$tok")
+out=$(gx "node-agent enroll --controller 10.77.0.1:9443 --token $token --ca-hash $hash")
+check "enroll succeeds and starts the service" grep -q "started node-agent.service" <<<"$out" || echo "$out"
+check "service active after enrollment" gx "systemctl is-active -q node-agent"
+check "controller lists the node as connected" wait_until 60 connected
+check "agent logs to journald" gx "journalctl -u node-agent --no-pager -o cat | grep -q 'session established'"
+serial=$(node_json | python3 -c 'import json,sys; print(json.load(sys.stdin)["cert_serial"])')
+ident=$(gx "sha256sum /var/lib/node-agent/node.key /var/lib/node-agent/agent.json")
+
+prev=$(booted_id)
+gx "systemctl reboot" 10 >/dev/null
+wait_boot "$prev" || die "guest did not come back from reboot"
+ok "guest rebooted"
+check "service active after reboot" wait_until 60 gx "systemctl is-active -q node-agent"
+check "node connected again after reboot" wait_until 90 connected
+
+pid_before=$(gx "systemctl show -p MainPID --value node-agent")
+out=$(gx "cd /lab && DEBIAN_FRONTEND=noninteractive apt-get install -y ./$deb2 2>&1")
+check "upgrade to $deb2" test $? -eq 0 || echo "$out"
+check "upgraded version installed" gx "dpkg-query -W -f '\${Version}' node-agent | grep -q -- '-2$'"
+check "service restarted by the upgrade" gx "systemctl is-active -q node-agent && test \$(systemctl show -p MainPID --value node-agent) != '$pid_before'"
+check "identity kept across upgrade" test "$ident" = "$(gx "sha256sum /var/lib/node-agent/node.key /var/lib/node-agent/agent.json")"
+check "node connected after upgrade without re-enrolling" wait_until 60 bash -c "$(declare -f admin node_json connected); ctl='$ctl'; connected && node_json | grep -q '$serial'"
+
+check "remove stops the service and keeps state" gx "DEBIAN_FRONTEND=noninteractive apt-get remove -y node-agent >/dev/null 2>&1; ! systemctl is-active -q node-agent && test -f /var/lib/node-agent/agent.json"
+check "controller sees the node disconnect" wait_until 60 bash -c "$(declare -f admin node_json); ctl='$ctl'; node_json | grep -q '\"connected\": false'"
+check "purge deletes the state" gx "DEBIAN_FRONTEND=noninteractive apt-get purge -y node-agent >/dev/null 2>&1; test ! -e /var/lib/node-agent"
+gx "systemctl poweroff" 10 >/dev/null
+wait "$qpid" 2>/dev/null; qpid=
+echo "RESULT fails=$fails"
+[ "$fails" -eq 0 ]
