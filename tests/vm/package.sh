@@ -81,9 +81,10 @@ wait_boot() { # wait_boot PREVIOUS_BOOT_ID
   done
   return 1
 }
-n=0
 gx() { # run a command in the guest; prints its output; returns its exit code
-  n=$((n+1))
+  # (the counter lives in a file: gx often runs in a $(...) subshell)
+  local n=$(( $(cat "$work/gx.n" 2>/dev/null || echo 0) + 1 ))
+  echo "$n" > "$work/gx.n"
   printf '%s\n' "$1" > "$lab/cmd.$n.tmp" && mv "$lab/cmd.$n.tmp" "$lab/cmd.$n"
   for _ in $(seq ${2:-600}); do [ -f "$lab/rc.$n" ] && break; sleep 0.2; done
   cat "$lab/out.$n" 2>/dev/null

@@ -11,7 +11,7 @@ cache=${FLEETADM_VM_CACHE:-$here/../.cache/vm}
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
 
-pkgs=(qemu-system-x86 busybox-static kmod ipvsadm cpio iproute2)
+pkgs=(qemu-system-x86 qemu-utils busybox-static kmod ipvsadm cpio iproute2)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
