@@ -32,5 +32,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "VM harness (Debian kernel under qemu)"
 tests/vm/prepare.sh >/dev/null
 
+log "packages: build .deb/.rpm, install and run them on a real Debian with systemd"
+tests/vm/package.sh
+
 log "unit, integration and VM tests"
 cargo test --workspace --locked --no-fail-fast

@@ -9,7 +9,8 @@ lab=$bin/lab-healthz
 work=$(mktemp -d /tmp/ipvs.XXXX)
 vip=10.103.97.2:6443
 fails=0
-ok() { echo "ok - $*"; }
+passes=0
+ok() { echo "ok - $*"; passes=$((passes+1)); }
 not_ok() { echo "not ok - $*"; fails=$((fails+1)); }
 check() { local what=$1; shift; if "$@"; then ok "$what"; else not_ok "$what"; fi; }
 now_ms() { date +%s%3N; }
@@ -132,5 +133,5 @@ done
 kill $gpid 2>/dev/null
 for i in 1 2 3; do stop_rs $i; done
 echo "# guard log tail"; tail -n 5 "$work/guard.log"
-echo "RESULT fails=$fails"
+echo "ipvs-vm: $passes passed, $fails failed"
 [ $fails -eq 0 ]

@@ -10,10 +10,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cd "$repo"
 fails=0
-ok() { echo "ok - $*"; }
+passes=0
+ok() { echo "ok - $*"; passes=$((passes+1)); }
 not_ok() { echo "not ok - $*"; fails=$((fails+1)); }
 check() { local what=$1; shift; if "$@"; then ok "$what"; else not_ok "$what"; fi; }
-die() { echo "not ok - $*"; echo "RESULT fails=$((fails+1))"; exit 1; }
+die() { echo "not ok - $*"; echo "package-vm: ${passes:-0} passed, $((fails+1)) failed"; exit 1; }
 
 cache=$("$here/prepare.sh") || die "VM harness"
 img=$("$here/debian-image.sh") || die "Debian image"
@@ -139,5 +140,5 @@ check "controller sees the node disconnect" wait_until 60 bash -c "$(declare -f 
 check "purge deletes the state" gx "DEBIAN_FRONTEND=noninteractive apt-get purge -y node-agent >/dev/null 2>&1; test ! -e /var/lib/node-agent"
 gx "systemctl poweroff" 10 >/dev/null
 wait "$qpid" 2>/dev/null; qpid=
-echo "RESULT fails=$fails"
+echo "package-vm: $passes passed, $fails failed"
 [ "$fails" -eq 0 ]
