@@ -11,11 +11,7 @@ fn systemd_running() -> bool {
 }
 
 fn unit_installed() -> bool {
-    Command::new("systemctl")
-        .args(["cat", UNIT])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    Command::new("systemctl").args(["cat", UNIT]).output().map(|o| o.status.success()).unwrap_or(false)
 }
 
 /// Start (or restart, to pick up a new identity) the service; returns a line for the operator.

@@ -5,9 +5,9 @@ use std::time::Duration;
 use clap::Args;
 use fleetadm_common::clock::parse_duration;
 
+use crate::daemon::{self, ServeOptions};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-use crate::daemon::{self, ServeOptions};
 
 pub const DEFAULT_CONFIG: &str = "/etc/fleetadm/controller.toml";
 
@@ -57,9 +57,7 @@ impl ControllerFileConfig {
 }
 
 fn file_duration(v: &Option<String>, key: &str, path: &Path) -> anyhow::Result<Option<Duration>> {
-    v.as_deref()
-        .map(|s| parse_duration(s).map_err(|e| anyhow::anyhow!("{}: {key}: {e}", path.display())))
-        .transpose()
+    v.as_deref().map(|s| parse_duration(s).map_err(|e| anyhow::anyhow!("{}: {key}: {e}", path.display()))).transpose()
 }
 
 pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
@@ -74,7 +72,9 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     }
     let heartbeat_interval = match a.heartbeat_interval {
         Some(d) => d,
-        None => file_duration(&cfg.heartbeat_interval, "heartbeat_interval", &a.config)?.unwrap_or(Duration::from_secs(15)),
+        None => {
+            file_duration(&cfg.heartbeat_interval, "heartbeat_interval", &a.config)?.unwrap_or(Duration::from_secs(15))
+        }
     };
     let opts = ServeOptions {
         data_dir: a.data_dir.or(cfg.data_dir).unwrap_or_else(|| PathBuf::from(super::DEFAULT_DATA_DIR)),
