@@ -16,6 +16,7 @@ pub mod lb;
 pub mod lb_cli;
 pub mod service;
 pub mod session;
+pub mod tasks;
 
 /// Version with the git revision it was built from.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FLEETADM_GIT_REV"), ")");
