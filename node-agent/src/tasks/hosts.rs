@@ -19,9 +19,17 @@ pub const END: &str = "# END fleetadm managed block";
 #[derive(Debug, Error)]
 pub enum HostsError {
     #[error("cannot read {path}")]
-    Read { path: String, #[source] source: std::io::Error },
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write {path}")]
-    Write { path: String, #[source] source: std::io::Error },
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} has a fleetadm block start without its end (line {line}); fix the file by hand")]
     Unterminated { path: String, line: usize },
     #[error("invalid host name {0:?}")]
@@ -140,7 +148,8 @@ mod tests {
         Entry { ip: ip.parse().unwrap(), names: names.iter().map(|s| s.to_string()).collect() }
     }
 
-    const ORIGINAL: &str = "127.0.0.1\tlocalhost\n# a comment the operator wrote\n::1 ip6-localhost\n10.0.0.5 db.internal";
+    const ORIGINAL: &str =
+        "127.0.0.1\tlocalhost\n# a comment the operator wrote\n::1 ip6-localhost\n10.0.0.5 db.internal";
 
     #[test]
     fn block_is_appended_replaced_and_removed_leaving_other_lines() {
