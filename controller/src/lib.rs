@@ -15,6 +15,7 @@ pub mod dispatch;
 pub mod enroll;
 pub mod nodes;
 pub mod pki;
+pub mod plan;
 pub mod state;
 pub mod store;
 

@@ -1,0 +1,5 @@
+//! Planning a cluster: the operator's input ([`clusterfile`]), and the per-host kubeadm
+//! configuration it turns into ([`kubeadm`]). Pure: no I/O, so it is easy to test and to print
+//! for `--dry-run`.
+pub mod clusterfile;
+pub mod kubeadm;
