@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use fleetadm_proto::admin_server::Admin;
 use fleetadm_proto::{
-    server_event, CreateTokenRequest, Empty, NodeInfo, NodeList, NodeRef, ServerEvent, Shutdown, TokenInfo, TokenList,
-    TokenRef,
+    server_event, CreateTokenRequest, Empty, NodeInfo, NodeList, NodeRef, PlanClusterRequest, PlanClusterResponse,
+    ServerEvent, Shutdown, TokenInfo, TokenList, TokenRef,
 };
 use tonic::{Request, Response, Status};
 
@@ -141,5 +141,22 @@ impl Admin for AdminService {
         );
         tracing::warn!(node = %name, "node revoked");
         Ok(Response::new(self.node_info(&rec)?))
+    }
+
+    async fn plan_cluster(&self, req: Request<PlanClusterRequest>) -> Result<Response<PlanClusterResponse>, Status> {
+        let req = req.into_inner();
+        let resp = self
+            .blocking(move |ctl| {
+                let records = ctl.nodes.list().map_err(|e| Status::internal(e.to_string()))?;
+                let mut candidates = Vec::new();
+                for record in records {
+                    let facts = ctl.nodes.facts(&record.name).map_err(|e| Status::internal(e.to_string()))?;
+                    let connected = ctl.sessions.is_connected(&record.name);
+                    candidates.push(crate::plan::resolve::Candidate { record, facts, connected });
+                }
+                Ok(crate::plan::resolve::plan(&req, &candidates))
+            })
+            .await?;
+        Ok(Response::new(resp))
     }
 }

@@ -1,5 +1,6 @@
 //! The `controller` command line: `serve` runs the daemon; every other subcommand is an admin
 //! client that talks to the running daemon over `DATA_DIR/admin.sock`.
+pub mod cluster;
 pub mod nodes;
 pub mod serve;
 pub mod token;
@@ -28,6 +29,9 @@ pub enum Command {
     /// Inspect and revoke enrolled nodes.
     #[command(subcommand)]
     Nodes(nodes::NodesCmd),
+    /// Plan and create clusters.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
     /// Write shell completions and man pages into a directory (used to build packages).
     #[command(hide = true)]
     GenerateDocs { out: PathBuf },
@@ -59,9 +63,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a).await,
         Command::Token(c) => token::run(c).await,
         Command::Nodes(c) => nodes::run(c).await,
+        Command::Cluster(c) => cluster::run(c).await,
         Command::GenerateDocs { out } => {
             fleetadm_common::docs::generate(<Cli as clap::CommandFactory>::command(), &out)?;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_definition_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

@@ -3,3 +3,6 @@
 //! for `--dry-run`.
 pub mod clusterfile;
 pub mod kubeadm;
+pub mod phases;
+pub mod preflight;
+pub mod resolve;

@@ -1,0 +1,253 @@
+//! The rollout plan as data: ordered phases, each with per-host tasks whose ids are stable
+//! (derived from cluster, phase, host and step), so re-planning after a crash yields the same ids
+//! and finished work is recognised instead of redone.
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+/// A host after matching the operator's reference to an enrolled node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedHost {
+    pub node: String,
+    pub ip: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterShape {
+    pub name: String,
+    pub version: String,
+    pub vip: IpAddr,
+    pub masters: Vec<PlannedHost>,
+    pub workers: Vec<PlannedHost>,
+    /// Workers joined at once.
+    pub wave_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Task {
+    pub id: String,
+    pub host: String,
+    pub kind: &'static str,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Phase {
+    pub name: String,
+    /// Tasks in one step run in parallel; steps run in order.
+    pub steps: Vec<Vec<Task>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub cluster: String,
+    pub phases: Vec<Phase>,
+}
+
+fn task(cluster: &str, phase: &str, host: &str, kind: &'static str, description: String) -> Task {
+    Task { id: format!("{cluster}/{phase}/{host}/{kind}"), host: host.to_string(), kind, description }
+}
+
+/// Wave size from `--max-parallel N` or `P%` of the workers (at least 1).
+pub fn wave_size(spec: &str, workers: usize) -> Result<usize, String> {
+    let spec = spec.trim();
+    let n = if let Some(p) = spec.strip_suffix('%') {
+        let p: usize = p.parse().map_err(|_| format!("--max-parallel {spec:?}: expected N or P%"))?;
+        if p == 0 || p > 100 {
+            return Err(format!("--max-parallel {spec:?}: percentage must be 1-100"));
+        }
+        (workers * p).div_ceil(100)
+    } else {
+        spec.parse::<usize>().map_err(|_| format!("--max-parallel {spec:?}: expected N or P%"))?
+    };
+    Ok(n.max(1))
+}
+
+/// Build the plan: preflight, distribute, bootstrap, hosts, init master0, join masters one at a
+/// time, then workers in waves (each after its load balancer exists), sync IPVS, addons, record.
+pub fn build(shape: &ClusterShape) -> Plan {
+    let c = shape.name.as_str();
+    let all: Vec<&PlannedHost> = shape.masters.iter().chain(shape.workers.iter()).collect();
+    let master0 = &shape.masters[0];
+    let mut phases = Vec::new();
+    let each = |phase: &str, kind: &'static str, desc: &dyn Fn(&PlannedHost) -> String| -> Vec<Task> {
+        all.iter().map(|h| task(c, phase, &h.node, kind, desc(h))).collect()
+    };
+    phases.push(Phase {
+        name: "preflight".into(),
+        steps: vec![each("preflight", "preflight", &|_| "host checks: ports, swap, clock, runtime".into())],
+    });
+    phases.push(Phase {
+        name: "distribute".into(),
+        steps: vec![each("distribute", "fetch-bundle", &|_| format!("fetch the Kubernetes {} bundle", shape.version))],
+    });
+    phases.push(Phase {
+        name: "bootstrap".into(),
+        steps: vec![each("bootstrap", "bootstrap", &|_| "install binaries, units, modules, sysctls, images".into())],
+    });
+    let hosts_desc = |h: &PlannedHost| {
+        if shape.masters.iter().any(|m| m.node == h.node) {
+            format!("/etc/hosts: apiserver.cluster.local -> {} (master0 until joined)", master0.ip)
+        } else {
+            format!("/etc/hosts: apiserver.cluster.local -> {} (VIP)", shape.vip)
+        }
+    };
+    phases.push(Phase { name: "hosts".into(), steps: vec![each("hosts", "hosts", &hosts_desc)] });
+    phases.push(Phase {
+        name: "init-master0".into(),
+        steps: vec![vec![
+            task(c, "init", &master0.node, "pki", "install the cluster PKI (keys 0600)".into()),
+            task(c, "init", &master0.node, "kubeadm-init", format!("kubeadm init ({})", master0.ip)),
+        ]],
+    });
+    let mut joins = Vec::new();
+    for m in shape.masters.iter().skip(1) {
+        joins.push(vec![task(c, "join-masters", &m.node, "pki", "install the cluster PKI (keys 0600)".into())]);
+        joins.push(vec![task(
+            c,
+            "join-masters",
+            &m.node,
+            "kubeadm-join",
+            format!("kubeadm join --control-plane ({})", m.ip),
+        )]);
+        joins.push(vec![task(
+            c,
+            "join-masters",
+            &m.node,
+            "hosts",
+            format!("/etc/hosts: apiserver.cluster.local -> {} (itself)", m.ip),
+        )]);
+    }
+    phases.push(Phase { name: "join-masters".into(), steps: joins });
+    let rs: Vec<String> = shape.masters.iter().map(|m| format!("{}:6443", m.ip)).collect();
+    let mut waves = Vec::new();
+    for wave in shape.workers.chunks(shape.wave_size.max(1)) {
+        waves.push(
+            wave.iter()
+                .map(|w| {
+                    task(c, "join-workers", &w.node, "lb", format!("IPVS {}:6443 -> {}", shape.vip, rs.join(", ")))
+                })
+                .collect(),
+        );
+        waves.push(
+            wave.iter().map(|w| task(c, "join-workers", &w.node, "kubeadm-join", "kubeadm join".into())).collect(),
+        );
+    }
+    phases.push(Phase { name: "join-workers".into(), steps: waves });
+    phases.push(Phase {
+        name: "sync-ipvs".into(),
+        steps: vec![shape
+            .workers
+            .iter()
+            .map(|w| task(c, "sync-ipvs", &w.node, "lb", format!("guard IPVS real servers {}", rs.join(", "))))
+            .collect()],
+    });
+    phases.push(Phase {
+        name: "addons".into(),
+        steps: vec![vec![task(c, "addons", &master0.node, "addons", "kubectl apply the bundle's manifests".into())]],
+    });
+    phases.push(Phase { name: "record".into(), steps: vec![] });
+    Plan { cluster: c.to_string(), phases }
+}
+
+impl Plan {
+    /// Human-readable plan for `--dry-run`.
+    pub fn render(&self) -> String {
+        let mut out = format!("plan for cluster {}\n", self.cluster);
+        for (i, p) in self.phases.iter().enumerate() {
+            out.push_str(&format!("{}. {}\n", i + 1, p.name));
+            if p.steps.is_empty() {
+                out.push_str("     (controller only: record the cluster)\n");
+            }
+            for (j, step) in p.steps.iter().enumerate() {
+                for t in step {
+                    out.push_str(&format!("   {}.{}  {:<14} {:<14} {}\n", i + 1, j + 1, t.host, t.kind, t.description));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn tasks(&self) -> impl Iterator<Item = &Task> {
+        self.phases.iter().flat_map(|p| p.steps.iter().flatten())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(masters: usize, workers: usize, wave: usize) -> ClusterShape {
+        let h = |p: &str, i: usize| PlannedHost {
+            node: format!("{p}{i}"),
+            ip: format!("10.77.0.{}", 10 + i).parse().unwrap(),
+        };
+        ClusterShape {
+            name: "lab".into(),
+            version: "v1.29.9".into(),
+            vip: "10.103.97.2".parse().unwrap(),
+            masters: (1..=masters).map(|i| h("m", i)).collect(),
+            workers: (1..=workers).map(|i| h("w", 10 + i)).collect(),
+            wave_size: wave,
+        }
+    }
+
+    #[test]
+    fn ordering_masters_serial_workers_in_waves_lb_before_join() {
+        let plan = build(&shape(3, 5, 2));
+        let names: Vec<&str> = plan.phases.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "preflight",
+                "distribute",
+                "bootstrap",
+                "hosts",
+                "init-master0",
+                "join-masters",
+                "join-workers",
+                "sync-ipvs",
+                "addons",
+                "record"
+            ]
+        );
+        let jm = &plan.phases[5];
+        assert!(jm.steps.iter().all(|s| s.len() == 1), "masters join one at a time");
+        assert_eq!(jm.steps[1][0].host, "m2");
+        assert_eq!(jm.steps[4][0].host, "m3");
+        let jw = &plan.phases[6];
+        // waves of 2, 2, 1: each wave's lb step precedes its join step
+        assert_eq!(jw.steps.iter().map(|s| s.len()).collect::<Vec<_>>(), [2, 2, 2, 2, 1, 1]);
+        assert!(jw.steps[0].iter().all(|t| t.kind == "lb") && jw.steps[1].iter().all(|t| t.kind == "kubeadm-join"));
+        assert!(plan.phases[4].steps[0][1].description.contains("kubeadm init"));
+    }
+
+    #[test]
+    fn task_ids_are_stable_and_unique() {
+        let a = build(&shape(3, 4, 2));
+        let b = build(&shape(3, 4, 2));
+        assert_eq!(a, b);
+        let ids: Vec<&str> = a.tasks().map(|t| t.id.as_str()).collect();
+        let unique: std::collections::BTreeSet<&&str> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "{ids:?}");
+    }
+
+    #[test]
+    fn workers_resolve_to_the_vip_masters_to_master0() {
+        let plan = build(&shape(3, 1, 1));
+        let hosts = &plan.phases[3].steps[0];
+        assert!(hosts.iter().find(|t| t.host == "m2").unwrap().description.contains("10.77.0.11"));
+        assert!(hosts.iter().find(|t| t.host == "w11").unwrap().description.contains("10.103.97.2"));
+        assert!(plan.render().contains("kubeadm join --control-plane"));
+    }
+
+    #[test]
+    fn wave_sizes() {
+        assert_eq!(wave_size("3", 10).unwrap(), 3);
+        assert_eq!(wave_size("25%", 10).unwrap(), 3);
+        assert_eq!(wave_size("1%", 10).unwrap(), 1);
+        assert_eq!(wave_size("0", 10).unwrap(), 1);
+        assert!(wave_size("0%", 10).is_err());
+        assert!(wave_size("many", 10).is_err());
+    }
+}

@@ -1,0 +1,63 @@
+//! `controller cluster create --dry-run`: hosts resolved against enrolled, connected agents,
+//! inventory preflight, and the plan printed without changing anything.
+use std::time::Duration;
+
+use fleetadm_tests::{text, wait_connected, Agent, Controller};
+
+#[test]
+fn dry_run_prints_the_plan_and_preflight_catches_problems() {
+    let ctl = Controller::start(&["--heartbeat-interval", "1s"]);
+    let mut agents: Vec<Agent> = ["m1", "m2", "w1"].iter().map(|n| Agent::new(n)).collect();
+    for a in &mut agents {
+        a.enroll(&ctl);
+        a.run();
+    }
+    for a in &agents {
+        wait_connected(&ctl, &a.name, true, Duration::from_secs(30));
+    }
+
+    let out = ctl.admin(&["cluster", "create", "lab", "--masters", "m1", "--dry-run"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    for expect in ["plan for cluster lab", "1. preflight", "init-master0", "kubeadm init", "join-workers", "addons"] {
+        assert!(t.contains(expect), "missing {expect:?} in:\n{t}");
+    }
+
+    // unknown hosts fail fast, listed together, and nothing is planned
+    let out = ctl.admin(&["cluster", "create", "lab", "--masters", "m1,ghost", "--nodes", "10.9.9.9", "--dry-run"]);
+    let t = text(&out);
+    assert!(!out.status.success());
+    assert!(t.contains("unknown hosts") && t.contains("ghost") && t.contains("10.9.9.9"), "{t}");
+    assert!(!t.contains("plan for cluster"), "{t}");
+
+    // these three agents run on one machine: same hostname, which preflight must refuse
+    let out = ctl.admin(&["cluster", "create", "lab", "--masters", "m1,m2", "--nodes", "w1", "--dry-run"]);
+    let t = text(&out);
+    assert!(!out.status.success());
+    assert!(t.contains("share the hostname"), "{t}");
+    assert!(t.contains("even count"), "two masters warn: {t}");
+
+    // a VIP inside the service CIDR is refused
+    let out = ctl.admin(&["cluster", "create", "lab", "--masters", "m1", "--vip", "10.96.0.10", "--dry-run"]);
+    assert!(text(&out).contains("inside the service CIDR"), "{}", text(&out));
+
+    // a disconnected host is reported as such
+    agents[2].kill();
+    wait_connected(&ctl, "w1", false, Duration::from_secs(30));
+    let out = ctl.admin(&["cluster", "create", "lab", "--masters", "m1", "--nodes", "w1", "--dry-run"]);
+    assert!(text(&out).contains("disconnected hosts") && text(&out).contains("w1"), "{}", text(&out));
+
+    // a Clusterfile works the same way, and a bad one says why
+    let dir = tempfile::tempdir().unwrap();
+    let cf = dir.path().join("Clusterfile");
+    std::fs::write(
+        &cf,
+        "apiVersion: apps.sealos.io/v1beta1\nkind: Cluster\nmetadata: {name: fromfile}\nspec:\n  hosts:\n  - {ips: [m1], roles: [master, amd64]}\n",
+    )
+    .unwrap();
+    let out = ctl.admin(&["cluster", "create", "-f", cf.to_str().unwrap(), "--dry-run"]);
+    assert!(out.status.success() && text(&out).contains("plan for cluster fromfile"), "{}", text(&out));
+    std::fs::write(&cf, "apiVersion: v1\nkind: Pod\n").unwrap();
+    let out = ctl.admin(&["cluster", "create", "-f", cf.to_str().unwrap(), "--dry-run"]);
+    assert!(!out.status.success() && text(&out).contains("unsupported apiVersion/kind v1/Pod"), "{}", text(&out));
+}
