@@ -95,7 +95,7 @@ pub fn check(
             });
         }
     }
-    if masters % 2 == 0 {
+    if masters.is_multiple_of(2) {
         out.push(Finding {
             severity: Severity::Warning,
             host: "-".into(),
