@@ -10,6 +10,16 @@ use thiserror::Error;
 
 use crate::store::{self, Durability, Store, StoreError, Table, Update};
 
+/// A node's non-loopback addresses from its facts.
+pub fn addresses(facts: &Inventory) -> Vec<std::net::IpAddr> {
+    facts
+        .interfaces
+        .iter()
+        .filter(|i| i.name != "lo")
+        .flat_map(|i| i.addresses.iter().filter_map(|a| a.split('/').next()?.parse().ok()))
+        .collect()
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeRecord {
     pub name: String,

@@ -8,6 +8,7 @@ use fleetadm_common::pin::CaPin;
 use fleetadm_common::token::BootstrapToken;
 use fleetadm_proto::enrollment_client::EnrollmentClient;
 use fleetadm_proto::EnrollRequest;
+use rustls::pki_types::pem::PemObject;
 use thiserror::Error;
 
 use crate::identity::{cert_matches_key, new_key_and_csr, AgentConfig, Identity, IdentityError, StateDir};
@@ -107,5 +108,3 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<AgentConfig,
     let _ = std::fs::remove_file(dir.session());
     Ok(config)
 }
-
-use rustls::pki_types::pem::PemObject;

@@ -40,13 +40,7 @@ impl AdminService {
         let facts = self.ctl.nodes.facts(&rec.name).map_err(|e| Status::internal(e.to_string()))?;
         let addresses = facts
             .as_ref()
-            .map(|f| {
-                f.interfaces
-                    .iter()
-                    .filter(|i| i.name != "lo")
-                    .flat_map(|i| i.addresses.iter().map(|a| a.split('/').next().unwrap_or(a).to_string()))
-                    .collect()
-            })
+            .map(|f| crate::nodes::addresses(f).iter().map(|a| a.to_string()).collect())
             .unwrap_or_default();
         let session = self.ctl.sessions.info(&rec.name);
         Ok(NodeInfo {

@@ -17,13 +17,7 @@ pub struct Candidate {
     pub connected: bool,
 }
 
-fn addresses(f: &Inventory) -> Vec<IpAddr> {
-    f.interfaces
-        .iter()
-        .filter(|i| i.name != "lo")
-        .flat_map(|i| i.addresses.iter().filter_map(|a| a.split('/').next()?.parse::<IpAddr>().ok()))
-        .collect()
-}
+use crate::nodes::addresses;
 
 /// The node a reference means, and the IP the cluster should use for it.
 fn resolve<'a>(r: &str, nodes: &'a [Candidate]) -> Option<(&'a Candidate, IpAddr)> {

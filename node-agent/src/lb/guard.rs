@@ -47,6 +47,8 @@ pub struct GuardStatus {
 #[derive(Debug, Clone)]
 struct RsState {
     healthy: bool,
+    /// Out of the kernel table until it is healthy again.
+    removed: bool,
     ok: u32,
     fail: u32,
     last: String,
@@ -67,15 +69,37 @@ impl Guard {
     /// Start from what the kernel already has, so an agent restart changes nothing: a server
     /// present with weight > 0 is healthy, with weight 0 is out of rotation; new ones start
     /// healthy and must prove otherwise.
-    pub fn new(vip: SocketAddr, scheduler: &str, servers: &[SocketAddr], cfg: GuardConfig, kernel: &[Dest]) -> Self {
+    /// `previous`: the status the last guard published, so a server it had removed stays out.
+    pub fn new(
+        vip: SocketAddr,
+        scheduler: &str,
+        servers: &[SocketAddr],
+        cfg: GuardConfig,
+        kernel: &[Dest],
+        previous: Option<&GuardStatus>,
+    ) -> Self {
         let states = servers
             .iter()
             .map(|rs| {
-                let healthy = kernel.iter().find(|d| d.addr == *rs).map(|d| d.weight > 0).unwrap_or(true);
+                let was_removed = previous
+                    .filter(|p| p.vip == vip)
+                    .and_then(|p| p.servers.iter().find(|s| s.address == *rs))
+                    .map(|s| !s.healthy && s.weight.is_none())
+                    .unwrap_or(false);
+                let in_kernel = kernel.iter().find(|d| d.addr == *rs);
+                let removed = in_kernel.is_none() && was_removed;
+                let healthy = !removed && in_kernel.map(|d| d.weight > 0).unwrap_or(true);
                 let st = RsState {
                     healthy,
+                    removed,
                     ok: if healthy { cfg.rise } else { 0 },
-                    fail: if healthy { 0 } else { cfg.fall },
+                    fail: if healthy {
+                        0
+                    } else if removed {
+                        cfg.fall.saturating_mul(2)
+                    } else {
+                        cfg.fall
+                    },
                     last: "not probed yet".into(),
                     last_ms: 0,
                 };
@@ -98,6 +122,7 @@ impl Guard {
                 st.last = "ok".into();
                 if !st.healthy && st.ok >= rise {
                     st.healthy = true;
+                    st.removed = false;
                 }
             }
             Err(e) => {
@@ -106,6 +131,9 @@ impl Guard {
                 st.last = e;
                 if st.healthy && st.fail >= fall {
                     st.healthy = false;
+                }
+                if !st.healthy && st.fail >= fall.saturating_mul(2) {
+                    st.removed = true;
                 }
             }
         }
@@ -129,14 +157,13 @@ impl Guard {
                 dests: self.states.keys().map(|rs| (*rs, 1)).collect(),
             };
         }
-        let remove_after = self.cfg.fall.max(1) * 2;
         let dests = self
             .states
             .iter()
             .filter_map(|(rs, st)| {
                 if st.healthy {
                     Some((*rs, 1))
-                } else if st.fail < remove_after {
+                } else if !st.removed {
                     Some((*rs, 0)) // out of rotation, existing connections drain
                 } else {
                     None // removed; expire_nodest_conn drops its connections on their next packet
@@ -182,7 +209,14 @@ mod tests {
     }
 
     fn guard(kernel: &[Dest]) -> Guard {
-        Guard::new("10.103.97.2:6443".parse().unwrap(), "rr", &[rs(1), rs(2), rs(3)], GuardConfig::default(), kernel)
+        Guard::new(
+            "10.103.97.2:6443".parse().unwrap(),
+            "rr",
+            &[rs(1), rs(2), rs(3)],
+            GuardConfig::default(),
+            kernel,
+            None,
+        )
     }
 
     #[test]
@@ -227,5 +261,28 @@ mod tests {
         assert_eq!(d.dests[&rs(1)], 1);
         assert_eq!(d.dests[&rs(2)], 0);
         assert_eq!(d.dests[&rs(3)], 1);
+    }
+
+    #[test]
+    fn restart_keeps_a_removed_server_out() {
+        let mut g = guard(&[]);
+        g.applied(g.desired());
+        for t in 0..4 {
+            g.observe(rs(3), Err("refused".into()), t);
+        }
+        let d = g.desired();
+        assert!(!d.dests.contains_key(&rs(3)));
+        g.applied(d.clone());
+        let status = g.status();
+        let k = |n, w| Dest { addr: rs(n), weight: w, forward: FWD_MASQ, active_conns: 0, inactive_conns: 0 };
+        let restarted = Guard::new(
+            "10.103.97.2:6443".parse().unwrap(),
+            "rr",
+            &[rs(1), rs(2), rs(3)],
+            GuardConfig::default(),
+            &[k(1, 1), k(2, 1)],
+            Some(&status),
+        );
+        assert_eq!(restarted.desired(), d, "no flap after restart");
     }
 }

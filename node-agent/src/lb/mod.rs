@@ -12,7 +12,6 @@ pub mod link;
 pub mod probe;
 pub mod reconcile;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -226,7 +225,9 @@ pub async fn run_guard(
         Some(_) => LbKernel::dests(&ipvs, &spec.vip)?,
         None => Vec::new(),
     };
-    let mut guard = Guard::new(spec.vip, &spec.scheduler, &spec.real_servers, cfg.clone(), &kernel_dests);
+    let previous = read_status(&status_file);
+    let mut guard =
+        Guard::new(spec.vip, &spec.scheduler, &spec.real_servers, cfg.clone(), &kernel_dests, previous.as_ref());
     let d = guard.desired();
     for op in converge(&ipvs, &d)? {
         tracing::info!(vip = %spec.vip, change = %op, "load balancer converged");
@@ -304,11 +305,6 @@ pub async fn run_guard(
 /// Parse `IP:PORT` for flags.
 pub fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>().map_err(|_| format!("{s:?} is not IP:PORT (IPv6 as [::1]:6443)"))
-}
-
-/// Summaries for JSON output of the kernel state keyed by VIP.
-pub fn by_vip(views: &[ServiceView]) -> BTreeMap<String, &ServiceView> {
-    views.iter().map(|v| (v.vip.to_string(), v)).collect()
 }
 
 #[cfg(test)]

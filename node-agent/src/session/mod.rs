@@ -222,9 +222,11 @@ async fn session(
                 match renew_certificate(dir, identity, &mut client).await {
                     Ok(()) => return Ended::Renewed,
                     Err(e) => {
-                        tracing::warn!(error = %e, "certificate renewal failed; retrying in 30s");
-                        renew.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(30).min(
-                            identity.not_after.duration_since(SystemTime::now()).unwrap_or(Duration::from_secs(1)) / 2 + Duration::from_millis(100)));
+                        // Retry in 30 s, or sooner if the certificate would expire first.
+                        let left = identity.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+                        let retry = Duration::from_secs(30).min(left / 2).max(Duration::from_millis(100));
+                        tracing::warn!(error = %e, retry_in = ?retry, "certificate renewal failed");
+                        renew.as_mut().reset(tokio::time::Instant::now() + retry);
                     }
                 }
             }
