@@ -18,12 +18,8 @@ pub struct AgentFileConfig {
 
 impl AgentFileConfig {
     /// Load `path` if it exists; a missing file means defaults, a bad one is an error.
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
-        }
+    pub fn load(path: &Path) -> Result<Self, fleetadm_common::config::ConfigError> {
+        fleetadm_common::config::load_optional(path)
     }
 }
 

@@ -46,22 +46,12 @@ pub struct ControllerFileConfig {
     pub heartbeat_interval: Option<String>,
 }
 
-impl ControllerFileConfig {
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
-        }
-    }
-}
-
 fn file_duration(v: &Option<String>, key: &str, path: &Path) -> anyhow::Result<Option<Duration>> {
     v.as_deref().map(|s| parse_duration(s).map_err(|e| anyhow::anyhow!("{}: {key}: {e}", path.display()))).transpose()
 }
 
 pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
-    let cfg = ControllerFileConfig::load(&a.config)?;
+    let cfg: ControllerFileConfig = fleetadm_common::config::load_optional(&a.config)?;
     let node_cert_validity = match a.node_cert_validity {
         Some(d) => d,
         None => file_duration(&cfg.node_cert_validity, "node_cert_validity", &a.config)?
