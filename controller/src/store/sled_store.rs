@@ -9,13 +9,21 @@ pub struct SledStore {
 }
 
 impl SledStore {
+    /// Opens (or creates) the database. sled releases its directory lock from a background
+    /// thread after the previous handle is dropped, so a reopen in the same process (or a restart
+    /// that follows a stop closely) can briefly see the lock held: that case is retried for up to
+    /// two seconds before it is reported.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| StoreError::Open { path: path.display().to_string(), source: Box::new(e) })?;
-        Ok(Self { db })
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match sled::Config::new().path(path).flush_every_ms(Some(500)).open() {
+                Ok(db) => return Ok(Self { db }),
+                Err(e) if is_lock_busy(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(StoreError::Open { path: path.display().to_string(), source: Box::new(e) }),
+            }
+        }
     }
 
     fn tree(&self, table: Table) -> Result<sled::Tree, StoreError> {
@@ -28,6 +36,10 @@ impl SledStore {
         }
         Ok(())
     }
+}
+
+fn is_lock_busy(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
 fn io(table: Table, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
