@@ -8,6 +8,7 @@
 //! - [`logging`]: journald under systemd, stderr otherwise.
 //! - [`output`]: table / json / yaml rendering for CLIs.
 //! - [`clock`]: wall-clock helpers.
+//! - [`tasks`]: the parameters of every task kind the controller assigns to agents.
 #![forbid(unsafe_code)]
 
 pub mod clock;
@@ -18,6 +19,7 @@ pub mod fsutil;
 pub mod logging;
 pub mod output;
 pub mod pin;
+pub mod tasks;
 pub mod token;
 
 /// Install the process-wide rustls crypto provider (ring). Call first thing in `main` and in tests.

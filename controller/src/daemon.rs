@@ -142,6 +142,11 @@ pub async fn serve(
         .add_service(AdminServer::new(AdminService::new(ctl.clone())))
         .serve_with_incoming_shutdown(UnixListenerStream::new(uds), wait(stop_rx.clone()));
 
+    match ctl.rollouts.resume_all() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(clusters = n, "resumed unfinished rollouts"),
+        Err(e) => tracing::error!(error = %e, "cannot resume unfinished rollouts"),
+    }
     tracing::info!(listen = %local, ca_hash = %pin, admin = %sock.display(), endpoint = %ctl.settings.enroll_endpoint, "controller ready");
     println!("controller listening on {local} (ca hash {pin}); admin socket {}", sock.display());
     fleetadm_common::notify_ready();

@@ -4,6 +4,8 @@
 //! - [`enroll`]: bootstrap tokens + CSR policy -> node certificates signed by the [`pki`] fleet CA.
 //! - [`dispatch`]: authenticated agent sessions (work stream down, reports up).
 //! - [`nodes`]: the inventory of enrolled nodes and their facts.
+//! - [`plan`]: operator input -> hosts matched to nodes -> phases of per-host tasks.
+//! - [`rollout`]: executes a plan: persisted task state, dispatch over sessions, reports, resume.
 //! - [`admin`]: the operator API on the local admin socket; [`cli`] is its client.
 //! - [`store`]: all durable state (sled), behind a small interface.
 #![forbid(unsafe_code)]
@@ -16,6 +18,7 @@ pub mod enroll;
 pub mod nodes;
 pub mod pki;
 pub mod plan;
+pub mod rollout;
 pub mod state;
 pub mod store;
 

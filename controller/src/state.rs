@@ -6,6 +6,7 @@ use crate::dispatch::Sessions;
 use crate::enroll::Tokens;
 use crate::nodes::Nodes;
 use crate::pki::FleetCa;
+use crate::rollout::{driver::RolloutSettings, Rollouts};
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
@@ -24,6 +25,7 @@ pub struct Controller {
     pub nodes: Arc<Nodes>,
     pub ca: FleetCa,
     pub sessions: Sessions,
+    pub rollouts: Arc<Rollouts>,
     pub settings: Settings,
 }
 
@@ -35,7 +37,8 @@ impl Controller {
             let _ = on_close_nodes.touch(name, fleetadm_common::clock::now_unix_ms(), None, None);
             tracing::info!(node = name, "session closed");
         });
-        Arc::new(Self { tokens: Tokens::new(store.clone()), nodes, store, ca, sessions, settings })
+        let rollouts = Rollouts::new(store.clone(), sessions.clone(), RolloutSettings::default());
+        Arc::new(Self { tokens: Tokens::new(store.clone()), nodes, store, ca, sessions, rollouts, settings })
     }
 
     /// Make lazily written liveness data durable before exit (one flushed write flushes all).

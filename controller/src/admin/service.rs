@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use fleetadm_proto::admin_server::Admin;
 use fleetadm_proto::{
-    server_event, CreateTokenRequest, Empty, NodeInfo, NodeList, NodeRef, PlanClusterRequest, PlanClusterResponse,
+    server_event, ClusterRef, ClusterView, ClusterViews, CreateClusterRequest, CreateTokenRequest, Empty, Kubeconfig, NodeInfo, NodeList, NodeRef, PlanClusterRequest, PlanClusterResponse,
     ServerEvent, Shutdown, TokenInfo, TokenList, TokenRef,
 };
 use tonic::{Request, Response, Status};
@@ -140,17 +140,117 @@ impl Admin for AdminService {
     async fn plan_cluster(&self, req: Request<PlanClusterRequest>) -> Result<Response<PlanClusterResponse>, Status> {
         let req = req.into_inner();
         let resp = self
-            .blocking(move |ctl| {
-                let records = ctl.nodes.list().map_err(|e| Status::internal(e.to_string()))?;
-                let mut candidates = Vec::new();
-                for record in records {
-                    let facts = ctl.nodes.facts(&record.name).map_err(|e| Status::internal(e.to_string()))?;
-                    let connected = ctl.sessions.is_connected(&record.name);
-                    candidates.push(crate::plan::resolve::Candidate { record, facts, connected });
-                }
-                Ok(crate::plan::resolve::plan(&req, &candidates))
-            })
+            .blocking(move |ctl| Ok(crate::plan::resolve::plan(&req, &candidates(ctl)?)))
             .await?;
         Ok(Response::new(resp))
+    }
+
+    async fn create_cluster(&self, req: Request<CreateClusterRequest>) -> Result<Response<ClusterView>, Status> {
+        let req = req.into_inner();
+        let plan_req = req.plan.unwrap_or_default();
+        let rollouts = self.ctl.rollouts.clone();
+        let view = self
+            .blocking(move |ctl| {
+                let resolved = crate::plan::resolve::resolve_request(&plan_req, &candidates(ctl)?);
+                let Some(shape) = resolved.shape else {
+                    return Err(Status::failed_precondition(resolved.response.errors.join("\n")));
+                };
+                let validity = if req.cert_validity_secs == 0 {
+                    crate::pki::kube::DEFAULT_VALIDITY
+                } else {
+                    Duration::from_secs(req.cert_validity_secs)
+                };
+                let spec = crate::rollout::record::ClusterSpec {
+                    version: plan_req.version.clone(),
+                    pod_cidr: plan_req.pod_cidr.clone(),
+                    service_cidr: plan_req.service_cidr.clone(),
+                    dns_domain: "cluster.local".into(),
+                    clusterfile: plan_req.clusterfile.clone(),
+                    max_failures: req.max_failures.clone(),
+                    cgroup_driver: "systemd".into(),
+                    cri_socket: "unix:///run/containerd/containerd.sock".into(),
+                    image_repository: "registry.k8s.io".into(),
+                };
+                let rec = rollouts
+                    .create(crate::rollout::driver::NewCluster { shape, spec, validity })
+                    .map_err(rollout_status)?;
+                cluster_view(ctl, &rec, false)
+            })
+            .await?;
+        Ok(Response::new(view))
+    }
+
+    async fn get_cluster(&self, req: Request<ClusterRef>) -> Result<Response<ClusterView>, Status> {
+        let r = req.into_inner();
+        let view = self
+            .blocking(move |ctl| {
+                let rec = ctl.rollouts.get(&r.name).map_err(rollout_status)?;
+                cluster_view(ctl, &rec, r.with_output)
+            })
+            .await?;
+        Ok(Response::new(view))
+    }
+
+    async fn list_clusters(&self, _: Request<Empty>) -> Result<Response<ClusterViews>, Status> {
+        let clusters = self
+            .blocking(move |ctl| {
+                let recs = ctl.rollouts.list().map_err(rollout_status)?;
+                recs.iter().map(|rec| cluster_view(ctl, rec, false)).collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        Ok(Response::new(ClusterViews { clusters }))
+    }
+
+    async fn get_kubeconfig(&self, req: Request<ClusterRef>) -> Result<Response<Kubeconfig>, Status> {
+        let r = req.into_inner();
+        let yaml = self
+            .blocking(move |ctl| {
+                let rec = ctl.rollouts.get(&r.name).map_err(rollout_status)?;
+                rec.secrets
+                    .pki
+                    .shared
+                    .iter()
+                    .find(|f| f.path == "admin.conf")
+                    .map(|f| f.contents.clone())
+                    .ok_or_else(|| Status::internal("cluster has no admin kubeconfig"))
+            })
+            .await?;
+        tracing::info!(cluster = %self.ctl.settings.enroll_endpoint, "admin kubeconfig handed out");
+        Ok(Response::new(Kubeconfig { yaml }))
+    }
+}
+
+fn candidates(ctl: &Controller) -> Result<Vec<crate::plan::resolve::Candidate>, Status> {
+    let records = ctl.nodes.list().map_err(|e| Status::internal(e.to_string()))?;
+    let mut out = Vec::new();
+    for record in records {
+        let facts = ctl.nodes.facts(&record.name).map_err(|e| Status::internal(e.to_string()))?;
+        let connected = ctl.sessions.is_connected(&record.name);
+        out.push(crate::plan::resolve::Candidate { record, facts, connected });
+    }
+    Ok(out)
+}
+
+fn cluster_view(
+    ctl: &Controller,
+    rec: &crate::rollout::record::ClusterRecord,
+    with_output: bool,
+) -> Result<ClusterView, Status> {
+    let tasks = ctl.rollouts.tasks(&rec.name).map_err(rollout_status)?;
+    let view = crate::rollout::view::build(rec, &tasks, with_output);
+    Ok(ClusterView {
+        name: rec.name.clone(),
+        json: serde_json::to_string(&view).map_err(|e| Status::internal(e.to_string()))?,
+    })
+}
+
+fn rollout_status(e: crate::rollout::RolloutError) -> Status {
+    use crate::rollout::RolloutError as E;
+    match e {
+        E::NotFound(_) | E::UnknownTask(_) => Status::not_found(e.to_string()),
+        E::Exists { .. } => Status::already_exists(e.to_string()),
+        E::Invalid(_) => Status::invalid_argument(e.to_string()),
+        E::NotYours { .. } => Status::permission_denied(e.to_string()),
+        E::Pki(_) | E::Store(_) => Status::internal(e.to_string()),
     }
 }

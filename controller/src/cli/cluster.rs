@@ -1,18 +1,68 @@
-//! `controller cluster create`: for now, planning and `--dry-run` (host resolution against
-//! enrolled nodes, inventory preflight, and every task per host in order).
+//! `controller cluster ...`: create (plan, persist, follow the rollout), status, list, logs, get
+//! (a Clusterfile with status) and kubeconfig. The rollout runs in the daemon: interrupting the CLI
+//! leaves it running, and `cluster status` picks it up again.
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
-use fleetadm_proto::PlanClusterRequest;
+use fleetadm_common::output::OutputFormat;
+use fleetadm_proto::admin_client::AdminClient;
+use fleetadm_proto::{ClusterRef, CreateClusterRequest, Empty, PlanClusterRequest};
+use tonic::transport::Channel;
 
-use super::{rpc_error, DataDir};
+use super::{rpc_error, DataDir, Output};
 use crate::admin::client;
+use crate::rollout::record::{ClusterState, TaskState};
+use crate::rollout::view::ClusterView;
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCmd {
     /// Turn enrolled hosts into a highly available Kubernetes cluster.
     #[command(disable_version_flag = true)]
     Create(CreateArgs),
+    /// Phase, conditions and per-host task state of a cluster.
+    Status {
+        name: String,
+        #[command(flatten)]
+        data: DataDir,
+        #[command(flatten)]
+        output: Output,
+        /// Follow the rollout until it ends (exit code 0 only on success).
+        #[arg(short, long)]
+        watch: bool,
+    },
+    /// Every cluster this controller knows.
+    List {
+        #[command(flatten)]
+        data: DataDir,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Task output, per host.
+    Logs {
+        name: String,
+        #[command(flatten)]
+        data: DataDir,
+        /// Only this host (node name).
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Export the cluster as a Clusterfile (apps.sealos.io/v1beta1) with its status.
+    Get {
+        name: String,
+        #[command(flatten)]
+        data: DataDir,
+        #[arg(short = 'o', long = "output", default_value = "yaml")]
+        output: OutputFormat,
+    },
+    /// Print the cluster's admin kubeconfig (grants full control of the cluster).
+    Kubeconfig {
+        name: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -39,44 +89,165 @@ pub struct CreateArgs {
     pod_cidr: String,
     #[arg(long, default_value = "10.96.0.0/22")]
     service_cidr: String,
+    /// Offline bundle to distribute and bootstrap from.
+    #[arg(long)]
+    bundle: Option<String>,
     /// Workers joined at once: N or P%.
     #[arg(long, default_value = "10")]
     max_parallel: String,
+    /// Workers that may fail (and are left out) before the rollout stops: N or P%.
+    #[arg(long, default_value = "0")]
+    max_failures: String,
+    /// Validity of the Kubernetes certificates.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    cert_validity: Option<Duration>,
+    /// Wait this long for unknown or disconnected hosts to come online instead of failing.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wait_for_agents: Option<Duration>,
     /// Print the plan and change nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Plan output: text or json.
+    /// Start the rollout and return; follow it with `controller cluster status NAME --watch`.
+    #[arg(long)]
+    detach: bool,
+    /// Plan output for --dry-run: text or json.
     #[arg(short = 'o', long = "output", default_value = "text")]
     output: String,
 }
 
 pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
-    let ClusterCmd::Create(a) = cmd;
-    let clusterfile = match &a.clusterfile {
-        Some(p) => {
-            std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read Clusterfile {}: {e}", p.display()))?
+    match cmd {
+        ClusterCmd::Create(a) => create(a).await,
+        ClusterCmd::Status { name, data, output, watch } => {
+            let mut c = client::connect(&data.data_dir).await?;
+            if watch {
+                let view = follow(&mut c, &name).await?;
+                return outcome(&view);
+            }
+            let view = get_view(&mut c, &name, false).await?;
+            match output.output {
+                OutputFormat::Table => print!("{}", render_status(&view)),
+                f => println!("{}", render(&view, f)),
+            }
+            Ok(())
         }
+        ClusterCmd::List { data, output } => {
+            let mut c = client::connect(&data.data_dir).await?;
+            let list = c.list_clusters(Empty {}).await.map_err(rpc_error)?.into_inner();
+            let views: Vec<ClusterView> =
+                list.clusters.iter().map(|v| parse_view(&v.json)).collect::<anyhow::Result<_>>()?;
+            match output.output {
+                OutputFormat::Table => {
+                    let rows: Vec<Vec<String>> = views
+                        .iter()
+                        .map(|v| {
+                            vec![
+                                v.name.clone(),
+                                v.state.to_string(),
+                                v.phase.clone(),
+                                v.version.clone(),
+                                v.masters.len().to_string(),
+                                v.workers.len().to_string(),
+                                format!("{}/{}", v.counts.succeeded + v.counts.skipped, v.counts.total),
+                            ]
+                        })
+                        .collect();
+                    print!(
+                        "{}",
+                        fleetadm_common::output::table(
+                            &["NAME", "STATE", "PHASE", "VERSION", "MASTERS", "WORKERS", "TASKS"],
+                            &rows
+                        )
+                    );
+                }
+                f => println!("{}", render(&views, f)),
+            }
+            Ok(())
+        }
+        ClusterCmd::Logs { name, data, host } => {
+            let mut c = client::connect(&data.data_dir).await?;
+            let view = get_view(&mut c, &name, true).await?;
+            if let Some(h) = &host {
+                if !view.hosts.iter().any(|x| &x.name == h) {
+                    anyhow::bail!("host {h} is not part of cluster {name} (hosts: {})", host_names(&view));
+                }
+            }
+            for h in view.hosts.iter().filter(|x| host.as_ref().is_none_or(|want| &x.name == want)) {
+                for t in &h.tasks {
+                    println!("==> {} {} [{}] {} (attempt {})", h.name, t.kind, t.phase, t.state, t.attempt);
+                    if !t.output.is_empty() {
+                        println!("{}", t.output.trim_end());
+                    }
+                }
+            }
+            Ok(())
+        }
+        ClusterCmd::Get { name, data, output } => {
+            let mut c = client::connect(&data.data_dir).await?;
+            let view = get_view(&mut c, &name, false).await?;
+            let doc = clusterfile_with_status(&view);
+            let f = if output == OutputFormat::Table { OutputFormat::Yaml } else { output };
+            println!("{}", render(&doc, f));
+            Ok(())
+        }
+        ClusterCmd::Kubeconfig { name, data } => {
+            let mut c = client::connect(&data.data_dir).await?;
+            let kc = c
+                .get_kubeconfig(ClusterRef { name, with_output: false })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            print!("{}", kc.yaml);
+            Ok(())
+        }
+    }
+}
+
+fn render<T: serde::Serialize>(v: &T, f: OutputFormat) -> String {
+    fleetadm_common::output::render_structured(v, f).unwrap_or_default().trim_end().to_string()
+}
+
+fn host_names(v: &ClusterView) -> String {
+    v.hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+async fn create(a: CreateArgs) -> anyhow::Result<()> {
+    let clusterfile = match &a.clusterfile {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read Clusterfile {}", p.display()))?,
         None => String::new(),
     };
     if clusterfile.is_empty() && a.name.is_none() {
         anyhow::bail!("give a cluster name (controller cluster create NAME --masters ...) or -f Clusterfile");
     }
+    if let Some(b) = &a.bundle {
+        anyhow::bail!(
+            "--bundle {b}: bundle distribution is not available in this build; omit --bundle when the hosts already carry kubeadm, kubelet and a container runtime"
+        );
+    }
     let mut c = client::connect(&a.data.data_dir).await?;
-    let resp = c
-        .plan_cluster(PlanClusterRequest {
-            name: a.name.clone().unwrap_or_default(),
-            masters: a.masters.clone(),
-            nodes: a.nodes.clone(),
-            version: a.kube_version.clone(),
-            vip: a.vip.clone(),
-            pod_cidr: a.pod_cidr.clone(),
-            service_cidr: a.service_cidr.clone(),
-            max_parallel: a.max_parallel.clone(),
-            clusterfile,
-        })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
+    let plan_req = PlanClusterRequest {
+        name: a.name.clone().unwrap_or_default(),
+        masters: a.masters.clone(),
+        nodes: a.nodes.clone(),
+        version: a.kube_version.clone(),
+        vip: a.vip.clone(),
+        pod_cidr: a.pod_cidr.clone(),
+        service_cidr: a.service_cidr.clone(),
+        max_parallel: a.max_parallel.clone(),
+        clusterfile,
+    };
+    let deadline = a.wait_for_agents.map(|d| Instant::now() + d);
+    let resp = loop {
+        let resp = c.plan_cluster(plan_req.clone()).await.map_err(rpc_error)?.into_inner();
+        let waiting = resp.errors.iter().any(|e| e.starts_with("unknown hosts") || e.starts_with("disconnected hosts"));
+        match deadline {
+            Some(d) if waiting && Instant::now() < d => {
+                eprintln!("waiting for agents: {}", resp.errors.join("; "));
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            _ => break resp,
+        }
+    };
     for w in &resp.warnings {
         eprintln!("warning: {w}");
     }
@@ -86,15 +257,193 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
         }
         anyhow::bail!("preflight failed with {} error(s); nothing was changed", resp.errors.len());
     }
-    if a.output == "json" {
-        println!("{}", resp.plan_json);
-    } else {
-        print!("{}", resp.plan_text);
+    if a.dry_run {
+        if a.output == "json" {
+            println!("{}", resp.plan_json);
+        } else {
+            print!("{}", resp.plan_text);
+        }
+        return Ok(());
     }
-    if !a.dry_run {
-        anyhow::bail!(
-            "executing the plan is not available in this build yet; the plan above was checked (use --dry-run to print it without this error)"
+    let created = c
+        .create_cluster(CreateClusterRequest {
+            plan: Some(plan_req),
+            max_failures: a.max_failures.clone(),
+            cert_validity_secs: a.cert_validity.map(|d| d.as_secs()).unwrap_or(0),
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let view = parse_view(&created.json)?;
+    eprintln!(
+        "cluster {} recorded: {} tasks on {} hosts; rollout running in the controller",
+        view.name,
+        view.counts.total,
+        view.hosts.len()
+    );
+    if a.detach {
+        println!("follow it with: controller cluster status {} --watch", view.name);
+        return Ok(());
+    }
+    let view = follow(&mut c, &view.name).await?;
+    outcome(&view)
+}
+
+fn outcome(view: &ClusterView) -> anyhow::Result<()> {
+    match view.state {
+        ClusterState::Succeeded => {
+            println!("{}", view.message);
+            println!("admin kubeconfig: controller cluster kubeconfig {}", view.name);
+            Ok(())
+        }
+        ClusterState::Failed => anyhow::bail!(
+            "{}\nsee `controller cluster logs {}`; run the same create again to retry (finished work is kept)",
+            view.message,
+            view.name
+        ),
+        ClusterState::Running => anyhow::bail!("cluster {} is still running", view.name),
+    }
+}
+
+fn parse_view(json: &str) -> anyhow::Result<ClusterView> {
+    serde_json::from_str(json).context("controller sent a cluster view this CLI cannot read (version mismatch?)")
+}
+
+async fn get_view(c: &mut AdminClient<Channel>, name: &str, with_output: bool) -> anyhow::Result<ClusterView> {
+    let v = c
+        .get_cluster(ClusterRef { name: name.to_string(), with_output })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    parse_view(&v.json)
+}
+
+fn progress_line(v: &ClusterView, elapsed: Duration) -> String {
+    let done = v.counts.succeeded + v.counts.skipped;
+    format!(
+        "[{:>4}s] phase {:<13} tasks {done}/{} running {} failed {} pending {}",
+        elapsed.as_secs(),
+        v.phase,
+        v.counts.total,
+        v.counts.running,
+        v.counts.failed,
+        v.counts.pending
+    )
+}
+
+/// Follow a rollout until it ends: indicatif bars on a terminal, one line per change otherwise.
+async fn follow(c: &mut AdminClient<Channel>, name: &str) -> anyhow::Result<ClusterView> {
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    });
+    let mut last_line = String::new();
+    let mut last_phase = String::new();
+    loop {
+        let v = get_view(c, name, false).await?;
+        let done = (v.counts.succeeded + v.counts.skipped) as u64;
+        if let Some(b) = &bar {
+            if v.phase != last_phase && !last_phase.is_empty() {
+                b.println(format!("phase {last_phase} done"));
+            }
+            b.set_length(v.counts.total as u64);
+            b.set_position(done);
+            let running: Vec<String> = v
+                .hosts
+                .iter()
+                .flat_map(|h| h.tasks.iter().filter(|t| t.state == TaskState::Running).map(move |t| format!("{}:{}", h.name, t.kind)))
+                .take(4)
+                .collect();
+            b.set_message(format!(
+                "{} | failed {} | {}",
+                v.phase,
+                v.counts.failed,
+                if running.is_empty() { String::new() } else { running.join(" ") }
+            ));
+        } else {
+            let line = progress_line(&v, started.elapsed());
+            // Print when something other than the clock changed.
+            let key = line.split_once(']').map(|x| x.1).unwrap_or_default().to_string();
+            if key != last_line {
+                eprintln!("{line}");
+                last_line = key;
+            }
+        }
+        last_phase = v.phase.clone();
+        if v.state != ClusterState::Running {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            eprint!("{}", render_status(&v));
+            return Ok(v);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Ok(())
+}
+
+fn render_status(v: &ClusterView) -> String {
+    let mut out = format!(
+        "cluster {}  state {}  phase {}  version {}  vip {}\n",
+        v.name, v.state, v.phase, v.version, v.vip
+    );
+    if !v.message.is_empty() {
+        out.push_str(&format!("  {}\n", v.message));
+    }
+    let rows: Vec<Vec<String>> = v
+        .hosts
+        .iter()
+        .map(|h| {
+            let done = h.tasks.iter().filter(|t| t.state.is_final()).count();
+            let current = h
+                .tasks
+                .iter()
+                .find(|t| !t.state.is_final())
+                .map(|t| format!("{} {}", t.kind, t.state))
+                .unwrap_or_else(|| "done".into());
+            vec![h.name.clone(), h.role.clone(), h.ip.clone(), format!("{done}/{}", h.tasks.len()), current]
+        })
+        .collect();
+    out.push_str(&fleetadm_common::output::table(&["HOST", "ROLE", "IP", "TASKS", "CURRENT"], &rows));
+    let conds: Vec<String> =
+        v.conditions.iter().map(|c| format!("{}={}", c.kind, if c.status { "True" } else { "False" })).collect();
+    if !conds.is_empty() {
+        out.push_str(&format!("conditions: {}\n", conds.join(" ")));
+    }
+    out
+}
+
+/// A sealos-style Clusterfile describing the cluster, with a status block.
+fn clusterfile_with_status(v: &ClusterView) -> serde_json::Value {
+    let hosts: Vec<serde_json::Value> = v
+        .hosts
+        .iter()
+        .map(|h| serde_json::json!({"ips": [h.ip], "roles": [if h.role == "master" { "master" } else { "node" }]}))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "apps.sealos.io/v1beta1",
+        "kind": "Cluster",
+        "metadata": {"name": v.name},
+        "spec": {"hosts": hosts},
+        "status": {
+            "phase": v.state.to_string(),
+            "currentPhase": v.phase,
+            "message": v.message,
+            "kubernetesVersion": v.version,
+            "vip": v.vip,
+            "podCIDR": v.pod_cidr,
+            "serviceCIDR": v.service_cidr,
+            "failedWorkers": v.failed_workers,
+            "conditions": v.conditions.iter().map(|c| serde_json::json!({
+                "type": c.kind, "status": if c.status { "True" } else { "False" }, "message": c.message,
+                "lastTransitionTime": humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(c.time_ms)).to_string(),
+            })).collect::<Vec<_>>(),
+        }
+    })
 }

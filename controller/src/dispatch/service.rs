@@ -5,7 +5,7 @@ use fleetadm_common::clock::now_unix_ms;
 use fleetadm_proto::agent_server::Agent;
 use fleetadm_proto::{
     server_event, Ack, ConnectRequest, HeartbeatRequest, HeartbeatResponse, Inventory, RenewRequest, RenewResponse,
-    ServerEvent, Welcome,
+    ServerEvent, TaskReport, Welcome,
 };
 use tonic::{Request, Response, Status};
 
@@ -53,6 +53,8 @@ impl Agent for AgentService {
         };
         tx.send(Ok(welcome)).await.map_err(|_| Status::unavailable("session closed while opening"))?;
         tracing::info!(node = %id.name, %peer, session = session_id, agent_version = %body.agent_version, "session opened");
+        // A rollout may be waiting for this node (or have work to re-send after a reconnect).
+        self.ctl.rollouts.poke();
         Ok(Response::new(stream))
     }
 
@@ -70,6 +72,28 @@ impl Agent for AgentService {
         self.ctl.nodes.set_facts(&id.name, req.get_ref()).map_err(store_err)?;
         self.ctl.nodes.touch(&id.name, now_unix_ms(), None, None).map_err(store_err)?;
         tracing::debug!(node = %id.name, "inventory updated");
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn report_task(&self, req: Request<TaskReport>) -> Result<Response<Ack>, Status> {
+        let id = authenticate(&req, &self.ctl.nodes)?;
+        let report = req.into_inner();
+        let ctl = self.ctl.clone();
+        tokio::task::spawn_blocking(move || ctl.rollouts.report(&id.name, &report))
+            .await
+            .map_err(|e| Status::internal(format!("report task failed: {e}")))?
+            .map_err(|e| {
+                use crate::rollout::RolloutError as E;
+                match e {
+                    E::UnknownTask(_) | E::NotFound(_) => Status::not_found(e.to_string()),
+                    E::NotYours { .. } => {
+                        tracing::warn!(error = %e, "agent reported on a task that is not its own");
+                        Status::permission_denied(e.to_string())
+                    }
+                    E::Invalid(_) => Status::invalid_argument(e.to_string()),
+                    _ => Status::internal(e.to_string()),
+                }
+            })?;
         Ok(Response::new(Ack {}))
     }
 

@@ -82,6 +82,17 @@ impl Sessions {
         self.inner.lock().map(|m| m.len()).unwrap_or(0)
     }
 
+    /// Queue an event on a node's current session. Returns that session's id, or `None` when the
+    /// node is not connected or its queue is full (the caller retries on its next round).
+    pub fn send(&self, node: &str, ev: ServerEvent) -> Option<u64> {
+        let (id, tx) = {
+            let m = self.inner.lock().ok()?;
+            let e = m.get(node)?;
+            (e.id, e.tx.clone())
+        };
+        tx.try_send(Ok(ev)).ok().map(|_| id)
+    }
+
     /// End a node's session now, sending `last` first when there is room.
     pub fn terminate(&self, node: &str, last: Option<ServerEvent>) {
         let entry = self.inner.lock().ok().and_then(|mut m| m.remove(node));

@@ -3,16 +3,16 @@
 //! and finished work is recognised instead of redone.
 use std::net::IpAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A host after matching the operator's reference to an enrolled node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedHost {
     pub node: String,
     pub ip: IpAddr,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterShape {
     pub name: String,
     pub version: String,
@@ -21,31 +21,38 @@ pub struct ClusterShape {
     pub workers: Vec<PlannedHost>,
     /// Workers joined at once.
     pub wave_size: usize,
+    /// The offline bundle to distribute and bootstrap from; without one, the hosts must already
+    /// carry the Kubernetes binaries (kubeadm, kubelet, kubectl) and a container runtime.
+    #[serde(default)]
+    pub bundle: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     pub id: String,
     pub host: String,
-    pub kind: &'static str,
+    pub kind: String,
     pub description: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Phase {
     pub name: String,
     /// Tasks in one step run in parallel; steps run in order.
     pub steps: Vec<Vec<Task>>,
+    /// Why a phase has nothing to do, shown in the plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub cluster: String,
     pub phases: Vec<Phase>,
 }
 
 fn task(cluster: &str, phase: &str, host: &str, kind: &'static str, description: String) -> Task {
-    Task { id: format!("{cluster}/{phase}/{host}/{kind}"), host: host.to_string(), kind, description }
+    Task { id: format!("{cluster}/{phase}/{host}/{kind}"), host: host.to_string(), kind: kind.into(), description }
 }
 
 /// Wave size from `--max-parallel N` or `P%` of the workers (at least 1).
@@ -75,16 +82,30 @@ pub fn build(shape: &ClusterShape) -> Plan {
     };
     phases.push(Phase {
         name: "preflight".into(),
-        steps: vec![each("preflight", "preflight", &|_| "host checks: ports, swap, clock, runtime".into())],
+        steps: vec![each("preflight", "preflight", &|_| "host checks: ports free, swap off, kubeadm present".into())],
+        note: None,
     });
-    phases.push(Phase {
-        name: "distribute".into(),
-        steps: vec![each("distribute", "fetch-bundle", &|_| format!("fetch the Kubernetes {} bundle", shape.version))],
-    });
-    phases.push(Phase {
-        name: "bootstrap".into(),
-        steps: vec![each("bootstrap", "bootstrap", &|_| "install binaries, units, modules, sysctls, images".into())],
-    });
+    match &shape.bundle {
+        Some(b) => {
+            phases.push(Phase {
+                name: "distribute".into(),
+                steps: vec![each("distribute", "fetch-bundle", &|_| format!("fetch bundle {b}"))],
+                note: None,
+            });
+            phases.push(Phase {
+                name: "bootstrap".into(),
+                steps: vec![each("bootstrap", "bootstrap", &|_| {
+                    "install binaries, units, modules, sysctls, images".into()
+                })],
+                note: None,
+            });
+        }
+        None => {
+            let note = Some("no --bundle: the hosts already carry kubeadm, kubelet and a runtime".to_string());
+            phases.push(Phase { name: "distribute".into(), steps: vec![], note: note.clone() });
+            phases.push(Phase { name: "bootstrap".into(), steps: vec![], note });
+        }
+    }
     let hosts_desc = |h: &PlannedHost| {
         if shape.masters.iter().any(|m| m.node == h.node) {
             format!("/etc/hosts: apiserver.cluster.local -> {} (master0 until joined)", master0.ip)
@@ -92,13 +113,14 @@ pub fn build(shape: &ClusterShape) -> Plan {
             format!("/etc/hosts: apiserver.cluster.local -> {} (VIP)", shape.vip)
         }
     };
-    phases.push(Phase { name: "hosts".into(), steps: vec![each("hosts", "hosts", &hosts_desc)] });
+    phases.push(Phase { name: "hosts".into(), steps: vec![each("hosts", "hosts", &hosts_desc)], note: None });
     phases.push(Phase {
         name: "init-master0".into(),
         steps: vec![vec![
             task(c, "init", &master0.node, "pki", "install the cluster PKI (keys 0600)".into()),
             task(c, "init", &master0.node, "kubeadm-init", format!("kubeadm init ({})", master0.ip)),
         ]],
+        note: None,
     });
     let mut joins = Vec::new();
     for m in shape.masters.iter().skip(1) {
@@ -118,7 +140,8 @@ pub fn build(shape: &ClusterShape) -> Plan {
             format!("/etc/hosts: apiserver.cluster.local -> {} (itself)", m.ip),
         )]);
     }
-    phases.push(Phase { name: "join-masters".into(), steps: joins });
+    let note = joins.is_empty().then(|| "single master".to_string());
+    phases.push(Phase { name: "join-masters".into(), steps: joins, note });
     let rs: Vec<String> = shape.masters.iter().map(|m| format!("{}:6443", m.ip)).collect();
     let mut waves = Vec::new();
     for wave in shape.workers.chunks(shape.wave_size.max(1)) {
@@ -133,20 +156,35 @@ pub fn build(shape: &ClusterShape) -> Plan {
             wave.iter().map(|w| task(c, "join-workers", &w.node, "kubeadm-join", "kubeadm join".into())).collect(),
         );
     }
-    phases.push(Phase { name: "join-workers".into(), steps: waves });
+    let no_workers = shape.workers.is_empty().then(|| "no workers".to_string());
+    phases.push(Phase { name: "join-workers".into(), steps: waves, note: no_workers.clone() });
+    let sync: Vec<Task> = shape
+        .workers
+        .iter()
+        .map(|w| task(c, "sync-ipvs", &w.node, "lb", format!("guard IPVS real servers {}", rs.join(", "))))
+        .collect();
     phases.push(Phase {
         name: "sync-ipvs".into(),
-        steps: vec![shape
-            .workers
-            .iter()
-            .map(|w| task(c, "sync-ipvs", &w.node, "lb", format!("guard IPVS real servers {}", rs.join(", "))))
-            .collect()],
+        steps: if sync.is_empty() { vec![] } else { vec![sync] },
+        note: no_workers,
     });
+    match &shape.bundle {
+        Some(_) => phases.push(Phase {
+            name: "addons".into(),
+            steps: vec![vec![task(c, "addons", &master0.node, "addons", "kubectl apply the bundle's manifests".into())]],
+            note: None,
+        }),
+        None => phases.push(Phase {
+            name: "addons".into(),
+            steps: vec![],
+            note: Some("no --bundle: no addon manifests to apply".into()),
+        }),
+    }
     phases.push(Phase {
-        name: "addons".into(),
-        steps: vec![vec![task(c, "addons", &master0.node, "addons", "kubectl apply the bundle's manifests".into())]],
+        name: "record".into(),
+        steps: vec![],
+        note: Some("controller only: record the cluster".into()),
     });
-    phases.push(Phase { name: "record".into(), steps: vec![] });
     Plan { cluster: c.to_string(), phases }
 }
 
@@ -156,8 +194,8 @@ impl Plan {
         let mut out = format!("plan for cluster {}\n", self.cluster);
         for (i, p) in self.phases.iter().enumerate() {
             out.push_str(&format!("{}. {}\n", i + 1, p.name));
-            if p.steps.is_empty() {
-                out.push_str("     (controller only: record the cluster)\n");
+            if let Some(note) = &p.note {
+                out.push_str(&format!("     ({note})\n"));
             }
             for (j, step) in p.steps.iter().enumerate() {
                 for t in step {
@@ -189,6 +227,7 @@ mod tests {
             masters: (1..=masters).map(|i| h("m", i)).collect(),
             workers: (1..=workers).map(|i| h("w", 10 + i)).collect(),
             wave_size: wave,
+            bundle: Some("k8s-v1.29.9".into()),
         }
     }
 

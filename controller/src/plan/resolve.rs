@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use fleetadm_proto::{Inventory, PlanClusterRequest, PlanClusterResponse};
 
-use super::clusterfile::{self, Role};
+use super::clusterfile::{self, Clusterfile, Role};
 use super::kubeadm;
 use super::phases::{self, ClusterShape, PlannedHost};
 use super::preflight::{self, Severity};
@@ -32,20 +32,37 @@ fn resolve<'a>(r: &str, nodes: &'a [Candidate]) -> Option<(&'a Candidate, IpAddr
     Some((c, ip))
 }
 
+/// The outcome of resolving a request: what `--dry-run` prints, and (when there are no errors)
+/// what the rollout is built from.
+pub struct Resolved {
+    pub response: PlanClusterResponse,
+    pub shape: Option<ClusterShape>,
+    pub clusterfile: Option<Clusterfile>,
+}
+
 pub fn plan(req: &PlanClusterRequest, nodes: &[Candidate]) -> PlanClusterResponse {
+    resolve_request(req, nodes).response
+}
+
+pub fn resolve_request(req: &PlanClusterRequest, nodes: &[Candidate]) -> Resolved {
     let mut resp = PlanClusterResponse::default();
+    let mut parsed_cf = None;
     let (name, masters, workers) = if req.clusterfile.trim().is_empty() {
         (req.name.clone(), req.masters.clone(), req.nodes.clone())
     } else {
         match clusterfile::parse(&req.clusterfile) {
-            Ok(cf) => (
-                cf.name.clone(),
-                cf.hosts.iter().filter(|h| h.role == Role::Master).map(|h| h.host.clone()).collect(),
-                cf.hosts.iter().filter(|h| h.role == Role::Node).map(|h| h.host.clone()).collect(),
-            ),
+            Ok(cf) => {
+                let out = (
+                    cf.name.clone(),
+                    cf.hosts.iter().filter(|h| h.role == Role::Master).map(|h| h.host.clone()).collect(),
+                    cf.hosts.iter().filter(|h| h.role == Role::Node).map(|h| h.host.clone()).collect(),
+                );
+                parsed_cf = Some(cf);
+                out
+            }
             Err(e) => {
                 resp.errors.push(e.to_string());
-                return resp;
+                return Resolved { response: resp, shape: None, clusterfile: None };
             }
         }
     };
@@ -102,6 +119,7 @@ pub fn plan(req: &PlanClusterRequest, nodes: &[Candidate]) -> PlanClusterRespons
     if !offline.is_empty() {
         resp.errors.push(format!("disconnected hosts (is node-agent running there?): {}", offline.join(", ")));
     }
+    let mut planned = None;
     if let Some(vip) = vip {
         let facts: Vec<(String, Option<Inventory>, i64)> =
             m.iter().chain(w.iter()).map(|(h, c)| (h.node.clone(), c.facts.clone(), c.record.clock_skew_ms)).collect();
@@ -122,11 +140,14 @@ pub fn plan(req: &PlanClusterRequest, nodes: &[Candidate]) -> PlanClusterRespons
                 masters: m.into_iter().map(|(h, _)| h).collect(),
                 workers: w.into_iter().map(|(h, _)| h).collect(),
                 wave_size: wave,
+                bundle: None,
             };
             let plan = phases::build(&shape);
             resp.plan_text = plan.render();
             resp.plan_json = serde_json::to_string_pretty(&plan).unwrap_or_default();
+            planned = Some(shape);
         }
     }
-    resp
+    let shape = if resp.errors.is_empty() { planned } else { None };
+    Resolved { response: resp, shape, clusterfile: parsed_cf }
 }

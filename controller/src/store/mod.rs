@@ -19,6 +19,10 @@ pub enum Table {
     Nodes,
     Facts,
     Meta,
+    /// One record per cluster (its request, plan, secrets and state).
+    Clusters,
+    /// One record per rollout task, keyed by task id (`cluster/phase/host/kind`).
+    Tasks,
 }
 
 impl Table {
@@ -28,6 +32,8 @@ impl Table {
             Table::Nodes => "nodes",
             Table::Facts => "facts",
             Table::Meta => "meta",
+            Table::Clusters => "clusters",
+            Table::Tasks => "tasks",
         }
     }
 }
@@ -72,6 +78,8 @@ pub trait Store: Send + Sync + 'static {
     fn remove(&self, table: Table, key: &str, d: Durability) -> Result<bool, StoreError>;
     /// All entries of a table in key order.
     fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Entries whose key starts with `prefix`, in key order.
+    fn list_prefix(&self, table: Table, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Replace `expected` with `new` atomically; `Ok(false)` when the current value differs.
     fn compare_and_swap(
         &self,
@@ -111,6 +119,10 @@ pub fn put_json<T: Serialize>(
 
 pub fn list_json<T: DeserializeOwned>(s: &dyn Store, table: Table) -> Result<Vec<T>, StoreError> {
     s.list(table)?.into_iter().map(|(k, v)| decode(table, &k, &v)).collect()
+}
+
+pub fn list_prefix_json<T: DeserializeOwned>(s: &dyn Store, table: Table, prefix: &str) -> Result<Vec<T>, StoreError> {
+    s.list_prefix(table, prefix)?.into_iter().map(|(k, v)| decode(table, &k, &v)).collect()
 }
 
 /// Outcome of an [`update_json`] closure.

@@ -71,6 +71,15 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn list_prefix(&self, table: Table, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(table)?.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = item.map_err(|e| io(table, e))?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     fn compare_and_swap(
         &self,
         table: Table,

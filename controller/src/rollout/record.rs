@@ -1,0 +1,202 @@
+//! The persisted state of a rollout.
+use serde::{Deserialize, Serialize};
+
+use crate::pki::kube::KubePki;
+use crate::plan::phases::{ClusterShape, Plan};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl std::fmt::Display for ClusterState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClusterState::Running => "running",
+            ClusterState::Succeeded => "succeeded",
+            ClusterState::Failed => "failed",
+        })
+    }
+}
+
+/// What the operator asked for, beyond the hosts (kept so specs can be re-rendered identically).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterSpec {
+    pub version: String,
+    pub pod_cidr: String,
+    pub service_cidr: String,
+    pub dns_domain: String,
+    /// The Clusterfile text, when the cluster was created from one (its kubeadm overrides apply).
+    #[serde(default)]
+    pub clusterfile: String,
+    /// "N" or "P%" of workers that may fail.
+    pub max_failures: String,
+    pub cgroup_driver: String,
+    pub cri_socket: String,
+    pub image_repository: String,
+}
+
+/// Cluster secrets. Never leave the controller except inside a task for a host that needs them.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ClusterSecrets {
+    pub pki: KubePki,
+    pub bootstrap_token: String,
+    /// `sha256:` pin of the cluster CA, as `kubeadm join --discovery-token-ca-cert-hash` wants it.
+    pub ca_cert_hash: String,
+}
+
+impl std::fmt::Debug for ClusterSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSecrets").field("ca_cert_hash", &self.ca_cert_hash).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: bool,
+    pub time_ms: u64,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    pub name: String,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    #[serde(default)]
+    pub finished_ms: u64,
+    pub state: ClusterState,
+    /// The phase running now (or where it stopped).
+    pub phase: String,
+    /// Why it failed, or a summary when it succeeded.
+    #[serde(default)]
+    pub message: String,
+    pub spec: ClusterSpec,
+    pub shape: ClusterShape,
+    pub plan: Plan,
+    pub secrets: ClusterSecrets,
+    /// Workers that failed and were left out (within the failure budget).
+    #[serde(default)]
+    pub failed_workers: Vec<String>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+impl ClusterRecord {
+    pub fn set_condition(&mut self, kind: &str, status: bool, message: String, now_ms: u64) {
+        let c = Condition { kind: kind.to_string(), status, time_ms: now_ms, message };
+        match self.conditions.iter_mut().find(|c| c.kind == kind) {
+            Some(slot) => *slot = c,
+            None => self.conditions.push(c),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    /// Not run because its host failed earlier (within the failure budget).
+    Skipped,
+}
+
+impl TaskState {
+    pub fn is_final(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Skipped)
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TaskState::Pending => "pending",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Skipped => "skipped",
+        })
+    }
+}
+
+/// Largest task output kept per task.
+pub const MAX_OUTPUT: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: String,
+    pub cluster: String,
+    pub phase: String,
+    pub host: String,
+    pub kind: String,
+    pub state: TaskState,
+    /// 0 until first sent; incremented on every retry.
+    pub attempt: u32,
+    #[serde(default)]
+    pub dispatched_ms: u64,
+    #[serde(default)]
+    pub finished_ms: u64,
+    #[serde(default)]
+    pub changed: bool,
+    #[serde(default)]
+    pub output: String,
+}
+
+/// Keep the tail of long output (the end of a failing command says most).
+pub fn bound_output(s: &str) -> String {
+    if s.len() <= MAX_OUTPUT {
+        return s.to_string();
+    }
+    let mut start = s.len() - MAX_OUTPUT;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("[... {start} bytes cut ...]\n{}", &s[start..])
+}
+
+/// Parse `--max-failures N|P%` against the number of workers.
+pub fn failure_budget(spec: &str, workers: usize) -> Result<usize, String> {
+    let spec = spec.trim();
+    if spec.is_empty() {
+        return Ok(0);
+    }
+    if let Some(p) = spec.strip_suffix('%') {
+        let p: usize = p.parse().map_err(|_| format!("--max-failures {spec:?}: expected N or P%"))?;
+        if p > 100 {
+            return Err(format!("--max-failures {spec:?}: percentage must be 0-100"));
+        }
+        return Ok(workers * p / 100);
+    }
+    spec.parse().map_err(|_| format!("--max-failures {spec:?}: expected N or P%"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets() {
+        assert_eq!(failure_budget("", 10).unwrap(), 0);
+        assert_eq!(failure_budget("2", 10).unwrap(), 2);
+        assert_eq!(failure_budget("25%", 10).unwrap(), 2);
+        assert_eq!(failure_budget("100%", 3).unwrap(), 3);
+        assert!(failure_budget("101%", 3).is_err());
+        assert!(failure_budget("some", 3).is_err());
+    }
+
+    #[test]
+    fn output_keeps_the_tail_on_a_char_boundary() {
+        let long = format!("{}é-end", "x".repeat(MAX_OUTPUT));
+        let b = bound_output(&long);
+        assert!(b.ends_with("é-end") && b.starts_with("[... "));
+        assert!(b.len() < MAX_OUTPUT + 64);
+        assert_eq!(bound_output("short"), "short");
+    }
+}
