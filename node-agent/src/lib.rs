@@ -2,6 +2,7 @@
 //!
 //! - [`enroll`]: token + CA pin + CSR -> identity ([`identity`]), key generated and kept here.
 //! - [`session`]: the pull loop: one mTLS session, heartbeats, reports, renewal, reconnects.
+//! - [`execute`]: the tasks the controller assigns (hosts, pki, kubeadm, lb, ...), with a journal.
 //! - [`inventory`]: host facts.
 //! - [`lb`]: the node-local apiserver load balancer (IPVS + dummy VIP + health guard), over
 //!   [`netlink`].
@@ -16,7 +17,7 @@ pub mod lb;
 pub mod lb_cli;
 pub mod service;
 pub mod session;
-pub mod tasks;
+pub mod execute;
 
 /// Version with the git revision it was built from.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FLEETADM_GIT_REV"), ")");

@@ -9,10 +9,11 @@ use std::time::{Duration, SystemTime};
 use fleetadm_common::clock::now_unix_ms;
 use fleetadm_common::dial::{self, DialOptions, PinReport, Trust};
 use fleetadm_proto::agent_client::AgentClient;
-use fleetadm_proto::{server_event, ConnectRequest, HeartbeatRequest, Inventory, RenewRequest};
+use fleetadm_proto::{server_event, ConnectRequest, HeartbeatRequest, Inventory, RenewRequest, TaskReport};
 use thiserror::Error;
 use tonic::transport::Channel;
 
+use crate::execute::{Executor, HostPaths};
 use crate::identity::{cert_matches_key, new_key_and_csr, validity, Identity, IdentityError, StateDir};
 use crate::inventory;
 use backoff::Backoff;
@@ -67,6 +68,10 @@ pub async fn run(
 ) -> Result<(), RunError> {
     tokio::pin!(stop);
     let mut backoff = Backoff::new(opts.backoff_initial, opts.backoff_max);
+    // Tasks and their journal outlive sessions: a task keeps running across a reconnect, and its
+    // report goes out on whichever session is open when it finishes.
+    let (executor, mut reports) = Executor::new(&dir.root, HostPaths::system());
+    executor.resume();
     let mut last_inventory: Option<Inventory> = None;
     loop {
         let identity = Identity::load(dir)?;
@@ -81,7 +86,7 @@ pub async fn run(
         status::write(dir, &SessionStatus::new(SessionState::Connecting, &identity.config.controller, None));
         let started = std::time::Instant::now();
         let ended = tokio::select! {
-            e = session(dir, &identity, opts, &mut last_inventory) => e,
+            e = session(dir, &identity, opts, &mut last_inventory, &executor, &mut reports) => e,
             _ = &mut stop => Ended::Stop,
         };
         match ended {
@@ -155,6 +160,8 @@ async fn session(
     identity: &Identity,
     opts: &RunOptions,
     last_inventory: &mut Option<Inventory>,
+    executor: &std::sync::Arc<Executor>,
+    reports: &mut tokio::sync::mpsc::UnboundedReceiver<TaskReport>,
 ) -> Ended {
     let mut client = match connect(identity, opts).await {
         Ok(c) => c,
@@ -196,11 +203,24 @@ async fn session(
                         return Ended::Fatal(RunError::Refused(s.reason));
                     }
                     Some(server_event::Event::Shutdown(s)) => return Ended::Retry(format!("controller ended the session: {}", s.reason)),
+                    Some(server_event::Event::Task(t)) => executor.submit(t),
                     Some(server_event::Event::Welcome(_)) | None => {}
                 },
                 Ok(None) => return Ended::Retry("controller closed the session".into()),
                 Err(st) => return classify(&st),
             },
+            Some(report) = reports.recv() => {
+                let id = report.task_id.clone();
+                if let Err(st) = client.report_task(report).await {
+                    // The result is in the journal; the controller re-sends the task after a
+                    // reconnect and gets it from there.
+                    tracing::warn!(task = %id, error = %st.message(), "task report not delivered");
+                    if st.code() == tonic::Code::PermissionDenied || st.code() == tonic::Code::NotFound {
+                        continue;
+                    }
+                    return classify(&st);
+                }
+            }
             _ = heartbeat.tick() => {
                 let mut req = tonic::Request::new(HeartbeatRequest { agent_time_unix_ms: now_unix_ms() });
                 req.set_timeout(hb_every.max(Duration::from_secs(5)));

@@ -1,0 +1,253 @@
+//! Executing the tasks the controller assigns: one module per kind, each idempotent and reporting
+//! whether it changed anything. [`Executor`] receives assignments from the session, answers
+//! duplicates from the [`journal`], runs new ones in the background and hands reports back.
+pub mod command;
+pub mod files;
+pub mod hosts;
+pub mod journal;
+pub mod kubeadm;
+pub mod lb;
+pub mod preflight;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetadm_common::clock::now_unix_ms;
+use fleetadm_common::tasks::TaskSpec;
+use fleetadm_proto::{TaskAssignment, TaskReport, TaskState};
+use tokio::sync::mpsc;
+
+use journal::{Entry, Journal, Outcome};
+
+/// Largest output sent in one report.
+const MAX_REPORT_OUTPUT: usize = 32 * 1024;
+
+/// Where the tasks touch the host. Real hosts use [`HostPaths::system`].
+#[derive(Debug, Clone)]
+pub struct HostPaths {
+    pub root: PathBuf,
+    pub hosts_file: PathBuf,
+    pub kube_dir: PathBuf,
+    pub proc_swaps: PathBuf,
+}
+
+impl HostPaths {
+    pub fn system() -> Self {
+        Self {
+            root: "/".into(),
+            hosts_file: "/etc/hosts".into(),
+            kube_dir: files::ALLOWED_ROOT.into(),
+            proc_swaps: "/proc/swaps".into(),
+        }
+    }
+}
+
+pub struct Executor {
+    journal: Journal,
+    paths: HostPaths,
+    lb: lb::LbManager,
+    inflight: Mutex<HashSet<String>>,
+    reports: mpsc::UnboundedSender<TaskReport>,
+}
+
+fn bounded(mut s: String) -> String {
+    if s.len() > MAX_REPORT_OUTPUT {
+        let mut start = s.len() - MAX_REPORT_OUTPUT;
+        while !s.is_char_boundary(start) {
+            start += 1;
+        }
+        s = format!("[... cut ...]\n{}", &s[start..]);
+    }
+    s
+}
+
+impl Executor {
+    /// The executor and the stream of reports the session must deliver.
+    pub fn new(state_dir: &Path, paths: HostPaths) -> (Arc<Self>, mpsc::UnboundedReceiver<TaskReport>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ex = Arc::new(Self {
+            journal: Journal::new(state_dir),
+            paths,
+            lb: lb::LbManager::new(state_dir),
+            inflight: Mutex::default(),
+            reports: tx,
+        });
+        (ex, rx)
+    }
+
+    /// Background duties that outlive sessions (the load balancer guard).
+    pub fn resume(&self) {
+        self.lb.resume();
+    }
+
+    /// Handle one assignment from the controller.
+    pub fn submit(self: &Arc<Self>, a: TaskAssignment) {
+        let spec: TaskSpec = match serde_json::from_slice(&a.spec_json) {
+            Ok(s) => s,
+            Err(e) => {
+                self.report(&a, TaskState::Failed, false, format!("cannot read the task (agent too old?): {e}"));
+                return;
+            }
+        };
+        if spec.kind() != a.kind {
+            self.report(&a, TaskState::Failed, false, format!("task kind {} does not match its parameters ({})", a.kind, spec.kind()));
+            return;
+        }
+        let digest = spec.digest();
+        if let Some(done) = self.journal.finished(&a.task_id, a.attempt, &digest) {
+            tracing::info!(task = %a.task_id, attempt = a.attempt, "answering a repeated task from the journal");
+            let st = if done.outcome == Outcome::Succeeded { TaskState::Succeeded } else { TaskState::Failed };
+            self.report(&a, st, done.changed, done.output);
+            return;
+        }
+        let fresh = self.inflight.lock().map(|mut s| s.insert(a.task_id.clone())).unwrap_or(false);
+        if !fresh {
+            tracing::debug!(task = %a.task_id, "already running");
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut entry = Entry {
+                task_id: a.task_id.clone(),
+                attempt: a.attempt,
+                digest,
+                outcome: Outcome::Started,
+                changed: false,
+                output: String::new(),
+                updated_ms: now_unix_ms(),
+            };
+            if let Err(e) = me.journal.put(&entry) {
+                tracing::warn!(error = %e, "task journal not writable");
+            }
+            me.report(&a, TaskState::Running, false, String::new());
+            tracing::info!(task = %a.task_id, attempt = a.attempt, kind = %a.kind, "task started");
+            let timeout = Duration::from_secs(u64::from(a.timeout_secs.max(1)));
+            let result = match tokio::time::timeout(timeout, me.execute(spec, timeout)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("timed out after {}s", timeout.as_secs())),
+            };
+            let (state, changed, output) = match result {
+                Ok((changed, out)) => (TaskState::Succeeded, changed, out),
+                Err(e) => (TaskState::Failed, false, e),
+            };
+            let output = bounded(output);
+            entry.outcome = if state == TaskState::Succeeded { Outcome::Succeeded } else { Outcome::Failed };
+            entry.changed = changed;
+            entry.output = output.clone();
+            entry.updated_ms = now_unix_ms();
+            // Journal first: if the report is lost, the re-sent task is answered from here.
+            if let Err(e) = me.journal.put(&entry) {
+                tracing::warn!(error = %e, "task journal not writable");
+            }
+            match state {
+                TaskState::Succeeded => tracing::info!(task = %a.task_id, changed, "task succeeded"),
+                _ => tracing::warn!(task = %a.task_id, output = %output, "task failed"),
+            }
+            if let Ok(mut s) = me.inflight.lock() {
+                s.remove(&a.task_id);
+            }
+            me.report(&a, state, changed, output);
+        });
+    }
+
+    fn report(&self, a: &TaskAssignment, state: TaskState, changed: bool, output: String) {
+        let _ = self.reports.send(TaskReport {
+            task_id: a.task_id.clone(),
+            attempt: a.attempt,
+            state: state as i32,
+            output,
+            changed,
+        });
+    }
+
+    async fn execute(&self, spec: TaskSpec, timeout: Duration) -> Result<(bool, String), String> {
+        let p = &self.paths;
+        match spec {
+            TaskSpec::Preflight { ports, commands } => {
+                let problems = preflight::check(&ports, &commands, &p.proc_swaps);
+                if problems.is_empty() {
+                    Ok((false, format!("ok: ports {ports:?} free, {} present, swap off", commands.join(", "))))
+                } else {
+                    Err(problems.join("\n"))
+                }
+            }
+            TaskSpec::Hosts { entries } => {
+                let parsed = entries
+                    .iter()
+                    .map(|e| {
+                        e.ip.parse()
+                            .map(|ip| hosts::Entry { ip, names: e.names.clone() })
+                            .map_err(|_| format!("bad address {:?} in hosts entry", e.ip))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let path = p.hosts_file.clone();
+                let changed = tokio::task::spawn_blocking(move || hosts::ensure(&path, &parsed))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                let lines: Vec<String> = entries.iter().map(|e| format!("{} {}", e.ip, e.names.join(" "))).collect();
+                Ok((changed, format!("{}: {}\n{}", p.hosts_file.display(), if changed { "updated" } else { "no change" }, lines.join("\n"))))
+            }
+            TaskSpec::Files { files } => {
+                let root = p.root.clone();
+                let n = files.len();
+                let changed = tokio::task::spawn_blocking(move || files::install(&root, &files))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| {
+                        let mut s = e.to_string();
+                        if let Some(src) = std::error::Error::source(&e) {
+                            s.push_str(&format!(": {src}"));
+                        }
+                        s
+                    })?;
+                Ok((!changed.is_empty(), format!("{n} files in place, {} written\n{}", changed.len(), changed.join("\n"))))
+            }
+            TaskSpec::KubeadmInit { config } => {
+                kubeadm::init(&p.kube_dir, &config, timeout).await.map(|o| (o.changed, o.output))
+            }
+            TaskSpec::KubeadmJoin { config, control_plane } => {
+                kubeadm::join(&p.kube_dir, &config, control_plane, timeout).await.map(|o| (o.changed, o.output))
+            }
+            TaskSpec::KubeadmReset { remove_paths } => {
+                kubeadm::reset(&p.kube_dir, &remove_paths, timeout).await.map(|o| (o.changed, o.output))
+            }
+            TaskSpec::Lb { vip, real_servers, ca_pem } => {
+                let d = lb::Desired::parse(&vip, &real_servers, &ca_pem)?;
+                self.lb.apply(d).await
+            }
+            TaskSpec::Addons { manifests } => {
+                if manifests.is_empty() {
+                    return Ok((false, "no manifests".into()));
+                }
+                let dir = p.kube_dir.join("fleetadm/addons");
+                let specs: Vec<_> = manifests
+                    .into_iter()
+                    .map(|mut m| {
+                        let name = Path::new(&m.path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                        m.path = dir.join(name).to_string_lossy().into_owned();
+                        m
+                    })
+                    .collect();
+                let root = p.root.clone();
+                let written = specs.clone();
+                tokio::task::spawn_blocking(move || files::install(&root, &written))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                let kubeconfig = p.kube_dir.join("admin.conf").to_string_lossy().into_owned();
+                let dir_s = dir.to_string_lossy().into_owned();
+                let ran = command::run("kubectl", &["--kubeconfig", &kubeconfig, "apply", "-f", &dir_s], timeout)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if ran.success {
+                    Ok((true, ran.output))
+                } else {
+                    Err(format!("kubectl apply failed (exit {:?}):\n{}", ran.code, ran.output))
+                }
+            }
+        }
+    }
+}
