@@ -90,6 +90,9 @@ pub struct EnrollArgs {
     /// Give up on the controller after this long.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Do not start the node-agent service afterwards (when running `node-agent run` yourself).
+    #[arg(long)]
+    no_start: bool,
 }
 
 #[derive(Debug, Args)]
@@ -142,7 +145,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let cfg = enroll::enroll(&dir, &opts).await?;
             println!("enrolled as {} with controller {}", cfg.node_name, cfg.controller);
-            println!("{}", crate::service::start_after_enroll(&dir));
+            if a.no_start {
+                println!("start the agent with: node-agent run --state-dir {}", dir.root.display());
+            } else {
+                println!("{}", crate::service::start_after_enroll(&dir));
+            }
             Ok(())
         }
         Command::Run(a) => {

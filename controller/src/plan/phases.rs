@@ -116,10 +116,10 @@ pub fn build(shape: &ClusterShape) -> Plan {
     phases.push(Phase { name: "hosts".into(), steps: vec![each("hosts", "hosts", &hosts_desc)], note: None });
     phases.push(Phase {
         name: "init-master0".into(),
-        steps: vec![vec![
-            task(c, "init", &master0.node, "pki", "install the cluster PKI (keys 0600)".into()),
-            task(c, "init", &master0.node, "kubeadm-init", format!("kubeadm init ({})", master0.ip)),
-        ]],
+        steps: vec![
+            vec![task(c, "init", &master0.node, "pki", "install the cluster PKI (keys 0600)".into())],
+            vec![task(c, "init", &master0.node, "kubeadm-init", format!("kubeadm init ({})", master0.ip))],
+        ],
         note: None,
     });
     let mut joins = Vec::new();
@@ -258,7 +258,13 @@ mod tests {
         // waves of 2, 2, 1: each wave's lb step precedes its join step
         assert_eq!(jw.steps.iter().map(|s| s.len()).collect::<Vec<_>>(), [2, 2, 2, 2, 1, 1]);
         assert!(jw.steps[0].iter().all(|t| t.kind == "lb") && jw.steps[1].iter().all(|t| t.kind == "kubeadm-join"));
-        assert!(plan.phases[4].steps[0][1].description.contains("kubeadm init"));
+        // the PKI is in place before kubeadm init runs (separate steps, not in parallel)
+        assert_eq!(plan.phases[4].steps[0][0].kind, "pki");
+        assert!(plan.phases[4].steps[1][0].description.contains("kubeadm init"));
+        assert!(plan.phases.iter().flat_map(|p| &p.steps).all(|s| {
+            let hosts: std::collections::BTreeSet<&str> = s.iter().map(|t| t.host.as_str()).collect();
+            hosts.len() == s.len()
+        }), "no step runs two tasks on one host at once");
     }
 
     #[test]

@@ -1,0 +1,129 @@
+#!/bin/bash
+# A local lab fleet: one controller and N hosts, each host a network namespace (own address on a
+# private bridge) plus a mount and UTS namespace (own hostname, /etc/hosts, /etc/machine-id,
+# /etc/kubernetes, /var/lib/kubelet, /var/lib/etcd), running node-agent as it runs on a machine.
+# The Kubernetes binaries are the test-only kubeadm simulator (tests/src/bin/kubeadm-sim.rs).
+#
+# usage: tests/lab/lab.sh up        build nothing; start controller + agents, enroll, wait
+#        tests/lab/lab.sh down      stop everything, remove namespaces and the lab directory
+#        tests/lab/lab.sh ctl ARGS  run `controller ARGS` against the lab controller
+#        tests/lab/lab.sh on HOST CMD...   run a command inside a lab host
+# env:   LAB_HOSTS (5)  LAB_DIR (/tmp/fleetadm-lab)  FLEETADM_BIN_DIR (target/debug)
+# Needs root, iproute2, util-linux (unshare, mount). Traffic stays on the lab bridge.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+bin=${FLEETADM_BIN_DIR:-$root/target/debug}
+lab=${LAB_DIR:-/tmp/fleetadm-lab}
+n=${LAB_HOSTS:-5}
+br=flab0
+net=10.78.0
+ctl_addr=$net.1:9443
+
+host_dir() { echo "$lab/hosts/$1"; }
+ctl() { "$bin/controller" "$@" --data-dir "$lab/controller"; }
+
+# Run CMD inside host H: its network namespace, plus fresh mount+UTS namespaces with the host's
+# private files bound over the shared ones.
+on() {
+  local h=$1; shift
+  local d; d=$(host_dir "$h")
+  ip netns exec "flab-$h" unshare --mount --uts --propagation private sh -c '
+    d=$1; h=$2; shift 2
+    hostname "$h"
+    mount --bind "$d/hosts" /etc/hosts
+    mount --bind "$d/machine-id" /etc/machine-id
+    mount --bind "$d/etc-kubernetes" /etc/kubernetes
+    mount --bind "$d/var-lib-kubelet" /var/lib/kubelet
+    mount --bind "$d/var-lib-etcd" /var/lib/etcd
+    export PATH="$d/../../bin:$PATH"
+    exec "$@"' sh "$d" "$h" "$@"
+}
+
+wait_for() { # SECONDS DESCRIPTION CMD...
+  local t=$1 what=$2; shift 2
+  for _ in $(seq $((t * 5))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  echo "lab: timed out after ${t}s waiting for $what" >&2; return 1
+}
+
+up() {
+  for b in controller node-agent kubeadm-sim; do
+    [ -x "$bin/$b" ] || { echo "lab: $bin/$b missing; run: cargo build --workspace" >&2; exit 1; }
+  done
+  down >/dev/null 2>&1 || true
+  mkdir -p "$lab/bin" "$lab/hosts" /etc/kubernetes /var/lib/kubelet /var/lib/etcd
+  [ -e /etc/machine-id ] || touch /etc/machine-id
+  ln -sf "$bin/kubeadm-sim" "$lab/bin/kubeadm"
+  modprobe bridge 2>/dev/null || true; modprobe veth 2>/dev/null || true
+  ip link add $br type bridge
+  ip addr add $net.1/24 dev $br
+  ip link set $br up
+  for i in $(seq 1 "$n"); do
+    local h=h$i d; d=$(host_dir h$i)
+    mkdir -p "$d"/{etc-kubernetes,var-lib-kubelet,var-lib-etcd,state}
+    printf '127.0.0.1\tlocalhost\n%s.%s\t%s\n' $net $((10 + i)) "$h" > "$d/hosts"
+    head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$d/machine-id"; echo >> "$d/machine-id"
+    ip netns add "flab-$h"
+    ip link add "flab-$h" type veth peer name eth0 netns "flab-$h"
+    ip link set "flab-$h" master $br up
+    ip -n "flab-$h" addr add $net.$((10 + i))/24 dev eth0
+    ip -n "flab-$h" link set eth0 up
+    ip -n "flab-$h" link set lo up
+    ip -n "flab-$h" route add default via $net.1
+  done
+  "$bin/controller" serve --data-dir "$lab/controller" --listen $ctl_addr --advertise-address $net.1 \
+    >"$lab/controller.log" 2>&1 &
+  echo $! > "$lab/controller.pid"
+  wait_for 30 "controller admin socket" test -S "$lab/controller/admin.sock"
+  local tok; tok=$(ctl token create --uses "$n" --ttl 1h --description lab -o json)
+  local token hash
+  token=$(sed -n 's/.*"token": *"\([^"]*\)".*/\1/p' <<<"$tok")
+  hash=$(sed -n 's/.*"ca_hash": *"\([^"]*\)".*/\1/p' <<<"$tok")
+  for i in $(seq 1 "$n"); do
+    local h=h$i d; d=$(host_dir h$i)
+    on "$h" "$bin/node-agent" enroll --controller $ctl_addr --token "$token" --ca-hash "$hash" \
+      --state-dir "$d/state" --node-name "$h" --no-start >"$d/enroll.log" 2>&1 \
+      || { cat "$d/enroll.log" >&2; exit 1; }
+    start_agent "$h"
+  done
+  wait_for 60 "$n connected agents" sh -c "[ \$('$bin/controller' nodes list -o json --data-dir '$lab/controller' | grep -c '\"connected\": true') -eq $n ]"
+  echo "lab: controller on $ctl_addr, $n hosts enrolled and connected (h1..h$n = $net.11..$net.$((10 + n)))"
+}
+
+start_agent() {
+  local h=$1 d; d=$(host_dir "$1")
+  on "$h" "$bin/node-agent" run --state-dir "$d/state" --backoff-initial 200ms --backoff-max 2s \
+    >>"$d/agent.log" 2>&1 &
+  echo $! > "$d/agent.pid"
+}
+
+stop_agent() {
+  local d; d=$(host_dir "$1")
+  [ -f "$d/agent.pid" ] && kill -9 "$(cat "$d/agent.pid")" 2>/dev/null || true
+  # the agent runs as a child of unshare/ip; make sure nothing of it survives
+  pkill -9 -f "node-agent run --state-dir $d/state" 2>/dev/null || true
+}
+
+down() {
+  [ -f "$lab/controller.pid" ] && kill "$(cat "$lab/controller.pid")" 2>/dev/null || true
+  pkill -f "$lab/controller" 2>/dev/null || true
+  for d in "$lab"/hosts/*; do
+    [ -d "$d" ] || continue
+    pkill -9 -f "node-agent run --state-dir $d/state" 2>/dev/null || true
+    [ -f "$d/etc-kubernetes/sim/apiserver.pid" ] && kill "$(cat "$d/etc-kubernetes/sim/apiserver.pid")" 2>/dev/null || true
+  done
+  for ns in $(ip netns list 2>/dev/null | awk '/^flab-/{print $1}'); do ip netns del "$ns"; done
+  ip link del $br 2>/dev/null || true
+  rm -rf "$lab"
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  up) up ;;
+  down) down ;;
+  ctl) ctl "$@" ;;
+  on) on "$@" ;;
+  start-agent) start_agent "$1" ;;
+  stop-agent) stop_agent "$1" ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
+esac

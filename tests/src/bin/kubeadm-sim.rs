@@ -1,0 +1,634 @@
+//! Test-only stand-in for `kubeadm` (the real binaries cannot be downloaded here). Installed as
+//! `kubeadm` on the lab hosts' PATH. It is strict where fleetadm must be right and plays kubeadm's
+//! file-level effects so the next step has something real to find:
+//!
+//! - configuration: multi-document YAML; only the kinds and fields kubeadm knows for the API
+//!   version (v1beta3 / v1beta4, and v1beta4 only from 1.31), extraArgs shape per version,
+//!   bootstrap token format, CA hash format, kube-proxy mode;
+//! - PKI (init and control-plane join): every file kubeadm expects in certificatesDir, private keys
+//!   0600, the apiserver certificate valid for the endpoint name, the advertise address and the
+//!   node name, signed by ca.crt; etcd server/peer certificates for this node;
+//! - effects: static pod manifests, kubelet.conf, /var/lib/kubelet/config.yaml, and a stand-in
+//!   apiserver (its own process group, like a static pod outliving kubeadm) serving HTTPS on the
+//!   advertise address :6443: `/healthz`, `cluster-info` (for discovery) and a join endpoint that
+//!   checks the bootstrap token;
+//! - join: resolves the endpoint through /etc/hosts, fetches cluster-info, checks the CA against
+//!   `caCertHashes` like kubeadm, then talks verified TLS and presents the token;
+//! - reset: stops the apiserver and removes what init/join wrote.
+//!
+//! Version: `KUBEADM_SIM_VERSION` (default v1.29.9).
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_yaml::{Mapping, Value};
+use sha2::{Digest, Sha256};
+
+const KUBE: &str = "/etc/kubernetes";
+const KUBELET_DIR: &str = "/var/lib/kubelet";
+const ETCD_DIR: &str = "/var/lib/etcd";
+
+fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.first().map(String::as_str) {
+        Some("init") => config_arg(&args).and_then(|c| init(&c)),
+        Some("join") => config_arg(&args).and_then(|c| join(&c)),
+        Some("reset") => reset(),
+        Some("version") => {
+            println!("{}", sim_version());
+            Ok(())
+        }
+        Some("__apiserver") if args.len() == 4 => apiserver(&args[1], &args[2], &args[3]),
+        _ => Err(anyhow!("usage: kubeadm init|join --config FILE | reset --force | version")),
+    };
+    if let Err(e) = r {
+        eprintln!("error execution phase: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn sim_version() -> String {
+    std::env::var("KUBEADM_SIM_VERSION").unwrap_or_else(|_| "v1.29.9".into())
+}
+
+fn minor(v: &str) -> Result<u32> {
+    let v = v.strip_prefix('v').ok_or_else(|| anyhow!("version {v:?} must start with v"))?;
+    let mut it = v.split('.');
+    let (Some("1"), Some(m), Some(_)) = (it.next(), it.next(), it.next()) else { bail!("version {v:?} is not v1.X.Y") };
+    m.parse().map_err(|_| anyhow!("version {v:?} is not v1.X.Y"))
+}
+
+fn config_arg(args: &[String]) -> Result<Vec<Value>> {
+    let i = args.iter().position(|a| a == "--config").ok_or_else(|| anyhow!("--config is required"))?;
+    let path = args.get(i + 1).ok_or_else(|| anyhow!("--config needs a file"))?;
+    if let Some(extra) = args.iter().skip(1).find(|a| a.starts_with("--") && *a != "--config") {
+        bail!("unknown flag {extra} (this simulator accepts --config only)");
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("unable to read config from {path:?}"))?;
+    let mut docs = Vec::new();
+    for d in serde_yaml::Deserializer::from_str(&text) {
+        let v = Value::deserialize_from(d)?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
+trait FromDoc {
+    fn deserialize_from(d: serde_yaml::Deserializer) -> Result<Value>;
+}
+impl FromDoc for Value {
+    fn deserialize_from(d: serde_yaml::Deserializer) -> Result<Value> {
+        serde::Deserialize::deserialize(d).context("invalid YAML")
+    }
+}
+
+// ------------------------------------------------------------------ strict config checks
+
+fn map<'a>(v: &'a Value, at: &str) -> Result<&'a Mapping> {
+    v.as_mapping().ok_or_else(|| anyhow!("{at}: expected a mapping"))
+}
+
+fn only(v: &Value, at: &str, allowed: &[&str]) -> Result<()> {
+    for k in map(v, at)?.keys() {
+        let k = k.as_str().ok_or_else(|| anyhow!("{at}: non-string key"))?;
+        if !allowed.contains(&k) {
+            bail!("{at}: unknown field {k:?} (strict decoding)");
+        }
+    }
+    Ok(())
+}
+
+fn s<'a>(v: &'a Value, at: &str, key: &str) -> Result<&'a str> {
+    v.get(key).and_then(Value::as_str).ok_or_else(|| anyhow!("{at}.{key}: required string missing"))
+}
+
+fn extra_args(v: Option<&Value>, at: &str, v4: bool) -> Result<()> {
+    let Some(v) = v else { return Ok(()) };
+    if v4 {
+        let list = v.as_sequence().ok_or_else(|| anyhow!("{at}: v1beta4 wants a list of {{name, value}}"))?;
+        for (i, a) in list.iter().enumerate() {
+            only(a, &format!("{at}[{i}]"), &["name", "value"])?;
+            s(a, at, "name")?;
+            s(a, at, "value")?;
+        }
+    } else if !v.is_mapping() {
+        bail!("{at}: v1beta3 wants a map of flag: value");
+    }
+    Ok(())
+}
+
+fn token_ok(t: &str) -> bool {
+    let Some((a, b)) = t.split_once('.') else { return false };
+    let ok = |x: &str, n| x.len() == n && x.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    ok(a, 6) && ok(b, 16)
+}
+
+fn endpoint(v: &Value, at: &str) -> Result<SocketAddr> {
+    only(v, at, &["advertiseAddress", "bindPort"])?;
+    let ip: std::net::IpAddr =
+        s(v, at, "advertiseAddress")?.parse().map_err(|_| anyhow!("{at}.advertiseAddress is not an IP"))?;
+    let port = v.get("bindPort").and_then(Value::as_u64).unwrap_or(6443) as u16;
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn node_registration(v: &Value, at: &str, v4: bool) -> Result<String> {
+    only(v, at, &["name", "criSocket", "taints", "kubeletExtraArgs", "ignorePreflightErrors", "imagePullPolicy", "imagePullSerial"])?;
+    extra_args(v.get("kubeletExtraArgs"), &format!("{at}.kubeletExtraArgs"), v4)?;
+    let cri = s(v, at, "criSocket")?;
+    if !cri.starts_with("unix://") {
+        bail!("{at}.criSocket {cri:?} must be a unix:// URL");
+    }
+    Ok(s(v, at, "name")?.to_string())
+}
+
+struct Docs {
+    api: String,
+    v4: bool,
+    by_kind: Vec<(String, Value)>,
+}
+
+impl Docs {
+    fn get(&self, kind: &str) -> Option<&Value> {
+        self.by_kind.iter().find(|(k, _)| k == kind).map(|(_, v)| v)
+    }
+}
+
+fn classify(docs: Vec<Value>, allowed_kubeadm: &[&str]) -> Result<Docs> {
+    let mut api = None;
+    let mut by_kind: Vec<(String, Value)> = Vec::new();
+    for (i, d) in docs.into_iter().enumerate() {
+        let av = s(&d, &format!("document {i}"), "apiVersion")?.to_string();
+        let kind = s(&d, &format!("document {i}"), "kind")?.to_string();
+        match av.as_str() {
+            "kubeadm.k8s.io/v1beta3" | "kubeadm.k8s.io/v1beta4" => {
+                if !allowed_kubeadm.contains(&kind.as_str()) {
+                    bail!("document {i}: kind {kind} is not expected here");
+                }
+                if api.as_ref().is_some_and(|a| a != &av) {
+                    bail!("mixed kubeadm API versions in one config");
+                }
+                api = Some(av.clone());
+            }
+            "kubeproxy.config.k8s.io/v1alpha1" if kind == "KubeProxyConfiguration" => {}
+            "kubelet.config.k8s.io/v1beta1" if kind == "KubeletConfiguration" => {}
+            _ => bail!("document {i}: unknown apiVersion/kind {av}/{kind}"),
+        }
+        if by_kind.iter().any(|(k, _)| k == &kind) {
+            bail!("kind {kind} given twice");
+        }
+        by_kind.push((kind, d));
+    }
+    let api = api.ok_or_else(|| anyhow!("no kubeadm configuration document"))?;
+    let v4 = api.ends_with("v1beta4");
+    if v4 && minor(&sim_version())? < 31 {
+        bail!("kubeadm {} does not know {api} (use v1beta3 before 1.31)", sim_version());
+    }
+    Ok(Docs { api, v4, by_kind })
+}
+
+struct InitCfg {
+    name: String,
+    advertise: SocketAddr,
+    endpoint: String,
+    cert_dir: PathBuf,
+    tokens: Vec<String>,
+}
+
+fn check_init(docs: Vec<Value>) -> Result<InitCfg> {
+    let d = classify(docs, &["InitConfiguration", "ClusterConfiguration"])?;
+    let v4 = d.v4;
+    let init = d.get("InitConfiguration").ok_or_else(|| anyhow!("InitConfiguration missing"))?;
+    only(init, "InitConfiguration", &["apiVersion", "kind", "bootstrapTokens", "nodeRegistration", "localAPIEndpoint", "certificateKey", "skipPhases", "patches", "timeouts", "dryRun"])?;
+    if !v4 && (init.get("timeouts").is_some() || init.get("dryRun").is_some()) {
+        bail!("InitConfiguration: timeouts/dryRun need v1beta4");
+    }
+    let mut tokens = Vec::new();
+    for (i, t) in init.get("bootstrapTokens").and_then(Value::as_sequence).into_iter().flatten().enumerate() {
+        let at = format!("bootstrapTokens[{i}]");
+        only(t, &at, &["token", "groups", "usages", "ttl", "expires", "description"])?;
+        let tok = s(t, &at, "token")?;
+        if !token_ok(tok) {
+            bail!("{at}.token {tok:?} does not match [a-z0-9]{{6}}.[a-z0-9]{{16}}");
+        }
+        tokens.push(tok.to_string());
+    }
+    let name = node_registration(init.get("nodeRegistration").ok_or_else(|| anyhow!("nodeRegistration missing"))?, "InitConfiguration.nodeRegistration", v4)?;
+    let advertise = endpoint(init.get("localAPIEndpoint").ok_or_else(|| anyhow!("localAPIEndpoint missing"))?, "InitConfiguration.localAPIEndpoint")?;
+    let cc = d.get("ClusterConfiguration").ok_or_else(|| anyhow!("ClusterConfiguration missing"))?;
+    only(cc, "ClusterConfiguration", &["apiVersion", "kind", "etcd", "networking", "kubernetesVersion", "controlPlaneEndpoint", "apiServer", "controllerManager", "scheduler", "dns", "proxy", "certificatesDir", "imageRepository", "featureGates", "clusterName", "encryptionAlgorithm", "caCertificateValidityPeriod", "certificateValidityPeriod"])?;
+    let version = s(cc, "ClusterConfiguration", "kubernetesVersion")?;
+    if minor(version)? != minor(&sim_version())? {
+        bail!("kubernetesVersion {version} does not match this kubeadm ({})", sim_version());
+    }
+    let net = cc.get("networking").ok_or_else(|| anyhow!("ClusterConfiguration.networking missing"))?;
+    only(net, "networking", &["dnsDomain", "podSubnet", "serviceSubnet"])?;
+    for k in ["podSubnet", "serviceSubnet"] {
+        let c = s(net, "networking", k)?;
+        if !c.contains('/') {
+            bail!("networking.{k} {c:?} is not a CIDR");
+        }
+    }
+    for comp in ["apiServer", "controllerManager", "scheduler"] {
+        if let Some(c) = cc.get(comp) {
+            only(c, comp, &["extraArgs", "extraVolumes", "certSANs", "timeoutForControlPlane", "extraEnvs"])?;
+            extra_args(c.get("extraArgs"), &format!("{comp}.extraArgs"), v4)?;
+        }
+    }
+    let endpoint = s(cc, "ClusterConfiguration", "controlPlaneEndpoint")?.to_string();
+    let cert_dir = PathBuf::from(cc.get("certificatesDir").and_then(Value::as_str).unwrap_or("/etc/kubernetes/pki"));
+    if let Some(kp) = d.get("KubeProxyConfiguration") {
+        let mode = kp.get("mode").and_then(Value::as_str).unwrap_or("");
+        if !["", "iptables", "ipvs", "nftables"].contains(&mode) {
+            bail!("KubeProxyConfiguration.mode {mode:?} is not valid");
+        }
+    }
+    let _ = d.api;
+    Ok(InitCfg { name, advertise, endpoint, cert_dir, tokens })
+}
+
+struct JoinCfg {
+    name: String,
+    endpoint: String,
+    token: String,
+    ca_hash: String,
+    control_plane: Option<SocketAddr>,
+}
+
+fn check_join(docs: Vec<Value>) -> Result<JoinCfg> {
+    let d = classify(docs, &["JoinConfiguration"])?;
+    let j = d.get("JoinConfiguration").ok_or_else(|| anyhow!("JoinConfiguration missing"))?;
+    only(j, "JoinConfiguration", &["apiVersion", "kind", "caCertPath", "discovery", "nodeRegistration", "controlPlane", "skipPhases", "patches", "timeouts", "dryRun"])?;
+    let disc = j.get("discovery").ok_or_else(|| anyhow!("discovery missing"))?;
+    let disc_fields: &[&str] = if d.v4 { &["bootstrapToken", "file", "tlsBootstrapToken"] } else { &["bootstrapToken", "file", "tlsBootstrapToken", "timeout"] };
+    only(disc, "discovery", disc_fields)?;
+    let bt = disc.get("bootstrapToken").ok_or_else(|| anyhow!("discovery.bootstrapToken missing"))?;
+    only(bt, "discovery.bootstrapToken", &["apiServerEndpoint", "token", "caCertHashes", "unsafeSkipCAVerification"])?;
+    let token = s(bt, "bootstrapToken", "token")?.to_string();
+    if !token_ok(&token) {
+        bail!("discovery.bootstrapToken.token is not a bootstrap token");
+    }
+    let hashes = bt.get("caCertHashes").and_then(Value::as_sequence).ok_or_else(|| anyhow!("caCertHashes missing (refusing unverified discovery)"))?;
+    let ca_hash = hashes.first().and_then(Value::as_str).ok_or_else(|| anyhow!("caCertHashes is empty"))?.to_string();
+    let hex = ca_hash.strip_prefix("sha256:").ok_or_else(|| anyhow!("caCertHashes: {ca_hash:?} must be sha256:HEX"))?;
+    if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+        bail!("caCertHashes: {ca_hash:?} is not a SHA-256");
+    }
+    let name = node_registration(j.get("nodeRegistration").ok_or_else(|| anyhow!("nodeRegistration missing"))?, "JoinConfiguration.nodeRegistration", d.v4)?;
+    let control_plane = match j.get("controlPlane") {
+        Some(cp) => {
+            only(cp, "controlPlane", &["localAPIEndpoint", "certificateKey"])?;
+            Some(endpoint(cp.get("localAPIEndpoint").ok_or_else(|| anyhow!("controlPlane.localAPIEndpoint missing"))?, "controlPlane.localAPIEndpoint")?)
+        }
+        None => None,
+    };
+    Ok(JoinCfg { name, endpoint: s(bt, "bootstrapToken", "apiServerEndpoint")?.to_string(), token, ca_hash, control_plane })
+}
+
+// ------------------------------------------------------------------ PKI checks
+
+const PAIRS: &[&str] = &[
+    "ca", "apiserver", "apiserver-kubelet-client", "front-proxy-ca", "front-proxy-client", "etcd/ca", "etcd/server",
+    "etcd/peer", "etcd/healthcheck-client", "apiserver-etcd-client",
+];
+
+fn pem_der(path: &Path) -> Result<Vec<u8>> {
+    let c = CertificateDer::from_pem_file(path).with_context(|| format!("[certs] reading {}", path.display()))?;
+    Ok(c.to_vec())
+}
+
+fn sans(der: &[u8]) -> Result<Vec<String>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| anyhow!("bad certificate: {e}"))?;
+    let mut out = Vec::new();
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for n in &ext.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => out.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) if b.len() == 4 => {
+                    out.push(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string())
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn check_pki(dir: &Path, node: &str, advertise: &SocketAddr, endpoint_host: &str) -> Result<()> {
+    for p in PAIRS {
+        let crt = dir.join(format!("{p}.crt"));
+        let key = dir.join(format!("{p}.key"));
+        pem_der(&crt)?;
+        let meta = std::fs::metadata(&key).with_context(|| format!("[certs] {} missing", key.display()))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            bail!("[certs] private key {} is mode {:o}; must be 0600", key.display(), meta.permissions().mode() & 0o777);
+        }
+        PrivateKeyDer::from_pem_file(&key).with_context(|| format!("[certs] reading {}", key.display()))?;
+    }
+    for f in ["sa.key", "sa.pub"] {
+        std::fs::metadata(dir.join(f)).with_context(|| format!("[certs] {f} missing"))?;
+    }
+    let api = sans(&pem_der(&dir.join("apiserver.crt"))?)?;
+    for want in [endpoint_host.to_string(), advertise.ip().to_string(), node.to_string()] {
+        if !api.contains(&want) {
+            bail!("[certs] apiserver.crt is not valid for {want} (SANs: {})", api.join(", "));
+        }
+    }
+    let etcd = sans(&pem_der(&dir.join("etcd/server.crt"))?)?;
+    if !etcd.contains(&node.to_string()) || !etcd.contains(&advertise.ip().to_string()) {
+        bail!("[certs] etcd/server.crt is not for this node {node} / {} (SANs: {})", advertise.ip(), etcd.join(", "));
+    }
+    Ok(())
+}
+
+fn ca_pin(ca_der: &[u8]) -> Result<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(ca_der).map_err(|e| anyhow!("bad CA: {e}"))?;
+    Ok(format!("sha256:{}", hex::encode(Sha256::digest(cert.tbs_certificate.subject_pki.raw))))
+}
+
+// ------------------------------------------------------------------ effects
+
+fn write(path: &str, body: &str, mode: u32) -> Result<()> {
+    let p = Path::new(path);
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(p, body).with_context(|| format!("writing {path}"))?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+fn manifests(node: &str, advertise: &SocketAddr) -> Result<()> {
+    for c in ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"] {
+        write(
+            &format!("{KUBE}/manifests/{c}.yaml"),
+            &format!("# written by kubeadm-sim\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {c}-{node}\n  namespace: kube-system\n  annotations:\n    kubeadm.kubernetes.io/advertise-address: {}\n", advertise.ip()),
+            0o600,
+        )?;
+    }
+    Ok(())
+}
+
+fn kubelet_files(node: &str, endpoint: &str, ca_pem: &str) -> Result<()> {
+    use base64_like::encode;
+    write(
+        &format!("{KUBE}/kubelet.conf"),
+        &format!("apiVersion: v1\nkind: Config\nclusters:\n- cluster:\n    certificate-authority-data: {}\n    server: https://{endpoint}\n  name: kubernetes\nusers:\n- name: system:node:{node}\n", encode(ca_pem.as_bytes())),
+        0o600,
+    )?;
+    write(&format!("{KUBELET_DIR}/config.yaml"), "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n", 0o644)
+}
+
+/// A tiny base64 encoder (the simulator needs nothing fancier).
+mod base64_like {
+    pub fn encode(b: &[u8]) -> String {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for c in b.chunks(3) {
+            let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+            for i in 0..4 {
+                if i <= c.len() {
+                    out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
+
+fn sim_dir() -> PathBuf {
+    PathBuf::from(KUBE).join("sim")
+}
+
+fn start_apiserver(listen: &SocketAddr, tokens: &[String], nodes: &[String]) -> Result<()> {
+    let dir = sim_dir();
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("tokens"), tokens.join("\n"))?;
+    std::fs::write(dir.join("nodes"), nodes.iter().map(|n| format!("{n} control-plane\n")).collect::<String>())?;
+    let log = std::fs::File::create(dir.join("apiserver.log"))?;
+    let exe = std::env::current_exe()?;
+    let child = std::process::Command::new(exe)
+        .args(["__apiserver", &listen.to_string(), &format!("{KUBE}/pki"), &dir.to_string_lossy()])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the apiserver")?;
+    std::fs::write(dir.join("apiserver.pid"), child.id().to_string())?;
+    let ca = std::fs::read_to_string(format!("{KUBE}/pki/ca.crt"))?;
+    for _ in 0..100 {
+        if https(listen, "localhost", &ca, "GET", "/healthz", "").map(|(c, _)| c == 200).unwrap_or(false) {
+            println!("[control-plane] apiserver healthy on {listen}");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("[control-plane] apiserver on {listen} did not become healthy (see {}/apiserver.log)", dir.display())
+}
+
+fn init(docs: &[Value]) -> Result<()> {
+    let c = check_init(docs.to_vec())?;
+    let host = c.endpoint.rsplit_once(':').map(|x| x.0).unwrap_or(&c.endpoint).to_string();
+    check_pki(&c.cert_dir, &c.name, &c.advertise, &host)?;
+    let ca = std::fs::read_to_string(c.cert_dir.join("ca.crt"))?;
+    for kc in ["admin.conf", "controller-manager.conf", "scheduler.conf"] {
+        let text = std::fs::read_to_string(format!("{KUBE}/{kc}")).with_context(|| format!("[kubeconfig] {KUBE}/{kc} missing"))?;
+        if !text.contains(&format!("server: https://{}", c.endpoint)) {
+            bail!("[kubeconfig] {kc} does not point at https://{}", c.endpoint);
+        }
+        if !text.contains(&base64_like::encode(ca.as_bytes())) {
+            bail!("[kubeconfig] {kc} does not carry the cluster CA");
+        }
+    }
+    manifests(&c.name, &c.advertise)?;
+    kubelet_files(&c.name, &c.endpoint, &ca)?;
+    std::fs::create_dir_all(ETCD_DIR)?;
+    start_apiserver(&c.advertise, &c.tokens, std::slice::from_ref(&c.name))?;
+    println!("Your Kubernetes control-plane has initialized successfully! (node {})", c.name);
+    Ok(())
+}
+
+fn join(docs: &[Value]) -> Result<()> {
+    let c = check_join(docs.to_vec())?;
+    let addr = c
+        .endpoint
+        .to_socket_addrs()
+        .with_context(|| format!("[discovery] cannot resolve {} (check /etc/hosts)", c.endpoint))?
+        .next()
+        .ok_or_else(|| anyhow!("[discovery] {} resolves to nothing", c.endpoint))?;
+    let host = c.endpoint.rsplit_once(':').map(|x| x.0).unwrap_or(&c.endpoint).to_string();
+    // Discovery: cluster-info without trust, then pin the CA like kubeadm does.
+    let (code, body) = https(&addr, &host, "", "GET", "/api/v1/namespaces/kube-public/configmaps/cluster-info", "")
+        .with_context(|| format!("[discovery] fetching cluster-info from {} ({addr})", c.endpoint))?;
+    if code != 200 {
+        bail!("[discovery] cluster-info: HTTP {code}");
+    }
+    let ca_pem = body;
+    let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes()).context("[discovery] cluster-info CA")?;
+    let pin = ca_pin(&ca_der)?;
+    if pin != c.ca_hash {
+        bail!("[discovery] cluster CA found in cluster-info ({pin}) does not match caCertHashes ({})", c.ca_hash);
+    }
+    let node_role = if c.control_plane.is_some() { "control-plane" } else { "worker" };
+    let (code, tokens) = https(&addr, &host, &ca_pem, "POST", &format!("/sim/join/{}/{node_role}", c.name), &c.token)
+        .context("[preflight] joining through the apiserver endpoint")?;
+    if code != 200 {
+        bail!("[discovery] the apiserver refused the bootstrap token (HTTP {code}): {tokens}");
+    }
+    if let Some(adv) = c.control_plane {
+        check_pki(&PathBuf::from(KUBE).join("pki"), &c.name, &adv, &host)?;
+        if pem_der(&PathBuf::from(KUBE).join("pki/ca.crt"))? != ca_der.to_vec() {
+            bail!("[certs] local ca.crt is not the cluster's CA");
+        }
+        manifests(&c.name, &adv)?;
+        let tokens: Vec<String> = tokens.lines().map(str::to_string).collect();
+        start_apiserver(&adv, &tokens, std::slice::from_ref(&c.name))?;
+    } else {
+        write(&format!("{KUBE}/pki/ca.crt"), &ca_pem, 0o644)?;
+    }
+    kubelet_files(&c.name, &c.endpoint, &ca_pem)?;
+    println!("This node ({}) has joined the cluster as {node_role}", c.name);
+    Ok(())
+}
+
+fn reset() -> Result<()> {
+    let dir = sim_dir();
+    if let Ok(pid) = std::fs::read_to_string(dir.join("apiserver.pid")) {
+        if let Ok(pid) = pid.trim().parse::<u32>() {
+            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+        }
+    }
+    for p in ["manifests", "kubelet.conf", "admin.conf", "super-admin.conf", "controller-manager.conf", "scheduler.conf", "pki", "sim"] {
+        let p = PathBuf::from(KUBE).join(p);
+        let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+    }
+    for d in [KUBELET_DIR, ETCD_DIR] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    println!("[reset] done");
+    Ok(())
+}
+
+// ------------------------------------------------------------------ HTTPS
+
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: rustls::pki_types::UnixTime) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// One HTTPS request; `ca_pem` empty = no verification (discovery only). Returns (status, body).
+fn https(addr: &SocketAddr, host: &str, ca_pem: &str, method: &str, path: &str, bearer: &str) -> Result<(u16, String)> {
+    let cfg = if ca_pem.is_empty() {
+        let p = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder().dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(p))).with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(c?)?;
+        }
+        rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth()
+    };
+    let name = ServerName::try_from(host.to_string())?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name)?;
+    let mut tcp = TcpStream::connect_timeout(addr, Duration::from_secs(5))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    let auth = if bearer.is_empty() { String::new() } else { format!("Authorization: Bearer {bearer}\r\n") };
+    tls.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow!("no HTTP answer"))?;
+    Ok((code, text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default()))
+}
+
+/// The stand-in apiserver: HTTPS with the cluster's apiserver certificate.
+fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(format!("{pki}/apiserver.crt"))?.collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(format!("{pki}/apiserver.key"))?;
+    let ca = std::fs::read_to_string(format!("{pki}/ca.crt"))?;
+    let cfg = Arc::new(rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key)?);
+    let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    eprintln!("sim apiserver listening on {listen}");
+    let state = PathBuf::from(state);
+    for stream in listener.incoming() {
+        let Ok(mut tcp) = stream else { continue };
+        let (cfg, ca, state) = (cfg.clone(), ca.clone(), state.clone());
+        std::thread::spawn(move || {
+            let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+            let Ok(mut conn) = rustls::ServerConnection::new(cfg) else { return };
+            let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tls.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                if buf.len() > 16 * 1024 {
+                    return;
+                }
+            }
+            let req = String::from_utf8_lossy(&buf).into_owned();
+            let mut first = req.lines().next().unwrap_or_default().split_whitespace();
+            let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+            let bearer = req
+                .lines()
+                .find_map(|l| l.strip_prefix("Authorization: Bearer "))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let tokens = std::fs::read_to_string(state.join("tokens")).unwrap_or_default();
+            let (code, body) = match (method, path) {
+                ("GET", "/healthz") => (200, "ok".to_string()),
+                ("GET", "/api/v1/namespaces/kube-public/configmaps/cluster-info") => (200, ca),
+                ("GET", "/sim/nodes") => (200, std::fs::read_to_string(state.join("nodes")).unwrap_or_default()),
+                ("POST", p) if p.starts_with("/sim/join/") => {
+                    if bearer.is_empty() || !tokens.lines().any(|t| t == bearer) {
+                        (401, "unknown bootstrap token".to_string())
+                    } else {
+                        let who = p.trim_start_matches("/sim/join/").replace('/', " ");
+                        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(state.join("nodes")).ok();
+                        if let Some(f) = f.as_mut() {
+                            let _ = writeln!(f, "{who}");
+                        }
+                        (200, tokens)
+                    }
+                }
+                _ => (404, "not found".to_string()),
+            };
+            let reason = if code == 200 { "OK" } else { "Error" };
+            let _ = tls.write_all(
+                format!("HTTP/1.1 {code} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
+            );
+            let _ = tls.flush();
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        });
+    }
+    Ok(())
+}
