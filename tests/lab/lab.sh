@@ -8,6 +8,7 @@
 #        tests/lab/lab.sh down      stop everything, remove namespaces and the lab directory
 #        tests/lab/lab.sh ctl ARGS  run `controller ARGS` against the lab controller
 #        tests/lab/lab.sh on HOST CMD...   run a command inside a lab host
+#        tests/lab/lab.sh start-agent|stop-agent HOST, kill-controller, start-controller
 # env:   LAB_HOSTS (5)  LAB_DIR (/tmp/fleetadm-lab)  FLEETADM_BIN_DIR (target/debug)
 # Needs root, iproute2, util-linux (unshare, mount). Traffic stays on the lab bridge.
 set -euo pipefail
@@ -70,10 +71,7 @@ up() {
     ip -n "flab-$h" link set lo up
     ip -n "flab-$h" route add default via $net.1
   done
-  "$bin/controller" serve --data-dir "$lab/controller" --listen $ctl_addr --advertise-address $net.1 \
-    >"$lab/controller.log" 2>&1 &
-  echo $! > "$lab/controller.pid"
-  wait_for 30 "controller admin socket" test -S "$lab/controller/admin.sock"
+  start_controller
   local tok; tok=$(ctl token create --uses "$n" --ttl 1h --description lab -o json)
   local token hash
   token=$(sed -n 's/.*"token": *"\([^"]*\)".*/\1/p' <<<"$tok")
@@ -87,6 +85,14 @@ up() {
   done
   wait_for 60 "$n connected agents" sh -c "[ \$('$bin/controller' nodes list -o json --data-dir '$lab/controller' | grep -c '\"connected\": true') -eq $n ]"
   echo "lab: controller on $ctl_addr, $n hosts enrolled and connected (h1..h$n = $net.11..$net.$((10 + n)))"
+}
+
+start_controller() {
+  rm -f "$lab/controller/admin.sock"
+  "$bin/controller" serve --data-dir "$lab/controller" --listen $ctl_addr --advertise-address $net.1 \
+    >>"$lab/controller.log" 2>&1 &
+  echo $! > "$lab/controller.pid"
+  wait_for 30 "controller admin socket" test -S "$lab/controller/admin.sock"
 }
 
 start_agent() {
@@ -124,6 +130,8 @@ case "$cmd" in
   ctl) ctl "$@" ;;
   on) on "$@" ;;
   start-agent) start_agent "$1" ;;
+  kill-controller) kill -9 "$(cat "$lab/controller.pid")"; while kill -0 "$(cat "$lab/controller.pid")" 2>/dev/null; do sleep 0.1; done ;;
+  start-controller) start_controller ;;
   stop-agent) stop_agent "$1" ;;
   *) sed -n '2,14p' "$0"; exit 2 ;;
 esac

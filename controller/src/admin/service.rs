@@ -203,6 +203,7 @@ impl Admin for AdminService {
 
     async fn get_kubeconfig(&self, req: Request<ClusterRef>) -> Result<Response<Kubeconfig>, Status> {
         let r = req.into_inner();
+        tracing::info!(cluster = %r.name, "admin kubeconfig handed out");
         let yaml = self
             .blocking(move |ctl| {
                 let rec = ctl.rollouts.get(&r.name).map_err(rollout_status)?;
@@ -215,7 +216,7 @@ impl Admin for AdminService {
                     .ok_or_else(|| Status::internal("cluster has no admin kubeconfig"))
             })
             .await?;
-        tracing::info!(cluster = %self.ctl.settings.enroll_endpoint, "admin kubeconfig handed out");
+
         Ok(Response::new(Kubeconfig { yaml }))
     }
 }

@@ -13,6 +13,17 @@ pub const RTM_NEWADDR: u16 = 20;
 pub const RTM_DELADDR: u16 = 21;
 pub const RTM_GETADDR: u16 = 22;
 
+pub const RTM_NEWROUTE: u16 = 24;
+pub const RTM_GETROUTE: u16 = 26;
+pub const RTA_DST: u16 = 1;
+pub const RTA_OIF: u16 = 4;
+pub const RTA_PREFSRC: u16 = 7;
+pub const RTA_TABLE: u16 = 15;
+const RT_TABLE_LOCAL: u8 = 255;
+const RTPROT_KERNEL: u8 = 2;
+const RT_SCOPE_HOST: u8 = 254;
+const RTN_LOCAL: u8 = 2;
+
 pub const IFLA_IFNAME: u16 = 3;
 pub const IFLA_LINKINFO: u16 = 18;
 pub const IFLA_INFO_KIND: u16 = 1;
@@ -31,6 +42,13 @@ pub fn ifinfomsg(index: i32, flags: u32, change: u32) -> Vec<u8> {
 }
 
 /// struct ifaddrmsg: family u8, prefixlen u8, flags u8, scope u8, index u32.
+/// `struct rtmsg`: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+pub fn rtmsg(family: u8, dst_len: u8, table: u8, protocol: u8, scope: u8, kind: u8) -> Vec<u8> {
+    let mut b = vec![family, dst_len, 0, 0, table, protocol, scope, kind];
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b
+}
+
 pub fn ifaddrmsg(family: u8, prefix: u8, index: u32) -> Vec<u8> {
     let mut b = vec![family, prefix, 0, 0];
     b.extend_from_slice(&index.to_ne_bytes());
@@ -167,6 +185,53 @@ impl Links {
     }
 
     /// Put `ip` (host prefix) on the interface unless it is already there. Returns changed.
+    /// The source address the kernel picks for a connection to `dst` (RTM_GETROUTE).
+    pub fn source_for(&self, dst: &IpAddr) -> Result<Option<IpAddr>, NetlinkError> {
+        let mut body = rtmsg(family(dst), host_prefix(dst), 0, 0, 0, 0);
+        let mut w = NlaWriter::new();
+        w.bytes(RTA_DST, &ip_bytes(dst));
+        body.extend_from_slice(&w.buf);
+        for r in self.sock.request(RTM_GETROUTE, 0, &body, &format!("looking up the route to {dst}"))? {
+            if r.len() < 12 {
+                continue;
+            }
+            let attrs = nla::parse(&r[12..]).map_err(NetlinkError::Malformed)?;
+            if let Some(a) = nla::find(&attrs, RTA_PREFSRC) {
+                return Ok(match a.payload.len() {
+                    4 => <[u8; 4]>::try_from(a.payload).ok().map(IpAddr::from),
+                    16 => <[u8; 16]>::try_from(a.payload).ok().map(IpAddr::from),
+                    _ => None,
+                });
+            }
+        }
+        Ok(None)
+    }
+
+    /// Make connections this host opens to `vip` (a local address on interface `index`) leave
+    /// from `src` instead of from the VIP itself: the kernel's local route for the VIP gets `src`
+    /// as its preferred source. Without this, IPVS would forward them to a real server with the
+    /// VIP as source address, and the real server's reply would go to whichever host its routes
+    /// say holds the VIP, not back here. Returns whether anything changed.
+    pub fn ensure_local_source(&self, index: i32, vip: &IpAddr, src: &IpAddr) -> Result<bool, NetlinkError> {
+        if self.source_for(vip)?.as_ref() == Some(src) {
+            return Ok(false);
+        }
+        let mut body = rtmsg(family(vip), host_prefix(vip), RT_TABLE_LOCAL, RTPROT_KERNEL, RT_SCOPE_HOST, RTN_LOCAL);
+        let mut w = NlaWriter::new();
+        w.bytes(RTA_DST, &ip_bytes(vip))
+            .bytes(RTA_OIF, &index.to_ne_bytes())
+            .bytes(RTA_PREFSRC, &ip_bytes(src))
+            .bytes(RTA_TABLE, &u32::from(RT_TABLE_LOCAL).to_ne_bytes());
+        body.extend_from_slice(&w.buf);
+        self.sock.request(
+            RTM_NEWROUTE,
+            NLM_F_CREATE | NLM_F_REPLACE,
+            &body,
+            &format!("setting the source address for {vip} to {src}"),
+        )?;
+        Ok(true)
+    }
+
     pub fn ensure_address(&self, index: i32, ip: &IpAddr) -> Result<bool, NetlinkError> {
         if self.addresses(index)?.iter().any(|(a, _)| a == ip) {
             return Ok(false);

@@ -111,6 +111,15 @@ pub fn prepare_host(spec: &LbSpec) -> Result<Changes, LbError> {
     if links.ensure_address(link.index, &spec.vip.ip())? {
         changes.0.push(format!("added {} to {}", spec.vip.ip(), spec.interface));
     }
+    // Local clients must not use the VIP as their source (replies would not come back here):
+    // use the address this host reaches the real servers from.
+    if let Some(rs) = spec.real_servers.first() {
+        if let Some(src) = links.source_for(&rs.ip())? {
+            if src != spec.vip.ip() && links.ensure_local_source(link.index, &spec.vip.ip(), &src)? {
+                changes.0.push(format!("connections to {} leave from {src}", spec.vip.ip()));
+            }
+        }
+    }
     Ok(changes)
 }
 

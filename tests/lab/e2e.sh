@@ -1,0 +1,107 @@
+#!/bin/bash
+# End-to-end: `controller cluster create` turns a 5-host lab fleet (3 masters, 2 workers) into a
+# cluster, with the controller killed mid-rollout. Needs a kernel with IPVS: run inside the VM
+# (tests/vm/run.sh tests/lab/e2e.sh OUT) or on a Debian host as root. Prints TAP-ish lines and
+# "cluster-e2e: N passed, M failed"; exit code = failures.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+export LAB_DIR=${LAB_DIR:-/tmp/fleetadm-e2e} LAB_HOSTS=5
+lab() { "$here/lab.sh" "$@"; }
+ctl() { "$here/lab.sh" ctl "$@"; }
+H() { echo "$LAB_DIR/hosts/$1"; }
+fails=0; passes=0
+ok() { echo "ok - $*"; passes=$((passes+1)); }
+not_ok() { echo "not ok - $*"; fails=$((fails+1)); }
+check() { local what=$1; shift; if "$@"; then ok "$what"; else not_ok "$what"; fi; }
+status_json() { ctl cluster status lab -o json 2>/dev/null; }
+field() { sed -n "s/^  \"$1\": \"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}$/\1/p"; }
+t0=$(date +%s)
+finish() {
+  echo "# controller log tail:"; tail -n 15 "$LAB_DIR/controller.log" 2>/dev/null | sed 's/^/#   /'
+  lab down >/dev/null 2>&1
+  echo "cluster-e2e: $passes passed, $fails failed ($(( $(date +%s) - t0 ))s)"
+  exit "$fails"
+}
+trap finish EXIT
+
+modprobe ip_vs 2>/dev/null || true
+lab up || { not_ok "lab fleet comes up"; exit; }
+ok "lab fleet of 5 hosts enrolled and connected"
+
+# --- planning and bad input
+plan=$(ctl cluster create lab --masters h1,h2,h3 --nodes h4,h5 --dry-run 2>&1)
+check "dry-run prints every phase" grep -q "join-workers" <<<"$plan"
+check "dry-run joins masters with --control-plane" grep -q "kubeadm join --control-plane" <<<"$plan"
+check "dry-run changes nothing" test -z "$(ctl cluster list -o json | grep '"name"')"
+bad=$(ctl cluster create bad --masters h1,nosuch,10.9.9.9 2>&1); rc=$?
+check "unknown hosts fail fast with exit code != 0" test $rc -ne 0
+check "unknown hosts are listed together" grep -q "unknown hosts.*nosuch, 10.9.9.9" <<<"$bad"
+check "a refused create records nothing" test -z "$(ctl cluster list -o json | grep '"name"')"
+
+# --- create, kill the controller mid-rollout, restart it: the rollout resumes
+ctl cluster create lab --masters h1,h2,h3 --nodes 10.78.0.14,h5 --max-parallel 1 --detach > "$LAB_DIR/create.out" 2>&1
+check "create --detach returns at once" grep -q "cluster lab recorded" "$LAB_DIR/create.out"
+for _ in $(seq 600); do
+  ph=$(status_json | field phase)
+  case "$ph" in join-masters|join-workers|sync-ipvs|addons|record) break ;; esac
+  sleep 0.2
+done
+echo "# killing the controller in phase $ph"
+lab kill-controller
+check "controller killed during the rollout (phase $ph)" test -n "$ph"
+lab start-controller
+check "state survived the kill" grep -q '"state": "running"\|"state": "succeeded"' <(status_json)
+ctl cluster status lab --watch > "$LAB_DIR/watch.out" 2>&1; rc=$?
+check "rollout finished successfully after the restart (status --watch exit 0)" test $rc -eq 0
+grep -q "resuming rollout after restart" "$LAB_DIR/controller.log" && ok "controller resumed the rollout" || not_ok "controller resumed the rollout"
+st=$(status_json)
+check "cluster state succeeded" grep -q '"state": "succeeded"' <<<"$st"
+check "no failed tasks" grep -q '"failed": 0' <<<"$st"
+check "Ready condition" grep -A2 '"type": "Ready"' <<<"$st" | grep -q '"status": true'
+
+# --- what the hosts look like
+check "master0 runs kubeadm init once (attempt 1)" grep -q 'init/h1/kubeadm-init' <<<"$st"
+check "h2 resolves apiserver.cluster.local to itself" grep -q "^10.78.0.12 apiserver.cluster.local" "$(H h2)/hosts"
+check "h3 resolves apiserver.cluster.local to itself" grep -q "^10.78.0.13 apiserver.cluster.local" "$(H h3)/hosts"
+check "workers resolve apiserver.cluster.local to the VIP" grep -q "^10.103.97.2 apiserver.cluster.local" "$(H h4)/hosts"
+check "other /etc/hosts lines untouched" grep -q "^127.0.0.1	localhost" "$(H h4)/hosts"
+check "master keys are 0600" test "$(stat -c %a "$(H h2)/etc-kubernetes/pki/ca.key" "$(H h3)/etc-kubernetes/pki/sa.key" | sort -u)" = 600
+check "workers got no private keys" test -z "$(find "$(H h4)/etc-kubernetes" "$(H h5)/etc-kubernetes" -name '*.key')"
+check "workers have the cluster CA from discovery" test -s "$(H h4)/etc-kubernetes/pki/ca.crt"
+joined=$(cat "$(H h1)"/etc-kubernetes/sim/nodes "$(H h2)"/etc-kubernetes/sim/nodes "$(H h3)"/etc-kubernetes/sim/nodes 2>/dev/null)
+joined=$(sort -u <<<"$joined")
+check "masters h2, h3 joined the control plane" test "$(grep -c '^h[23] control-plane' <<<"$joined")" -eq 2
+check "workers h4, h5 joined through the VIP" test "$(grep -c '^h[45] worker' <<<"$joined")" -eq 2
+check "every host has a kubelet.conf" test "$(ls "$LAB_DIR"/hosts/h*/etc-kubernetes/kubelet.conf | wc -l)" -eq 5
+ipvs_h4=$(ip netns exec flab-h4 ipvsadm -Ln)
+check "worker h4 has the IPVS VIP 10.103.97.2:6443" grep -q "TCP  10.103.97.2:6443 rr" <<<"$ipvs_h4"
+check "worker h4 balances to all 3 masters" test "$(grep -c -- '-> 10.78.0.1[123]:6443' <<<"$ipvs_h4")" -eq 3
+check "worker h5 has the same rules" test "$(ip netns exec flab-h5 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[123]:6443')" -eq 3
+check "local connections to the VIP leave from the worker's own address" grep -q "src 10.78.0.14" <(ip -n flab-h4 route get 10.103.97.2)
+check "masters have no IPVS rules" test -z "$(ip netns exec flab-h1 ipvsadm -Ln | grep '^TCP')"
+
+# --- CLI views
+check "cluster list shows it" grep -q "^lab .*succeeded" <(ctl cluster list)
+check "cluster logs show the worker join" grep -q "joined the cluster as worker" <(ctl cluster logs lab --host h4)
+check "cluster logs refuse an unknown host" sh -c "! '$here/lab.sh' ctl cluster logs lab --host nosuch 2>/dev/null"
+got=$(ctl cluster get lab)
+check "cluster get exports a Clusterfile" grep -q "kind: Cluster" <<<"$got"
+check "cluster get carries the status" grep -q "phase: succeeded" <<<"$got"
+check "cluster kubeconfig is the admin kubeconfig" grep -q "server: https://apiserver.cluster.local:6443" <(ctl cluster kubeconfig lab)
+again=$(ctl cluster create lab --masters h1,h2,h3 --nodes h4,h5 2>&1); rc=$?
+check "creating it again is refused (already exists)" test $rc -ne 0 -a -n "$(grep 'already exists' <<<"$again")"
+
+# --- the agent's guard keeps the worker's rules healthy
+kill "$(cat "$(H h1)/etc-kubernetes/sim/apiserver.pid")"
+gone=no
+for _ in $(seq 150); do
+  if ! ip netns exec flab-h4 ipvsadm -Ln | grep -q -- '-> 10.78.0.11:6443 *Masq *1'; then gone=yes; break; fi
+  sleep 0.2
+done
+check "a dead master leaves the workers' rotation" test $gone = yes
+check "the other masters stay" test "$(ip netns exec flab-h4 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[23]:6443 *Masq *1')" -eq 2
+before=$(ip netns exec flab-h5 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[23]:6443')
+lab stop-agent h5
+lab start-agent h5
+sleep 1
+check "an agent restart keeps the rules (no flap)" test "$(ip netns exec flab-h5 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[23]:6443')" -eq "$before"
