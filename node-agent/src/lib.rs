@@ -11,13 +11,13 @@
 pub mod cli;
 pub mod config;
 pub mod enroll;
+pub mod execute;
 pub mod identity;
 pub mod inventory;
 pub mod lb;
 pub mod lb_cli;
 pub mod service;
 pub mod session;
-pub mod execute;
 
 /// Version with the git revision it was built from.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FLEETADM_GIT_REV"), ")");

@@ -7,14 +7,16 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
-/// Run `tests/vm/<script>` in a fresh VM; returns (success, console output).
+/// Run `tests/vm/<script>` (or `<script>` relative to the repository root when it contains a
+/// `/`) in a fresh VM; returns (success, console output).
 pub fn run_script(script: &str, timeout_secs: u32) -> (bool, String) {
     let root = repo_root();
-    let out = root.join("tests/.cache/runs").join(script.trim_end_matches(".sh"));
+    let path = if script.contains('/') { root.join(script) } else { root.join("tests/vm").join(script) };
+    let out = root.join("tests/.cache/runs").join(script.trim_end_matches(".sh").replace('/', "-"));
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).expect("create VM output dir");
     let status = Command::new(root.join("tests/vm/run.sh"))
-        .arg(root.join("tests/vm").join(script))
+        .arg(&path)
         .arg(&out)
         .arg(timeout_secs.to_string())
         .status()

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use fleetadm_proto::admin_server::Admin;
 use fleetadm_proto::{
-    server_event, ClusterRef, ClusterView, ClusterViews, CreateClusterRequest, CreateTokenRequest, Empty, Kubeconfig, NodeInfo, NodeList, NodeRef, PlanClusterRequest, PlanClusterResponse,
-    ServerEvent, Shutdown, TokenInfo, TokenList, TokenRef,
+    server_event, ClusterRef, ClusterView, ClusterViews, CreateClusterRequest, CreateTokenRequest, Empty, Kubeconfig,
+    NodeInfo, NodeList, NodeRef, PlanClusterRequest, PlanClusterResponse, ServerEvent, Shutdown, TokenInfo, TokenList,
+    TokenRef,
 };
 use tonic::{Request, Response, Status};
 
@@ -139,9 +140,7 @@ impl Admin for AdminService {
 
     async fn plan_cluster(&self, req: Request<PlanClusterRequest>) -> Result<Response<PlanClusterResponse>, Status> {
         let req = req.into_inner();
-        let resp = self
-            .blocking(move |ctl| Ok(crate::plan::resolve::plan(&req, &candidates(ctl)?)))
-            .await?;
+        let resp = self.blocking(move |ctl| Ok(crate::plan::resolve::plan(&req, &candidates(ctl)?))).await?;
         Ok(Response::new(resp))
     }
 

@@ -21,7 +21,7 @@ use crate::rollout::view::ClusterView;
 pub enum ClusterCmd {
     /// Turn enrolled hosts into a highly available Kubernetes cluster.
     #[command(disable_version_flag = true)]
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Phase, conditions and per-host task state of a cluster.
     Status {
         name: String,
@@ -117,7 +117,7 @@ pub struct CreateArgs {
 
 pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
     match cmd {
-        ClusterCmd::Create(a) => create(a).await,
+        ClusterCmd::Create(a) => create(*a).await,
         ClusterCmd::Status { name, data, output, watch } => {
             let mut c = client::connect(&data.data_dir).await?;
             if watch {
@@ -192,11 +192,7 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
         }
         ClusterCmd::Kubeconfig { name, data } => {
             let mut c = client::connect(&data.data_dir).await?;
-            let kc = c
-                .get_kubeconfig(ClusterRef { name, with_output: false })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+            let kc = c.get_kubeconfig(ClusterRef { name, with_output: false }).await.map_err(rpc_error)?.into_inner();
             print!("{}", kc.yaml);
             Ok(())
         }
@@ -310,11 +306,7 @@ fn parse_view(json: &str) -> anyhow::Result<ClusterView> {
 }
 
 async fn get_view(c: &mut AdminClient<Channel>, name: &str, with_output: bool) -> anyhow::Result<ClusterView> {
-    let v = c
-        .get_cluster(ClusterRef { name: name.to_string(), with_output })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
+    let v = c.get_cluster(ClusterRef { name: name.to_string(), with_output }).await.map_err(rpc_error)?.into_inner();
     parse_view(&v.json)
 }
 
@@ -338,8 +330,10 @@ async fn follow(c: &mut AdminClient<Channel>, name: &str) -> anyhow::Result<Clus
     let bar = tty.then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b.enable_steady_tick(Duration::from_millis(200));
         b
@@ -358,7 +352,12 @@ async fn follow(c: &mut AdminClient<Channel>, name: &str) -> anyhow::Result<Clus
             let running: Vec<String> = v
                 .hosts
                 .iter()
-                .flat_map(|h| h.tasks.iter().filter(|t| t.state == TaskState::Running).map(move |t| format!("{}:{}", h.name, t.kind)))
+                .flat_map(|h| {
+                    h.tasks
+                        .iter()
+                        .filter(|t| t.state == TaskState::Running)
+                        .map(move |t| format!("{}:{}", h.name, t.kind))
+                })
                 .take(4)
                 .collect();
             b.set_message(format!(
@@ -389,10 +388,8 @@ async fn follow(c: &mut AdminClient<Channel>, name: &str) -> anyhow::Result<Clus
 }
 
 fn render_status(v: &ClusterView) -> String {
-    let mut out = format!(
-        "cluster {}  state {}  phase {}  version {}  vip {}\n",
-        v.name, v.state, v.phase, v.version, v.vip
-    );
+    let mut out =
+        format!("cluster {}  state {}  phase {}  version {}  vip {}\n", v.name, v.state, v.phase, v.version, v.vip);
     if !v.message.is_empty() {
         out.push_str(&format!("  {}\n", v.message));
     }

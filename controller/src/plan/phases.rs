@@ -171,7 +171,13 @@ pub fn build(shape: &ClusterShape) -> Plan {
     match &shape.bundle {
         Some(_) => phases.push(Phase {
             name: "addons".into(),
-            steps: vec![vec![task(c, "addons", &master0.node, "addons", "kubectl apply the bundle's manifests".into())]],
+            steps: vec![vec![task(
+                c,
+                "addons",
+                &master0.node,
+                "addons",
+                "kubectl apply the bundle's manifests".into(),
+            )]],
             note: None,
         }),
         None => phases.push(Phase {
@@ -261,10 +267,13 @@ mod tests {
         // the PKI is in place before kubeadm init runs (separate steps, not in parallel)
         assert_eq!(plan.phases[4].steps[0][0].kind, "pki");
         assert!(plan.phases[4].steps[1][0].description.contains("kubeadm init"));
-        assert!(plan.phases.iter().flat_map(|p| &p.steps).all(|s| {
-            let hosts: std::collections::BTreeSet<&str> = s.iter().map(|t| t.host.as_str()).collect();
-            hosts.len() == s.len()
-        }), "no step runs two tasks on one host at once");
+        assert!(
+            plan.phases.iter().flat_map(|p| &p.steps).all(|s| {
+                let hosts: std::collections::BTreeSet<&str> = s.iter().map(|t| t.host.as_str()).collect();
+                hosts.len() == s.len()
+            }),
+            "no step runs two tasks on one host at once"
+        );
     }
 
     #[test]

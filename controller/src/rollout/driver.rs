@@ -13,12 +13,16 @@ use fleetadm_proto::{server_event, ServerEvent, TaskAssignment, TaskReport, Task
 use thiserror::Error;
 use tokio::sync::Notify;
 
-use super::record::{self, bound_output, ClusterRecord, ClusterSecrets, ClusterSpec, ClusterState, TaskRecord, TaskState};
+use super::record::{
+    self, bound_output, ClusterRecord, ClusterSecrets, ClusterSpec, ClusterState, TaskRecord, TaskState,
+};
 use super::specs;
 use crate::dispatch::Sessions;
 use crate::pki::kube::{KubePki, MasterIdentity, PkiSpec};
 use crate::plan::phases::{self, ClusterShape, Task};
-use crate::store::{get_json, list_json, list_prefix_json, put_json, update_json, Durability, Store, StoreError, Table, Update};
+use crate::store::{
+    get_json, list_json, list_prefix_json, put_json, update_json, Durability, Store, StoreError, Table, Update,
+};
 
 #[derive(Debug, Error)]
 pub enum RolloutError {
@@ -124,6 +128,25 @@ impl Rollouts {
             return self.resume_failed(old);
         }
         record::failure_budget(&new.spec.max_failures, new.shape.workers.len()).map_err(RolloutError::Invalid)?;
+        let wanted: Vec<&str> =
+            new.shape.masters.iter().chain(new.shape.workers.iter()).map(|h| h.node.as_str()).collect();
+        for other in self.list()? {
+            let taken: Vec<&str> = other
+                .shape
+                .masters
+                .iter()
+                .chain(other.shape.workers.iter())
+                .map(|h| h.node.as_str())
+                .filter(|n| wanted.contains(n))
+                .collect();
+            if !taken.is_empty() {
+                return Err(RolloutError::Invalid(format!(
+                    "hosts already belong to cluster {}: {}",
+                    other.name,
+                    taken.join(", ")
+                )));
+            }
+        }
         let pki = KubePki::generate(&PkiSpec {
             cluster_name: name.clone(),
             masters: new.shape.masters.iter().map(|m| MasterIdentity { hostname: m.node.clone(), ip: m.ip }).collect(),
@@ -232,15 +255,21 @@ impl Rollouts {
 
     fn finish(&self, name: &str, state: ClusterState, message: &str) -> Result<(), RolloutError> {
         let now = now_unix_ms();
-        update_json(&*self.store, Table::Clusters, name, Durability::Flush, |cur: Option<ClusterRecord>| -> Result<Update<ClusterRecord>, ()> {
-            let mut rec = cur.ok_or(())?;
-            rec.state = state;
-            rec.message = message.to_string();
-            rec.updated_ms = now;
-            rec.finished_ms = now;
-            rec.set_condition("Ready", state == ClusterState::Succeeded, message.to_string(), now);
-            Ok(Update::Put(rec))
-        })?
+        update_json(
+            &*self.store,
+            Table::Clusters,
+            name,
+            Durability::Flush,
+            |cur: Option<ClusterRecord>| -> Result<Update<ClusterRecord>, ()> {
+                let mut rec = cur.ok_or(())?;
+                rec.state = state;
+                rec.message = message.to_string();
+                rec.updated_ms = now;
+                rec.finished_ms = now;
+                rec.set_condition("Ready", state == ClusterState::Succeeded, message.to_string(), now);
+                Ok(Update::Put(rec))
+            },
+        )?
         .map_err(|_| RolloutError::NotFound(name.to_string()))?;
         match state {
             ClusterState::Succeeded => tracing::info!(cluster = name, "{message}"),
@@ -250,12 +279,18 @@ impl Rollouts {
     }
 
     fn update_cluster(&self, name: &str, f: impl Fn(&mut ClusterRecord)) -> Result<ClusterRecord, String> {
-        update_json(&*self.store, Table::Clusters, name, Durability::Flush, |cur: Option<ClusterRecord>| -> Result<Update<ClusterRecord>, ()> {
-            let mut rec = cur.ok_or(())?;
-            f(&mut rec);
-            rec.updated_ms = now_unix_ms();
-            Ok(Update::Put(rec))
-        })
+        update_json(
+            &*self.store,
+            Table::Clusters,
+            name,
+            Durability::Flush,
+            |cur: Option<ClusterRecord>| -> Result<Update<ClusterRecord>, ()> {
+                let mut rec = cur.ok_or(())?;
+                f(&mut rec);
+                rec.updated_ms = now_unix_ms();
+                Ok(Update::Put(rec))
+            },
+        )
         .map_err(|e| e.to_string())?
         .map_err(|_| format!("cluster {name} disappeared"))?
         .ok_or_else(|| format!("cluster {name} disappeared"))
@@ -286,7 +321,11 @@ impl Rollouts {
             started.elapsed().as_secs_f64()
         );
         if !rec.failed_workers.is_empty() {
-            summary.push_str(&format!(" ({} workers failed: {})", rec.failed_workers.len(), rec.failed_workers.join(", ")));
+            summary.push_str(&format!(
+                " ({} workers failed: {})",
+                rec.failed_workers.len(),
+                rec.failed_workers.join(", ")
+            ));
         }
         Ok(summary)
     }
@@ -360,8 +399,8 @@ impl Rollouts {
                     }
                     TaskState::Pending => self.dispatch(&rec, t, &mut tr)?,
                     TaskState::Running => {
-                        let limit = u64::from(specs::timeout_secs(&tr.kind)) * 1000
-                            + self.settings.grace.as_millis() as u64;
+                        let limit =
+                            u64::from(specs::timeout_secs(&tr.kind)) * 1000 + self.settings.grace.as_millis() as u64;
                         if now_unix_ms().saturating_sub(tr.dispatched_ms) > limit {
                             tr.state = TaskState::Failed;
                             tr.finished_ms = now_unix_ms();
@@ -469,5 +508,113 @@ fn rustls_pemfile_der(pem: &str) -> Result<Vec<u8>, String> {
     match first {
         Some(Ok(c)) => Ok(c.to_vec()),
         _ => Err("cluster CA certificate is not PEM".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::phases::PlannedHost;
+    use crate::store::SledStore;
+
+    fn new_cluster() -> NewCluster {
+        let h = |n: &str, ip: &str| PlannedHost { node: n.into(), ip: ip.parse().unwrap() };
+        NewCluster {
+            shape: ClusterShape {
+                name: "lab".into(),
+                version: "v1.29.9".into(),
+                vip: "10.103.97.2".parse().unwrap(),
+                masters: vec![h("m1", "10.0.0.1")],
+                workers: vec![h("w1", "10.0.0.2")],
+                wave_size: 1,
+                bundle: None,
+            },
+            spec: ClusterSpec {
+                version: "v1.29.9".into(),
+                pod_cidr: "100.64.0.0/10".into(),
+                service_cidr: "10.96.0.0/22".into(),
+                dns_domain: "cluster.local".into(),
+                clusterfile: String::new(),
+                max_failures: "0".into(),
+                cgroup_driver: "systemd".into(),
+                cri_socket: "unix:///run/containerd/containerd.sock".into(),
+                image_repository: "registry.k8s.io".into(),
+            },
+            validity: Duration::from_secs(3600),
+        }
+    }
+
+    fn report(id: &str, attempt: u32, state: WireState) -> TaskReport {
+        TaskReport { task_id: id.into(), attempt, state: state as i32, output: "out".into(), changed: true }
+    }
+
+    #[tokio::test]
+    async fn only_the_owner_reports_and_stale_attempts_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let r = Rollouts::new(store.clone(), Sessions::new(|_| {}), RolloutSettings::default());
+        let rec = r.create(new_cluster()).unwrap();
+        assert_eq!(rec.state, ClusterState::Running);
+        let id = "lab/preflight/m1/preflight";
+        // Nothing is connected, so the task is still pending: a report for it changes nothing.
+        r.report("m1", &report(id, 1, WireState::Succeeded)).unwrap();
+        let t: TaskRecord = get_json(&*store, Table::Tasks, id).unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Pending);
+        // Mark it running at attempt 2 (as the driver would), then report.
+        let mut t = t;
+        t.state = TaskState::Running;
+        t.attempt = 2;
+        put_json(&*store, Table::Tasks, id, &t, Durability::Flush).unwrap();
+        assert!(matches!(r.report("w1", &report(id, 2, WireState::Succeeded)), Err(RolloutError::NotYours { .. })));
+        assert!(matches!(r.report("m1", &report("lab/nope", 1, WireState::Failed)), Err(RolloutError::UnknownTask(_))));
+        assert!(matches!(r.report("m1", &report(id, 2, WireState::Unspecified)), Err(RolloutError::Invalid(_))));
+        r.report("m1", &report(id, 1, WireState::Failed)).unwrap();
+        let t: TaskRecord = get_json(&*store, Table::Tasks, id).unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Running, "a late report for an older attempt is ignored");
+        r.report("m1", &report(id, 2, WireState::Succeeded)).unwrap();
+        let t: TaskRecord = get_json(&*store, Table::Tasks, id).unwrap().unwrap();
+        assert_eq!((t.state, t.changed, t.output.as_str()), (TaskState::Succeeded, true, "out"));
+        // The secrets never appear in the admin view.
+        let view = super::super::view::build(&r.get("lab").unwrap(), &r.tasks("lab").unwrap(), true);
+        let json = serde_json::to_string(&view).unwrap();
+        assert!(!json.contains("PRIVATE KEY") && !json.contains(&rec.secrets.bootstrap_token));
+        // Hosts of a running cluster cannot be claimed by another.
+        let mut other = new_cluster();
+        other.shape.name = "other".into();
+        assert!(matches!(r.create(other), Err(RolloutError::Invalid(m)) if m.contains("already belong")));
+        assert!(matches!(r.create(new_cluster()), Err(RolloutError::Exists { .. })));
+    }
+
+    #[test]
+    fn specs_send_keys_only_to_masters() {
+        let rec_store = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(rec_store.path()).unwrap());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let r = rt.block_on(async { Rollouts::new(store, Sessions::new(|_| {}), RolloutSettings::default()) });
+        let rec = rt.block_on(async { r.create(new_cluster()).unwrap() });
+        let pki =
+            Task { id: "lab/init/m1/pki".into(), host: "m1".into(), kind: "pki".into(), description: String::new() };
+        let spec = serde_json::to_string(&specs::spec_for(&rec, &pki).unwrap()).unwrap();
+        assert!(spec.contains("PRIVATE KEY"));
+        let join = Task {
+            id: "lab/join-workers/w1/kubeadm-join".into(),
+            host: "w1".into(),
+            kind: "kubeadm-join".into(),
+            description: String::new(),
+        };
+        let spec = serde_json::to_string(&specs::spec_for(&rec, &join).unwrap()).unwrap();
+        assert!(!spec.contains("PRIVATE KEY") && spec.contains(&rec.secrets.bootstrap_token));
+        let lb =
+            Task { id: "lab/sync-ipvs/w1/lb".into(), host: "w1".into(), kind: "lb".into(), description: String::new() };
+        let spec = serde_json::to_string(&specs::spec_for(&rec, &lb).unwrap()).unwrap();
+        assert!(spec.contains("10.103.97.2:6443") && spec.contains("10.0.0.1:6443") && !spec.contains("PRIVATE KEY"));
+        let hosts = Task {
+            id: "lab/hosts/w1/hosts".into(),
+            host: "w1".into(),
+            kind: "hosts".into(),
+            description: String::new(),
+        };
+        let spec = serde_json::to_string(&specs::spec_for(&rec, &hosts).unwrap()).unwrap();
+        assert!(spec.contains(r#"{"ip":"10.103.97.2","names":["apiserver.cluster.local"]}"#), "{spec}");
     }
 }

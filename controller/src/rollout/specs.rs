@@ -20,7 +20,12 @@ fn host<'a>(rec: &'a ClusterRecord, name: &str) -> Result<(&'a PlannedHost, bool
     if let Some(h) = rec.shape.masters.iter().find(|m| m.node == name) {
         return Ok((h, true));
     }
-    rec.shape.workers.iter().find(|w| w.node == name).map(|h| (h, false)).ok_or_else(|| format!("host {name} is not part of cluster {}", rec.name))
+    rec.shape
+        .workers
+        .iter()
+        .find(|w| w.node == name)
+        .map(|h| (h, false))
+        .ok_or_else(|| format!("host {name} is not part of cluster {}", rec.name))
 }
 
 fn inputs(rec: &ClusterRecord) -> ClusterInputs {

@@ -30,7 +30,9 @@ pub struct Ran {
 pub fn which(program: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|d| d.join(program)).find(|p| {
-        std::fs::metadata(p).map(|m| m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0).unwrap_or(false)
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+            .unwrap_or(false)
     })
 }
 
@@ -66,10 +68,7 @@ mod tests {
         assert!(!r.success);
         assert_eq!(r.code, Some(3));
         assert!(r.output.contains("out") && r.output.contains("err"));
-        assert!(matches!(
-            run("sleep", &["5"], Duration::from_millis(100)).await,
-            Err(CommandError::Timeout { .. })
-        ));
+        assert!(matches!(run("sleep", &["5"], Duration::from_millis(100)).await, Err(CommandError::Timeout { .. })));
         assert!(matches!(
             run("no-such-program-fleetadm", &[], Duration::from_secs(1)).await,
             Err(CommandError::NotFound { .. })

@@ -49,8 +49,7 @@ pub fn install(root: &Path, files: &[FileSpec]) -> Result<Vec<String>, FilesErro
     let mut changed = Vec::new();
     for (f, t) in files.iter().zip(targets) {
         let same_content = std::fs::read(&t).map(|c| c == f.contents.as_bytes()).unwrap_or(false);
-        let same_mode =
-            std::fs::metadata(&t).map(|m| m.permissions().mode() & 0o777 == f.mode).unwrap_or(false);
+        let same_mode = std::fs::metadata(&t).map(|m| m.permissions().mode() & 0o777 == f.mode).unwrap_or(false);
         if same_content && same_mode {
             continue;
         }
@@ -88,14 +87,13 @@ mod tests {
     #[test]
     fn refuses_paths_outside_the_kubernetes_tree_before_writing_anything() {
         let root = tempfile::tempdir().unwrap();
-        for bad in ["/etc/passwd", "/etc/kubernetes/../shadow", "etc/kubernetes/x", "/etc/kubernetes", "/etc/kubernetesX/a"] {
+        for bad in
+            ["/etc/passwd", "/etc/kubernetes/../shadow", "etc/kubernetes/x", "/etc/kubernetes", "/etc/kubernetesX/a"]
+        {
             let files = [spec("/etc/kubernetes/ok.conf", 0o600), spec(bad, 0o600)];
             assert!(matches!(install(root.path(), &files), Err(FilesError::OutsideRoot(_))), "{bad}");
         }
         assert!(!root.path().join("etc/kubernetes/ok.conf").exists());
-        assert!(matches!(
-            install(root.path(), &[spec("/etc/kubernetes/x", 0o4755)]),
-            Err(FilesError::BadMode { .. })
-        ));
+        assert!(matches!(install(root.path(), &[spec("/etc/kubernetes/x", 0o4755)]), Err(FilesError::BadMode { .. })));
     }
 }

@@ -20,7 +20,8 @@ fn done_init(kube_dir: &Path) -> bool {
 }
 
 fn done_join(kube_dir: &Path, control_plane: bool) -> bool {
-    kube_dir.join("kubelet.conf").exists() && (!control_plane || kube_dir.join("manifests/kube-apiserver.yaml").exists())
+    kube_dir.join("kubelet.conf").exists()
+        && (!control_plane || kube_dir.join("manifests/kube-apiserver.yaml").exists())
 }
 
 fn write_config(kube_dir: &Path, step: &str, config: &str) -> Result<PathBuf, String> {
@@ -28,7 +29,8 @@ fn write_config(kube_dir: &Path, step: &str, config: &str) -> Result<PathBuf, St
     if let Some(d) = p.parent() {
         fleetadm_common::fsutil::ensure_dir(d, 0o700).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
-    fleetadm_common::fsutil::write_private(&p, config.as_bytes()).map_err(|e| format!("writing {}: {e}", p.display()))?;
+    fleetadm_common::fsutil::write_private(&p, config.as_bytes())
+        .map_err(|e| format!("writing {}: {e}", p.display()))?;
     Ok(p)
 }
 

@@ -77,11 +77,19 @@ impl LbManager {
         let json = serde_json::to_vec_pretty(&d).map_err(|e| e.to_string())?;
         fleetadm_common::fsutil::write_atomic(&self.desired_path(), &json, 0o600)
             .map_err(|e| format!("saving {}: {e}", self.desired_path().display()))?;
-        let same = self.running.lock().map(|r| r.as_ref().is_some_and(|r| r.desired == d && !r.task.is_finished())).unwrap_or(false);
+        let same = self
+            .running
+            .lock()
+            .map(|r| r.as_ref().is_some_and(|r| r.desired == d && !r.task.is_finished()))
+            .unwrap_or(false);
         if !same {
             self.start_guard(d.clone());
         }
-        let mut out = format!("IPVS {} -> {}", d.vip, d.real_servers.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "));
+        let mut out = format!(
+            "IPVS {} -> {}",
+            d.vip,
+            d.real_servers.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+        );
         if changes.0.is_empty() {
             out.push_str("\nno change");
         }

@@ -92,7 +92,12 @@ impl Executor {
             }
         };
         if spec.kind() != a.kind {
-            self.report(&a, TaskState::Failed, false, format!("task kind {} does not match its parameters ({})", a.kind, spec.kind()));
+            self.report(
+                &a,
+                TaskState::Failed,
+                false,
+                format!("task kind {} does not match its parameters ({})", a.kind, spec.kind()),
+            );
             return;
         }
         let digest = spec.digest();
@@ -188,7 +193,15 @@ impl Executor {
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
                 let lines: Vec<String> = entries.iter().map(|e| format!("{} {}", e.ip, e.names.join(" "))).collect();
-                Ok((changed, format!("{}: {}\n{}", p.hosts_file.display(), if changed { "updated" } else { "no change" }, lines.join("\n"))))
+                Ok((
+                    changed,
+                    format!(
+                        "{}: {}\n{}",
+                        p.hosts_file.display(),
+                        if changed { "updated" } else { "no change" },
+                        lines.join("\n")
+                    ),
+                ))
             }
             TaskSpec::Files { files } => {
                 let root = p.root.clone();
@@ -203,7 +216,10 @@ impl Executor {
                         }
                         s
                     })?;
-                Ok((!changed.is_empty(), format!("{n} files in place, {} written\n{}", changed.len(), changed.join("\n"))))
+                Ok((
+                    !changed.is_empty(),
+                    format!("{n} files in place, {} written\n{}", changed.len(), changed.join("\n")),
+                ))
             }
             TaskSpec::KubeadmInit { config } => {
                 kubeadm::init(&p.kube_dir, &config, timeout).await.map(|o| (o.changed, o.output))
@@ -226,7 +242,10 @@ impl Executor {
                 let specs: Vec<_> = manifests
                     .into_iter()
                     .map(|mut m| {
-                        let name = Path::new(&m.path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                        let name = Path::new(&m.path)
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default();
                         m.path = dir.join(name).to_string_lossy().into_owned();
                         m
                     })

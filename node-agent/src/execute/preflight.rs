@@ -19,12 +19,13 @@ pub fn check(ports: &[u16], commands: &[String], proc_swaps: &Path) -> Vec<Strin
     }
     for c in commands {
         if super::command::which(c).is_none() {
-            problems.push(format!("{c} is not installed (not found in PATH); install it or create the cluster with --bundle"));
+            problems.push(format!(
+                "{c} is not installed (not found in PATH); install it or create the cluster with --bundle"
+            ));
         }
     }
     if let Ok(swaps) = std::fs::read_to_string(proc_swaps) {
-        let active: Vec<&str> =
-            swaps.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+        let active: Vec<&str> = swaps.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
         if !active.is_empty() {
             problems.push(format!(
                 "swap is on ({}): run `swapoff -a` and remove swap entries from /etc/fstab",

@@ -142,7 +142,19 @@ fn endpoint(v: &Value, at: &str) -> Result<SocketAddr> {
 }
 
 fn node_registration(v: &Value, at: &str, v4: bool) -> Result<String> {
-    only(v, at, &["name", "criSocket", "taints", "kubeletExtraArgs", "ignorePreflightErrors", "imagePullPolicy", "imagePullSerial"])?;
+    only(
+        v,
+        at,
+        &[
+            "name",
+            "criSocket",
+            "taints",
+            "kubeletExtraArgs",
+            "ignorePreflightErrors",
+            "imagePullPolicy",
+            "imagePullSerial",
+        ],
+    )?;
     extra_args(v.get("kubeletExtraArgs"), &format!("{at}.kubeletExtraArgs"), v4)?;
     let cri = s(v, at, "criSocket")?;
     if !cri.starts_with("unix://") {
@@ -208,7 +220,22 @@ fn check_init(docs: Vec<Value>) -> Result<InitCfg> {
     let d = classify(docs, &["InitConfiguration", "ClusterConfiguration"])?;
     let v4 = d.v4;
     let init = d.get("InitConfiguration").ok_or_else(|| anyhow!("InitConfiguration missing"))?;
-    only(init, "InitConfiguration", &["apiVersion", "kind", "bootstrapTokens", "nodeRegistration", "localAPIEndpoint", "certificateKey", "skipPhases", "patches", "timeouts", "dryRun"])?;
+    only(
+        init,
+        "InitConfiguration",
+        &[
+            "apiVersion",
+            "kind",
+            "bootstrapTokens",
+            "nodeRegistration",
+            "localAPIEndpoint",
+            "certificateKey",
+            "skipPhases",
+            "patches",
+            "timeouts",
+            "dryRun",
+        ],
+    )?;
     if !v4 && (init.get("timeouts").is_some() || init.get("dryRun").is_some()) {
         bail!("InitConfiguration: timeouts/dryRun need v1beta4");
     }
@@ -222,10 +249,40 @@ fn check_init(docs: Vec<Value>) -> Result<InitCfg> {
         }
         tokens.push(tok.to_string());
     }
-    let name = node_registration(init.get("nodeRegistration").ok_or_else(|| anyhow!("nodeRegistration missing"))?, "InitConfiguration.nodeRegistration", v4)?;
-    let advertise = endpoint(init.get("localAPIEndpoint").ok_or_else(|| anyhow!("localAPIEndpoint missing"))?, "InitConfiguration.localAPIEndpoint")?;
+    let name = node_registration(
+        init.get("nodeRegistration").ok_or_else(|| anyhow!("nodeRegistration missing"))?,
+        "InitConfiguration.nodeRegistration",
+        v4,
+    )?;
+    let advertise = endpoint(
+        init.get("localAPIEndpoint").ok_or_else(|| anyhow!("localAPIEndpoint missing"))?,
+        "InitConfiguration.localAPIEndpoint",
+    )?;
     let cc = d.get("ClusterConfiguration").ok_or_else(|| anyhow!("ClusterConfiguration missing"))?;
-    only(cc, "ClusterConfiguration", &["apiVersion", "kind", "etcd", "networking", "kubernetesVersion", "controlPlaneEndpoint", "apiServer", "controllerManager", "scheduler", "dns", "proxy", "certificatesDir", "imageRepository", "featureGates", "clusterName", "encryptionAlgorithm", "caCertificateValidityPeriod", "certificateValidityPeriod"])?;
+    only(
+        cc,
+        "ClusterConfiguration",
+        &[
+            "apiVersion",
+            "kind",
+            "etcd",
+            "networking",
+            "kubernetesVersion",
+            "controlPlaneEndpoint",
+            "apiServer",
+            "controllerManager",
+            "scheduler",
+            "dns",
+            "proxy",
+            "certificatesDir",
+            "imageRepository",
+            "featureGates",
+            "clusterName",
+            "encryptionAlgorithm",
+            "caCertificateValidityPeriod",
+            "certificateValidityPeriod",
+        ],
+    )?;
     let version = s(cc, "ClusterConfiguration", "kubernetesVersion")?;
     if minor(version)? != minor(&sim_version())? {
         bail!("kubernetesVersion {version} does not match this kubeadm ({})", sim_version());
@@ -267,9 +324,28 @@ struct JoinCfg {
 fn check_join(docs: Vec<Value>) -> Result<JoinCfg> {
     let d = classify(docs, &["JoinConfiguration"])?;
     let j = d.get("JoinConfiguration").ok_or_else(|| anyhow!("JoinConfiguration missing"))?;
-    only(j, "JoinConfiguration", &["apiVersion", "kind", "caCertPath", "discovery", "nodeRegistration", "controlPlane", "skipPhases", "patches", "timeouts", "dryRun"])?;
+    only(
+        j,
+        "JoinConfiguration",
+        &[
+            "apiVersion",
+            "kind",
+            "caCertPath",
+            "discovery",
+            "nodeRegistration",
+            "controlPlane",
+            "skipPhases",
+            "patches",
+            "timeouts",
+            "dryRun",
+        ],
+    )?;
     let disc = j.get("discovery").ok_or_else(|| anyhow!("discovery missing"))?;
-    let disc_fields: &[&str] = if d.v4 { &["bootstrapToken", "file", "tlsBootstrapToken"] } else { &["bootstrapToken", "file", "tlsBootstrapToken", "timeout"] };
+    let disc_fields: &[&str] = if d.v4 {
+        &["bootstrapToken", "file", "tlsBootstrapToken"]
+    } else {
+        &["bootstrapToken", "file", "tlsBootstrapToken", "timeout"]
+    };
     only(disc, "discovery", disc_fields)?;
     let bt = disc.get("bootstrapToken").ok_or_else(|| anyhow!("discovery.bootstrapToken missing"))?;
     only(bt, "discovery.bootstrapToken", &["apiServerEndpoint", "token", "caCertHashes", "unsafeSkipCAVerification"])?;
@@ -277,28 +353,52 @@ fn check_join(docs: Vec<Value>) -> Result<JoinCfg> {
     if !token_ok(&token) {
         bail!("discovery.bootstrapToken.token is not a bootstrap token");
     }
-    let hashes = bt.get("caCertHashes").and_then(Value::as_sequence).ok_or_else(|| anyhow!("caCertHashes missing (refusing unverified discovery)"))?;
+    let hashes = bt
+        .get("caCertHashes")
+        .and_then(Value::as_sequence)
+        .ok_or_else(|| anyhow!("caCertHashes missing (refusing unverified discovery)"))?;
     let ca_hash = hashes.first().and_then(Value::as_str).ok_or_else(|| anyhow!("caCertHashes is empty"))?.to_string();
     let hex = ca_hash.strip_prefix("sha256:").ok_or_else(|| anyhow!("caCertHashes: {ca_hash:?} must be sha256:HEX"))?;
     if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
         bail!("caCertHashes: {ca_hash:?} is not a SHA-256");
     }
-    let name = node_registration(j.get("nodeRegistration").ok_or_else(|| anyhow!("nodeRegistration missing"))?, "JoinConfiguration.nodeRegistration", d.v4)?;
+    let name = node_registration(
+        j.get("nodeRegistration").ok_or_else(|| anyhow!("nodeRegistration missing"))?,
+        "JoinConfiguration.nodeRegistration",
+        d.v4,
+    )?;
     let control_plane = match j.get("controlPlane") {
         Some(cp) => {
             only(cp, "controlPlane", &["localAPIEndpoint", "certificateKey"])?;
-            Some(endpoint(cp.get("localAPIEndpoint").ok_or_else(|| anyhow!("controlPlane.localAPIEndpoint missing"))?, "controlPlane.localAPIEndpoint")?)
+            Some(endpoint(
+                cp.get("localAPIEndpoint").ok_or_else(|| anyhow!("controlPlane.localAPIEndpoint missing"))?,
+                "controlPlane.localAPIEndpoint",
+            )?)
         }
         None => None,
     };
-    Ok(JoinCfg { name, endpoint: s(bt, "bootstrapToken", "apiServerEndpoint")?.to_string(), token, ca_hash, control_plane })
+    Ok(JoinCfg {
+        name,
+        endpoint: s(bt, "bootstrapToken", "apiServerEndpoint")?.to_string(),
+        token,
+        ca_hash,
+        control_plane,
+    })
 }
 
 // ------------------------------------------------------------------ PKI checks
 
 const PAIRS: &[&str] = &[
-    "ca", "apiserver", "apiserver-kubelet-client", "front-proxy-ca", "front-proxy-client", "etcd/ca", "etcd/server",
-    "etcd/peer", "etcd/healthcheck-client", "apiserver-etcd-client",
+    "ca",
+    "apiserver",
+    "apiserver-kubelet-client",
+    "front-proxy-ca",
+    "front-proxy-client",
+    "etcd/ca",
+    "etcd/server",
+    "etcd/peer",
+    "etcd/healthcheck-client",
+    "apiserver-etcd-client",
 ];
 
 fn pem_der(path: &Path) -> Result<Vec<u8>> {
@@ -330,7 +430,11 @@ fn check_pki(dir: &Path, node: &str, advertise: &SocketAddr, endpoint_host: &str
         pem_der(&crt)?;
         let meta = std::fs::metadata(&key).with_context(|| format!("[certs] {} missing", key.display()))?;
         if meta.permissions().mode() & 0o077 != 0 {
-            bail!("[certs] private key {} is mode {:o}; must be 0600", key.display(), meta.permissions().mode() & 0o777);
+            bail!(
+                "[certs] private key {} is mode {:o}; must be 0600",
+                key.display(),
+                meta.permissions().mode() & 0o777
+            );
         }
         PrivateKeyDer::from_pem_file(&key).with_context(|| format!("[certs] reading {}", key.display()))?;
     }
@@ -385,7 +489,11 @@ fn kubelet_files(node: &str, endpoint: &str, ca_pem: &str) -> Result<()> {
         &format!("apiVersion: v1\nkind: Config\nclusters:\n- cluster:\n    certificate-authority-data: {}\n    server: https://{endpoint}\n  name: kubernetes\nusers:\n- name: system:node:{node}\n", encode(ca_pem.as_bytes())),
         0o600,
     )?;
-    write(&format!("{KUBELET_DIR}/config.yaml"), "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n", 0o644)
+    write(
+        &format!("{KUBELET_DIR}/config.yaml"),
+        "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n",
+        0o644,
+    )
 }
 
 /// A tiny base64 encoder (the simulator needs nothing fancier).
@@ -394,7 +502,9 @@ mod base64_like {
         const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = String::new();
         for c in b.chunks(3) {
-            let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+            let n = (u32::from(c[0]) << 16)
+                | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+                | u32::from(*c.get(2).unwrap_or(&0));
             for i in 0..4 {
                 if i <= c.len() {
                     out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
@@ -444,7 +554,8 @@ fn init(docs: &[Value]) -> Result<()> {
     check_pki(&c.cert_dir, &c.name, &c.advertise, &host)?;
     let ca = std::fs::read_to_string(c.cert_dir.join("ca.crt"))?;
     for kc in ["admin.conf", "controller-manager.conf", "scheduler.conf"] {
-        let text = std::fs::read_to_string(format!("{KUBE}/{kc}")).with_context(|| format!("[kubeconfig] {KUBE}/{kc} missing"))?;
+        let text = std::fs::read_to_string(format!("{KUBE}/{kc}"))
+            .with_context(|| format!("[kubeconfig] {KUBE}/{kc} missing"))?;
         if !text.contains(&format!("server: https://{}", c.endpoint)) {
             bail!("[kubeconfig] {kc} does not point at https://{}", c.endpoint);
         }
@@ -510,7 +621,16 @@ fn reset() -> Result<()> {
             let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
         }
     }
-    for p in ["manifests", "kubelet.conf", "admin.conf", "super-admin.conf", "controller-manager.conf", "scheduler.conf", "pki", "sim"] {
+    for p in [
+        "manifests",
+        "kubelet.conf",
+        "admin.conf",
+        "super-admin.conf",
+        "controller-manager.conf",
+        "scheduler.conf",
+        "pki",
+        "sim",
+    ] {
         let p = PathBuf::from(KUBE).join(p);
         let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
     }
@@ -526,13 +646,30 @@ fn reset() -> Result<()> {
 #[derive(Debug)]
 struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
 impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: rustls::pki_types::UnixTime) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -544,7 +681,10 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 fn https(addr: &SocketAddr, host: &str, ca_pem: &str, method: &str, path: &str, bearer: &str) -> Result<(u16, String)> {
     let cfg = if ca_pem.is_empty() {
         let p = Arc::new(rustls::crypto::ring::default_provider());
-        rustls::ClientConfig::builder().dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(p))).with_no_client_auth()
+        rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(p)))
+            .with_no_client_auth()
     } else {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -558,7 +698,10 @@ fn https(addr: &SocketAddr, host: &str, ca_pem: &str, method: &str, path: &str, 
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     let auth = if bearer.is_empty() { String::new() } else { format!("Authorization: Bearer {bearer}\r\n") };
-    tls.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())?;
+    tls.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )?;
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -568,7 +711,8 @@ fn https(addr: &SocketAddr, host: &str, ca_pem: &str, method: &str, path: &str, 
 
 /// The stand-in apiserver: HTTPS with the cluster's apiserver certificate.
 fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(format!("{pki}/apiserver.crt"))?.collect::<Result<_, _>>()?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(format!("{pki}/apiserver.crt"))?.collect::<Result<_, _>>()?;
     let key = PrivateKeyDer::from_pem_file(format!("{pki}/apiserver.key"))?;
     let ca = std::fs::read_to_string(format!("{pki}/ca.crt"))?;
     let cfg = Arc::new(rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key)?);
@@ -596,12 +740,8 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
             let req = String::from_utf8_lossy(&buf).into_owned();
             let mut first = req.lines().next().unwrap_or_default().split_whitespace();
             let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
-            let bearer = req
-                .lines()
-                .find_map(|l| l.strip_prefix("Authorization: Bearer "))
-                .unwrap_or("")
-                .trim()
-                .to_string();
+            let bearer =
+                req.lines().find_map(|l| l.strip_prefix("Authorization: Bearer ")).unwrap_or("").trim().to_string();
             let tokens = std::fs::read_to_string(state.join("tokens")).unwrap_or_default();
             let (code, body) = match (method, path) {
                 ("GET", "/healthz") => (200, "ok".to_string()),
@@ -612,7 +752,8 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
                         (401, "unknown bootstrap token".to_string())
                     } else {
                         let who = p.trim_start_matches("/sim/join/").replace('/', " ");
-                        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(state.join("nodes")).ok();
+                        let mut f =
+                            std::fs::OpenOptions::new().append(true).create(true).open(state.join("nodes")).ok();
                         if let Some(f) = f.as_mut() {
                             let _ = writeln!(f, "{who}");
                         }
@@ -623,7 +764,11 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
             };
             let reason = if code == 200 { "OK" } else { "Error" };
             let _ = tls.write_all(
-                format!("HTTP/1.1 {code} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
+                format!(
+                    "HTTP/1.1 {code} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
             );
             let _ = tls.flush();
             tls.conn.send_close_notify();

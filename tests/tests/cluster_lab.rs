@@ -1,0 +1,144 @@
+//! Rollout failure paths on a lab fleet in network/mount namespaces on this host (control-plane
+//! only, so no IPVS is needed): a host whose kubeadm fails, the failure report, a retry that keeps
+//! finished work, hosts claimed by two clusters, and an agent killed in the middle of a task.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use fleetadm_tests::vm::repo_root;
+
+struct Lab {
+    dir: PathBuf,
+}
+
+impl Lab {
+    fn script(&self) -> PathBuf {
+        repo_root().join("tests/lab/lab.sh")
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(self.script())
+            .args(args)
+            .env("LAB_DIR", &self.dir)
+            .env("LAB_HOSTS", "4")
+            .env("FLEETADM_BIN_DIR", fleetadm_tests::bin("controller").parent().expect("bin dir"))
+            .output()
+            .expect("run lab.sh")
+    }
+    fn ctl(&self, args: &[&str]) -> (bool, String) {
+        let mut a = vec!["ctl"];
+        a.extend_from_slice(args);
+        let o = self.run(&a);
+        let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        (o.status.success(), text)
+    }
+    fn status(&self, name: &str) -> serde_json::Value {
+        let (ok, text) = self.ctl(&["cluster", "status", name, "-o", "json"]);
+        assert!(ok, "{text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+    fn host(&self, h: &str) -> PathBuf {
+        self.dir.join("hosts").join(h)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.run(&["down"]);
+    }
+}
+
+fn task<'a>(st: &'a serde_json::Value, id_suffix: &str) -> &'a serde_json::Value {
+    st["hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|h| h["tasks"].as_array().into_iter().flatten())
+        .find(|t| t["id"].as_str().is_some_and(|id| id.ends_with(id_suffix)))
+        .unwrap_or_else(|| panic!("no task *{id_suffix} in {st}"))
+}
+
+fn set_kubeadm(lab: &Lab, wrapper: Option<&str>) {
+    let link = lab.dir.join("bin/kubeadm");
+    let _ = std::fs::remove_file(&link);
+    let real = fleetadm_tests::bin("kubeadm-sim");
+    match wrapper {
+        None => std::os::unix::fs::symlink(&real, &link).expect("symlink"),
+        Some(body) => {
+            std::fs::write(&link, format!("#!/bin/sh\n{body}\nexec {} \"$@\"\n", real.display())).expect("wrapper");
+            std::fs::set_permissions(&link, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        }
+    }
+}
+
+fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn failed_joins_are_reported_retried_and_resumed() {
+    let lab = Lab { dir: std::env::temp_dir().join(format!("fleetadm-lab-test-{}", std::process::id())) };
+    let up = lab.run(&["up"]);
+    assert!(
+        up.status.success(),
+        "lab up: {}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
+
+    // kubeadm join fails on every host: the rollout stops after the retries, says where and why.
+    set_kubeadm(
+        &lab,
+        Some(r#"if [ "$1" = join ]; then echo "simulated join failure: etcd cluster is unhealthy" >&2; exit 1; fi"#),
+    );
+    let (ok, out) = lab.ctl(&["cluster", "create", "lab", "--masters", "h1,h2,h3"]);
+    assert!(!ok, "create must fail: {out}");
+    assert!(out.contains("h2: kubeadm-join failed after 3 attempt(s)"), "{out}");
+    assert!(out.contains("simulated join failure"), "{out}");
+    assert!(out.contains("controller cluster logs lab"), "points at the logs: {out}");
+    let st = lab.status("lab");
+    assert_eq!(st["state"], "failed");
+    assert_eq!(task(&st, "init/h1/kubeadm-init")["state"], "succeeded");
+    assert_eq!(task(&st, "join-masters/h2/kubeadm-join")["attempt"], 3);
+    assert_eq!(task(&st, "join-masters/h3/kubeadm-join")["state"], "pending", "h3 never started");
+    let (_, logs) = lab.ctl(&["cluster", "logs", "lab", "--host", "h2"]);
+    assert!(logs.contains("etcd cluster is unhealthy"), "{logs}");
+
+    // A host can only be in one cluster.
+    let (ok, out) = lab.ctl(&["cluster", "create", "other", "--masters", "h3"]);
+    assert!(!ok && out.contains("hosts already belong to cluster lab: h3"), "{out}");
+    // Retrying with different hosts is refused; with the same hosts it resumes.
+    let (ok, out) = lab.ctl(&["cluster", "create", "lab", "--masters", "h1,h2"]);
+    assert!(!ok && out.contains("same hosts"), "{out}");
+    set_kubeadm(&lab, None);
+    let (ok, out) = lab.ctl(&["cluster", "create", "lab", "--masters", "h1,h2,h3"]);
+    assert!(ok, "retry must succeed: {out}");
+    let st = lab.status("lab");
+    assert_eq!(st["state"], "succeeded");
+    assert_eq!(task(&st, "init/h1/kubeadm-init")["attempt"], 1, "finished work is not redone");
+    assert_eq!(task(&st, "join-masters/h2/kubeadm-join")["attempt"], 4);
+    assert!(lab.host("h3").join("etc-kubernetes/manifests/kube-apiserver.yaml").exists());
+
+    // An agent killed while its task runs: after its restart the rollout still completes, and
+    // kubeadm init is not run twice over a finished control plane.
+    set_kubeadm(&lab, Some(r#"[ "$1" = init ] && sleep 2"#));
+    let (ok, out) = lab.ctl(&["cluster", "create", "solo", "--masters", "h4", "--detach"]);
+    assert!(ok, "{out}");
+    wait("h4's kubeadm init to start", 60, || task(&lab.status("solo"), "init/h4/kubeadm-init")["state"] == "running");
+    let _ = lab.run(&["stop-agent", "h4"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let _ = lab.run(&["start-agent", "h4"]);
+    let (ok, out) = lab.ctl(&["cluster", "status", "solo", "--watch"]);
+    assert!(ok, "rollout completes after the agent restart: {out}");
+    let journal = std::fs::read_dir(lab.host("h4").join("state/tasks")).expect("agent task journal").count();
+    assert!(journal >= 4, "the agent journals its tasks ({journal})");
+    let (_, logs) = lab.ctl(&["cluster", "logs", "solo", "--host", "h4"]);
+    assert!(
+        logs.contains("already initialised") || logs.contains("initialized successfully"),
+        "kubeadm init ran once or was recognised as done: {logs}"
+    );
+    assert!(Path::new(&lab.host("h4").join("etc-kubernetes/admin.conf")).exists());
+}

@@ -1,0 +1,17 @@
+//! The main job end to end on a real kernel: tests/lab/e2e.sh inside the VM builds a 5-host lab
+//! fleet (network + mount + UTS namespaces, node-agent per host, kubeadm simulator), runs
+//! `controller cluster create` with 3 masters and 2 workers, kills the controller mid-rollout,
+//! and checks hosts files, PKI modes, joins through the workers' IPVS VIP, the CLI views, and the
+//! agent's guard.
+use fleetadm_tests::vm;
+
+#[test]
+fn cluster_create_end_to_end_on_a_real_kernel() {
+    let (ok, console) = vm::run_script("tests/lab/e2e.sh", 900);
+    println!("{console}");
+    let failed = vm::failures(&console);
+    assert!(failed.is_empty(), "failed checks:\n{}", failed.join("\n"));
+    assert!(console.contains("ok - workers h4, h5 joined through the VIP"), "join checks did not run");
+    assert!(console.contains("ok - an agent restart keeps the rules"), "script did not reach its end");
+    assert!(ok, "VM script failed");
+}
