@@ -11,6 +11,19 @@ pub struct FileSpec {
     pub mode: u32,
 }
 
+/// One file of an offline bundle: where it goes inside the bundle, and the content-addressed blob
+/// that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleFile {
+    /// Relative path inside the bundle (`bin/kubeadm`, `conf/kubelet.service`, ...).
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
+    /// Hex SHA-256 of the content.
+    pub sha256: String,
+}
+
 /// One line of the managed /etc/hosts block.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostsEntry {
@@ -37,6 +50,14 @@ pub enum TaskSpec {
     Lb { vip: String, real_servers: Vec<String>, ca_pem: String },
     /// `kubectl apply` these manifests with the admin kubeconfig (first master).
     Addons { manifests: Vec<FileSpec> },
+    /// Fetch the bundle's blobs into the agent's cache (resumable, verified, never twice).
+    FetchBundle { bundle: String, files: Vec<BundleFile> },
+    /// Install the bundle on the host: binaries, units, modules, sysctls, swap off, images, hooks.
+    Bootstrap { bundle: String, kubernetes_version: String, files: Vec<BundleFile> },
+    /// Undo exactly what `Bootstrap` did.
+    BootstrapReset {},
+    /// Apply the bundle's addon manifests (from the agent's blob cache) with kubectl.
+    BundleAddons { files: Vec<BundleFile> },
 }
 
 impl TaskSpec {
@@ -49,7 +70,10 @@ impl TaskSpec {
             TaskSpec::KubeadmJoin { .. } => "kubeadm-join",
             TaskSpec::KubeadmReset { .. } => "kubeadm-reset",
             TaskSpec::Lb { .. } => "lb",
-            TaskSpec::Addons { .. } => "addons",
+            TaskSpec::Addons { .. } | TaskSpec::BundleAddons { .. } => "addons",
+            TaskSpec::FetchBundle { .. } => "fetch-bundle",
+            TaskSpec::Bootstrap { .. } => "bootstrap",
+            TaskSpec::BootstrapReset {} => "bootstrap-reset",
         }
     }
 
@@ -75,5 +99,37 @@ mod tests {
         assert!(serde_json::from_str::<TaskSpec>(r#"{"kind":"hosts","entries":[],"x":1}"#).is_err());
         assert!(serde_json::from_str::<TaskSpec>(r#"{"kind":"format-disk"}"#).is_err());
         assert_ne!(s.digest(), TaskSpec::KubeadmJoin { config: "y".into(), control_plane: true }.digest());
+    }
+}
+
+/// Is `p` a safe relative path inside a bundle: no absolute path, no `..`, no empty or `.`
+/// components, no NUL, not too long.
+pub fn safe_bundle_path(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 4096
+        && !p.starts_with('/')
+        && !p.contains('\0')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// Is `s` a lowercase hex SHA-256.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+
+    #[test]
+    fn bundle_paths() {
+        for ok in ["bin/kubeadm", "conf/10-kubeadm.conf", "images/a.tar"] {
+            assert!(safe_bundle_path(ok), "{ok}");
+        }
+        for bad in ["", "/etc/passwd", "../x", "bin/../../x", "bin//x", "./bin/x", "bin/.", "a\0b"] {
+            assert!(!safe_bundle_path(bad), "{bad}");
+        }
+        assert!(is_sha256_hex(&"ab".repeat(32)));
+        assert!(!is_sha256_hex(&"AB".repeat(32)) && !is_sha256_hex("ab"));
     }
 }

@@ -87,6 +87,7 @@ pub async fn serve(
         node_cert_validity: opts.node_cert_validity,
         heartbeat_interval: opts.heartbeat_interval,
         enroll_endpoint: enroll_endpoint(&opts),
+        data_dir: opts.data_dir.clone(),
     };
     let ca_pem = ca.cert_pem().to_string();
     let pin = ca.pin().to_string();

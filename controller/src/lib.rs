@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod bundle;
 pub mod cli;
 pub mod daemon;
 pub mod dispatch;

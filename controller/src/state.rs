@@ -17,6 +17,8 @@ pub struct Settings {
     pub heartbeat_interval: Duration,
     /// What agents should dial (HOST:PORT), shown in the enrollment command.
     pub enroll_endpoint: String,
+    /// The controller's data directory (state store, PKI, blobs).
+    pub data_dir: std::path::PathBuf,
 }
 
 pub struct Controller {
@@ -26,6 +28,9 @@ pub struct Controller {
     pub ca: FleetCa,
     pub sessions: Sessions,
     pub rollouts: Arc<Rollouts>,
+    pub bundles: Arc<crate::bundle::Bundles>,
+    /// Bounds the blob chunks served at once (transfers to many agents share the disk and link).
+    pub transfers: Arc<tokio::sync::Semaphore>,
     pub settings: Settings,
 }
 
@@ -38,7 +43,18 @@ impl Controller {
             tracing::info!(node = name, "session closed");
         });
         let rollouts = Rollouts::new(store.clone(), sessions.clone(), RolloutSettings::default());
-        Arc::new(Self { tokens: Tokens::new(store.clone()), nodes, store, ca, sessions, rollouts, settings })
+        let bundles = Arc::new(crate::bundle::Bundles::new(store.clone(), &settings.data_dir));
+        Arc::new(Self {
+            tokens: Tokens::new(store.clone()),
+            nodes,
+            store,
+            ca,
+            sessions,
+            rollouts,
+            bundles,
+            transfers: Arc::new(tokio::sync::Semaphore::new(32)),
+            settings,
+        })
     }
 
     /// Make lazily written liveness data durable before exit (one flushed write flushes all).

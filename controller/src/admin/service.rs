@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use fleetadm_proto::admin_server::Admin;
 use fleetadm_proto::{
-    server_event, ClusterRef, ClusterView, ClusterViews, CreateClusterRequest, CreateTokenRequest, Empty, Kubeconfig,
+    server_event, BundlePath, BundleRef, BundleView, BundleViews, ClusterRef, ClusterView, ClusterViews, CreateClusterRequest, CreateTokenRequest, Empty, Kubeconfig,
     NodeInfo, NodeList, NodeRef, PlanClusterRequest, PlanClusterResponse, ServerEvent, Shutdown, TokenInfo, TokenList,
     TokenRef,
 };
@@ -140,7 +140,7 @@ impl Admin for AdminService {
 
     async fn plan_cluster(&self, req: Request<PlanClusterRequest>) -> Result<Response<PlanClusterResponse>, Status> {
         let req = req.into_inner();
-        let resp = self.blocking(move |ctl| Ok(crate::plan::resolve::plan(&req, &candidates(ctl)?))).await?;
+        let resp = self.blocking(move |ctl| Ok(resolve_with_bundle(ctl, req)?.0.response)).await?;
         Ok(Response::new(resp))
     }
 
@@ -150,7 +150,7 @@ impl Admin for AdminService {
         let rollouts = self.ctl.rollouts.clone();
         let view = self
             .blocking(move |ctl| {
-                let resolved = crate::plan::resolve::resolve_request(&plan_req, &candidates(ctl)?);
+                let (resolved, bundle, plan_req) = resolve_with_bundle(ctl, plan_req)?;
                 let Some(shape) = resolved.shape else {
                     return Err(Status::failed_precondition(resolved.response.errors.join("\n")));
                 };
@@ -171,7 +171,12 @@ impl Admin for AdminService {
                     image_repository: "registry.k8s.io".into(),
                 };
                 let rec = rollouts
-                    .create(crate::rollout::driver::NewCluster { shape, spec, validity })
+                    .create(crate::rollout::driver::NewCluster {
+                        shape,
+                        spec,
+                        validity,
+                        bundle_files: bundle.map(|b| b.files).unwrap_or_default(),
+                    })
                     .map_err(rollout_status)?;
                 cluster_view(ctl, &rec, false)
             })
@@ -200,6 +205,35 @@ impl Admin for AdminService {
         Ok(Response::new(ClusterViews { clusters }))
     }
 
+    async fn import_bundle(&self, req: Request<BundlePath>) -> Result<Response<BundleView>, Status> {
+        let path = std::path::PathBuf::from(req.into_inner().path);
+        if !path.is_absolute() {
+            return Err(Status::invalid_argument("bundle path must be absolute (the daemon resolves it)"));
+        }
+        let view = self.blocking(move |ctl| ctl.bundles.import(&path).map(|r| bundle_view(&r)).map_err(bundle_status)).await?;
+        Ok(Response::new(view))
+    }
+
+    async fn list_bundles(&self, _: Request<Empty>) -> Result<Response<BundleViews>, Status> {
+        let bundles = self
+            .blocking(move |ctl| ctl.bundles.list().map(|l| l.iter().map(bundle_view).collect()).map_err(bundle_status))
+            .await?;
+        Ok(Response::new(BundleViews { bundles }))
+    }
+
+    async fn remove_bundle(&self, req: Request<BundleRef>) -> Result<Response<BundleView>, Status> {
+        let name = req.into_inner().name;
+        let view = self
+            .blocking(move |ctl| {
+                if let Some(cluster) = ctl.rollouts.cluster_using(&name) {
+                    return Err(bundle_status(crate::bundle::BundleError::InUse { name, cluster }));
+                }
+                ctl.bundles.remove(&name).map(|r| bundle_view(&r)).map_err(bundle_status)
+            })
+            .await?;
+        Ok(Response::new(view))
+    }
+
     async fn get_kubeconfig(&self, req: Request<ClusterRef>) -> Result<Response<Kubeconfig>, Status> {
         let r = req.into_inner();
         tracing::info!(cluster = %r.name, "admin kubeconfig handed out");
@@ -217,6 +251,106 @@ impl Admin for AdminService {
             .await?;
 
         Ok(Response::new(Kubeconfig { yaml }))
+    }
+}
+
+/// Resolve a request, with its bundle (if any): the bundle must exist, its Kubernetes version
+/// is the cluster's (unless the request names the same one), and every host's architecture must
+/// match it.
+#[allow(clippy::type_complexity)]
+fn resolve_with_bundle(
+    ctl: &Controller,
+    mut req: PlanClusterRequest,
+) -> Result<(crate::plan::resolve::Resolved, Option<crate::bundle::manifest::Manifest>, PlanClusterRequest), Status> {
+    let mut errors = Vec::new();
+    let bundle = if req.bundle.is_empty() {
+        if req.version.is_empty() {
+            req.version = DEFAULT_KUBERNETES_VERSION.into();
+        }
+        None
+    } else {
+        match ctl.bundles.get(&req.bundle) {
+            Ok(b) => {
+                if req.version.is_empty() {
+                    req.version = b.manifest.kubernetes_version.clone();
+                } else if req.version != b.manifest.kubernetes_version {
+                    errors.push(format!(
+                        "--version {} but bundle {} carries Kubernetes {}",
+                        req.version, req.bundle, b.manifest.kubernetes_version
+                    ));
+                }
+                Some(b.manifest)
+            }
+            Err(e) => {
+                errors.push(e.to_string());
+                req.version = DEFAULT_KUBERNETES_VERSION.into();
+                None
+            }
+        }
+    };
+    let nodes = candidates(ctl)?;
+    let mut resolved = crate::plan::resolve::resolve_request(&req, &nodes);
+    if let (Some(b), Some(shape)) = (&bundle, &resolved.shape) {
+        for h in shape.masters.iter().chain(shape.workers.iter()) {
+            let arch = nodes
+                .iter()
+                .find(|c| c.record.name == h.node)
+                .and_then(|c| c.facts.as_ref())
+                .map(|f| debian_arch(&f.arch))
+                .unwrap_or_default();
+            if !arch.is_empty() && arch != b.arch {
+                errors.push(format!("{}: host architecture {arch} does not match bundle {} ({})", h.node, b.name, b.arch));
+            }
+        }
+    }
+    if !errors.is_empty() {
+        resolved.response.errors.extend(errors);
+        resolved.shape = None;
+    }
+    Ok((resolved, bundle, req))
+}
+
+const DEFAULT_KUBERNETES_VERSION: &str = "v1.29.9";
+
+/// Kernel machine name -> Debian architecture.
+fn debian_arch(machine: &str) -> String {
+    match machine {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "ppc64le" => "ppc64el",
+        "riscv64" => "riscv64",
+        "s390x" => "s390x",
+        other => other,
+    }
+    .to_string()
+}
+
+fn bundle_view(r: &crate::bundle::BundleRecord) -> BundleView {
+    BundleView {
+        name: r.manifest.name.clone(),
+        kubernetes_version: r.manifest.kubernetes_version.clone(),
+        arch: r.manifest.arch.clone(),
+        files: r.manifest.files.len() as u32,
+        total_bytes: r.manifest.total_bytes(),
+        new_bytes: r.new_bytes,
+        imported_at_unix_ms: r.imported_ms,
+    }
+}
+
+fn bundle_status(e: crate::bundle::BundleError) -> Status {
+    use crate::bundle::BundleError as E;
+    match e {
+        E::NotFound(_) => Status::not_found(e.to_string()),
+        E::InUse { .. } | E::Conflict(_) => Status::failed_precondition(e.to_string()),
+        E::Io { .. } => {
+            let mut msg = e.to_string();
+            if let Some(src) = std::error::Error::source(&e) {
+                msg.push_str(&format!(": {src}"));
+            }
+            Status::invalid_argument(msg)
+        }
+        E::Store(_) => Status::internal(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
     }
 }
 

@@ -80,16 +80,16 @@ pub struct CreateArgs {
     /// A sealos Clusterfile (apps.sealos.io/v1beta1 Cluster, plus kubeadm documents).
     #[arg(short = 'f', long = "file")]
     clusterfile: Option<PathBuf>,
-    /// Kubernetes version.
-    #[arg(long = "version", id = "kube_version", default_value = "v1.29.9")]
-    kube_version: String,
+    /// Kubernetes version [default: the bundle's, or v1.29.9 without a bundle].
+    #[arg(long = "version", id = "kube_version")]
+    kube_version: Option<String>,
     #[arg(long, default_value = "10.103.97.2")]
     vip: String,
     #[arg(long, default_value = "100.64.0.0/10")]
     pod_cidr: String,
     #[arg(long, default_value = "10.96.0.0/22")]
     service_cidr: String,
-    /// Offline bundle to distribute and bootstrap from.
+    /// Offline bundle (see `controller bundle import`) to distribute to the hosts and install.
     #[arg(long)]
     bundle: Option<String>,
     /// Workers joined at once: N or P%.
@@ -215,17 +215,13 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
     if clusterfile.is_empty() && a.name.is_none() {
         anyhow::bail!("give a cluster name (controller cluster create NAME --masters ...) or -f Clusterfile");
     }
-    if let Some(b) = &a.bundle {
-        anyhow::bail!(
-            "--bundle {b}: bundle distribution is not available in this build; omit --bundle when the hosts already carry kubeadm, kubelet and a container runtime"
-        );
-    }
     let mut c = client::connect(&a.data.data_dir).await?;
     let plan_req = PlanClusterRequest {
         name: a.name.clone().unwrap_or_default(),
         masters: a.masters.clone(),
         nodes: a.nodes.clone(),
-        version: a.kube_version.clone(),
+        version: a.kube_version.clone().unwrap_or_default(),
+        bundle: a.bundle.clone().unwrap_or_default(),
         vip: a.vip.clone(),
         pod_cidr: a.pod_cidr.clone(),
         service_cidr: a.service_cidr.clone(),

@@ -1,5 +1,6 @@
 //! The `controller` command line: `serve` runs the daemon; every other subcommand is an admin
 //! client that talks to the running daemon over `DATA_DIR/admin.sock`.
+pub mod bundle;
 pub mod cluster;
 pub mod nodes;
 pub mod serve;
@@ -29,6 +30,9 @@ pub enum Command {
     /// Inspect and revoke enrolled nodes.
     #[command(subcommand)]
     Nodes(nodes::NodesCmd),
+    /// Build, import, list and remove offline bundles.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCmd),
     /// Plan and create clusters.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
@@ -64,6 +68,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(c) => token::run(c).await,
         Command::Nodes(c) => nodes::run(c).await,
         Command::Cluster(c) => cluster::run(c).await,
+        Command::Bundle(c) => bundle::run(c).await,
         Command::GenerateDocs { out } => {
             fleetadm_common::docs::generate(<Cli as clap::CommandFactory>::command(), &out)?;
             Ok(())

@@ -5,7 +5,7 @@ use fleetadm_common::clock::now_unix_ms;
 use fleetadm_proto::agent_server::Agent;
 use fleetadm_proto::{
     server_event, Ack, ConnectRequest, HeartbeatRequest, HeartbeatResponse, Inventory, RenewRequest, RenewResponse,
-    ServerEvent, TaskReport, Welcome,
+    BlobChunk, FetchBlobRequest, ServerEvent, TaskReport, Welcome,
 };
 use tonic::{Request, Response, Status};
 
@@ -14,6 +14,9 @@ use super::sessions::SessionStream;
 use crate::enroll::csr;
 use crate::enroll::service::node_status;
 use crate::state::Controller;
+
+/// Largest blob chunk per call (under the 1 MiB message limit).
+pub const CHUNK_MAX: usize = 768 * 1024;
 
 pub struct AgentService {
     ctl: Arc<Controller>,
@@ -95,6 +98,37 @@ impl Agent for AgentService {
                 }
             })?;
         Ok(Response::new(Ack {}))
+    }
+
+    async fn fetch_blob(&self, req: Request<FetchBlobRequest>) -> Result<Response<BlobChunk>, Status> {
+        let id = authenticate(&req, &self.ctl.nodes)?;
+        let r = req.into_inner();
+        if !fleetadm_common::tasks::is_sha256_hex(&r.sha256) {
+            return Err(Status::invalid_argument("sha256 must be 64 lowercase hex digits"));
+        }
+        let ctl = self.ctl.clone();
+        let node = id.name.clone();
+        let (bundle, sha) = (r.bundle.clone(), r.sha256.clone());
+        let allowed = tokio::task::spawn_blocking(move || {
+            ctl.rollouts.node_uses_bundle(&node, &bundle) && ctl.bundles.holds(&bundle, &sha)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        if !allowed {
+            tracing::warn!(node = %id.name, bundle = %r.bundle, blob = %r.sha256, "blob request refused");
+            return Err(Status::permission_denied(format!(
+                "node {} is not in a cluster that uses bundle {} with blob {}",
+                id.name, r.bundle, r.sha256
+            )));
+        }
+        let _permit = self.ctl.transfers.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
+        let max = (r.max_len as usize).clamp(1, CHUNK_MAX);
+        let ctl = self.ctl.clone();
+        let (data, size) = tokio::task::spawn_blocking(move || ctl.bundles.blobs.read_chunk(&r.sha256, r.offset, max))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(BlobChunk { data, size }))
     }
 
     async fn renew_certificate(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {

@@ -140,7 +140,7 @@ pub fn resolve_request(req: &PlanClusterRequest, nodes: &[Candidate]) -> Resolve
                 masters: m.into_iter().map(|(h, _)| h).collect(),
                 workers: w.into_iter().map(|(h, _)| h).collect(),
                 wave_size: wave,
-                bundle: None,
+                bundle: (!req.bundle.is_empty()).then(|| req.bundle.clone()),
             };
             let plan = phases::build(&shape);
             resp.plan_text = plan.render();

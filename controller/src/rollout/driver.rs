@@ -74,6 +74,8 @@ pub struct Rollouts {
 /// The inputs of a new cluster, already resolved against the enrolled nodes.
 pub struct NewCluster {
     pub shape: ClusterShape,
+    /// The bundle's files, when the cluster is built from one.
+    pub bundle_files: Vec<fleetadm_common::tasks::BundleFile>,
     pub spec: ClusterSpec,
     pub validity: Duration,
 }
@@ -105,6 +107,19 @@ impl Rollouts {
 
     pub fn list(&self) -> Result<Vec<ClusterRecord>, RolloutError> {
         Ok(list_json(&*self.store, Table::Clusters)?)
+    }
+
+    /// Whether `node` belongs to a cluster (not failed for good) that uses `bundle`.
+    pub fn node_uses_bundle(&self, node: &str, bundle: &str) -> bool {
+        self.list().unwrap_or_default().iter().any(|c| {
+            c.shape.bundle.as_deref() == Some(bundle)
+                && c.shape.masters.iter().chain(c.shape.workers.iter()).any(|h| h.node == node)
+        })
+    }
+
+    /// The cluster using `bundle`, if any.
+    pub fn cluster_using(&self, bundle: &str) -> Option<String> {
+        self.list().unwrap_or_default().into_iter().find(|c| c.shape.bundle.as_deref() == Some(bundle)).map(|c| c.name)
     }
 
     pub fn tasks(&self, cluster: &str) -> Result<Vec<TaskRecord>, RolloutError> {
@@ -175,6 +190,7 @@ impl Rollouts {
             secrets: ClusterSecrets { pki, bootstrap_token: BootstrapToken::generate().expose(), ca_cert_hash },
             failed_workers: vec![],
             conditions: vec![],
+            bundle_files: new.bundle_files,
         };
         // Tasks first, the cluster record last: a crash in between leaves no half-recorded cluster.
         for phase in &rec.plan.phases {
@@ -529,6 +545,7 @@ mod tests {
                 wave_size: 1,
                 bundle: None,
             },
+            bundle_files: vec![],
             spec: ClusterSpec {
                 version: "v1.29.9".into(),
                 pod_cidr: "100.64.0.0/10".into(),

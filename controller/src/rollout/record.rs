@@ -85,6 +85,9 @@ pub struct ClusterRecord {
     pub failed_workers: Vec<String>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The files of the cluster's bundle (a snapshot; the bundle cannot be removed while used).
+    #[serde(default)]
+    pub bundle_files: Vec<fleetadm_common::tasks::BundleFile>,
 }
 
 impl ClusterRecord {

@@ -65,6 +65,10 @@ fn hosts_entries(rec: &ClusterRecord, apiserver: std::net::IpAddr) -> Vec<HostsE
     entries
 }
 
+fn bundle_name(rec: &ClusterRecord) -> Result<String, String> {
+    rec.shape.bundle.clone().ok_or_else(|| format!("cluster {} has no bundle", rec.name))
+}
+
 pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<TaskSpec, String> {
     let (h, is_master) = host(rec, &task.host)?;
     let master0 = rec.shape.masters.first().ok_or("cluster has no masters")?;
@@ -104,7 +108,16 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<TaskSpec, String> {
             real_servers: rec.shape.masters.iter().map(|m| std::net::SocketAddr::new(m.ip, 6443).to_string()).collect(),
             ca_pem: rec.secrets.pki.ca_cert_pem.clone(),
         },
-        other => return Err(format!("task kind {other} needs a bundle, which this controller cannot distribute yet")),
+        "fetch-bundle" => TaskSpec::FetchBundle { bundle: bundle_name(rec)?, files: rec.bundle_files.clone() },
+        "bootstrap" => TaskSpec::Bootstrap {
+            bundle: bundle_name(rec)?,
+            kubernetes_version: rec.spec.version.clone(),
+            files: rec.bundle_files.clone(),
+        },
+        "addons" => TaskSpec::BundleAddons {
+            files: rec.bundle_files.iter().filter(|f| f.path.starts_with("manifests/")).cloned().collect(),
+        },
+        other => return Err(format!("unknown task kind {other}")),
     })
 }
 
@@ -112,6 +125,8 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<TaskSpec, String> {
 pub fn timeout_secs(kind: &str) -> u32 {
     match kind {
         "kubeadm-init" | "kubeadm-join" | "kubeadm-reset" => 900,
+        "fetch-bundle" => 3600,
+        "bootstrap" | "addons" => 600,
         "lb" => 180,
         _ => 120,
     }

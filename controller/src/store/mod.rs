@@ -23,6 +23,8 @@ pub enum Table {
     Clusters,
     /// One record per rollout task, keyed by task id (`cluster/phase/host/kind`).
     Tasks,
+    /// Imported bundles, by name.
+    Bundles,
 }
 
 impl Table {
@@ -34,6 +36,7 @@ impl Table {
             Table::Meta => "meta",
             Table::Clusters => "clusters",
             Table::Tasks => "tasks",
+            Table::Bundles => "bundles",
         }
     }
 }
