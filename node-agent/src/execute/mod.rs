@@ -1,7 +1,9 @@
 //! Executing the tasks the controller assigns: one module per kind, each idempotent and reporting
 //! whether it changed anything. [`Executor`] receives assignments from the session, answers
 //! duplicates from the [`journal`], runs new ones in the background and hands reports back.
+pub mod bootstrap;
 pub mod command;
+pub mod fetch;
 pub mod files;
 pub mod hosts;
 pub mod journal;
@@ -45,6 +47,8 @@ impl HostPaths {
 }
 
 pub struct Executor {
+    state_dir: PathBuf,
+    dial: fleetadm_common::dial::DialOptions,
     journal: Journal,
     paths: HostPaths,
     lb: lb::LbManager,
@@ -65,9 +69,15 @@ fn bounded(mut s: String) -> String {
 
 impl Executor {
     /// The executor and the stream of reports the session must deliver.
-    pub fn new(state_dir: &Path, paths: HostPaths) -> (Arc<Self>, mpsc::UnboundedReceiver<TaskReport>) {
+    pub fn new(
+        state_dir: &Path,
+        paths: HostPaths,
+        dial: fleetadm_common::dial::DialOptions,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<TaskReport>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let ex = Arc::new(Self {
+            state_dir: state_dir.to_path_buf(),
+            dial,
             journal: Journal::new(state_dir),
             paths,
             lb: lb::LbManager::new(state_dir),
@@ -129,7 +139,11 @@ impl Executor {
             me.report(&a, TaskState::Running, false, String::new());
             tracing::info!(task = %a.task_id, attempt = a.attempt, kind = %a.kind, "task started");
             let timeout = Duration::from_secs(u64::from(a.timeout_secs.max(1)));
-            let result = match tokio::time::timeout(timeout, me.execute(spec, timeout)).await {
+            let progress = {
+                let (me, a) = (me.clone(), a.clone());
+                move |msg: String| me.report(&a, TaskState::Running, false, msg)
+            };
+            let result = match tokio::time::timeout(timeout, me.execute(spec, timeout, &progress)).await {
                 Ok(r) => r,
                 Err(_) => Err(format!("timed out after {}s", timeout.as_secs())),
             };
@@ -167,9 +181,88 @@ impl Executor {
         });
     }
 
-    async fn execute(&self, spec: TaskSpec, timeout: Duration) -> Result<(bool, String), String> {
+    async fn execute(
+        &self,
+        spec: TaskSpec,
+        timeout: Duration,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<(bool, String), String> {
         let p = &self.paths;
         match spec {
+            TaskSpec::FetchBundle { bundle, files } => {
+                let identity = crate::identity::Identity::load(&crate::identity::StateDir::new(&self.state_dir))
+                    .map_err(|e| e.to_string())?;
+                let opts = crate::session::RunOptions { dial: self.dial.clone(), ..Default::default() };
+                let client = crate::session::connect(&identity, &opts).await?;
+                let mut src = fetch::Remote { bundle: bundle.clone(), client };
+                let cache = fetch::BlobCache::new(&self.state_dir);
+                let mut last = std::time::Instant::now();
+                let stats = fetch::fetch_all(&cache, &mut src, &files, |done, total| {
+                    if last.elapsed() >= Duration::from_secs(1) {
+                        last = std::time::Instant::now();
+                        progress(format!("fetched {done} of {total} bytes"));
+                    }
+                })
+                .await?;
+                Ok((
+                    stats.fetched > 0,
+                    format!(
+                        "bundle {bundle}: {} blobs fetched ({} bytes, {} resumed), {} already cached",
+                        stats.fetched, stats.bytes, stats.resumed_bytes, stats.cached
+                    ),
+                ))
+            }
+            TaskSpec::Bootstrap { bundle, kubernetes_version, files } => {
+                let state_dir = self.state_dir.clone();
+                let root = p.root.clone();
+                tokio::task::spawn_blocking(move || {
+                    let cache = fetch::BlobCache::new(&state_dir);
+                    let mut b = bootstrap::Bootstrap {
+                        root,
+                        cache: &cache,
+                        record_path: state_dir.join("bootstrap.json"),
+                        sys: bootstrap::HostSystem,
+                    };
+                    b.install(&files, &bundle, &kubernetes_version)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|changes| {
+                    let real: Vec<&String> = changes.iter().filter(|c| !c.starts_with("warning") && !c.starts_with("skipped")).collect();
+                    (!real.is_empty(), if changes.is_empty() { "no change".to_string() } else { changes.join("\n") })
+                })
+            }
+            TaskSpec::BootstrapReset {} => {
+                let state_dir = self.state_dir.clone();
+                let root = p.root.clone();
+                tokio::task::spawn_blocking(move || {
+                    let cache = fetch::BlobCache::new(&state_dir);
+                    let mut b = bootstrap::Bootstrap {
+                        root,
+                        cache: &cache,
+                        record_path: state_dir.join("bootstrap.json"),
+                        sys: bootstrap::HostSystem,
+                    };
+                    b.reset()
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|changes| (!changes.is_empty(), if changes.is_empty() { "nothing to undo".into() } else { changes.join("\n") }))
+            }
+            TaskSpec::BundleAddons { files } => {
+                let cache = fetch::BlobCache::new(&self.state_dir);
+                let mut manifests = Vec::new();
+                for f in &files {
+                    let data = std::fs::read(cache.path(&f.sha256))
+                        .map_err(|e| format!("{} is not fetched: {e}", f.path))?;
+                    manifests.push(fleetadm_common::tasks::FileSpec {
+                        path: f.path.clone(),
+                        contents: String::from_utf8(data).map_err(|_| format!("{} is not text", f.path))?,
+                        mode: 0o600,
+                    });
+                }
+                Box::pin(self.execute(TaskSpec::Addons { manifests }, timeout, progress)).await
+            }
             TaskSpec::Preflight { ports, commands } => {
                 let problems = preflight::check(&ports, &commands, &p.proc_swaps);
                 if problems.is_empty() {

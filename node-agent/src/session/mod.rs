@@ -70,7 +70,7 @@ pub async fn run(
     let mut backoff = Backoff::new(opts.backoff_initial, opts.backoff_max);
     // Tasks and their journal outlive sessions: a task keeps running across a reconnect, and its
     // report goes out on whichever session is open when it finishes.
-    let (executor, mut reports) = Executor::new(&dir.root, HostPaths::system());
+    let (executor, mut reports) = Executor::new(&dir.root, HostPaths::system(), opts.dial.clone());
     executor.resume();
     let mut last_inventory: Option<Inventory> = None;
     loop {
@@ -142,7 +142,7 @@ async fn collect_inventory(dir: &StateDir) -> Inventory {
     tokio::task::spawn_blocking(move || inventory::collect(&src)).await.unwrap_or_default()
 }
 
-async fn connect(identity: &Identity, opts: &RunOptions) -> Result<AgentClient<Channel>, String> {
+pub(crate) async fn connect(identity: &Identity, opts: &RunOptions) -> Result<AgentClient<Channel>, String> {
     let config = dial::client_config(
         &Trust::Ca(identity.ca_der().map_err(|e| e.to_string())?),
         Some(identity.tls_identity().map_err(|e| e.to_string())?),

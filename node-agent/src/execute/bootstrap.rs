@@ -1,0 +1,422 @@
+//! The `bootstrap` task: install a fetched bundle on the host, idempotently, and record exactly
+//! what it did so `bootstrap-reset` can undo it.
+//!
+//! - `bin/*` -> /usr/local/bin (the bundle's modes); `conf/kubelet.service` and
+//!   `conf/10-kubeadm.conf` -> systemd units; `conf/containerd.toml` -> /etc/containerd/config.toml;
+//!   other `conf/*` -> /etc/kubernetes/fleetadm/conf/. Each write is temp-then-rename.
+//! - kernel modules (overlay, br_netfilter, the ip_vs set) loaded now and listed in
+//!   /etc/modules-load.d; sysctls (ip_forward, bridge-nf-call-iptables) set now and persisted in
+//!   /etc/sysctl.d; swap off now (`swapoff -a`) and commented out of /etc/fstab.
+//! - `systemctl daemon-reload` when systemd runs; `images/*` imported with `ctr` when containerd
+//!   runs; `scripts/pre-bootstrap.sh` / `scripts/post-bootstrap.sh` run with a clean environment.
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use fleetadm_common::tasks::BundleFile;
+use serde::{Deserialize, Serialize};
+
+use super::fetch::BlobCache;
+
+pub const MODULES: &[&str] = &["overlay", "br_netfilter", "ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "nf_conntrack"];
+pub const SYSCTLS: &[(&str, &str)] = &[
+    ("net.ipv4.ip_forward", "1"),
+    ("net.bridge.bridge-nf-call-iptables", "1"),
+    ("net.bridge.bridge-nf-call-ip6tables", "1"),
+];
+const MODULES_FILE: &str = "etc/modules-load.d/fleetadm-kubernetes.conf";
+const SYSCTL_FILE: &str = "etc/sysctl.d/99-fleetadm-kubernetes.conf";
+const FSTAB: &str = "etc/fstab";
+const FSTAB_MARK: &str = "#fleetadm-swap-off# ";
+
+/// What touches the running system, beyond files (so the logic is testable without root).
+pub trait System {
+    fn modprobe(&mut self, module: &str) -> Result<(), String>;
+    fn set_sysctl(&mut self, key: &str, value: &str) -> Result<bool, String>;
+    fn swap_active(&mut self) -> bool;
+    fn swapoff(&mut self) -> Result<(), String>;
+    /// `None` when systemd is not running.
+    fn daemon_reload(&mut self) -> Option<Result<(), String>>;
+    /// `None` when containerd (or ctr) is not available.
+    fn import_image(&mut self, path: &Path) -> Option<Result<(), String>>;
+    fn run_hook(&mut self, script: &Path, env: &[(&str, String)]) -> Result<String, String>;
+}
+
+/// What bootstrap installed, kept in the agent's state dir.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Record {
+    /// Installed path (absolute on the host) -> SHA-256 of what was written.
+    pub files: BTreeMap<String, String>,
+    /// fstab lines fleetadm commented out.
+    pub fstab_lines: Vec<String>,
+    /// Image blobs already imported.
+    pub images: Vec<String>,
+}
+
+pub struct Bootstrap<'a, S: System> {
+    /// "/" on a host; a temp dir in tests.
+    pub root: PathBuf,
+    pub cache: &'a BlobCache,
+    pub record_path: PathBuf,
+    pub sys: S,
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Where a bundle file goes (relative to the root), or `None` when bootstrap does not install it.
+pub fn destination(path: &str) -> Option<String> {
+    let (top, rest) = path.split_once('/')?;
+    let name = Path::new(rest).file_name()?.to_string_lossy().into_owned();
+    Some(match (top, rest) {
+        ("bin", _) => format!("usr/local/bin/{name}"),
+        ("conf", "kubelet.service") => "etc/systemd/system/kubelet.service".into(),
+        ("conf", "10-kubeadm.conf") => "etc/systemd/system/kubelet.service.d/10-kubeadm.conf".into(),
+        ("conf", "containerd.toml") | ("conf", "containerd/config.toml") => "etc/containerd/config.toml".into(),
+        ("conf", _) => format!("etc/kubernetes/fleetadm/conf/{rest}"),
+        _ => return None,
+    })
+}
+
+impl<S: System> Bootstrap<'_, S> {
+    fn load_record(&self) -> Record {
+        std::fs::read(&self.record_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    fn save_record(&self, r: &Record) -> Result<(), String> {
+        let json = serde_json::to_vec_pretty(r).map_err(|e| e.to_string())?;
+        fleetadm_common::fsutil::write_atomic(&self.record_path, &json, 0o600)
+            .map_err(|e| format!("saving {}: {e}", self.record_path.display()))
+    }
+
+    /// Write `data` at `rel` (under root) with `mode` unless it is already exactly that.
+    fn ensure_file(&self, rel: &str, data: &[u8], mode: u32, changes: &mut Vec<String>) -> Result<(), String> {
+        let p = self.root.join(rel);
+        let same = std::fs::read(&p).map(|c| c == data).unwrap_or(false)
+            && std::fs::metadata(&p).map(|m| m.permissions().mode() & 0o777 == mode).unwrap_or(false);
+        if same {
+            return Ok(());
+        }
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+        }
+        fleetadm_common::fsutil::write_atomic(&p, data, mode).map_err(|e| format!("writing {}: {e}", p.display()))?;
+        changes.push(format!("installed /{rel}"));
+        Ok(())
+    }
+
+    pub fn install(&mut self, files: &[BundleFile], bundle: &str, version: &str) -> Result<Vec<String>, String> {
+        let mut changes = Vec::new();
+        let mut rec = self.load_record();
+        // Everything must be in the cache and intact before anything is installed.
+        let mut blobs = BTreeMap::new();
+        for f in files {
+            let p = self.cache.path(&f.sha256);
+            let data = std::fs::read(&p).map_err(|e| format!("{} is not fetched ({}): {e}", f.path, p.display()))?;
+            if sha256(&data) != f.sha256 {
+                return Err(format!("{}: cached blob is corrupt; fetch the bundle again", f.path));
+            }
+            blobs.insert(f.path.clone(), data);
+        }
+        let env = |stage: &str| {
+            vec![
+                ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
+                ("FLEETADM_BUNDLE", bundle.to_string()),
+                ("FLEETADM_KUBERNETES_VERSION", version.to_string()),
+                ("FLEETADM_STAGE", stage.to_string()),
+            ]
+        };
+        let hook = |name: &str| files.iter().find(|f| f.path == format!("scripts/{name}"));
+        if let Some(h) = hook("pre-bootstrap.sh") {
+            let out = self.sys.run_hook(&self.cache.path(&h.sha256), &env("pre-bootstrap"))?;
+            changes.push(format!("ran scripts/pre-bootstrap.sh: {}", out.trim()));
+        }
+        for f in files {
+            let Some(dest) = destination(&f.path) else { continue };
+            let mode = if f.path.starts_with("bin/") { f.mode | 0o555 } else { f.mode & 0o644 | 0o600 };
+            self.ensure_file(&dest, &blobs[&f.path], mode, &mut changes)?;
+            rec.files.insert(format!("/{dest}"), f.sha256.clone());
+        }
+        let modules: String = MODULES.iter().map(|m| format!("{m}\n")).collect();
+        self.ensure_file(MODULES_FILE, modules.as_bytes(), 0o644, &mut changes)?;
+        rec.files.insert(format!("/{MODULES_FILE}"), sha256(modules.as_bytes()));
+        let mut warnings = Vec::new();
+        for m in MODULES {
+            if let Err(e) = self.sys.modprobe(m) {
+                warnings.push(format!("warning: module {m}: {e}"));
+            }
+        }
+        let sysctl: String = SYSCTLS.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+        self.ensure_file(SYSCTL_FILE, sysctl.as_bytes(), 0o644, &mut changes)?;
+        rec.files.insert(format!("/{SYSCTL_FILE}"), sha256(sysctl.as_bytes()));
+        for (k, v) in SYSCTLS {
+            match self.sys.set_sysctl(k, v) {
+                Ok(true) => changes.push(format!("set {k}={v}")),
+                Ok(false) => {}
+                Err(e) => warnings.push(format!("warning: sysctl {k}: {e}")),
+            }
+        }
+        if self.sys.swap_active() {
+            self.sys.swapoff()?;
+            changes.push("turned swap off".into());
+        }
+        let fstab = self.root.join(FSTAB);
+        if let Ok(text) = std::fs::read_to_string(&fstab) {
+            let mut out = String::new();
+            let mut commented = Vec::new();
+            for line in text.lines() {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if !line.trim_start().starts_with('#') && fields.get(2) == Some(&"swap") {
+                    out.push_str(&format!("{FSTAB_MARK}{line}\n"));
+                    commented.push(line.to_string());
+                } else {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            if !commented.is_empty() {
+                fleetadm_common::fsutil::write_atomic(&fstab, out.as_bytes(), 0o644)
+                    .map_err(|e| format!("writing {}: {e}", fstab.display()))?;
+                changes.push(format!("disabled {} swap entries in /etc/fstab", commented.len()));
+                rec.fstab_lines.extend(commented);
+            }
+        }
+        if !changes.is_empty() {
+            if let Some(r) = self.sys.daemon_reload() {
+                r?;
+                changes.push("systemctl daemon-reload".into());
+            }
+        }
+        for f in files.iter().filter(|f| f.path.starts_with("images/")) {
+            if rec.images.contains(&f.sha256) {
+                continue;
+            }
+            match self.sys.import_image(&self.cache.path(&f.sha256)) {
+                Some(Ok(())) => {
+                    changes.push(format!("imported {}", f.path));
+                    rec.images.push(f.sha256.clone());
+                }
+                Some(Err(e)) => return Err(format!("importing {}: {e}", f.path)),
+                None => warnings.push(format!("skipped {}: containerd is not running", f.path)),
+            }
+        }
+        if let Some(h) = hook("post-bootstrap.sh") {
+            let out = self.sys.run_hook(&self.cache.path(&h.sha256), &env("post-bootstrap"))?;
+            changes.push(format!("ran scripts/post-bootstrap.sh: {}", out.trim()));
+        }
+        self.save_record(&rec)?;
+        changes.extend(warnings);
+        Ok(changes)
+    }
+
+    /// Undo what install recorded: remove the files it wrote (unless changed since), restore fstab.
+    pub fn reset(&mut self) -> Result<Vec<String>, String> {
+        let rec = self.load_record();
+        let mut changes = Vec::new();
+        for (path, sum) in &rec.files {
+            let p = self.root.join(path.trim_start_matches('/'));
+            match std::fs::read(&p) {
+                Ok(data) if sha256(&data) == *sum => {
+                    std::fs::remove_file(&p).map_err(|e| format!("removing {}: {e}", p.display()))?;
+                    changes.push(format!("removed {path}"));
+                }
+                Ok(_) => changes.push(format!("kept {path}: changed since bootstrap")),
+                Err(_) => {}
+            }
+        }
+        if !rec.fstab_lines.is_empty() {
+            let fstab = self.root.join(FSTAB);
+            if let Ok(text) = std::fs::read_to_string(&fstab) {
+                let out: String = text.lines().map(|l| format!("{}\n", l.strip_prefix(FSTAB_MARK).unwrap_or(l))).collect();
+                fleetadm_common::fsutil::write_atomic(&fstab, out.as_bytes(), 0o644)
+                    .map_err(|e| format!("writing {}: {e}", fstab.display()))?;
+                changes.push(format!("re-enabled {} swap entries in /etc/fstab", rec.fstab_lines.len()));
+            }
+        }
+        if !changes.is_empty() {
+            if let Some(r) = self.sys.daemon_reload() {
+                r?;
+            }
+        }
+        let _ = std::fs::remove_file(&self.record_path);
+        Ok(changes)
+    }
+}
+
+/// The real system.
+pub struct HostSystem;
+
+fn run(prog: &str, args: &[&str]) -> Result<String, String> {
+    let path = super::command::which(prog).ok_or_else(|| format!("{prog} not found in PATH"))?;
+    let out = std::process::Command::new(path).args(args).output().map_err(|e| format!("{prog}: {e}"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{prog} {} failed: {}", args.join(" "), text.trim()))
+    }
+}
+
+impl System for HostSystem {
+    fn modprobe(&mut self, module: &str) -> Result<(), String> {
+        if Path::new("/sys/module").join(module).exists() {
+            return Ok(());
+        }
+        run("modprobe", &[module]).map(drop)
+    }
+    fn set_sysctl(&mut self, key: &str, value: &str) -> Result<bool, String> {
+        let p = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+        let cur = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if cur.trim() == value {
+            return Ok(false);
+        }
+        std::fs::write(&p, value).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(true)
+    }
+    fn swap_active(&mut self) -> bool {
+        std::fs::read_to_string("/proc/swaps").map(|s| s.lines().count() > 1).unwrap_or(false)
+    }
+    fn swapoff(&mut self) -> Result<(), String> {
+        run("swapoff", &["-a"]).map(drop)
+    }
+    fn daemon_reload(&mut self) -> Option<Result<(), String>> {
+        if !Path::new("/run/systemd/system").is_dir() {
+            return None;
+        }
+        Some(run("systemctl", &["daemon-reload"]).map(drop))
+    }
+    fn import_image(&mut self, path: &Path) -> Option<Result<(), String>> {
+        if !Path::new("/run/containerd/containerd.sock").exists() || super::command::which("ctr").is_none() {
+            return None;
+        }
+        Some(run("ctr", &["-n", "k8s.io", "images", "import", &path.to_string_lossy()]).map(drop))
+    }
+    fn run_hook(&mut self, script: &Path, env: &[(&str, String)]) -> Result<String, String> {
+        let out = std::process::Command::new("/bin/sh")
+            .arg(script)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .current_dir("/")
+            .output()
+            .map_err(|e| format!("running {}: {e}", script.display()))?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!("hook {} failed ({}): {}", script.display(), out.status, text.trim()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Fake {
+        log: Vec<String>,
+        swap: bool,
+        sysctl: BTreeMap<String, String>,
+    }
+
+    impl System for &mut Fake {
+        fn modprobe(&mut self, m: &str) -> Result<(), String> {
+            self.log.push(format!("modprobe {m}"));
+            Ok(())
+        }
+        fn set_sysctl(&mut self, k: &str, v: &str) -> Result<bool, String> {
+            Ok(self.sysctl.insert(k.into(), v.into()).as_deref() != Some(v))
+        }
+        fn swap_active(&mut self) -> bool {
+            self.swap
+        }
+        fn swapoff(&mut self) -> Result<(), String> {
+            self.swap = false;
+            self.log.push("swapoff".into());
+            Ok(())
+        }
+        fn daemon_reload(&mut self) -> Option<Result<(), String>> {
+            self.log.push("daemon-reload".into());
+            Some(Ok(()))
+        }
+        fn import_image(&mut self, _: &Path) -> Option<Result<(), String>> {
+            self.log.push("import".into());
+            Some(Ok(()))
+        }
+        fn run_hook(&mut self, s: &Path, env: &[(&str, String)]) -> Result<String, String> {
+            let stage = &env.iter().find(|(k, _)| *k == "FLEETADM_STAGE").unwrap().1;
+            self.log.push(format!("hook {stage} {}", s.exists()));
+            Ok("ok".into())
+        }
+    }
+
+    fn put(cache_dir: &Path, path: &str, body: &[u8], mode: u32) -> BundleFile {
+        let sum = sha256(body);
+        std::fs::create_dir_all(cache_dir.join("blobs")).unwrap();
+        std::fs::write(cache_dir.join("blobs").join(&sum), body).unwrap();
+        BundleFile { path: path.into(), size: body.len() as u64, mode, sha256: sum }
+    }
+
+    #[test]
+    fn installs_is_idempotent_and_reset_undoes_it() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(root.path().join("etc/fstab"), "/dev/sda1 / ext4 defaults 0 1\n/swapfile none swap sw 0 0\n").unwrap();
+        let files = vec![
+            put(state.path(), "bin/kubeadm", b"kubeadm", 0o755),
+            put(state.path(), "conf/kubelet.service", b"[Service]", 0o644),
+            put(state.path(), "conf/10-kubeadm.conf", b"[Service]\nEnvironment=x", 0o644),
+            put(state.path(), "images/pause.tar", b"image", 0o644),
+            put(state.path(), "manifests/cni.yaml", b"kind: List", 0o644),
+            put(state.path(), "scripts/post-bootstrap.sh", b"echo hi", 0o755),
+        ];
+        let cache = BlobCache::new(state.path());
+        let mut fake = Fake { swap: true, ..Default::default() };
+        let mut b = Bootstrap { root: root.path().into(), cache: &cache, record_path: state.path().join("bootstrap.json"), sys: &mut fake };
+        let changes = b.install(&files, "k8s", "v1.29.9").unwrap();
+        let joined = changes.join("\n");
+        for want in [
+            "installed /usr/local/bin/kubeadm",
+            "installed /etc/systemd/system/kubelet.service",
+            "installed /etc/systemd/system/kubelet.service.d/10-kubeadm.conf",
+            "installed /etc/modules-load.d/fleetadm-kubernetes.conf",
+            "turned swap off",
+            "disabled 1 swap entries",
+            "imported images/pause.tar",
+            "daemon-reload",
+        ] {
+            assert!(joined.contains(want), "missing {want:?} in {joined}");
+        }
+        assert!(!root.path().join("usr/local/bin/cni.yaml").exists(), "manifests are not installed by bootstrap");
+        let m = std::fs::metadata(root.path().join("usr/local/bin/kubeadm")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(m, 0o755);
+        let fstab = std::fs::read_to_string(root.path().join("etc/fstab")).unwrap();
+        assert!(fstab.contains("#fleetadm-swap-off# /swapfile") && fstab.contains("/dev/sda1 / ext4"));
+        // Second run: nothing to do.
+        let again = b.install(&files, "k8s", "v1.29.9").unwrap();
+        assert_eq!(again, vec!["ran scripts/post-bootstrap.sh: ok".to_string()], "second run changes nothing");
+        // A corrupt cache entry stops the install before anything is written.
+        std::fs::write(cache.path(&files[0].sha256), b"tampered").unwrap();
+        assert!(b.install(&files, "k8s", "v1.29.9").unwrap_err().contains("corrupt"));
+        // Reset removes what was installed (unless changed) and restores fstab.
+        std::fs::write(root.path().join("etc/systemd/system/kubelet.service"), "edited by the admin").unwrap();
+        let undone = b.reset().unwrap().join("\n");
+        assert!(undone.contains("removed /usr/local/bin/kubeadm"), "{undone}");
+        assert!(undone.contains("kept /etc/systemd/system/kubelet.service: changed since bootstrap"), "{undone}");
+        assert!(!root.path().join("usr/local/bin/kubeadm").exists());
+        assert_eq!(std::fs::read_to_string(root.path().join("etc/fstab")).unwrap(), "/dev/sda1 / ext4 defaults 0 1\n/swapfile none swap sw 0 0\n");
+        assert!(fake.log.iter().any(|l| l == "hook post-bootstrap true"));
+    }
+
+    #[test]
+    fn destinations() {
+        assert_eq!(destination("bin/kubeadm").as_deref(), Some("usr/local/bin/kubeadm"));
+        assert_eq!(destination("conf/containerd.toml").as_deref(), Some("etc/containerd/config.toml"));
+        assert_eq!(destination("conf/kubeadm/extra.yaml").as_deref(), Some("etc/kubernetes/fleetadm/conf/kubeadm/extra.yaml"));
+        assert_eq!(destination("manifests/cni.yaml"), None);
+        assert_eq!(destination("images/x.tar"), None);
+    }
+}
