@@ -35,7 +35,13 @@ pub struct HostsEntry {
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum TaskSpec {
     /// Host checks that need the agent: ports free, swap off, required commands present.
-    Preflight { ports: Vec<u16>, commands: Vec<String> },
+    Preflight {
+        ports: Vec<u16>,
+        commands: Vec<String>,
+        /// Free space needed in the agent's state dir (the bundle cache), bytes.
+        #[serde(default)]
+        free_bytes: u64,
+    },
     /// Converge the managed block of /etc/hosts to these entries.
     Hosts { entries: Vec<HostsEntry> },
     /// Install files (the Kubernetes PKI and kubeconfigs), private keys 0600.

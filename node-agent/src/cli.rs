@@ -55,6 +55,18 @@ pub enum Command {
     /// The node-local apiserver load balancer (IPVS), by hand.
     #[command(subcommand)]
     Lb(crate::lb_cli::LbCmd),
+    /// Install (or with --reset undo) a bundle directory on this host without a controller, with
+    /// the same code as the controller's bootstrap task (air-gapped repair; verifying a bundle).
+    Bootstrap {
+        #[command(flatten)]
+        state: State,
+        /// A bundle directory (with bundle.yaml at its root).
+        #[arg(long, required_unless_present = "reset")]
+        bundle_dir: Option<PathBuf>,
+        /// Undo what bootstrap installed.
+        #[arg(long)]
+        reset: bool,
+    },
     /// Write shell completions and man pages into a directory (used to build packages).
     #[command(hide = true)]
     GenerateDocs { out: PathBuf },
@@ -170,6 +182,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Lb(cmd) => crate::lb_cli::run(cmd, shutdown_signal()).await,
+        Command::Bootstrap { state, bundle_dir, reset } => {
+            let (dir, _) = state.resolve()?;
+            let changes = tokio::task::spawn_blocking(move || crate::execute::bootstrap::local(&dir.root, bundle_dir.as_deref(), reset))
+                .await??;
+            if changes.is_empty() {
+                println!("no change");
+            }
+            for c in changes {
+                println!("{c}");
+            }
+            Ok(())
+        }
         Command::Status { state, output } => {
             let (dir, _) = state.resolve()?;
             let mut v = StatusView {

@@ -10,6 +10,10 @@
 #        tests/lab/lab.sh on HOST CMD...   run a command inside a lab host
 #        tests/lab/lab.sh start-agent|stop-agent HOST, kill-controller, start-controller
 # env:   LAB_HOSTS (5)  LAB_DIR (/tmp/fleetadm-lab)  FLEETADM_BIN_DIR (target/debug)
+#        LAB_BUNDLE=1: hosts start without kubeadm (it comes from a bundle); otherwise kubeadm is
+#        preinstalled on every host. Each host has its own /usr/local/bin, /etc/systemd/system,
+#        /etc/modules-load.d, /etc/sysctl.d and /etc/fstab; kernel modules and the host's systemd
+#        are shared with the machine running the lab.
 # Needs root, iproute2, util-linux (unshare, mount). Traffic stays on the lab bridge.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -36,7 +40,12 @@ on() {
     mount --bind "$d/etc-kubernetes" /etc/kubernetes
     mount --bind "$d/var-lib-kubelet" /var/lib/kubelet
     mount --bind "$d/var-lib-etcd" /var/lib/etcd
-    export PATH="$d/../../bin:$PATH"
+    mount --bind "$d/usr-local-bin" /usr/local/bin
+    mount --bind "$d/etc-systemd-system" /etc/systemd/system
+    mount --bind "$d/etc-modules-load.d" /etc/modules-load.d
+    mount --bind "$d/etc-sysctl.d" /etc/sysctl.d
+    mount --bind "$d/fstab" /etc/fstab
+    export PATH="$d/../../bin:/usr/local/bin:$PATH"
     exec "$@"' sh "$d" "$h" "$@"
 }
 
@@ -51,16 +60,21 @@ up() {
     [ -x "$bin/$b" ] || { echo "lab: $bin/$b missing; run: cargo build --workspace" >&2; exit 1; }
   done
   down >/dev/null 2>&1 || true
-  mkdir -p "$lab/bin" "$lab/hosts" /etc/kubernetes /var/lib/kubelet /var/lib/etcd
+  mkdir -p "$lab/bin" "$lab/hosts" /etc/kubernetes /var/lib/kubelet /var/lib/etcd /usr/local/bin \
+    /etc/systemd/system /etc/modules-load.d /etc/sysctl.d
   [ -e /etc/machine-id ] || touch /etc/machine-id
-  ln -sf "$bin/kubeadm-sim" "$lab/bin/kubeadm"
+  [ -e /etc/fstab ] || touch /etc/fstab
+  # Without a bundle the hosts come with kubeadm preinstalled; with LAB_BUNDLE=1 it comes from the
+  # bundle the controller distributes (installed into each host's own /usr/local/bin).
+  [ "${LAB_BUNDLE:-0}" = 1 ] || ln -sf "$bin/kubeadm-sim" "$lab/bin/kubeadm"
   modprobe bridge 2>/dev/null || true; modprobe veth 2>/dev/null || true
   ip link add $br type bridge
   ip addr add $net.1/24 dev $br
   ip link set $br up
   for i in $(seq 1 "$n"); do
     local h=h$i d; d=$(host_dir h$i)
-    mkdir -p "$d"/{etc-kubernetes,var-lib-kubelet,var-lib-etcd,state}
+    mkdir -p "$d"/{etc-kubernetes,var-lib-kubelet,var-lib-etcd,state,usr-local-bin,etc-systemd-system,etc-modules-load.d,etc-sysctl.d}
+    printf '# lab host %s\n' "$h" > "$d/fstab"
     printf '127.0.0.1\tlocalhost\n%s.%s\t%s\n' $net $((10 + i)) "$h" > "$d/hosts"
     head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$d/machine-id"; echo >> "$d/machine-id"
     ip netns add "flab-$h"

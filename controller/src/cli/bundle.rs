@@ -13,7 +13,8 @@ use crate::bundle::{archive, manifest};
 
 #[derive(Debug, Subcommand)]
 pub enum BundleCmd {
-    /// Describe a directory tree (bin/ images/ conf/ manifests/ scripts/) in bundle.yaml and pack it.
+    /// Describe a directory tree (bin/ images/ conf/ manifests/ scripts/) in DIR/bundle.yaml and pack it.
+    #[command(disable_version_flag = true)]
     Build {
         /// The bundle's root directory.
         dir: PathBuf,
@@ -109,6 +110,10 @@ pub async fn run(cmd: BundleCmd) -> anyhow::Result<()> {
                 anyhow::bail!("{} has no files under {}/", dir.display(), manifest::LAYOUT.join("/, "));
             }
             archive::pack(&dir, &m, &output).with_context(|| format!("writing {}", output.display()))?;
+            // The directory is a bundle too (importable as is, usable by `node-agent bootstrap`).
+            let yaml = serde_yaml::to_string(&m)?;
+            fleetadm_common::fsutil::write_atomic(&dir.join(manifest::MANIFEST), yaml.as_bytes(), 0o644)
+                .with_context(|| format!("writing {}/{}", dir.display(), manifest::MANIFEST))?;
             println!("{}: bundle {} ({} files, {})", output.display(), m.name, m.files.len(), human(m.total_bytes()));
             Ok(())
         }

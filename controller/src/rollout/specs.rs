@@ -76,7 +76,10 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<TaskSpec, String> {
     Ok(match task.kind.as_str() {
         "preflight" => TaskSpec::Preflight {
             ports: if is_master { MASTER_PORTS.to_vec() } else { WORKER_PORTS.to_vec() },
-            commands: vec!["kubeadm".into()],
+            // With a bundle, kubeadm arrives with the bootstrap (which checks for it then).
+            commands: if rec.shape.bundle.is_some() { vec![] } else { vec!["kubeadm".into()] },
+            // Room for the bundle in the agent's cache, plus a margin for the install.
+            free_bytes: rec.bundle_files.iter().map(|f| f.size).sum::<u64>() * 2,
         },
         "hosts" => {
             // Masters: master0 until they have joined, then themselves. Workers: the VIP.

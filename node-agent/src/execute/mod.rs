@@ -227,6 +227,16 @@ impl Executor {
                 })
                 .await
                 .map_err(|e| e.to_string())?
+                .and_then(|changes| {
+                    // Commands the next phases need must exist now.
+                    match command::which("kubeadm") {
+                        Some(_) => Ok(changes),
+                        None => Err(format!(
+                            "kubeadm is still not in PATH after installing the bundle (does it carry bin/kubeadm?)\n{}",
+                            changes.join("\n")
+                        )),
+                    }
+                })
                 .map(|changes| {
                     let real: Vec<&String> = changes.iter().filter(|c| !c.starts_with("warning") && !c.starts_with("skipped")).collect();
                     (!real.is_empty(), if changes.is_empty() { "no change".to_string() } else { changes.join("\n") })
@@ -263,10 +273,18 @@ impl Executor {
                 }
                 Box::pin(self.execute(TaskSpec::Addons { manifests }, timeout, progress)).await
             }
-            TaskSpec::Preflight { ports, commands } => {
-                let problems = preflight::check(&ports, &commands, &p.proc_swaps);
+            TaskSpec::Preflight { ports, commands, free_bytes } => {
+                let problems =
+                    preflight::check_with_disk(&ports, &commands, &p.proc_swaps, Some((&self.state_dir, free_bytes)));
                 if problems.is_empty() {
-                    Ok((false, format!("ok: ports {ports:?} free, {} present, swap off", commands.join(", "))))
+                    let mut ok = vec![format!("ports {ports:?} free"), "swap off".into()];
+                    if !commands.is_empty() {
+                        ok.push(format!("{} present", commands.join(", ")));
+                    }
+                    if free_bytes > 0 {
+                        ok.push(format!("{} MiB free for the bundle", free_bytes.div_ceil(1 << 20)));
+                    }
+                    Ok((false, format!("ok: {}", ok.join(", "))))
                 } else {
                     Err(problems.join("\n"))
                 }

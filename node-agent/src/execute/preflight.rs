@@ -5,7 +5,28 @@ use std::path::Path;
 
 /// Problems found; empty = ready.
 pub fn check(ports: &[u16], commands: &[String], proc_swaps: &Path) -> Vec<String> {
+    check_with_disk(ports, commands, proc_swaps, None)
+}
+
+/// Also checks that `dir` (the agent's state dir, where bundles are cached) has `bytes` free.
+pub fn check_with_disk(ports: &[u16], commands: &[String], proc_swaps: &Path, disk: Option<(&Path, u64)>) -> Vec<String> {
     let mut problems = Vec::new();
+    if let Some((dir, need)) = disk.filter(|(_, n)| *n > 0) {
+        match nix::sys::statvfs::statvfs(dir) {
+            Ok(st) => {
+                let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+                if free < need {
+                    problems.push(format!(
+                        "{} has {} MiB free, the bundle needs {} MiB: free some space or move the state dir",
+                        dir.display(),
+                        free >> 20,
+                        need.div_ceil(1 << 20)
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("cannot check free space in {}: {e}", dir.display())),
+        }
+    }
     for &port in ports {
         if let Err(e) = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
             if e.kind() == std::io::ErrorKind::AddrInUse {
@@ -55,5 +76,8 @@ mod tests {
         std::fs::write(&swaps, "Filename Type Size Used Priority\n").unwrap();
         drop(busy);
         assert!(check(&[port], &["sh".into()], &swaps).is_empty());
+        let p = check_with_disk(&[], &[], &swaps, Some((dir.path(), u64::MAX / 2)));
+        assert!(p.len() == 1 && p[0].contains("MiB free"), "{p:?}");
+        assert!(check_with_disk(&[], &[], &swaps, Some((dir.path(), 1))).is_empty());
     }
 }

@@ -38,6 +38,14 @@ const ETCD_DIR: &str = "/var/lib/etcd";
 fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let argv0 = std::env::args().next().unwrap_or_default();
+    if argv0.rsplit('/').next() == Some("kubectl") {
+        if let Err(e) = kubectl(&args) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let r = match args.first().map(String::as_str) {
         Some("init") => config_arg(&args).and_then(|c| init(&c)),
         Some("join") => config_arg(&args).and_then(|c| join(&c)),
@@ -775,5 +783,51 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
             let _ = tls.flush();
         });
     }
+    Ok(())
+}
+
+/// `kubectl --kubeconfig FILE apply -f DIR|FILE`: checks the kubeconfig points at the cluster
+/// endpoint and that every manifest document has apiVersion, kind and metadata.name; records the
+/// objects in /etc/kubernetes/sim/applied.
+fn kubectl(args: &[String]) -> Result<()> {
+    let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    if !args.iter().any(|a| a == "apply") {
+        bail!("kubectl simulator: only `apply -f` is supported");
+    }
+    let kc = get("--kubeconfig").ok_or_else(|| anyhow!("--kubeconfig is required"))?;
+    let text = std::fs::read_to_string(&kc).with_context(|| format!("reading kubeconfig {kc}"))?;
+    if !text.contains("server: https://") {
+        bail!("kubeconfig {kc} has no server");
+    }
+    let target = PathBuf::from(get("-f").ok_or_else(|| anyhow!("-f is required"))?);
+    let mut files = Vec::new();
+    if target.is_dir() {
+        for e in std::fs::read_dir(&target)? {
+            files.push(e?.path());
+        }
+        files.sort();
+    } else {
+        files.push(target);
+    }
+    let mut applied = String::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        for d in serde_yaml::Deserializer::from_str(&text) {
+            let v = Value::deserialize_from(d)?;
+            if v.is_null() {
+                continue;
+            }
+            let at = f.display().to_string();
+            let kind = s(&v, &at, "kind")?;
+            s(&v, &at, "apiVersion")?;
+            let name = v.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).ok_or_else(|| anyhow!("{at}: metadata.name missing"))?;
+            println!("{}/{name} created", kind.to_lowercase());
+            applied.push_str(&format!("{kind}/{name}\n"));
+        }
+    }
+    let dir = sim_dir();
+    std::fs::create_dir_all(&dir)?;
+    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(dir.join("applied"))?;
+    f.write_all(applied.as_bytes())?;
     Ok(())
 }
