@@ -5,7 +5,7 @@
 # "cluster-e2e: N passed, M failed"; exit code = failures.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-export LAB_DIR=${LAB_DIR:-/tmp/fleetadm-e2e} LAB_HOSTS=5
+export LAB_DIR=${LAB_DIR:-/tmp/fleetadm-e2e} LAB_HOSTS=5 LAB_BUNDLE=1
 lab() { "$here/lab.sh" "$@"; }
 ctl() { "$here/lab.sh" ctl "$@"; }
 H() { echo "$LAB_DIR/hosts/$1"; }
@@ -28,6 +28,27 @@ modprobe ip_vs 2>/dev/null || true
 lab up || { not_ok "lab fleet comes up"; exit; }
 ok "lab fleet of 5 hosts enrolled and connected"
 
+# --- the bundle: built from the kubeadm simulator, imported, bad ones refused
+bdir=$LAB_DIR/bundles
+mkdir -p "$bdir"
+"$here/make-bundle.sh" "$bdir/k8s-lab.tar.gz" k8s-lab v1.29.9 amd64 >/dev/null 2>&1
+check "bundle built" test -s "$bdir/k8s-lab.tar.gz"
+out=$(ctl bundle import "$bdir/k8s-lab.tar.gz" 2>&1)
+check "bundle imported, kubeadm and kubectl stored once" grep -q "9.9 MiB new\|new, the rest" <<<"$out"
+"$here/make-bundle.sh" "$bdir/arm.tar.gz" k8s-arm v1.29.9 arm64 >/dev/null 2>&1
+ctl bundle import "$bdir/arm.tar.gz" >/dev/null 2>&1
+cp -r "$bdir/k8s-lab.d" "$bdir/liar"
+echo "tampered" >> "$bdir/liar/bin/kubelet"
+out=$(ctl bundle import "$bdir/liar" 2>&1); rc=$?
+check "a bundle whose manifest lies is refused" test $rc -ne 0 -a -n "$(grep 'bin/kubelet: size' <<<"$out")"
+head -c 100000 "$bdir/k8s-lab.tar.gz" > "$bdir/cut.tar.gz"
+out=$(ctl bundle import "$bdir/cut.tar.gz" 2>&1); rc=$?
+check "a truncated tarball is refused" test $rc -ne 0 -a -n "$(grep -i 'truncated\|corrupt' <<<"$out")"
+check "only the good bundles are listed" test "$(ctl bundle list | grep -c '^k8s-')" -eq 2
+out=$(ctl cluster create arm --masters h1 --bundle k8s-arm --dry-run 2>&1); rc=$?
+check "an architecture mismatch is refused" test $rc -ne 0 -a -n "$(grep 'does not match bundle k8s-arm (arm64)' <<<"$out")"
+check "hosts start without kubeadm" test ! -e "$(H h1)/usr-local-bin/kubeadm"
+
 # --- planning and bad input
 plan=$(ctl cluster create lab --masters h1,h2,h3 --nodes h4,h5 --dry-run 2>&1)
 check "dry-run prints every phase" grep -q "join-workers" <<<"$plan"
@@ -39,7 +60,7 @@ check "unknown hosts are listed together" grep -q "unknown hosts.*nosuch, 10.9.9
 check "a refused create records nothing" test -z "$(ctl cluster list -o json | grep '"name"')"
 
 # --- create, kill the controller mid-rollout, restart it: the rollout resumes
-ctl cluster create lab --masters h1,h2,h3 --nodes 10.78.0.14,h5 --max-parallel 1 --detach > "$LAB_DIR/create.out" 2>&1
+ctl cluster create lab --masters h1,h2,h3 --nodes 10.78.0.14,h5 --bundle k8s-lab --max-parallel 1 --detach > "$LAB_DIR/create.out" 2>&1
 check "create --detach returns at once" grep -q "cluster lab recorded" "$LAB_DIR/create.out"
 for _ in $(seq 600); do
   ph=$(status_json | field phase)
@@ -79,6 +100,20 @@ check "worker h4 balances to all 3 masters" test "$(grep -c -- '-> 10.78.0.1[123
 check "worker h5 has the same rules" test "$(ip netns exec flab-h5 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[123]:6443')" -eq 3
 check "local connections to the VIP leave from the worker's own address" grep -q "src 10.78.0.14" <(ip -n flab-h4 route get 10.103.97.2)
 check "masters have no IPVS rules" test -z "$(ip netns exec flab-h1 ipvsadm -Ln | grep '^TCP')"
+
+# --- the bundle on the hosts
+check "bootstrap installed kubeadm on every host" test "$(ls "$LAB_DIR"/hosts/h*/usr-local-bin/kubeadm | wc -l)" -eq 5
+check "bootstrap installed the kubelet unit" test -s "$(H h4)/etc-systemd-system/kubelet.service.d/10-kubeadm.conf"
+check "bootstrap persisted modules and sysctls" test -s "$(H h4)/etc-modules-load.d/fleetadm-kubernetes.conf" -a -s "$(H h4)/etc-sysctl.d/99-fleetadm-kubernetes.conf"
+check "the bundle's post-bootstrap hook ran" grep -q "post-bootstrap hook for k8s-lab" <(ctl cluster logs lab --host h4)
+check "addons from the bundle applied on master0" grep -q "DaemonSet/lab-cni" "$(H h1)/etc-kubernetes/sim/applied"
+check "agents fetched the bundle over their session" grep -q "blobs fetched" <(ctl cluster logs lab --host h5)
+again=$(lab on h5 "${FLEETADM_BIN_DIR:-$here/../../target/debug}/node-agent" bootstrap --bundle-dir "$bdir/k8s-lab.d" --state-dir "$(H h5)/state" 2>&1); rc=$?
+check "bootstrap again on a host: succeeds" test $rc -eq 0
+check "bootstrap again on a host: reports no changes" test -z "$(grep -v '^warning\|^skipped\|^no change' <<<"$again")"
+out=$(ctl bundle remove k8s-lab 2>&1); rc=$?
+check "a bundle in use cannot be removed" test $rc -ne 0 -a -n "$(grep 'used by cluster lab' <<<"$out")"
+check "an unused bundle can be removed" ctl bundle remove k8s-arm
 
 # --- CLI views
 check "cluster list shows it" grep -q "^lab .*succeeded" <(ctl cluster list)
