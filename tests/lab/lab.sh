@@ -131,6 +131,9 @@ down() {
     pkill -9 -f "node-agent run --state-dir $d/state" 2>/dev/null || true
     [ -f "$d/etc-kubernetes/sim/apiserver.pid" ] && kill "$(cat "$d/etc-kubernetes/sim/apiserver.pid")" 2>/dev/null || true
   done
+  for l in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep '^flab-'); do
+    ip link del "$l" 2>/dev/null || true
+  done
   for ns in $(ip netns list 2>/dev/null | awk '/^flab-/{print $1}'); do ip netns del "$ns"; done
   ip link del $br 2>/dev/null || true
   rm -rf "$lab"
