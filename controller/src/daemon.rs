@@ -110,11 +110,16 @@ pub async fn serve(
     let uds = tokio::net::UnixListener::bind(&sock)
         .with_context(|| format!("cannot bind admin socket {}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    let sock_ino = std::fs::metadata(&sock).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sessions = ctl.sessions.clone();
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
+        // Agents hold long-lived streams; end them so the servers can drain (agents reconnect
+        // with backoff to the next controller).
+        sessions.terminate_all("controller shutting down");
     });
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -152,8 +157,23 @@ pub async fn serve(
     println!("controller listening on {local} (ca hash {pin}); admin socket {}", sock.display());
     fleetadm_common::notify_ready();
 
-    let (a, b) = tokio::join!(agent_api, admin_api);
-    let _ = std::fs::remove_file(&sock);
+    let servers = async { tokio::join!(agent_api, admin_api) };
+    tokio::pin!(servers);
+    let mut stopping = stop_rx.clone();
+    let (a, b) = tokio::select! {
+        r = &mut servers => r,
+        _ = async {
+            let _ = stopping.wait_for(|v| *v).await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        } => {
+            tracing::warn!("connections did not drain within 10s; stopping anyway");
+            (Ok(()), Ok(()))
+        }
+    };
+    // Only remove the socket if it is still ours (a newer daemon may have replaced it).
+    if std::fs::metadata(&sock).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok() == sock_ino {
+        let _ = std::fs::remove_file(&sock);
+    }
     a.context("agent API server")?;
     b.context("admin API server")?;
     ctl.store_flush();

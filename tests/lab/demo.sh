@@ -1,7 +1,9 @@
 #!/bin/bash
 # The main job, on one machine: build fleetadm, start a lab fleet of 5 hosts (3 masters, 2
 # workers; network/mount/UTS namespaces, a node-agent on each, enrolled with a bootstrap token),
-# and let `controller cluster create` turn it into an HA cluster with live progress.
+# build and import an offline bundle, and let `controller cluster create` turn the fleet into an
+# HA cluster with live progress. The Kubernetes binaries in the bundle are the test-only kubeadm
+# simulator (tests/src/bin/kubeadm-sim.rs) and stand-ins; fleetadm drives them as the real ones.
 #
 # usage: sudo tests/lab/demo.sh          (Debian; installs what it needs)
 # On a kernel with IPVS the lab runs here and stays up afterwards (tests/lab/lab.sh down removes
@@ -10,24 +12,31 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
-export LAB_DIR=${LAB_DIR:-/tmp/fleetadm-lab} LAB_HOSTS=5
+export LAB_DIR=${LAB_DIR:-/tmp/fleetadm-lab} LAB_HOSTS=5 LAB_BUNDLE=1
 
 run_lab() {
+  say() { printf '\n$ %s\n' "$*"; }
   tests/lab/lab.sh up
+  mkdir -p "$LAB_DIR/bundles"
+  say "controller bundle build ... -o k8s-lab.tar.gz   (kubeadm simulator + dummy kubelet, units, an addon)"
+  tests/lab/make-bundle.sh "$LAB_DIR/bundles/k8s-lab.tar.gz" >/dev/null
+  say "controller bundle import k8s-lab.tar.gz"
+  tests/lab/lab.sh ctl bundle import "$LAB_DIR/bundles/k8s-lab.tar.gz"
+  say "controller nodes list"
+  tests/lab/lab.sh ctl nodes list
+  say "controller cluster create lab --masters h1,h2,h3 --nodes h4,h5 --bundle k8s-lab --dry-run"
+  tests/lab/lab.sh ctl cluster create lab --masters h1,h2,h3 --nodes h4,h5 --bundle k8s-lab --dry-run
+  say "controller cluster create lab --masters h1,h2,h3 --nodes h4,h5 --bundle k8s-lab"
+  tests/lab/lab.sh ctl cluster create lab --masters h1,h2,h3 --nodes h4,h5 --bundle k8s-lab
+  say "controller cluster status lab"
+  tests/lab/lab.sh ctl cluster status lab
   echo
-  echo "\$ controller cluster create lab --masters h1,h2,h3 --nodes h4,h5 --dry-run"
-  tests/lab/lab.sh ctl cluster create lab --masters h1,h2,h3 --nodes h4,h5 --dry-run
-  echo
-  echo "\$ controller cluster create lab --masters h1,h2,h3 --nodes h4,h5"
-  tests/lab/lab.sh ctl cluster create lab --masters h1,h2,h3 --nodes h4,h5
-  echo
-  echo "\$ controller cluster list"
-  tests/lab/lab.sh ctl cluster list
-  echo
+  echo "# master h2's /etc/hosts (apiserver.cluster.local -> itself):"
+  cat "$LAB_DIR/hosts/h2/hosts"
+  echo "# worker h4's /etc/hosts (apiserver.cluster.local -> the VIP):"
+  cat "$LAB_DIR/hosts/h4/hosts"
   echo "# worker h4's apiserver load balancer (IPVS), programmed and guarded by its node-agent:"
   ip netns exec flab-h4 ipvsadm -Ln 2>/dev/null || ip netns exec flab-h4 "${FLEETADM_BIN_DIR:-target/debug}/node-agent" lb show
-  echo "# worker h4's /etc/hosts:"
-  cat "$LAB_DIR/hosts/h4/hosts"
 }
 
 if [ "${1:-}" = "--here" ] || grep -q "fleetadm.script=" /proc/cmdline 2>/dev/null; then

@@ -124,8 +124,12 @@ stop_agent() {
 }
 
 down() {
-  [ -f "$lab/controller.pid" ] && kill "$(cat "$lab/controller.pid")" 2>/dev/null || true
-  pkill -f "$lab/controller" 2>/dev/null || true
+  if [ -f "$lab/controller.pid" ]; then
+    local pid; pid=$(cat "$lab/controller.pid")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  pkill -9 -f "serve --data-dir $lab/controller" 2>/dev/null || true
   for d in "$lab"/hosts/*; do
     [ -d "$d" ] || continue
     pkill -9 -f "node-agent run --state-dir $d/state" 2>/dev/null || true

@@ -93,6 +93,22 @@ impl Sessions {
         tx.try_send(Ok(ev)).ok().map(|_| id)
     }
 
+    /// End every session (controller shutdown); agents reconnect with backoff.
+    pub fn terminate_all(&self, reason: &str) {
+        let nodes: Vec<String> = self.inner.lock().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+        for n in nodes {
+            self.terminate(
+                &n,
+                Some(ServerEvent {
+                    event: Some(fleetadm_proto::server_event::Event::Shutdown(fleetadm_proto::Shutdown {
+                        reason: reason.to_string(),
+                        r#final: false,
+                    })),
+                }),
+            );
+        }
+    }
+
     /// End a node's session now, sending `last` first when there is room.
     pub fn terminate(&self, node: &str, last: Option<ServerEvent>) {
         let entry = self.inner.lock().ok().and_then(|mut m| m.remove(node));
