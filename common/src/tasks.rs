@@ -62,6 +62,8 @@ pub enum TaskSpec {
     Bootstrap { bundle: String, kubernetes_version: String, files: Vec<BundleFile> },
     /// Undo exactly what `Bootstrap` did.
     BootstrapReset {},
+    /// Stop guarding the load balancer and remove its virtual service and VIP.
+    LbClean { vip: String },
     /// Apply the bundle's addon manifests (from the agent's blob cache) with kubectl.
     BundleAddons { files: Vec<BundleFile> },
 }
@@ -80,6 +82,7 @@ impl TaskSpec {
             TaskSpec::FetchBundle { .. } => "fetch-bundle",
             TaskSpec::Bootstrap { .. } => "bootstrap",
             TaskSpec::BootstrapReset {} => "bootstrap-reset",
+            TaskSpec::LbClean { .. } => "lb-clean",
         }
     }
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use fleetadm_proto::admin_server::Admin;
 use fleetadm_proto::{
-    server_event, BundlePath, BundleRef, BundleView, BundleViews, ClusterRef, ClusterView, ClusterViews, CreateClusterRequest, CreateTokenRequest, Empty, Kubeconfig,
+    server_event, BundlePath, BundleRef, BundleView, BundleViews, ClusterRef, ClusterView, ClusterViews, CreateClusterRequest, DeleteClusterRequest, CreateTokenRequest, Empty, Kubeconfig,
     NodeInfo, NodeList, NodeRef, PlanClusterRequest, PlanClusterResponse, ServerEvent, Shutdown, TokenInfo, TokenList,
     TokenRef,
 };
@@ -229,6 +229,18 @@ impl Admin for AdminService {
                     return Err(bundle_status(crate::bundle::BundleError::InUse { name, cluster }));
                 }
                 ctl.bundles.remove(&name).map(|r| bundle_view(&r)).map_err(bundle_status)
+            })
+            .await?;
+        Ok(Response::new(view))
+    }
+
+    async fn delete_cluster(&self, req: Request<DeleteClusterRequest>) -> Result<Response<ClusterView>, Status> {
+        let r = req.into_inner();
+        let rollouts = self.ctl.rollouts.clone();
+        let view = self
+            .blocking(move |ctl| match rollouts.delete(&r.name, r.force).map_err(rollout_status)? {
+                Some(rec) => cluster_view(ctl, &rec, false),
+                None => Ok(ClusterView::default()),
             })
             .await?;
         Ok(Response::new(view))

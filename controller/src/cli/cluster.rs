@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use fleetadm_common::output::OutputFormat;
 use fleetadm_proto::admin_client::AdminClient;
-use fleetadm_proto::{ClusterRef, CreateClusterRequest, Empty, PlanClusterRequest};
+use fleetadm_proto::{ClusterRef, CreateClusterRequest, DeleteClusterRequest, Empty, PlanClusterRequest};
 use tonic::transport::Channel;
 
 use super::{rpc_error, DataDir, Output};
@@ -56,6 +56,19 @@ pub enum ClusterCmd {
         data: DataDir,
         #[arg(short = 'o', long = "output", default_value = "yaml")]
         output: OutputFormat,
+    },
+    /// Take a cluster apart: kubeadm reset on every host, the workers' load balancers, the
+    /// /etc/hosts blocks and what bootstrap installed; then forget it.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        data: DataDir,
+        /// Forget the cluster without touching its hosts (for hosts that are gone).
+        #[arg(long)]
+        force: bool,
+        /// Start the teardown and return.
+        #[arg(long)]
+        detach: bool,
     },
     /// Print the cluster's admin kubeconfig (grants full control of the cluster).
     Kubeconfig {
@@ -189,6 +202,33 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
             let f = if output == OutputFormat::Table { OutputFormat::Yaml } else { output };
             println!("{}", render(&doc, f));
             Ok(())
+        }
+        ClusterCmd::Delete { name, data, force, detach } => {
+            let mut c = client::connect(&data.data_dir).await?;
+            let v = c
+                .delete_cluster(DeleteClusterRequest { name: name.clone(), force })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            if v.name.is_empty() {
+                println!("cluster {name} forgotten (its hosts were not touched)");
+                return Ok(());
+            }
+            if detach {
+                println!("deleting cluster {name}; follow it with: controller cluster status {name} --watch");
+                return Ok(());
+            }
+            match follow(&mut c, &name).await {
+                Err(e) if e.to_string().contains("not found") => {
+                    println!("cluster {name} deleted: its hosts are reset");
+                    Ok(())
+                }
+                Err(e) => Err(e),
+                Ok(v) => anyhow::bail!(
+                    "deleting cluster {name} stopped: {}\nsee `controller cluster logs {name}`; run delete again to retry, or --force to forget it",
+                    v.message
+                ),
+            }
         }
         ClusterCmd::Kubeconfig { name, data } => {
             let mut c = client::connect(&data.data_dir).await?;

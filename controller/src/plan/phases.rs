@@ -194,6 +194,28 @@ pub fn build(shape: &ClusterShape) -> Plan {
     Plan { cluster: c.to_string(), phases }
 }
 
+/// The plan that takes a cluster apart again: kubeadm reset everywhere (workers first, then the
+/// masters), the workers' load balancers, the /etc/hosts blocks, and (with a bundle) what
+/// bootstrap installed.
+pub fn teardown(shape: &ClusterShape) -> Plan {
+    let c = shape.name.as_str();
+    let each = |hosts: &[PlannedHost], kind: &'static str, desc: &str| -> Vec<Task> {
+        hosts.iter().map(|h| task(c, "reset", &h.node, kind, desc.to_string())).collect()
+    };
+    let mut steps = Vec::new();
+    if !shape.workers.is_empty() {
+        steps.push(each(&shape.workers, "kubeadm-reset", "kubeadm reset --force"));
+        steps.push(each(&shape.workers, "lb-clean", "remove the IPVS service and VIP"));
+    }
+    steps.push(each(&shape.masters, "kubeadm-reset", "kubeadm reset --force"));
+    let all: Vec<PlannedHost> = shape.masters.iter().chain(shape.workers.iter()).cloned().collect();
+    steps.push(each(&all, "hosts-clean", "remove the managed /etc/hosts block"));
+    if shape.bundle.is_some() {
+        steps.push(each(&all, "bootstrap-reset", "undo what bootstrap installed"));
+    }
+    Plan { cluster: c.to_string(), phases: vec![Phase { name: "reset".into(), steps, note: None }] }
+}
+
 impl Plan {
     /// Human-readable plan for `--dry-run`.
     pub fn render(&self) -> String {

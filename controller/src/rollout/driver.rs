@@ -51,11 +51,18 @@ pub struct RolloutSettings {
     pub grace: Duration,
     /// Pause before retrying a failed attempt.
     pub retry_delay: Duration,
+    /// How long a task waits for its host to connect before it fails.
+    pub offline_grace: Duration,
 }
 
 impl Default for RolloutSettings {
     fn default() -> Self {
-        Self { tick: Duration::from_secs(1), grace: Duration::from_secs(30), retry_delay: Duration::from_secs(2) }
+        Self {
+            tick: Duration::from_secs(1),
+            grace: Duration::from_secs(30),
+            retry_delay: Duration::from_secs(2),
+            offline_grace: Duration::from_secs(300),
+        }
     }
 }
 
@@ -69,6 +76,8 @@ pub struct Rollouts {
     /// Which session each running task was last sent on (in memory: after a restart, everything
     /// running is re-sent, and the agents answer from their journals).
     sent_on: Mutex<HashMap<String, u64>>,
+    /// Since when a pending task has waited for its (disconnected) host.
+    waiting: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// The inputs of a new cluster, already resolved against the enrolled nodes.
@@ -93,6 +102,7 @@ impl Rollouts {
             wake: Notify::new(),
             running: Mutex::default(),
             sent_on: Mutex::default(),
+            waiting: Mutex::default(),
         })
     }
 
@@ -191,6 +201,7 @@ impl Rollouts {
             failed_workers: vec![],
             conditions: vec![],
             bundle_files: new.bundle_files,
+            deleting: false,
         };
         // Tasks first, the cluster record last: a crash in between leaves no half-recorded cluster.
         for phase in &rec.plan.phases {
@@ -215,6 +226,77 @@ impl Rollouts {
         tracing::info!(cluster = %name, tasks = rec.plan.tasks().count(), "cluster recorded; rollout starting");
         self.spawn(name);
         Ok(rec)
+    }
+
+    /// Take a cluster apart on its hosts (reset tasks), then forget it. With `force`, forget it
+    /// at once without touching the hosts (for hosts that are gone).
+    pub fn delete(self: &Arc<Self>, name: &str, force: bool) -> Result<Option<ClusterRecord>, RolloutError> {
+        let mut rec = self.get(name)?;
+        let busy = self.running.lock().map(|r| r.contains(name)).unwrap_or(false);
+        if force {
+            if busy {
+                return Err(RolloutError::Invalid(format!("cluster {name} is rolling out; wait for it to stop first")));
+            }
+            self.forget(name)?;
+            tracing::warn!(cluster = name, "cluster forgotten without resetting its hosts (--force)");
+            return Ok(None);
+        }
+        if busy || (rec.state == ClusterState::Running && !rec.deleting) {
+            return Err(RolloutError::Invalid(format!(
+                "cluster {name} is still rolling out; wait for it to finish (cluster status {name} --watch)"
+            )));
+        }
+        if !rec.deleting {
+            let plan = phases::teardown(&rec.shape);
+            for phase in &plan.phases {
+                for t in phase.steps.iter().flatten() {
+                    let tr = TaskRecord {
+                        id: t.id.clone(),
+                        cluster: name.to_string(),
+                        phase: phase.name.clone(),
+                        host: t.host.clone(),
+                        kind: t.kind.clone(),
+                        state: TaskState::Pending,
+                        attempt: 0,
+                        dispatched_ms: 0,
+                        finished_ms: 0,
+                        changed: false,
+                        output: String::new(),
+                    };
+                    put_json(&*self.store, Table::Tasks, &t.id, &tr, Durability::Lazy)?;
+                }
+            }
+            rec.plan = plan;
+            rec.deleting = true;
+            rec.conditions.clear();
+        }
+        for mut t in self.tasks(name)? {
+            if t.phase == "reset" && matches!(t.state, TaskState::Failed | TaskState::Skipped) {
+                t.state = TaskState::Pending;
+                put_json(&*self.store, Table::Tasks, &t.id, &t, Durability::Lazy)?;
+            }
+        }
+        rec.state = ClusterState::Running;
+        rec.phase = "reset".into();
+        rec.message = "deleting".into();
+        rec.failed_workers.clear();
+        rec.updated_ms = now_unix_ms();
+        put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
+        tracing::info!(cluster = name, "deleting cluster: resetting its hosts");
+        self.spawn(name.to_string());
+        Ok(Some(rec))
+    }
+
+    /// Remove a cluster's record and tasks.
+    fn forget(&self, name: &str) -> Result<(), RolloutError> {
+        for t in self.tasks(name)? {
+            self.store.remove(Table::Tasks, &t.id, Durability::Lazy)?;
+        }
+        self.store.remove(Table::Clusters, name, Durability::Flush)?;
+        if let Ok(mut m) = self.sent_on.lock() {
+            m.retain(|k, _| !k.starts_with(&task_key(name)));
+        }
+        Ok(())
     }
 
     fn resume_failed(self: &Arc<Self>, mut rec: ClusterRecord) -> Result<ClusterRecord, RolloutError> {
@@ -256,7 +338,18 @@ impl Rollouts {
         let me = self.clone();
         tokio::spawn(async move {
             let outcome = me.drive(&name).await;
+            let deleting = me.get(&name).map(|r| r.deleting).unwrap_or(false);
             let (state, message) = match outcome {
+                Ok(_) if deleting => {
+                    match me.forget(&name) {
+                        Ok(()) => tracing::info!(cluster = %name, "cluster deleted"),
+                        Err(e) => tracing::error!(cluster = %name, error = %e, "could not forget the cluster"),
+                    }
+                    if let Ok(mut r) = me.running.lock() {
+                        r.remove(&name);
+                    }
+                    return;
+                }
                 Ok(msg) => (ClusterState::Succeeded, msg),
                 Err(msg) => (ClusterState::Failed, msg),
             };
@@ -413,7 +506,29 @@ impl Rollouts {
                             None => return Err(why),
                         }
                     }
-                    TaskState::Pending => self.dispatch(&rec, t, &mut tr)?,
+                    TaskState::Pending => {
+                        if self.sessions.is_connected(&tr.host) {
+                            self.waiting.lock().map(|mut w| w.remove(&tr.id)).ok();
+                            self.dispatch(&rec, t, &mut tr)?
+                        } else {
+                            let since = self
+                                .waiting
+                                .lock()
+                                .map(|mut w| *w.entry(tr.id.clone()).or_insert_with(std::time::Instant::now))
+                                .unwrap_or_else(|_| std::time::Instant::now());
+                            if since.elapsed() > self.settings.offline_grace {
+                                tr.state = TaskState::Failed;
+                                tr.attempt = tr.attempt.max(specs::max_attempts(&tr.kind));
+                                tr.finished_ms = now_unix_ms();
+                                tr.output = format!(
+                                    "host {} has not been connected for {}s; is node-agent running there?",
+                                    tr.host,
+                                    self.settings.offline_grace.as_secs()
+                                );
+                                self.save_task(&tr)?;
+                            }
+                        }
+                    }
                     TaskState::Running => {
                         let limit =
                             u64::from(specs::timeout_secs(&tr.kind)) * 1000 + self.settings.grace.as_millis() as u64;
@@ -466,7 +581,8 @@ impl Rollouts {
             event: Some(server_event::Event::Task(TaskAssignment {
                 task_id: tr.id.clone(),
                 attempt: tr.attempt,
-                kind: tr.kind.clone(),
+                // The kind of the parameters (a plan step such as hosts-clean reuses `hosts`).
+                kind: spec.kind().to_string(),
                 spec_json,
                 timeout_secs: specs::timeout_secs(&tr.kind),
             })),

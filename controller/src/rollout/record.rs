@@ -88,6 +88,9 @@ pub struct ClusterRecord {
     /// The files of the cluster's bundle (a snapshot; the bundle cannot be removed while used).
     #[serde(default)]
     pub bundle_files: Vec<fleetadm_common::tasks::BundleFile>,
+    /// Being taken apart (`cluster delete`): the plan is the teardown; on success the record goes.
+    #[serde(default)]
+    pub deleting: bool,
 }
 
 impl ClusterRecord {

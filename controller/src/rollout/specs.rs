@@ -120,6 +120,10 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<TaskSpec, String> {
         "addons" => TaskSpec::BundleAddons {
             files: rec.bundle_files.iter().filter(|f| f.path.starts_with("manifests/")).cloned().collect(),
         },
+        "kubeadm-reset" => TaskSpec::KubeadmReset { remove_paths: vec![format!("{KUBE_DIR}/fleetadm")] },
+        "lb-clean" => TaskSpec::LbClean { vip: std::net::SocketAddr::new(rec.shape.vip, 6443).to_string() },
+        "hosts-clean" => TaskSpec::Hosts { entries: vec![] },
+        "bootstrap-reset" => TaskSpec::BootstrapReset {},
         other => return Err(format!("unknown task kind {other}")),
     })
 }

@@ -64,7 +64,11 @@ pub async fn join(kube_dir: &Path, config: &str, control_plane: bool, timeout: D
 }
 
 pub async fn reset(kube_dir: &Path, remove_paths: &[String], timeout: Duration) -> Result<Outcome, String> {
-    let mut output = kubeadm(&["reset", "--force"], timeout).await?;
+    let mut output = if command::which("kubeadm").is_some() {
+        kubeadm(&["reset", "--force"], timeout).await?
+    } else {
+        "kubeadm is not installed: nothing for it to reset".to_string()
+    };
     for p in remove_paths.iter().map(PathBuf::from).chain([kube_dir.join("fleetadm")]) {
         if !p.starts_with(kube_dir) {
             output.push_str(&format!("\nnot removing {} (outside {})", p.display(), kube_dir.display()));

@@ -100,6 +100,18 @@ impl LbManager {
         Ok((!changes.0.is_empty(), out))
     }
 
+    /// Stop the guard and forget the desired state (the cluster is being deleted).
+    pub fn stop_and_forget(&self) {
+        if let Ok(mut slot) = self.running.lock() {
+            if let Some(old) = slot.take() {
+                let _ = old.stop.send(());
+                old.task.abort();
+            }
+        }
+        let _ = std::fs::remove_file(self.desired_path());
+        let _ = std::fs::remove_file(lb::status_path(&self.state_dir));
+    }
+
     fn start_guard(&self, d: Desired) {
         let Ok(mut slot) = self.running.lock() else { return };
         if let Some(old) = slot.take() {

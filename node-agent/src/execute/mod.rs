@@ -341,6 +341,16 @@ impl Executor {
             TaskSpec::KubeadmReset { remove_paths } => {
                 kubeadm::reset(&p.kube_dir, &remove_paths, timeout).await.map(|o| (o.changed, o.output))
             }
+            TaskSpec::LbClean { vip } => {
+                let vip = crate::lb::parse_endpoint(&vip)?;
+                self.lb.stop_and_forget();
+                let changes = tokio::task::spawn_blocking(move || crate::lb::clean(Some(vip), crate::lb::DEFAULT_INTERFACE))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                let changed = !changes.0.is_empty();
+                Ok((changed, if changed { changes.0.join("\n") } else { "nothing to clean".into() }))
+            }
             TaskSpec::Lb { vip, real_servers, ca_pem } => {
                 let d = lb::Desired::parse(&vip, &real_servers, &ca_pem)?;
                 self.lb.apply(d).await
