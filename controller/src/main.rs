@@ -4,7 +4,11 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     fleetadm_common::install_crypto_provider();
     let cli = fleetadm_controller::cli::Cli::parse();
-    let level = if matches!(cli.command, fleetadm_controller::cli::Command::Serve(_)) { "info" } else { "warn" };
+    let daemon = matches!(cli.command, fleetadm_controller::cli::Command::Serve(_));
+    if !daemon {
+        restore_sigpipe();
+    }
+    let level = if daemon { "info" } else { "warn" };
     fleetadm_common::logging::init(level);
     match fleetadm_controller::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -18,4 +22,14 @@ async fn main() -> std::process::ExitCode {
 /// "outer: inner: cause" on one line.
 fn chain(e: &anyhow::Error) -> String {
     e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+/// Rust ignores SIGPIPE, which turns `controller ... | head` into a panic on the next write. A
+/// command-line tool should just stop, as other Unix tools do.
+fn restore_sigpipe() {
+    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is always a
+    // valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }

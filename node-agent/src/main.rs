@@ -4,6 +4,10 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     fleetadm_common::install_crypto_provider();
     let cli = fleetadm_agent::cli::Cli::parse();
+    // Daemons keep SIGPIPE ignored (a peer closing a socket must not kill them).
+    if !matches!(cli.command, fleetadm_agent::cli::Command::Run(_) | fleetadm_agent::cli::Command::Lb(_)) {
+        restore_sigpipe();
+    }
     let level = if matches!(cli.command, fleetadm_agent::cli::Command::Run(_)) { "info" } else { "warn" };
     fleetadm_common::logging::init(level);
     match fleetadm_agent::cli::run(cli).await {
@@ -20,5 +24,15 @@ async fn main() -> std::process::ExitCode {
             });
             std::process::ExitCode::from(if refused { 3 } else { 1 })
         }
+    }
+}
+
+/// Rust ignores SIGPIPE, which turns `controller ... | head` into a panic on the next write. A
+/// command-line tool should just stop, as other Unix tools do.
+fn restore_sigpipe() {
+    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is always a
+    // valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

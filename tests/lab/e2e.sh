@@ -140,3 +140,13 @@ lab stop-agent h5
 lab start-agent h5
 sleep 1
 check "an agent restart keeps the rules (no flap)" test "$(ip netns exec flab-h5 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[23]:6443')" -eq "$before"
+
+# --- delete: every host reset, the bundle's files gone, the cluster forgotten, the bundle free
+out=$(ctl cluster delete lab 2>&1); rc=$?
+check "cluster delete succeeds" test $rc -eq 0 -a -n "$(grep 'cluster lab deleted' <<<"$out")"
+check "workers' IPVS service removed" test -z "$(ip netns exec flab-h4 ipvsadm -Ln | grep '^TCP')"
+check "bootstrap undone (kubeadm removed from every host)" test -z "$(ls "$LAB_DIR"/hosts/h*/usr-local-bin/kubeadm 2>/dev/null)"
+check "kubeadm reset ran on the masters" test ! -e "$(H h2)/etc-kubernetes/manifests/kube-apiserver.yaml"
+check "managed /etc/hosts blocks removed" test -z "$(grep -l 'fleetadm managed block' "$LAB_DIR"/hosts/h*/hosts)"
+check "the cluster is forgotten" test -z "$(ctl cluster list -o json | grep '"lab"')"
+check "the bundle can be removed now" ctl bundle remove k8s-lab
