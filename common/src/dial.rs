@@ -225,6 +225,10 @@ pub async fn connect(addr: &str, config: ClientConfig, opts: &DialOptions) -> Re
         .http2_keep_alive_interval(opts.keepalive_interval)
         .keep_alive_timeout(opts.keepalive_timeout)
         .keep_alive_while_idle(true)
+        // Room for whole blob chunks in flight (HTTP/2's default 64 KiB window would cost a
+        // round trip per 64 KiB); credits, not buffers, so idle sessions cost nothing.
+        .initial_stream_window_size(Some(2 << 20))
+        .initial_connection_window_size(Some(4 << 20))
         .connect_with_connector(service)
         .await
         .map_err(|e| DialError::Unreachable { addr: addr.to_string(), reason: explain(&e) })

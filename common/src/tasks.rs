@@ -41,6 +41,10 @@ pub enum TaskSpec {
         /// Free space needed in the agent's state dir (the bundle cache), bytes.
         #[serde(default)]
         free_bytes: u64,
+        /// The container runtime's socket (`unix:///run/containerd/containerd.sock`); checked,
+        /// and reported as a warning when unreachable (a bundle may bring the runtime).
+        #[serde(default)]
+        cri_socket: String,
     },
     /// Converge the managed block of /etc/hosts to these entries.
     Hosts { entries: Vec<HostsEntry> },

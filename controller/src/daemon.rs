@@ -128,6 +128,8 @@ pub async fn serve(
     let agent_api = Server::builder()
         .tls_config(tls)
         .context("TLS configuration")?
+        .initial_stream_window_size(Some(2 << 20))
+        .initial_connection_window_size(Some(4 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_keepalive(Some(Duration::from_secs(60)))

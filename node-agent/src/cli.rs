@@ -184,8 +184,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lb(cmd) => crate::lb_cli::run(cmd, shutdown_signal()).await,
         Command::Bootstrap { state, bundle_dir, reset } => {
             let (dir, _) = state.resolve()?;
-            let changes = tokio::task::spawn_blocking(move || crate::execute::bootstrap::local(&dir.root, bundle_dir.as_deref(), reset))
-                .await??;
+            let changes = tokio::task::spawn_blocking(move || {
+                crate::execute::bootstrap::local(&dir.root, bundle_dir.as_deref(), reset)
+            })
+            .await??;
             if changes.is_empty() {
                 println!("no change");
             }

@@ -152,11 +152,22 @@ fn worker_failure_budget_and_delete() {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab { dir: std::env::temp_dir().join(format!("fleetadm-lab-budget-{}", std::process::id())) };
     let up = lab.run(&["up"]);
-    assert!(up.status.success(), "lab up: {}{}", String::from_utf8_lossy(&up.stdout), String::from_utf8_lossy(&up.stderr));
+    assert!(
+        up.status.success(),
+        "lab up: {}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
     // Workers cannot join (on a kernel without IPVS their load balancer fails first; with IPVS the
     // join itself fails): within the budget the cluster still comes up without them.
-    set_kubeadm(&lab, Some(r#"if [ "$1" = join ] && [ "$(hostname)" != h2 ]; then echo "simulated worker join failure" >&2; exit 1; fi"#));
-    let (ok, out) = lab.ctl(&["cluster", "create", "edge", "--masters", "h1", "--nodes", "h3,h4", "--max-failures", "100%"]);
+    set_kubeadm(
+        &lab,
+        Some(
+            r#"if [ "$1" = join ] && [ "$(hostname)" != h2 ]; then echo "simulated worker join failure" >&2; exit 1; fi"#,
+        ),
+    );
+    let (ok, out) =
+        lab.ctl(&["cluster", "create", "edge", "--masters", "h1", "--nodes", "h3,h4", "--max-failures", "100%"]);
     assert!(ok, "within the failure budget: {out}");
     assert!(out.contains("2 workers failed: h3, h4") || out.contains("2 workers failed: h4, h3"), "{out}");
     let st = lab.status("edge");

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use fleetadm_proto::admin_server::Admin;
 use fleetadm_proto::{
-    server_event, BundlePath, BundleRef, BundleView, BundleViews, ClusterRef, ClusterView, ClusterViews, CreateClusterRequest, DeleteClusterRequest, CreateTokenRequest, Empty, Kubeconfig,
-    NodeInfo, NodeList, NodeRef, PlanClusterRequest, PlanClusterResponse, ServerEvent, Shutdown, TokenInfo, TokenList,
-    TokenRef,
+    server_event, BundlePath, BundleRef, BundleView, BundleViews, ClusterRef, ClusterView, ClusterViews,
+    CreateClusterRequest, CreateTokenRequest, DeleteClusterRequest, Empty, Kubeconfig, NodeInfo, NodeList, NodeRef,
+    PlanClusterRequest, PlanClusterResponse, ServerEvent, Shutdown, TokenInfo, TokenList, TokenRef,
 };
 use tonic::{Request, Response, Status};
 
@@ -210,7 +210,8 @@ impl Admin for AdminService {
         if !path.is_absolute() {
             return Err(Status::invalid_argument("bundle path must be absolute (the daemon resolves it)"));
         }
-        let view = self.blocking(move |ctl| ctl.bundles.import(&path).map(|r| bundle_view(&r)).map_err(bundle_status)).await?;
+        let view =
+            self.blocking(move |ctl| ctl.bundles.import(&path).map(|r| bundle_view(&r)).map_err(bundle_status)).await?;
         Ok(Response::new(view))
     }
 
@@ -311,7 +312,10 @@ fn resolve_with_bundle(
                 .map(|f| debian_arch(&f.arch))
                 .unwrap_or_default();
             if !arch.is_empty() && arch != b.arch {
-                errors.push(format!("{}: host architecture {arch} does not match bundle {} ({})", h.node, b.name, b.arch));
+                errors.push(format!(
+                    "{}: host architecture {arch} does not match bundle {} ({})",
+                    h.node, b.name, b.arch
+                ));
             }
         }
     }

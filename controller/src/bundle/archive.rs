@@ -74,7 +74,9 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<(), BundleError> {
                 return Err(BundleError::Archive(format!("truncated archive: {path} has {got} of {want} bytes")));
             }
         } else {
-            return Err(BundleError::Archive(format!("entry {path:?} is a link or special file; bundles hold plain files only")));
+            return Err(BundleError::Archive(format!(
+                "entry {path:?} is a link or special file; bundles hold plain files only"
+            )));
         }
     }
     Ok(())

@@ -50,7 +50,10 @@ impl BlobStore {
         let got = hex::encode(h.finalize());
         if got != sha256 {
             let _ = std::fs::remove_file(&tmp);
-            return Err(BundleError::Verify(format!("{} changed while importing (SHA-256 {got}, expected {sha256})", src.display())));
+            return Err(BundleError::Verify(format!(
+                "{} changed while importing (SHA-256 {got}, expected {sha256})",
+                src.display()
+            )));
         }
         std::fs::rename(&tmp, &dst).map_err(|e| BundleError::io(&dst, e))?;
         Ok(true)
@@ -62,7 +65,9 @@ impl BlobStore {
         let mut f = std::fs::File::open(&p).map_err(|e| BundleError::io(&p, e))?;
         let size = f.metadata().map_err(|e| BundleError::io(&p, e))?.len();
         if offset > size {
-            return Err(BundleError::Verify(format!("offset {offset} is past the end of blob {sha256} ({size} bytes)")));
+            return Err(BundleError::Verify(format!(
+                "offset {offset} is past the end of blob {sha256} ({size} bytes)"
+            )));
         }
         f.seek(SeekFrom::Start(offset)).map_err(|e| BundleError::io(&p, e))?;
         let want = ((size - offset) as usize).min(max);

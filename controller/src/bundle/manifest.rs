@@ -26,8 +26,7 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn parse(text: &str) -> Result<Self, BundleError> {
-        let m: Manifest =
-            serde_yaml::from_str(text).map_err(|e| BundleError::Manifest(format!("{MANIFEST}: {e}")))?;
+        let m: Manifest = serde_yaml::from_str(text).map_err(|e| BundleError::Manifest(format!("{MANIFEST}: {e}")))?;
         m.validate()?;
         Ok(m)
     }

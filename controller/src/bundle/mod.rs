@@ -73,7 +73,10 @@ impl Bundles {
             path.to_path_buf()
         } else {
             std::fs::create_dir_all(&self.tmp).map_err(|e| BundleError::io(&self.tmp, e))?;
-            let t = tempfile::Builder::new().prefix("import-").tempdir_in(&self.tmp).map_err(|e| BundleError::io(&self.tmp, e))?;
+            let t = tempfile::Builder::new()
+                .prefix("import-")
+                .tempdir_in(&self.tmp)
+                .map_err(|e| BundleError::io(&self.tmp, e))?;
             archive::unpack(path, t.path())?;
             let p = t.path().to_path_buf();
             _cleanup = t;

@@ -71,8 +71,10 @@ fn rows(list: &[BundleView]) -> Vec<Vec<String>> {
                 b.arch.clone(),
                 b.files.to_string(),
                 human(b.total_bytes),
-                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(b.imported_at_unix_ms))
-                    .to_string(),
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(b.imported_at_unix_ms),
+                )
+                .to_string(),
             ]
         })
         .collect()
@@ -142,7 +144,10 @@ pub async fn run(cmd: BundleCmd) -> anyhow::Result<()> {
             match output.output {
                 OutputFormat::Table => print!(
                     "{}",
-                    fleetadm_common::output::table(&["NAME", "KUBERNETES", "ARCH", "FILES", "SIZE", "IMPORTED"], &rows(&list))
+                    fleetadm_common::output::table(
+                        &["NAME", "KUBERNETES", "ARCH", "FILES", "SIZE", "IMPORTED"],
+                        &rows(&list)
+                    )
                 ),
                 f => println!(
                     "{}",

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use fleetadm_common::clock::now_unix_ms;
 use fleetadm_proto::agent_server::Agent;
 use fleetadm_proto::{
-    server_event, Ack, ConnectRequest, HeartbeatRequest, HeartbeatResponse, Inventory, RenewRequest, RenewResponse,
-    BlobChunk, FetchBlobRequest, ServerEvent, TaskReport, Welcome,
+    server_event, Ack, BlobChunk, ConnectRequest, FetchBlobRequest, HeartbeatRequest, HeartbeatResponse, Inventory,
+    RenewRequest, RenewResponse, ServerEvent, TaskReport, Welcome,
 };
 use tonic::{Request, Response, Status};
 
@@ -121,7 +121,8 @@ impl Agent for AgentService {
                 id.name, r.bundle, r.sha256
             )));
         }
-        let _permit = self.ctl.transfers.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
+        let _permit =
+            self.ctl.transfers.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
         let max = (r.max_len as usize).clamp(1, CHUNK_MAX);
         let ctl = self.ctl.clone();
         let (data, size) = tokio::task::spawn_blocking(move || ctl.bundles.blobs.read_chunk(&r.sha256, r.offset, max))

@@ -80,6 +80,7 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<TaskSpec, String> {
             commands: if rec.shape.bundle.is_some() { vec![] } else { vec!["kubeadm".into()] },
             // Room for the bundle in the agent's cache, plus a margin for the install.
             free_bytes: rec.bundle_files.iter().map(|f| f.size).sum::<u64>() * 2,
+            cri_socket: rec.spec.cri_socket.clone(),
         },
         "hosts" => {
             // Masters: master0 until they have joined, then themselves. Workers: the VIP.

@@ -231,7 +231,8 @@ impl<S: System> Bootstrap<'_, S> {
         if !rec.fstab_lines.is_empty() {
             let fstab = self.root.join(FSTAB);
             if let Ok(text) = std::fs::read_to_string(&fstab) {
-                let out: String = text.lines().map(|l| format!("{}\n", l.strip_prefix(FSTAB_MARK).unwrap_or(l))).collect();
+                let out: String =
+                    text.lines().map(|l| format!("{}\n", l.strip_prefix(FSTAB_MARK).unwrap_or(l))).collect();
                 fleetadm_common::fsutil::write_atomic(&fstab, out.as_bytes(), 0o644)
                     .map_err(|e| format!("writing {}: {e}", fstab.display()))?;
                 changes.push(format!("re-enabled {} swap entries in /etc/fstab", rec.fstab_lines.len()));
@@ -260,12 +261,14 @@ struct LocalManifest {
 pub fn local(state_dir: &Path, bundle_dir: Option<&Path>, reset: bool) -> anyhow::Result<Vec<String>> {
     use anyhow::Context;
     let cache = BlobCache::new(state_dir);
-    let mut b = Bootstrap { root: "/".into(), cache: &cache, record_path: state_dir.join("bootstrap.json"), sys: HostSystem };
+    let mut b =
+        Bootstrap { root: "/".into(), cache: &cache, record_path: state_dir.join("bootstrap.json"), sys: HostSystem };
     if reset {
         return b.reset().map_err(anyhow::Error::msg);
     }
     let dir = bundle_dir.context("--bundle-dir is required")?;
-    let text = std::fs::read_to_string(dir.join("bundle.yaml")).with_context(|| format!("reading {}/bundle.yaml", dir.display()))?;
+    let text = std::fs::read_to_string(dir.join("bundle.yaml"))
+        .with_context(|| format!("reading {}/bundle.yaml", dir.display()))?;
     let m: LocalManifest = serde_yaml::from_str(&text).context("bundle.yaml")?;
     std::fs::create_dir_all(state_dir.join("blobs"))?;
     for f in &m.files {
@@ -402,7 +405,8 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("etc")).unwrap();
-        std::fs::write(root.path().join("etc/fstab"), "/dev/sda1 / ext4 defaults 0 1\n/swapfile none swap sw 0 0\n").unwrap();
+        std::fs::write(root.path().join("etc/fstab"), "/dev/sda1 / ext4 defaults 0 1\n/swapfile none swap sw 0 0\n")
+            .unwrap();
         let files = vec![
             put(state.path(), "bin/kubeadm", b"kubeadm", 0o755),
             put(state.path(), "conf/kubelet.service", b"[Service]", 0o644),
@@ -413,7 +417,12 @@ mod tests {
         ];
         let cache = BlobCache::new(state.path());
         let mut fake = Fake { swap: true, ..Default::default() };
-        let mut b = Bootstrap { root: root.path().into(), cache: &cache, record_path: state.path().join("bootstrap.json"), sys: &mut fake };
+        let mut b = Bootstrap {
+            root: root.path().into(),
+            cache: &cache,
+            record_path: state.path().join("bootstrap.json"),
+            sys: &mut fake,
+        };
         let changes = b.install(&files, "k8s", "v1.29.9").unwrap();
         let joined = changes.join("\n");
         for want in [
@@ -445,7 +454,10 @@ mod tests {
         assert!(undone.contains("removed /usr/local/bin/kubeadm"), "{undone}");
         assert!(undone.contains("kept /etc/systemd/system/kubelet.service: changed since bootstrap"), "{undone}");
         assert!(!root.path().join("usr/local/bin/kubeadm").exists());
-        assert_eq!(std::fs::read_to_string(root.path().join("etc/fstab")).unwrap(), "/dev/sda1 / ext4 defaults 0 1\n/swapfile none swap sw 0 0\n");
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("etc/fstab")).unwrap(),
+            "/dev/sda1 / ext4 defaults 0 1\n/swapfile none swap sw 0 0\n"
+        );
         assert!(fake.log.iter().any(|l| l == "hook post-bootstrap true"));
     }
 
@@ -453,7 +465,10 @@ mod tests {
     fn destinations() {
         assert_eq!(destination("bin/kubeadm").as_deref(), Some("usr/local/bin/kubeadm"));
         assert_eq!(destination("conf/containerd.toml").as_deref(), Some("etc/containerd/config.toml"));
-        assert_eq!(destination("conf/kubeadm/extra.yaml").as_deref(), Some("etc/kubernetes/fleetadm/conf/kubeadm/extra.yaml"));
+        assert_eq!(
+            destination("conf/kubeadm/extra.yaml").as_deref(),
+            Some("etc/kubernetes/fleetadm/conf/kubeadm/extra.yaml")
+        );
         assert_eq!(destination("manifests/cni.yaml"), None);
         assert_eq!(destination("images/x.tar"), None);
     }

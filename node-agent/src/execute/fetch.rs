@@ -184,7 +184,12 @@ mod tests {
     }
 
     fn file(path: &str, body: &[u8]) -> BundleFile {
-        BundleFile { path: path.into(), size: body.len() as u64, mode: 0o755, sha256: hex::encode(Sha256::digest(body)) }
+        BundleFile {
+            path: path.into(),
+            size: body.len() as u64,
+            mode: 0o755,
+            sha256: hex::encode(Sha256::digest(body)),
+        }
     }
 
     #[tokio::test]
@@ -221,7 +226,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = BlobCache::new(dir.path());
         let mut f = file("bin/kubeadm", b"the real thing");
-        let mut src = Fake { blobs: [(f.sha256.clone(), b"the evil thing".to_vec())].into(), cut_after: None, served: 0, bytes: 0 };
+        let mut src = Fake {
+            blobs: [(f.sha256.clone(), b"the evil thing".to_vec())].into(),
+            cut_after: None,
+            served: 0,
+            bytes: 0,
+        };
         let err = fetch_all(&cache, &mut src, std::slice::from_ref(&f), |_, _| {}).await.unwrap_err();
         assert!(err.contains("discarded"), "{err}");
         assert!(!cache.has(&f) && !cache.partial(&f.sha256).exists());

@@ -238,7 +238,8 @@ impl Executor {
                     }
                 })
                 .map(|changes| {
-                    let real: Vec<&String> = changes.iter().filter(|c| !c.starts_with("warning") && !c.starts_with("skipped")).collect();
+                    let real: Vec<&String> =
+                        changes.iter().filter(|c| !c.starts_with("warning") && !c.starts_with("skipped")).collect();
                     (!real.is_empty(), if changes.is_empty() { "no change".to_string() } else { changes.join("\n") })
                 })
             }
@@ -257,14 +258,19 @@ impl Executor {
                 })
                 .await
                 .map_err(|e| e.to_string())?
-                .map(|changes| (!changes.is_empty(), if changes.is_empty() { "nothing to undo".into() } else { changes.join("\n") }))
+                .map(|changes| {
+                    (
+                        !changes.is_empty(),
+                        if changes.is_empty() { "nothing to undo".into() } else { changes.join("\n") },
+                    )
+                })
             }
             TaskSpec::BundleAddons { files } => {
                 let cache = fetch::BlobCache::new(&self.state_dir);
                 let mut manifests = Vec::new();
                 for f in &files {
-                    let data = std::fs::read(cache.path(&f.sha256))
-                        .map_err(|e| format!("{} is not fetched: {e}", f.path))?;
+                    let data =
+                        std::fs::read(cache.path(&f.sha256)).map_err(|e| format!("{} is not fetched: {e}", f.path))?;
                     manifests.push(fleetadm_common::tasks::FileSpec {
                         path: f.path.clone(),
                         contents: String::from_utf8(data).map_err(|_| format!("{} is not text", f.path))?,
@@ -273,9 +279,11 @@ impl Executor {
                 }
                 Box::pin(self.execute(TaskSpec::Addons { manifests }, timeout, progress)).await
             }
-            TaskSpec::Preflight { ports, commands, free_bytes } => {
-                let problems =
+            TaskSpec::Preflight { ports, commands, free_bytes, cri_socket } => {
+                let mut problems =
                     preflight::check_with_disk(&ports, &commands, &p.proc_swaps, Some((&self.state_dir, free_bytes)));
+                problems.extend(preflight::leftovers(&p.kube_dir));
+                let warnings = preflight::warnings(&cri_socket);
                 if problems.is_empty() {
                     let mut ok = vec![format!("ports {ports:?} free"), "swap off".into()];
                     if !commands.is_empty() {
@@ -284,7 +292,11 @@ impl Executor {
                     if free_bytes > 0 {
                         ok.push(format!("{} MiB free for the bundle", free_bytes.div_ceil(1 << 20)));
                     }
-                    Ok((false, format!("ok: {}", ok.join(", "))))
+                    let mut out = format!("ok: {}", ok.join(", "));
+                    for w in warnings {
+                        out.push_str(&format!("\n{w}"));
+                    }
+                    Ok((false, out))
                 } else {
                     Err(problems.join("\n"))
                 }
@@ -344,10 +356,11 @@ impl Executor {
             TaskSpec::LbClean { vip } => {
                 let vip = crate::lb::parse_endpoint(&vip)?;
                 self.lb.stop_and_forget();
-                let changes = tokio::task::spawn_blocking(move || crate::lb::clean(Some(vip), crate::lb::DEFAULT_INTERFACE))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
+                let changes =
+                    tokio::task::spawn_blocking(move || crate::lb::clean(Some(vip), crate::lb::DEFAULT_INTERFACE))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
                 let changed = !changes.0.is_empty();
                 Ok((changed, if changed { changes.0.join("\n") } else { "nothing to clean".into() }))
             }

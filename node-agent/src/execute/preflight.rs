@@ -9,12 +9,17 @@ pub fn check(ports: &[u16], commands: &[String], proc_swaps: &Path) -> Vec<Strin
 }
 
 /// Also checks that `dir` (the agent's state dir, where bundles are cached) has `bytes` free.
-pub fn check_with_disk(ports: &[u16], commands: &[String], proc_swaps: &Path, disk: Option<(&Path, u64)>) -> Vec<String> {
+pub fn check_with_disk(
+    ports: &[u16],
+    commands: &[String],
+    proc_swaps: &Path,
+    disk: Option<(&Path, u64)>,
+) -> Vec<String> {
     let mut problems = Vec::new();
     if let Some((dir, need)) = disk.filter(|(_, n)| *n > 0) {
         match nix::sys::statvfs::statvfs(dir) {
             Ok(st) => {
-                let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+                let free = st.blocks_available() * st.fragment_size();
                 if free < need {
                     problems.push(format!(
                         "{} has {} MiB free, the bundle needs {} MiB: free some space or move the state dir",
@@ -57,6 +62,37 @@ pub fn check_with_disk(ports: &[u16], commands: &[String], proc_swaps: &Path, di
     problems
 }
 
+/// Kubernetes state already on the host (an old or foreign cluster): kubeadm would refuse or,
+/// worse, mix the two.
+pub fn leftovers(kube_dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for f in ["kubelet.conf", "manifests/kube-apiserver.yaml", "manifests/etcd.yaml"] {
+        if kube_dir.join(f).exists() {
+            found.push(format!(
+                "{} exists: this host already belongs to a Kubernetes cluster; reset it (kubeadm reset, or controller cluster delete) first",
+                kube_dir.join(f).display()
+            ));
+        }
+    }
+    found
+}
+
+/// Warnings that do not stop the rollout.
+pub fn warnings(cri_socket: &str) -> Vec<String> {
+    let mut w = Vec::new();
+    if let Some(path) = cri_socket.strip_prefix("unix://") {
+        if std::os::unix::net::UnixStream::connect(path).is_err() {
+            w.push(format!(
+                "warning: container runtime socket {path} is not reachable: install and start containerd (or ship it in the bundle); kubelet needs it"
+            ));
+        }
+    }
+    if std::fs::read_to_string("/proc/1/comm").map(|c| c.trim() != "systemd").unwrap_or(false) {
+        w.push("warning: init is not systemd, but the kubelet is configured with cgroupDriver: systemd".into());
+    }
+    w
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +115,10 @@ mod tests {
         let p = check_with_disk(&[], &[], &swaps, Some((dir.path(), u64::MAX / 2)));
         assert!(p.len() == 1 && p[0].contains("MiB free"), "{p:?}");
         assert!(check_with_disk(&[], &[], &swaps, Some((dir.path(), 1))).is_empty());
+        std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
+        assert!(leftovers(dir.path()).is_empty());
+        std::fs::write(dir.path().join("manifests/etcd.yaml"), "x").unwrap();
+        assert!(leftovers(dir.path())[0].contains("already belongs to a Kubernetes cluster"));
+        assert!(warnings("unix:///nonexistent/containerd.sock")[0].contains("not reachable"));
     }
 }

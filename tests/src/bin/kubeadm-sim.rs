@@ -820,7 +820,11 @@ fn kubectl(args: &[String]) -> Result<()> {
             let at = f.display().to_string();
             let kind = s(&v, &at, "kind")?;
             s(&v, &at, "apiVersion")?;
-            let name = v.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).ok_or_else(|| anyhow!("{at}: metadata.name missing"))?;
+            let name = v
+                .get("metadata")
+                .and_then(|m| m.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| anyhow!("{at}: metadata.name missing"))?;
             println!("{}/{name} created", kind.to_lowercase());
             applied.push_str(&format!("{kind}/{name}\n"));
         }
