@@ -33,15 +33,21 @@ impl BlobCache {
     }
 }
 
-/// Where chunks come from (the controller in production, a fake in tests).
-pub trait ChunkSource {
+/// Chunk requests in flight per blob (hides the round trip; the order of writes is kept).
+pub const DEPTH: usize = 4;
+
+type ChunkResult = Result<(Vec<u8>, u64), String>;
+
+/// Where chunks come from (the controller in production, a fake in tests). Cheap to clone: each
+/// request in flight works on its own clone.
+pub trait ChunkSource: Clone + Send + 'static {
     /// Up to `max` bytes of blob `sha256` from `offset`, and the blob's total size.
     fn chunk(
-        &mut self,
-        sha256: &str,
+        &self,
+        sha256: String,
         offset: u64,
         max: u32,
-    ) -> impl std::future::Future<Output = Result<(Vec<u8>, u64), String>> + Send;
+    ) -> impl std::future::Future<Output = ChunkResult> + Send + 'static;
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -104,13 +110,33 @@ pub async fn fetch_all<S: ChunkSource>(
             .append(true)
             .open(&part)
             .map_err(|e| format!("opening {}: {e}", part.display()))?;
+        // Up to DEPTH requests in flight, each for its own offset; written strictly in order.
+        let mut inflight = std::collections::VecDeque::new();
+        let mut next = have;
         while have < f.size {
-            let (data, size) = src.chunk(&f.sha256, have, CHUNK).await?;
+            while inflight.len() < DEPTH && next < f.size {
+                let want = CHUNK.min((f.size - next).min(u64::from(u32::MAX)) as u32);
+                inflight.push_back((next, tokio::spawn(src.chunk(f.sha256.clone(), next, want))));
+                next += u64::from(want);
+            }
+            let Some((offset, job)) = inflight.pop_front() else { break };
+            let (data, size) = match job.await {
+                Ok(r) => r,
+                Err(e) => Err(format!("chunk request failed: {e}")),
+            }
+            .inspect_err(|_| inflight.iter().for_each(|(_, j)| j.abort()))?;
             if size != f.size {
+                inflight.iter().for_each(|(_, j)| j.abort());
                 return Err(format!("{}: the controller has {size} bytes, the manifest says {}", f.path, f.size));
             }
-            if data.is_empty() {
-                return Err(format!("{}: empty chunk at offset {have} of {size}", f.path));
+            let expect = CHUNK.min((f.size - offset) as u32) as usize;
+            if offset != have || data.len() != expect {
+                inflight.iter().for_each(|(_, j)| j.abort());
+                return Err(format!(
+                    "{}: chunk at offset {offset} has {} bytes, expected {expect}",
+                    f.path,
+                    data.len()
+                ));
             }
             out.write_all(&data).map_err(|e| format!("writing {}: {e}", part.display()))?;
             have += data.len() as u64;
@@ -135,25 +161,29 @@ pub async fn fetch_all<S: ChunkSource>(
 }
 
 /// The controller as a chunk source.
+#[derive(Clone)]
 pub struct Remote {
     pub bundle: String,
     pub client: fleetadm_proto::agent_client::AgentClient<tonic::transport::Channel>,
 }
 
 impl ChunkSource for Remote {
-    async fn chunk(&mut self, sha256: &str, offset: u64, max: u32) -> Result<(Vec<u8>, u64), String> {
-        let r = self
-            .client
-            .fetch_blob(fleetadm_proto::FetchBlobRequest {
-                bundle: self.bundle.clone(),
-                sha256: sha256.to_string(),
-                offset,
-                max_len: max,
-            })
-            .await
-            .map_err(|st| fleetadm_common::dial::explain_status(&st))?
-            .into_inner();
-        Ok((r.data, r.size))
+    fn chunk(
+        &self,
+        sha256: String,
+        offset: u64,
+        max: u32,
+    ) -> impl std::future::Future<Output = ChunkResult> + Send + 'static {
+        let mut client = self.client.clone();
+        let bundle = self.bundle.clone();
+        async move {
+            let r = client
+                .fetch_blob(fleetadm_proto::FetchBlobRequest { bundle, sha256, offset, max_len: max })
+                .await
+                .map_err(|st| fleetadm_common::dial::explain_status(&st))?
+                .into_inner();
+            Ok((r.data, r.size))
+        }
     }
 }
 
@@ -161,25 +191,45 @@ impl ChunkSource for Remote {
 mod tests {
     use super::*;
 
-    /// Serves blobs from memory; fails once after `cut_after` chunks, counts what it served.
-    struct Fake {
+    #[derive(Default)]
+    struct State {
         blobs: std::collections::HashMap<String, Vec<u8>>,
-        cut_after: Option<usize>,
-        served: usize,
+        /// Requests for offsets at or beyond this fail (the connection was cut there), once.
+        cut_at: Option<u64>,
         bytes: u64,
     }
 
+    /// Serves blobs from memory; counts what it served.
+    #[derive(Clone, Default)]
+    struct Fake(std::sync::Arc<std::sync::Mutex<State>>);
+
+    impl Fake {
+        fn bytes(&self) -> u64 {
+            self.0.lock().unwrap().bytes
+        }
+        fn reset_bytes(&self) {
+            self.0.lock().unwrap().bytes = 0;
+        }
+    }
+
     impl ChunkSource for Fake {
-        async fn chunk(&mut self, sha256: &str, offset: u64, max: u32) -> Result<(Vec<u8>, u64), String> {
-            if self.cut_after == Some(self.served) {
-                self.cut_after = None;
-                return Err("connection reset".into());
+        fn chunk(
+            &self,
+            sha256: String,
+            offset: u64,
+            max: u32,
+        ) -> impl std::future::Future<Output = ChunkResult> + Send + 'static {
+            let me = self.clone();
+            async move {
+                let mut st = me.0.lock().unwrap();
+                if st.cut_at.is_some_and(|c| offset >= c) {
+                    return Err("connection reset".into());
+                }
+                let b = st.blobs.get(&sha256).ok_or("unknown blob")?.clone();
+                let end = (offset as usize + max as usize).min(b.len());
+                st.bytes += (end - offset as usize) as u64;
+                Ok((b[offset as usize..end].to_vec(), b.len() as u64))
             }
-            let b = self.blobs.get(sha256).ok_or("unknown blob")?;
-            let end = (offset as usize + max as usize).min(b.len());
-            self.served += 1;
-            self.bytes += (end - offset as usize) as u64;
-            Ok((b[offset as usize..end].to_vec(), b.len() as u64))
         }
     }
 
@@ -199,26 +249,29 @@ mod tests {
         let big: Vec<u8> = (0..(CHUNK as usize * 5 + 123)).map(|i| (i % 251) as u8).collect();
         let small = b"kubelet".to_vec();
         let files = vec![file("bin/kubeadm", &big), file("bin/kubectl", &big), file("bin/kubelet", &small)];
-        let mut src = Fake {
-            blobs: [(files[0].sha256.clone(), big.clone()), (files[2].sha256.clone(), small.clone())].into(),
-            cut_after: Some(3),
-            served: 0,
-            bytes: 0,
-        };
-        let err = fetch_all(&cache, &mut src, &files, |_, _| {}).await.unwrap_err();
+        let src = Fake::default();
+        {
+            let mut st = src.0.lock().unwrap();
+            st.blobs = [(files[0].sha256.clone(), big.clone()), (files[2].sha256.clone(), small.clone())].into();
+            st.cut_at = Some(3 * CHUNK as u64);
+        }
+        let mut s = src.clone();
+        let err = fetch_all(&cache, &mut s, &files, |_, _| {}).await.unwrap_err();
         assert!(err.contains("connection reset"));
-        assert_eq!(src.bytes, 3 * CHUNK as u64, "three chunks arrived before the cut");
-        src.bytes = 0;
+        let part = std::fs::metadata(cache.partial(&files[0].sha256)).unwrap().len();
+        assert_eq!(part, 3 * CHUNK as u64, "the three chunks before the cut are kept");
+        src.0.lock().unwrap().cut_at = None;
+        src.reset_bytes();
         let mut last = (0, 0);
-        let stats = fetch_all(&cache, &mut src, &files, |d, t| last = (d, t)).await.unwrap();
+        let stats = fetch_all(&cache, &mut s, &files, |d, t| last = (d, t)).await.unwrap();
         assert_eq!(stats.resumed_bytes, 3 * CHUNK as u64);
-        assert_eq!(src.bytes, big.len() as u64 - 3 * CHUNK as u64 + small.len() as u64, "only the missing part");
+        assert_eq!(src.bytes(), big.len() as u64 - 3 * CHUNK as u64 + small.len() as u64, "only the missing part");
         assert_eq!(stats.fetched, 2, "kubeadm and kubectl share one blob");
         assert_eq!(last, ((big.len() + small.len()) as u64, (big.len() + small.len()) as u64));
         assert_eq!(std::fs::read(cache.path(&files[0].sha256)).unwrap(), big);
-        src.bytes = 0;
-        let stats = fetch_all(&cache, &mut src, &files, |_, _| {}).await.unwrap();
-        assert_eq!((stats.cached, stats.fetched, src.bytes), (2, 0, 0), "nothing fetched twice");
+        src.reset_bytes();
+        let stats = fetch_all(&cache, &mut s, &files, |_, _| {}).await.unwrap();
+        assert_eq!((stats.cached, stats.fetched, src.bytes()), (2, 0, 0), "nothing fetched twice");
     }
 
     #[tokio::test]
@@ -226,12 +279,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = BlobCache::new(dir.path());
         let mut f = file("bin/kubeadm", b"the real thing");
-        let mut src = Fake {
-            blobs: [(f.sha256.clone(), b"the evil thing".to_vec())].into(),
-            cut_after: None,
-            served: 0,
-            bytes: 0,
-        };
+        let mut src = Fake::default();
+        src.0.lock().unwrap().blobs = [(f.sha256.clone(), b"the evil thing".to_vec())].into();
         let err = fetch_all(&cache, &mut src, std::slice::from_ref(&f), |_, _| {}).await.unwrap_err();
         assert!(err.contains("discarded"), "{err}");
         assert!(!cache.has(&f) && !cache.partial(&f.sha256).exists());
