@@ -204,24 +204,7 @@ impl Rollouts {
             deleting: false,
         };
         // Tasks first, the cluster record last: a crash in between leaves no half-recorded cluster.
-        for phase in &rec.plan.phases {
-            for t in phase.steps.iter().flatten() {
-                let tr = TaskRecord {
-                    id: t.id.clone(),
-                    cluster: name.clone(),
-                    phase: phase.name.clone(),
-                    host: t.host.clone(),
-                    kind: t.kind.clone(),
-                    state: TaskState::Pending,
-                    attempt: 0,
-                    dispatched_ms: 0,
-                    finished_ms: 0,
-                    changed: false,
-                    output: String::new(),
-                };
-                put_json(&*self.store, Table::Tasks, &t.id, &tr, Durability::Lazy)?;
-            }
-        }
+        self.record_tasks(&name, &rec.plan)?;
         put_json(&*self.store, Table::Clusters, &name, &rec, Durability::Flush)?;
         tracing::info!(cluster = %name, tasks = rec.plan.tasks().count(), "cluster recorded; rollout starting");
         self.spawn(name);
@@ -248,24 +231,7 @@ impl Rollouts {
         }
         if !rec.deleting {
             let plan = phases::teardown(&rec.shape);
-            for phase in &plan.phases {
-                for t in phase.steps.iter().flatten() {
-                    let tr = TaskRecord {
-                        id: t.id.clone(),
-                        cluster: name.to_string(),
-                        phase: phase.name.clone(),
-                        host: t.host.clone(),
-                        kind: t.kind.clone(),
-                        state: TaskState::Pending,
-                        attempt: 0,
-                        dispatched_ms: 0,
-                        finished_ms: 0,
-                        changed: false,
-                        output: String::new(),
-                    };
-                    put_json(&*self.store, Table::Tasks, &t.id, &tr, Durability::Lazy)?;
-                }
-            }
+            self.record_tasks(name, &plan)?;
             rec.plan = plan;
             rec.deleting = true;
             rec.conditions.clear();
@@ -285,6 +251,29 @@ impl Rollouts {
         tracing::info!(cluster = name, "deleting cluster: resetting its hosts");
         self.spawn(name.to_string());
         Ok(Some(rec))
+    }
+
+    /// Store every task of `plan` as pending (flushed by the cluster record written after them).
+    fn record_tasks(&self, cluster: &str, plan: &phases::Plan) -> Result<(), RolloutError> {
+        for phase in &plan.phases {
+            for t in phase.steps.iter().flatten() {
+                let tr = TaskRecord {
+                    id: t.id.clone(),
+                    cluster: cluster.to_string(),
+                    phase: phase.name.clone(),
+                    host: t.host.clone(),
+                    kind: t.kind.clone(),
+                    state: TaskState::Pending,
+                    attempt: 0,
+                    dispatched_ms: 0,
+                    finished_ms: 0,
+                    changed: false,
+                    output: String::new(),
+                };
+                put_json(&*self.store, Table::Tasks, &t.id, &tr, Durability::Lazy)?;
+            }
+        }
+        Ok(())
     }
 
     /// Remove a cluster's record and tasks.

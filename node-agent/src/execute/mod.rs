@@ -181,6 +181,27 @@ impl Executor {
         });
     }
 
+    /// Run `f` on a [`bootstrap::Bootstrap`] for this host, off the async threads.
+    async fn with_bootstrap<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut bootstrap::Bootstrap<'_, bootstrap::HostSystem>) -> Result<T, String> + Send + 'static,
+    ) -> Result<Result<T, String>, String> {
+        let state_dir = self.state_dir.clone();
+        let root = self.paths.root.clone();
+        tokio::task::spawn_blocking(move || {
+            let cache = fetch::BlobCache::new(&state_dir);
+            let mut b = bootstrap::Bootstrap {
+                root,
+                cache: &cache,
+                record_path: state_dir.join("bootstrap.json"),
+                sys: bootstrap::HostSystem,
+            };
+            f(&mut b)
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
+
     async fn execute(
         &self,
         spec: TaskSpec,
@@ -212,21 +233,9 @@ impl Executor {
                     ),
                 ))
             }
-            TaskSpec::Bootstrap { bundle, kubernetes_version, files } => {
-                let state_dir = self.state_dir.clone();
-                let root = p.root.clone();
-                tokio::task::spawn_blocking(move || {
-                    let cache = fetch::BlobCache::new(&state_dir);
-                    let mut b = bootstrap::Bootstrap {
-                        root,
-                        cache: &cache,
-                        record_path: state_dir.join("bootstrap.json"),
-                        sys: bootstrap::HostSystem,
-                    };
-                    b.install(&files, &bundle, &kubernetes_version)
-                })
-                .await
-                .map_err(|e| e.to_string())?
+            TaskSpec::Bootstrap { bundle, kubernetes_version, files } => self
+                .with_bootstrap(move |b| b.install(&files, &bundle, &kubernetes_version))
+                .await?
                 .and_then(|changes| {
                     // Commands the next phases need must exist now.
                     match command::which("kubeadm") {
@@ -241,30 +250,10 @@ impl Executor {
                     let real: Vec<&String> =
                         changes.iter().filter(|c| !c.starts_with("warning") && !c.starts_with("skipped")).collect();
                     (!real.is_empty(), if changes.is_empty() { "no change".to_string() } else { changes.join("\n") })
-                })
-            }
-            TaskSpec::BootstrapReset {} => {
-                let state_dir = self.state_dir.clone();
-                let root = p.root.clone();
-                tokio::task::spawn_blocking(move || {
-                    let cache = fetch::BlobCache::new(&state_dir);
-                    let mut b = bootstrap::Bootstrap {
-                        root,
-                        cache: &cache,
-                        record_path: state_dir.join("bootstrap.json"),
-                        sys: bootstrap::HostSystem,
-                    };
-                    b.reset()
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map(|changes| {
-                    (
-                        !changes.is_empty(),
-                        if changes.is_empty() { "nothing to undo".into() } else { changes.join("\n") },
-                    )
-                })
-            }
+                }),
+            TaskSpec::BootstrapReset {} => self.with_bootstrap(|b| b.reset()).await?.map(|changes| {
+                (!changes.is_empty(), if changes.is_empty() { "nothing to undo".into() } else { changes.join("\n") })
+            }),
             TaskSpec::BundleAddons { files } => {
                 let cache = fetch::BlobCache::new(&self.state_dir);
                 let mut manifests = Vec::new();
