@@ -6,7 +6,7 @@ use fleetadm_common::pin::CaPin;
 use fleetadm_proto::agent_client::AgentClient;
 use fleetadm_proto::enrollment_client::EnrollmentClient;
 use fleetadm_proto::{EnrollRequest, HeartbeatRequest};
-use fleetadm_tests::{free_port, text, Agent, Controller};
+use fleetadm_tests::{bin, free_port, text, Agent, Controller};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -214,4 +214,68 @@ fn agent_calls_need_a_current_certificate_from_the_fleet_ca() {
     let (t, h) = ctl.token(&[]);
     let a = Agent::new("after");
     assert!(a.enroll_with(&ctl.addr(), &t, &h, &[]).status.success());
+}
+
+#[test]
+fn blobs_and_task_reports_are_only_for_the_nodes_they_belong_to() {
+    let ctl = Controller::start(&[]);
+    // A bundle on the controller that no cluster uses.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("b");
+    std::fs::create_dir_all(src.join("bin")).unwrap();
+    std::fs::write(src.join("bin/kubeadm"), "kubeadm").unwrap();
+    let out = std::process::Command::new(bin("controller"))
+        .args(["bundle", "build"])
+        .arg(&src)
+        .arg("-o")
+        .arg(dir.path().join("b.tar.gz"))
+        .args(["--name", "b", "--version", "v1.29.9"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let imported = ctl.admin(&["bundle", "import", dir.path().join("b.tar.gz").to_str().unwrap()]);
+    assert!(imported.status.success(), "{}", text(&imported));
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(b"kubeadm"))
+    };
+    let a = Agent::new("outsider");
+    a.enroll(&ctl);
+    let identity = fleetadm_agent::identity::Identity::load(&fleetadm_agent::identity::StateDir::new(a.state_dir()))
+        .expect("identity");
+    rt().block_on(async {
+        let cfg = dial::client_config(
+            &Trust::Ca(identity.ca_der().unwrap()),
+            Some(identity.tls_identity().unwrap()),
+            PinReport::default(),
+        )
+        .unwrap();
+        let mut c = AgentClient::new(dial::connect(&ctl.addr(), cfg, &DialOptions::default()).await.unwrap());
+        let req = |sha: &str| fleetadm_proto::FetchBlobRequest {
+            bundle: "b".into(),
+            sha256: sha.into(),
+            offset: 0,
+            max_len: 1024,
+        };
+        let st = c.fetch_blob(req(&sha)).await.expect_err("not in a cluster using the bundle");
+        assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+        assert!(st.message().contains("not in a cluster that uses bundle b"), "{}", st.message());
+        let st = c.fetch_blob(req("../../etc/passwd")).await.expect_err("bad digest");
+        assert_eq!(st.code(), tonic::Code::InvalidArgument);
+        let st = c
+            .report_task(fleetadm_proto::TaskReport {
+                task_id: "lab/init/m1/kubeadm-init".into(),
+                attempt: 1,
+                state: fleetadm_proto::TaskState::Succeeded as i32,
+                output: String::new(),
+                changed: false,
+            })
+            .await
+            .expect_err("no such task");
+        assert_eq!(st.code(), tonic::Code::NotFound);
+    });
+    // A bundle nobody uses can be removed; a missing one is reported as such.
+    assert!(ctl.admin(&["bundle", "remove", "b"]).status.success());
+    let out = ctl.admin(&["bundle", "remove", "b"]);
+    assert!(!out.status.success() && text(&out).contains("bundle b not found"), "{}", text(&out));
 }

@@ -20,11 +20,30 @@ pub const CHUNK_MAX: usize = 768 * 1024;
 
 pub struct AgentService {
     ctl: Arc<Controller>,
+    /// (node, bundle, blob) -> when a membership check last passed. A transfer asks for hundreds
+    /// of chunks; the check (cluster records, bundle manifest) runs once per blob every
+    /// [`GRANT_TTL`]. Identity and revocation are still checked on every call.
+    grants: std::sync::Mutex<std::collections::HashMap<(String, String, String), std::time::Instant>>,
 }
+
+const GRANT_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl AgentService {
     pub fn new(ctl: Arc<Controller>) -> Self {
-        Self { ctl }
+        Self { ctl, grants: Default::default() }
+    }
+
+    fn granted(&self, key: &(String, String, String)) -> bool {
+        self.grants.lock().map(|g| g.get(key).is_some_and(|t| t.elapsed() < GRANT_TTL)).unwrap_or(false)
+    }
+
+    fn grant(&self, key: (String, String, String)) {
+        if let Ok(mut g) = self.grants.lock() {
+            if g.len() > 100_000 {
+                g.retain(|_, t| t.elapsed() < GRANT_TTL);
+            }
+            g.insert(key, std::time::Instant::now());
+        }
     }
 }
 
@@ -106,14 +125,20 @@ impl Agent for AgentService {
         if !fleetadm_common::tasks::is_sha256_hex(&r.sha256) {
             return Err(Status::invalid_argument("sha256 must be 64 lowercase hex digits"));
         }
-        let ctl = self.ctl.clone();
-        let node = id.name.clone();
-        let (bundle, sha) = (r.bundle.clone(), r.sha256.clone());
-        let allowed = tokio::task::spawn_blocking(move || {
-            ctl.rollouts.node_uses_bundle(&node, &bundle) && ctl.bundles.holds(&bundle, &sha)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        let key = (id.name.clone(), r.bundle.clone(), r.sha256.clone());
+        let allowed = self.granted(&key) || {
+            let ctl = self.ctl.clone();
+            let (node, bundle, sha) = key.clone();
+            let ok = tokio::task::spawn_blocking(move || {
+                ctl.rollouts.node_uses_bundle(&node, &bundle) && ctl.bundles.holds(&bundle, &sha)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+            if ok {
+                self.grant(key);
+            }
+            ok
+        };
         if !allowed {
             tracing::warn!(node = %id.name, bundle = %r.bundle, blob = %r.sha256, "blob request refused");
             return Err(Status::permission_denied(format!(
