@@ -166,6 +166,18 @@ impl Nodes {
         self.store.put(Table::Facts, name, &facts.encode_to_vec(), Durability::Lazy)
     }
 
+    /// The node's load balancer status (lazy: the guard reports again on its next change).
+    pub fn set_lb_status(&self, name: &str, st: &fleetadm_proto::LbStatus) -> Result<(), StoreError> {
+        self.store.put(Table::Facts, &format!("lb/{name}"), &st.encode_to_vec(), Durability::Lazy)
+    }
+
+    pub fn lb_status(&self, name: &str) -> Result<Option<fleetadm_proto::LbStatus>, StoreError> {
+        Ok(self
+            .store
+            .get(Table::Facts, &format!("lb/{name}"))?
+            .and_then(|b| fleetadm_proto::LbStatus::decode(b.as_slice()).ok()))
+    }
+
     pub fn facts(&self, name: &str) -> Result<Option<Inventory>, StoreError> {
         Ok(self.store.get(Table::Facts, name)?.and_then(|b| Inventory::decode(b.as_slice()).ok()))
     }

@@ -134,6 +134,14 @@ for _ in $(seq 150); do
   sleep 0.2
 done
 check "a dead master leaves the workers' rotation" test $gone = yes
+lbview=""
+for _ in $(seq 50); do
+  lbview=$(ctl nodes show h4 -o json)
+  grep -A3 '"address": "10.78.0.11:6443"' <<<"$lbview" | grep -q '"healthy": false' && break
+  sleep 0.2
+done
+check "the controller sees the worker's guard report the dead master" grep -A3 '"address": "10.78.0.11:6443"' <<<"$lbview"
+check "... as unhealthy, the others healthy" test "$(grep -c '"healthy": true' <<<"$lbview")" -eq 2
 check "the other masters stay" test "$(ip netns exec flab-h4 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[23]:6443 *Masq *1')" -eq 2
 before=$(ip netns exec flab-h5 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[23]:6443')
 lab stop-agent h5

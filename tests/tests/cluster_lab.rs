@@ -129,7 +129,14 @@ fn failed_joins_are_reported_retried_and_resumed() {
     // An agent killed while its task runs: after its restart the rollout still completes, and
     // kubeadm init is not run twice over a finished control plane.
     set_kubeadm(&lab, Some(r#"[ "$1" = init ] && sleep 2"#));
-    let (ok, out) = lab.ctl(&["cluster", "create", "solo", "--masters", "h4", "--detach"]);
+    // This one comes from a sealos Clusterfile with a kubeadm override merged over the defaults.
+    let cf = lab.dir.join("Clusterfile");
+    std::fs::write(
+        &cf,
+        "apiVersion: apps.sealos.io/v1beta1\nkind: Cluster\nmetadata:\n  name: solo\nspec:\n  hosts:\n  - ips: [10.78.0.14:22]\n    roles: [master, amd64]\n---\napiVersion: kubeadm.k8s.io/v1beta3\nkind: ClusterConfiguration\nnetworking:\n  podSubnet: 10.244.0.0/16\n",
+    )
+    .expect("Clusterfile");
+    let (ok, out) = lab.ctl(&["cluster", "create", "-f", cf.to_str().expect("utf-8 path"), "--detach"]);
     assert!(ok, "{out}");
     wait("h4's kubeadm init to start", 60, || task(&lab.status("solo"), "init/h4/kubeadm-init")["state"] == "running");
     let _ = lab.run(&["stop-agent", "h4"]);
@@ -145,6 +152,10 @@ fn failed_joins_are_reported_retried_and_resumed() {
         "kubeadm init ran once or was recognised as done: {logs}"
     );
     assert!(Path::new(&lab.host("h4").join("etc-kubernetes/admin.conf")).exists());
+    let rendered = std::fs::read_to_string(lab.host("h4").join("etc-kubernetes/fleetadm/kubeadm-init.yaml"))
+        .expect("kubeadm config written 0600 by the agent");
+    assert!(rendered.contains("podSubnet: 10.244.0.0/16"), "Clusterfile override applied: {rendered}");
+    assert!(rendered.contains("serviceSubnet: 10.96.0.0/22"), "defaults kept: {rendered}");
 }
 
 #[test]

@@ -56,6 +56,7 @@ impl AdminService {
             revoked: rec.revoked,
             clock_skew_ms: rec.clock_skew_ms,
             peer_address: session.map(|s| s.peer).unwrap_or_else(|| rec.peer_address.clone()),
+            lb: self.ctl.nodes.lb_status(&rec.name).map_err(|e| Status::internal(e.to_string()))?,
         })
     }
 

@@ -77,6 +77,26 @@ pub struct NodeView {
     pub clock_skew_ms: i64,
     pub peer_address: String,
     pub facts: Option<FactsView>,
+    /// The node's apiserver load balancer, as its guard last reported it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LbView>,
+}
+
+#[derive(Serialize)]
+pub struct LbView {
+    pub vip: String,
+    pub all_failing: bool,
+    pub real_servers: Vec<RealServerView>,
+}
+
+#[derive(Serialize)]
+pub struct RealServerView {
+    pub address: String,
+    pub healthy: bool,
+    pub in_rotation: bool,
+    pub weight: u32,
+    pub last_probe: String,
+    pub last_probe_at: String,
 }
 
 fn facts_view(f: &Inventory) -> FactsView {
@@ -120,6 +140,22 @@ pub fn node_view(n: &NodeInfo) -> NodeView {
         clock_skew_ms: n.clock_skew_ms,
         peer_address: n.peer_address.clone(),
         facts: n.facts.as_ref().map(facts_view),
+        load_balancer: n.lb.as_ref().filter(|l| !l.vip.is_empty()).map(|l| LbView {
+            vip: l.vip.clone(),
+            all_failing: l.all_failing,
+            real_servers: l
+                .servers
+                .iter()
+                .map(|s| RealServerView {
+                    address: s.address.clone(),
+                    healthy: s.healthy,
+                    in_rotation: s.in_rotation,
+                    weight: s.weight,
+                    last_probe: s.last_probe.clone(),
+                    last_probe_at: rfc3339_ms(s.last_probe_unix_ms),
+                })
+                .collect(),
+        }),
     }
 }
 

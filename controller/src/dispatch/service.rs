@@ -1,11 +1,12 @@
-//! The `Agent` service: sessions, heartbeats, inventory reports and certificate renewal.
+//! The `Agent` service: sessions, heartbeats, inventory, task and load-balancer reports, bundle
+//! blobs, and certificate renewal.
 use std::sync::Arc;
 
 use fleetadm_common::clock::now_unix_ms;
 use fleetadm_proto::agent_server::Agent;
 use fleetadm_proto::{
     server_event, Ack, BlobChunk, ConnectRequest, FetchBlobRequest, HeartbeatRequest, HeartbeatResponse, Inventory,
-    RenewRequest, RenewResponse, ServerEvent, TaskReport, Welcome,
+    LbStatus, RenewRequest, RenewResponse, ServerEvent, TaskReport, Welcome,
 };
 use tonic::{Request, Response, Status};
 
@@ -116,6 +117,22 @@ impl Agent for AgentService {
                     _ => Status::internal(e.to_string()),
                 }
             })?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn report_lb_status(&self, req: Request<LbStatus>) -> Result<Response<Ack>, Status> {
+        let id = authenticate(&req, &self.ctl.nodes)?;
+        let st = req.into_inner();
+        if st.servers.len() > 1024 {
+            return Err(Status::invalid_argument("too many real servers in one status"));
+        }
+        self.ctl.nodes.set_lb_status(&id.name, &st).map_err(store_err)?;
+        let unhealthy: Vec<&str> = st.servers.iter().filter(|s| !s.healthy).map(|s| s.address.as_str()).collect();
+        if unhealthy.is_empty() {
+            tracing::info!(node = %id.name, vip = %st.vip, "load balancer: all real servers healthy");
+        } else {
+            tracing::warn!(node = %id.name, vip = %st.vip, unhealthy = ?unhealthy, all_failing = st.all_failing, "load balancer: unhealthy real servers");
+        }
         Ok(Response::new(Ack {}))
     }
 

@@ -192,6 +192,11 @@ async fn session(
     inventory_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     inventory_tick.reset();
     let renew_in = identity.renew_at().duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+    // Report the guard's view again on every new session (the controller may have restarted).
+    let mut last_lb: Option<crate::lb::guard::GuardStatus> = None;
+    // A small local file; only changes are sent.
+    let mut lb_tick = tokio::time::interval(Duration::from_secs(2));
+    lb_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let renew = tokio::time::sleep(renew_in);
     tokio::pin!(renew);
 
@@ -219,6 +224,13 @@ async fn session(
                         continue;
                     }
                     return classify(&st);
+                }
+            }
+            _ = lb_tick.tick() => {
+                if let Some(st) = lb_status_changed(dir, &mut last_lb) {
+                    if let Err(st) = client.report_lb_status(st).await {
+                        return classify(&st);
+                    }
                 }
             }
             _ = heartbeat.tick() => {
@@ -252,6 +264,34 @@ async fn session(
             }
         }
     }
+}
+
+/// The guard's status file, when it differs from what was last reported.
+fn lb_status_changed(
+    dir: &StateDir,
+    last: &mut Option<crate::lb::guard::GuardStatus>,
+) -> Option<fleetadm_proto::LbStatus> {
+    let st = crate::lb::read_status(&crate::lb::status_path(&dir.root))?;
+    if last.as_ref() == Some(&st) {
+        return None;
+    }
+    *last = Some(st.clone());
+    Some(fleetadm_proto::LbStatus {
+        vip: st.vip.to_string(),
+        all_failing: st.all_failing,
+        servers: st
+            .servers
+            .iter()
+            .map(|s| fleetadm_proto::RealServerStatus {
+                address: s.address.to_string(),
+                healthy: s.healthy,
+                weight: s.weight.unwrap_or(0),
+                in_rotation: s.weight.is_some(),
+                last_probe: s.last_probe.clone(),
+                last_probe_unix_ms: s.last_probe_unix_ms,
+            })
+            .collect(),
+    })
 }
 
 async fn renew_certificate(
