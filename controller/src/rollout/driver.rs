@@ -593,7 +593,9 @@ impl Rollouts {
     pub fn report(&self, node: &str, r: &TaskReport) -> Result<(), RolloutError> {
         let state = WireState::try_from(r.state).unwrap_or(WireState::Unspecified);
         let now = now_unix_ms();
-        let res = update_json(&*self.store, Table::Tasks, &r.task_id, Durability::Flush, |cur: Option<TaskRecord>| {
+        // Progress is cheap to lose (the next report repeats it); outcomes are flushed.
+        let durability = if state == WireState::Running { Durability::Lazy } else { Durability::Flush };
+        let res = update_json(&*self.store, Table::Tasks, &r.task_id, durability, |cur: Option<TaskRecord>| {
             let mut t = cur.ok_or_else(|| RolloutError::UnknownTask(r.task_id.clone()))?;
             if t.host != node {
                 return Err(RolloutError::NotYours { task: t.id, owner: t.host, caller: node.to_string() });

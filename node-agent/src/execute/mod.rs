@@ -11,7 +11,7 @@ pub mod kubeadm;
 pub mod lb;
 pub mod preflight;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,7 +52,8 @@ pub struct Executor {
     journal: Journal,
     paths: HostPaths,
     lb: lb::LbManager,
-    inflight: Mutex<HashSet<String>>,
+    /// Tasks running now: id -> (digest, the newest attempt the controller sent for it).
+    inflight: Mutex<HashMap<String, (String, u32)>>,
     reports: mpsc::UnboundedSender<TaskReport>,
 }
 
@@ -117,9 +118,25 @@ impl Executor {
             self.report(&a, st, done.changed, done.output);
             return;
         }
-        let fresh = self.inflight.lock().map(|mut s| s.insert(a.task_id.clone())).unwrap_or(false);
+        let fresh = self
+            .inflight
+            .lock()
+            .map(|mut m| match m.get_mut(&a.task_id) {
+                // The controller retried (a new attempt) while this run is still going: the same
+                // work answers the newest attempt when it finishes.
+                Some((d, latest)) if *d == digest => {
+                    *latest = (*latest).max(a.attempt);
+                    false
+                }
+                Some(_) => false,
+                None => {
+                    m.insert(a.task_id.clone(), (digest.clone(), a.attempt));
+                    true
+                }
+            })
+            .unwrap_or(false);
         if !fresh {
-            tracing::debug!(task = %a.task_id, "already running");
+            tracing::debug!(task = %a.task_id, attempt = a.attempt, "already running");
             return;
         }
         let me = self.clone();
@@ -152,6 +169,16 @@ impl Executor {
                 Err(e) => (TaskState::Failed, false, e),
             };
             let output = bounded(output);
+            let latest = me
+                .inflight
+                .lock()
+                .ok()
+                .and_then(|mut m| m.remove(&a.task_id))
+                .map(|(_, latest)| latest)
+                .unwrap_or(a.attempt);
+            let mut a = a;
+            a.attempt = a.attempt.max(latest);
+            entry.attempt = a.attempt;
             entry.outcome = if state == TaskState::Succeeded { Outcome::Succeeded } else { Outcome::Failed };
             entry.changed = changed;
             entry.output = output.clone();
@@ -163,9 +190,6 @@ impl Executor {
             match state {
                 TaskState::Succeeded => tracing::info!(task = %a.task_id, changed, "task succeeded"),
                 _ => tracing::warn!(task = %a.task_id, output = %output, "task failed"),
-            }
-            if let Ok(mut s) = me.inflight.lock() {
-                s.remove(&a.task_id);
             }
             me.report(&a, state, changed, output);
         });
@@ -391,5 +415,58 @@ impl Executor {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment(attempt: u32) -> TaskAssignment {
+        let spec = TaskSpec::Preflight { ports: vec![], commands: vec![], free_bytes: 0, cri_socket: String::new() };
+        TaskAssignment {
+            task_id: "lab/preflight/h1/preflight".into(),
+            attempt,
+            kind: "preflight".into(),
+            spec_json: serde_json::to_vec(&spec).unwrap(),
+            timeout_secs: 10,
+        }
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<TaskReport>) -> (u32, TaskState) {
+        let r = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        (r.attempt, TaskState::try_from(r.state).unwrap())
+    }
+
+    #[tokio::test]
+    async fn repeated_tasks_are_answered_from_the_journal_new_attempts_run() {
+        let state = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let paths = HostPaths {
+            root: root.path().into(),
+            hosts_file: root.path().join("hosts"),
+            kube_dir: root.path().join("etc/kubernetes"),
+            proc_swaps: root.path().join("swaps"),
+        };
+        let (ex, mut rx) = Executor::new(state.path(), paths, Default::default());
+        ex.submit(assignment(1));
+        assert_eq!(next(&mut rx).await, (1, TaskState::Running));
+        assert_eq!(next(&mut rx).await, (1, TaskState::Succeeded));
+        // The same attempt again (a reconnect, a controller restart): answered, not run.
+        ex.submit(assignment(1));
+        assert_eq!(next(&mut rx).await, (1, TaskState::Succeeded));
+        // A new attempt runs again.
+        ex.submit(assignment(2));
+        assert_eq!(next(&mut rx).await, (2, TaskState::Running));
+        assert_eq!(next(&mut rx).await, (2, TaskState::Succeeded));
+        // Garbage parameters or a kind that does not match them fail clearly.
+        let mut bad = assignment(3);
+        bad.spec_json = b"{\"kind\":\"format-disk\"}".to_vec();
+        ex.submit(bad);
+        assert_eq!(next(&mut rx).await, (3, TaskState::Failed));
+        let mut lying = assignment(4);
+        lying.kind = "kubeadm-init".into();
+        ex.submit(lying);
+        assert_eq!(next(&mut rx).await, (4, TaskState::Failed));
     }
 }
