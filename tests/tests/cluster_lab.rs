@@ -15,6 +15,18 @@ struct Lab {
 }
 
 impl Lab {
+    /// A fresh lab of four hosts under a private directory.
+    fn up(tag: &str) -> Self {
+        let lab = Lab { dir: std::env::temp_dir().join(format!("fleetadm-lab-{tag}-{}", std::process::id())) };
+        let up = lab.run(&["up"]);
+        assert!(
+            up.status.success(),
+            "lab up: {}{}",
+            String::from_utf8_lossy(&up.stdout),
+            String::from_utf8_lossy(&up.stderr)
+        );
+        lab
+    }
     fn script(&self) -> PathBuf {
         repo_root().join("tests/lab/lab.sh")
     }
@@ -84,14 +96,7 @@ fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 #[test]
 fn failed_joins_are_reported_retried_and_resumed() {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab { dir: std::env::temp_dir().join(format!("fleetadm-lab-test-{}", std::process::id())) };
-    let up = lab.run(&["up"]);
-    assert!(
-        up.status.success(),
-        "lab up: {}{}",
-        String::from_utf8_lossy(&up.stdout),
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let lab = Lab::up("test");
 
     // kubeadm join fails on every host: the rollout stops after the retries, says where and why.
     set_kubeadm(
@@ -161,14 +166,7 @@ fn failed_joins_are_reported_retried_and_resumed() {
 #[test]
 fn worker_failure_budget_and_delete() {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab { dir: std::env::temp_dir().join(format!("fleetadm-lab-budget-{}", std::process::id())) };
-    let up = lab.run(&["up"]);
-    assert!(
-        up.status.success(),
-        "lab up: {}{}",
-        String::from_utf8_lossy(&up.stdout),
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let lab = Lab::up("budget");
     // Workers cannot join (on a kernel without IPVS their load balancer fails first; with IPVS the
     // join itself fails): within the budget the cluster still comes up without them.
     set_kubeadm(
@@ -184,7 +182,7 @@ fn worker_failure_budget_and_delete() {
     let st = lab.status("edge");
     assert_eq!(st["failed_workers"].as_array().map(|a| a.len()), Some(2), "{st}");
     assert_eq!(task(&st, "sync-ipvs/h3/lb")["state"], "skipped");
-    // Over budget: the rollout stops.
+    // A second, healthy cluster on the remaining host (deleted with --force below).
     let (ok, out) = lab.ctl(&["cluster", "create", "tight", "--masters", "h2"]);
     assert!(ok, "{out}");
 
@@ -201,7 +199,14 @@ fn worker_failure_budget_and_delete() {
     assert!(!list.contains("\"edge\""), "{list}");
     let (ok, out) = lab.ctl(&["cluster", "status", "edge"]);
     assert!(!ok && out.contains("not found"), "{out}");
-    // The hosts are free again.
+    // The hosts are free again. Over the budget (the default allows no failed worker), the
+    // rollout stops and names the worker.
+    let (ok, out) = lab.ctl(&["cluster", "create", "over", "--masters", "h3", "--nodes", "h4"]);
+    assert!(!ok, "over the failure budget: {out}");
+    assert!(out.contains("1 workers failed (h4), more than --max-failures allows (0)"), "{out}");
+    assert_eq!(lab.status("over")["state"], "failed");
+    let (ok, out) = lab.ctl(&["cluster", "delete", "over"]);
+    assert!(ok, "delete a failed cluster: {out}");
     set_kubeadm(&lab, None);
     let (ok, out) = lab.ctl(&["cluster", "create", "again", "--masters", "h1"]);
     assert!(ok, "{out}");

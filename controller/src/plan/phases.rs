@@ -55,19 +55,27 @@ fn task(cluster: &str, phase: &str, host: &str, kind: &'static str, description:
     Task { id: format!("{cluster}/{phase}/{host}/{kind}"), host: host.to_string(), kind: kind.into(), description }
 }
 
+/// `N`, or `P%` of `total` (rounded up when `round_up`, down otherwise), for the flag `flag`.
+pub fn count_or_percent(flag: &str, spec: &str, total: usize, round_up: bool) -> Result<usize, String> {
+    let spec = spec.trim();
+    match spec.strip_suffix('%') {
+        Some(p) => {
+            let p: usize = p.parse().map_err(|_| format!("{flag} {spec:?}: expected N or P%"))?;
+            if p > 100 {
+                return Err(format!("{flag} {spec:?}: percentage must be 0-100"));
+            }
+            Ok(if round_up { (total * p).div_ceil(100) } else { total * p / 100 })
+        }
+        None => spec.parse().map_err(|_| format!("{flag} {spec:?}: expected N or P%")),
+    }
+}
+
 /// Wave size from `--max-parallel N` or `P%` of the workers (at least 1).
 pub fn wave_size(spec: &str, workers: usize) -> Result<usize, String> {
-    let spec = spec.trim();
-    let n = if let Some(p) = spec.strip_suffix('%') {
-        let p: usize = p.parse().map_err(|_| format!("--max-parallel {spec:?}: expected N or P%"))?;
-        if p == 0 || p > 100 {
-            return Err(format!("--max-parallel {spec:?}: percentage must be 1-100"));
-        }
-        (workers * p).div_ceil(100)
-    } else {
-        spec.parse::<usize>().map_err(|_| format!("--max-parallel {spec:?}: expected N or P%"))?
-    };
-    Ok(n.max(1))
+    if spec.trim() == "0%" {
+        return Err(format!("--max-parallel {spec:?}: percentage must be 1-100"));
+    }
+    Ok(count_or_percent("--max-parallel", spec, workers, true)?.max(1))
 }
 
 /// Build the plan: preflight, distribute, bootstrap, hosts, init master0, join masters one at a

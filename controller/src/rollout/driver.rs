@@ -352,23 +352,14 @@ impl Rollouts {
     }
 
     fn finish(&self, name: &str, state: ClusterState, message: &str) -> Result<(), RolloutError> {
-        let now = now_unix_ms();
-        update_json(
-            &*self.store,
-            Table::Clusters,
-            name,
-            Durability::Flush,
-            |cur: Option<ClusterRecord>| -> Result<Update<ClusterRecord>, ()> {
-                let mut rec = cur.ok_or(())?;
-                rec.state = state;
-                rec.message = message.to_string();
-                rec.updated_ms = now;
-                rec.finished_ms = now;
-                rec.set_condition("Ready", state == ClusterState::Succeeded, message.to_string(), now);
-                Ok(Update::Put(rec))
-            },
-        )?
-        .map_err(|_| RolloutError::NotFound(name.to_string()))?;
+        self.update_cluster(name, |rec| {
+            let now = now_unix_ms();
+            rec.state = state;
+            rec.message = message.to_string();
+            rec.finished_ms = now;
+            rec.set_condition("Ready", state == ClusterState::Succeeded, message.to_string(), now);
+        })
+        .map_err(RolloutError::Invalid)?;
         match state {
             ClusterState::Succeeded => tracing::info!(cluster = name, "{message}"),
             _ => tracing::error!(cluster = name, "rollout failed: {message}"),

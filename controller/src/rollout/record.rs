@@ -169,18 +169,10 @@ pub fn bound_output(s: &str) -> String {
 
 /// Parse `--max-failures N|P%` against the number of workers.
 pub fn failure_budget(spec: &str, workers: usize) -> Result<usize, String> {
-    let spec = spec.trim();
-    if spec.is_empty() {
+    if spec.trim().is_empty() {
         return Ok(0);
     }
-    if let Some(p) = spec.strip_suffix('%') {
-        let p: usize = p.parse().map_err(|_| format!("--max-failures {spec:?}: expected N or P%"))?;
-        if p > 100 {
-            return Err(format!("--max-failures {spec:?}: percentage must be 0-100"));
-        }
-        return Ok(workers * p / 100);
-    }
-    spec.parse().map_err(|_| format!("--max-failures {spec:?}: expected N or P%"))
+    crate::plan::phases::count_or_percent("--max-failures", spec, workers, false)
 }
 
 #[cfg(test)]
