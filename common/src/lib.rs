@@ -8,7 +8,7 @@
 //! - [`logging`]: journald under systemd, stderr otherwise.
 //! - [`output`]: table / json / yaml rendering for CLIs.
 //! - [`clock`]: wall-clock helpers.
-//! - [`tasks`]: the parameters of every task kind the controller assigns to agents.
+//! - [`tasks`]: helpers around the protocol's task messages (bundle files, digests, path checks).
 #![forbid(unsafe_code)]
 
 pub mod clock;
@@ -41,5 +41,34 @@ pub fn notify_ready() {
     };
     if let Err(e) = result {
         tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// An error and its causes on one line, `outer: cause: root cause` (repeated texts once): the one
+/// place error chains are formatted for task reports, cluster messages and CLI output.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod chain_tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("installing files")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn chains_causes() {
+        let e = Outer(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied"));
+        assert_eq!(super::error_chain(&e), "installing files: denied");
     }
 }

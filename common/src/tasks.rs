@@ -1,20 +1,12 @@
-//! What the controller asks an agent to do: the parameters of each task kind, as sent in
-//! `TaskAssignment.spec_json`. Both sides use these types, so a change here is a protocol change.
+//! Helpers around the task messages of the protocol (`fleetadm_proto::TaskAssignment`): the
+//! persisted form of bundle files, the task digest, and path/hash checks both sides apply.
+use fleetadm_proto::task_assignment::Task;
 use serde::{Deserialize, Serialize};
 
-/// A file the agent must hold with exactly this content and mode.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileSpec {
-    /// Absolute path on the host.
-    pub path: String,
-    pub contents: String,
-    pub mode: u32,
-}
-
 /// One file of an offline bundle: where it goes inside the bundle, and the content-addressed blob
-/// that holds it.
+/// that holds it. Persisted by the controller (bundle manifests, cluster records); sent to agents
+/// as [`fleetadm_proto::BundleFile`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BundleFile {
     /// Relative path inside the bundle (`bin/kubeadm`, `conf/kubelet.service`, ...).
     pub path: String,
@@ -24,94 +16,82 @@ pub struct BundleFile {
     pub sha256: String,
 }
 
-/// One line of the managed /etc/hosts block.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostsEntry {
-    pub ip: String,
-    pub names: Vec<String>,
+impl From<&BundleFile> for fleetadm_proto::BundleFile {
+    fn from(f: &BundleFile) -> Self {
+        fleetadm_proto::BundleFile { path: f.path.clone(), size: f.size, mode: f.mode, sha256: f.sha256.clone() }
+    }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum TaskSpec {
-    /// Host checks that need the agent: ports free, swap off, required commands present.
-    Preflight {
-        ports: Vec<u16>,
-        commands: Vec<String>,
-        /// Free space needed in the agent's state dir (the bundle cache), bytes.
-        #[serde(default)]
-        free_bytes: u64,
-        /// The container runtime's socket (`unix:///run/containerd/containerd.sock`); checked,
-        /// and reported as a warning when unreachable (a bundle may bring the runtime).
-        #[serde(default)]
-        cri_socket: String,
-    },
-    /// Converge the managed block of /etc/hosts to these entries.
-    Hosts { entries: Vec<HostsEntry> },
-    /// Install files (the Kubernetes PKI and kubeconfigs), private keys 0600.
-    Files { files: Vec<FileSpec> },
-    /// `kubeadm init` with this configuration (first master).
-    KubeadmInit { config: String },
-    /// `kubeadm join` with this configuration.
-    KubeadmJoin { config: String, control_plane: bool },
-    /// `kubeadm reset -f` and removal of what fleetadm installed for the cluster.
-    KubeadmReset { remove_paths: Vec<String> },
-    /// Program and keep guarding the apiserver load balancer (IPVS) under `node-agent run`.
-    Lb { vip: String, real_servers: Vec<String>, ca_pem: String },
-    /// `kubectl apply` these manifests with the admin kubeconfig (first master).
-    Addons { manifests: Vec<FileSpec> },
-    /// Fetch the bundle's blobs into the agent's cache (resumable, verified, never twice).
-    FetchBundle { bundle: String, files: Vec<BundleFile> },
-    /// Install the bundle on the host: binaries, units, modules, sysctls, swap off, images, hooks.
-    Bootstrap { bundle: String, kubernetes_version: String, files: Vec<BundleFile> },
-    /// Undo exactly what `Bootstrap` did.
-    BootstrapReset {},
-    /// Stop guarding the load balancer and remove its virtual service and VIP.
-    LbClean { vip: String },
-    /// Apply the bundle's addon manifests (from the agent's blob cache) with kubectl.
-    BundleAddons { files: Vec<BundleFile> },
+impl From<&fleetadm_proto::BundleFile> for BundleFile {
+    fn from(f: &fleetadm_proto::BundleFile) -> Self {
+        BundleFile { path: f.path.clone(), size: f.size, mode: f.mode, sha256: f.sha256.clone() }
+    }
 }
 
-impl TaskSpec {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            TaskSpec::Preflight { .. } => "preflight",
-            TaskSpec::Hosts { .. } => "hosts",
-            TaskSpec::Files { .. } => "pki",
-            TaskSpec::KubeadmInit { .. } => "kubeadm-init",
-            TaskSpec::KubeadmJoin { .. } => "kubeadm-join",
-            TaskSpec::KubeadmReset { .. } => "kubeadm-reset",
-            TaskSpec::Lb { .. } => "lb",
-            TaskSpec::Addons { .. } | TaskSpec::BundleAddons { .. } => "addons",
-            TaskSpec::FetchBundle { .. } => "fetch-bundle",
-            TaskSpec::Bootstrap { .. } => "bootstrap",
-            TaskSpec::BootstrapReset {} => "bootstrap-reset",
-            TaskSpec::LbClean { .. } => "lb-clean",
-        }
-    }
-
-    /// SHA-256 over the canonical JSON: the agent's journal keys results by task id and digest,
-    /// so a task re-sent with different parameters is run again rather than answered from memory.
-    pub fn digest(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        hex::encode(Sha256::digest(&json))
-    }
+/// SHA-256 over the task's protobuf encoding: the agent's journal keys results by task id and
+/// digest, so a task re-sent with different parameters is run again rather than answered from
+/// memory. (Fields the agent does not know are dropped when it decodes, so they do not count.)
+pub fn digest(task: &Task) -> String {
+    use sha2::{Digest, Sha256};
+    let mut buf = Vec::with_capacity(256);
+    task.encode(&mut buf);
+    hex::encode(Sha256::digest(&buf))
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_update)]
 mod tests {
     use super::*;
+    use fleetadm_proto::{KubeadmJoinTask, TaskAssignment, TaskKind};
+    use prost::Message;
+
+    #[allow(clippy::needless_update)]
+    fn join(config: &str) -> Task {
+        Task::KubeadmJoin(KubeadmJoinTask { config: config.into(), control_plane: true, ..Default::default() })
+    }
 
     #[test]
-    fn round_trips_and_rejects_unknown_fields() {
-        let s = TaskSpec::KubeadmJoin { config: "x".into(), control_plane: true };
-        let j = serde_json::to_string(&s).unwrap();
-        assert!(j.contains(r#""kind":"kubeadm-join""#), "{j}");
-        assert_eq!(serde_json::from_str::<TaskSpec>(&j).unwrap(), s);
-        assert!(serde_json::from_str::<TaskSpec>(r#"{"kind":"hosts","entries":[],"x":1}"#).is_err());
-        assert!(serde_json::from_str::<TaskSpec>(r#"{"kind":"format-disk"}"#).is_err());
-        assert_ne!(s.digest(), TaskSpec::KubeadmJoin { config: "y".into(), control_plane: true }.digest());
+    fn round_trips_and_digests_differ_by_parameters() {
+        let a = TaskAssignment {
+            task_id: "c/p/h/s".into(),
+            attempt: 1,
+            timeout_secs: 5,
+            task: Some(join("x")),
+            ..Default::default()
+        };
+        let back = TaskAssignment::decode(a.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(back, a);
+        assert_eq!(TaskKind::of_assignment(&back), Ok(TaskKind::KubeadmJoin));
+        assert_eq!(digest(&join("x")), digest(&join("x")));
+        assert_ne!(digest(&join("x")), digest(&join("y")));
+    }
+
+    #[test]
+    fn unknown_fields_and_kinds_are_ignored_not_fatal() {
+        // A newer sender's extra field inside the task message (4001, a string) is skipped.
+        let a = TaskAssignment { task_id: "t".into(), attempt: 2, task: Some(join("x")), ..Default::default() };
+        let mut bytes = a.encode_to_vec();
+        let task_start = bytes.len() - join_len("x");
+        // Rewrite: assignment fields, then task field 14 with the extra field appended inside it.
+        let mut inner = bytes.split_off(task_start);
+        inner.drain(..2); // tag + length of field 14 (small message)
+        inner.extend_from_slice(&[0x8a, 0xfa, 0x01, 0x03, b'n', b'e', b'w']); // field 4001, "new"
+        bytes.extend_from_slice(&[0x72, inner.len() as u8]);
+        bytes.extend_from_slice(&inner);
+        let back = TaskAssignment::decode(bytes.as_slice()).unwrap();
+        assert_eq!(back, a, "the unknown field is dropped, the rest kept");
+        // A oneof member this build does not know (field 99) leaves no task: the agent says so.
+        let mut unknown = TaskAssignment { task_id: "t".into(), attempt: 2, ..Default::default() }.encode_to_vec();
+        unknown.extend_from_slice(&[0x9a, 0x06, 0x00]);
+        let back = TaskAssignment::decode(unknown.as_slice()).unwrap();
+        assert_eq!(back.task_id, "t");
+        assert!(TaskKind::of_assignment(&back).is_err());
+    }
+
+    /// Encoded length of the `kubeadm_join` member (tag, length, body).
+    fn join_len(config: &str) -> usize {
+        let Task::KubeadmJoin(t) = join(config) else { unreachable!() };
+        2 + t.encoded_len()
     }
 }
 

@@ -140,14 +140,22 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            AgentServer::new(AgentService::new(ctl.clone()))
+            AgentServer::new(AgentService::new(ctl.clone(), ctl.rollouts.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), wait(stop_rx.clone()));
 
+    // Server reflection on the admin socket, so grpcurl or a client in another language can
+    // discover the typed Admin API (both the v1 and the older v1alpha reflection protocols).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(fleetadm_proto::FILE_DESCRIPTOR_SET)
+    };
     let admin_api = Server::builder()
         .add_service(AdminServer::new(AdminService::new(ctl.clone())))
+        .add_service(reflection().build_v1().context("gRPC reflection")?)
+        .add_service(reflection().build_v1alpha().context("gRPC reflection")?)
         .serve_with_incoming_shutdown(UnixListenerStream::new(uds), wait(stop_rx.clone()));
 
     match ctl.rollouts.resume_all() {

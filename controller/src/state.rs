@@ -6,7 +6,7 @@ use crate::dispatch::Sessions;
 use crate::enroll::Tokens;
 use crate::nodes::Nodes;
 use crate::pki::FleetCa;
-use crate::rollout::{driver::RolloutSettings, Rollouts};
+use crate::rollout::{RolloutSettings, Rollouts};
 use crate::store::Store;
 
 #[derive(Debug, Clone)]

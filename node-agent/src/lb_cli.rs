@@ -113,7 +113,7 @@ pub async fn run(cmd: LbCmd, stop: impl std::future::Future<Output = ()>) -> any
             let prober = probe::Prober::new(ca.as_deref(), trust, g.timeout).map_err(|e| anyhow::anyhow!(e))?;
             let cfg = GuardConfig { interval: g.interval, timeout: g.timeout, fall: g.fall, rise: g.rise };
             fleetadm_common::notify_ready();
-            lb::run_guard(g.spec.spec(), cfg, prober, g.status_file, stop).await?;
+            lb::run_guard(g.spec.spec(), cfg, prober, g.status_file, tokio::sync::watch::channel(None).0, stop).await?;
         }
         LbCmd::Show { output, status_file } => {
             let views = tokio::task::spawn_blocking(lb::show).await??;

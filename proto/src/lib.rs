@@ -1,4 +1,5 @@
-//! fleetadm's gRPC API: wire types and service stubs generated from `proto/fleetadm.proto`.
+//! fleetadm's gRPC API: wire types and service stubs generated from `proto/fleetadm.proto`, the
+//! protocol generation and the capability names that version skew is negotiated with.
 #![forbid(unsafe_code)]
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
@@ -6,7 +7,22 @@ pub mod v1 {
     tonic::include_proto!("fleetadm.v1");
 }
 
+mod kinds;
+#[cfg(feature = "skew-probe")]
+pub mod skew;
+
+pub use kinds::{TaskKind, UnknownTask};
 pub use v1::*;
 
 /// Largest message either side accepts. Enrollment and reports are small; bundles travel in chunks.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// The wire protocol generation this build speaks. It changes only for a break that field
+/// additions and capabilities cannot express (docs/compatibility.md); both sides refuse a
+/// generation they do not speak, with an error that names both.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The oldest generation this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// The encoded `FileDescriptorSet` of `fleetadm.proto`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fleetadm_descriptor");

@@ -55,8 +55,11 @@ impl AdminService {
             cert_serial: rec.cert_serial.clone(),
             revoked: rec.revoked,
             clock_skew_ms: rec.clock_skew_ms,
-            peer_address: session.map(|s| s.peer).unwrap_or_else(|| rec.peer_address.clone()),
+            peer_address: session.as_ref().map(|s| s.peer.clone()).unwrap_or_else(|| rec.peer_address.clone()),
             lb: self.ctl.nodes.lb_status(&rec.name).map_err(|e| Status::internal(e.to_string()))?,
+            agent_version: session.as_ref().map(|s| s.meta.agent_version.clone()).unwrap_or_default(),
+            protocol: session.as_ref().map(|s| s.meta.protocol).unwrap_or_default(),
+            capabilities: session.as_ref().map(|s| s.meta.capabilities.iter().cloned().collect()).unwrap_or_default(),
         })
     }
 
@@ -172,7 +175,7 @@ impl Admin for AdminService {
                     image_repository: "registry.k8s.io".into(),
                 };
                 let rec = rollouts
-                    .create(crate::rollout::driver::NewCluster {
+                    .create(crate::rollout::NewCluster {
                         shape,
                         spec,
                         validity,
@@ -227,7 +230,7 @@ impl Admin for AdminService {
         let name = req.into_inner().name;
         let view = self
             .blocking(move |ctl| {
-                if let Some(cluster) = ctl.rollouts.cluster_using(&name) {
+                if let Some(cluster) = ctl.rollouts.cluster_using(&name).map_err(rollout_status)? {
                     return Err(bundle_status(crate::bundle::BundleError::InUse { name, cluster }));
                 }
                 ctl.bundles.remove(&name).map(|r| bundle_view(&r)).map_err(bundle_status)
@@ -388,20 +391,16 @@ fn cluster_view(
     with_output: bool,
 ) -> Result<ClusterView, Status> {
     let tasks = ctl.rollouts.tasks(&rec.name).map_err(rollout_status)?;
-    let view = crate::rollout::view::build(rec, &tasks, with_output);
-    Ok(ClusterView {
-        name: rec.name.clone(),
-        json: serde_json::to_string(&view).map_err(|e| Status::internal(e.to_string()))?,
-    })
+    Ok(crate::rollout::view::build(rec, &tasks, with_output))
 }
 
 fn rollout_status(e: crate::rollout::RolloutError) -> Status {
     use crate::rollout::RolloutError as E;
+    let msg = fleetadm_common::error_chain(&e);
     match e {
-        E::NotFound(_) | E::UnknownTask(_) => Status::not_found(e.to_string()),
-        E::Exists { .. } => Status::already_exists(e.to_string()),
-        E::Invalid(_) => Status::invalid_argument(e.to_string()),
-        E::NotYours { .. } => Status::permission_denied(e.to_string()),
-        E::Pki(_) | E::Store(_) => Status::internal(e.to_string()),
+        E::NotFound(_) => Status::not_found(msg),
+        E::Exists { .. } => Status::already_exists(msg),
+        E::Invalid(_) | E::Budget(_) => Status::invalid_argument(msg),
+        E::Pki(_) | E::Pin(_) | E::Store(_) => Status::internal(msg),
     }
 }

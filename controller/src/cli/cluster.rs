@@ -12,10 +12,10 @@ use fleetadm_proto::admin_client::AdminClient;
 use fleetadm_proto::{ClusterRef, CreateClusterRequest, DeleteClusterRequest, Empty, PlanClusterRequest};
 use tonic::transport::Channel;
 
+use super::cluster_view::{self, ClusterView};
 use super::{rpc_error, DataDir, Output};
 use crate::admin::client;
 use crate::rollout::record::{ClusterState, TaskState};
-use crate::rollout::view::ClusterView;
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCmd {
@@ -147,8 +147,7 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
         ClusterCmd::List { data, output } => {
             let mut c = client::connect(&data.data_dir).await?;
             let list = c.list_clusters(Empty {}).await.map_err(rpc_error)?.into_inner();
-            let views: Vec<ClusterView> =
-                list.clusters.iter().map(|v| parse_view(&v.json)).collect::<anyhow::Result<_>>()?;
+            let views: Vec<ClusterView> = list.clusters.iter().map(parse_view).collect::<anyhow::Result<_>>()?;
             match output.output {
                 OutputFormat::Table => {
                     let rows: Vec<Vec<String>> = views
@@ -291,7 +290,8 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
     }
     if a.dry_run {
         if a.output == "json" {
-            println!("{}", resp.plan_json);
+            let plan = resp.plan.as_ref().map(cluster_view::plan_json).unwrap_or_default();
+            println!("{}", serde_json::to_string_pretty(&plan)?);
         } else {
             print!("{}", resp.plan_text);
         }
@@ -306,7 +306,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
         .await
         .map_err(rpc_error)?
         .into_inner();
-    let view = parse_view(&created.json)?;
+    let view = parse_view(&created)?;
     eprintln!(
         "cluster {} recorded: {} tasks on {} hosts; rollout running in the controller",
         view.name,
@@ -337,13 +337,13 @@ fn outcome(view: &ClusterView) -> anyhow::Result<()> {
     }
 }
 
-fn parse_view(json: &str) -> anyhow::Result<ClusterView> {
-    serde_json::from_str(json).context("controller sent a cluster view this CLI cannot read (version mismatch?)")
+fn parse_view(v: &fleetadm_proto::ClusterView) -> anyhow::Result<ClusterView> {
+    Ok(ClusterView::try_from(v)?)
 }
 
 async fn get_view(c: &mut AdminClient<Channel>, name: &str, with_output: bool) -> anyhow::Result<ClusterView> {
     let v = c.get_cluster(ClusterRef { name: name.to_string(), with_output }).await.map_err(rpc_error)?.into_inner();
-    parse_view(&v.json)
+    parse_view(&v)
 }
 
 fn progress_line(v: &ClusterView, elapsed: Duration) -> String {
@@ -403,7 +403,10 @@ async fn follow(c: &mut AdminClient<Channel>, name: &str) -> anyhow::Result<Clus
                 if running.is_empty() { String::new() } else { running.join(" ") }
             ));
         } else {
-            let line = progress_line(&v, started.elapsed());
+            let mut line = progress_line(&v, started.elapsed());
+            for w in waiting(&v) {
+                line.push_str(&format!("\n  waiting: {w}"));
+            }
             // Print when something other than the clock changed.
             let key = line.split_once(']').map(|x| x.1).unwrap_or_default().to_string();
             if key != last_line {
@@ -421,6 +424,19 @@ async fn follow(c: &mut AdminClient<Channel>, name: &str) -> anyhow::Result<Clus
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Why tasks are held back (an agent that cannot run them), once per reason.
+fn waiting(v: &ClusterView) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .hosts
+        .iter()
+        .flat_map(|h| h.tasks.iter())
+        .filter(|t| !t.waiting.is_empty())
+        .map(|t| t.waiting.clone())
+        .collect();
+    out.dedup();
+    out
 }
 
 fn render_status(v: &ClusterView) -> String {
@@ -444,6 +460,9 @@ fn render_status(v: &ClusterView) -> String {
         })
         .collect();
     out.push_str(&fleetadm_common::output::table(&["HOST", "ROLE", "IP", "TASKS", "CURRENT"], &rows));
+    for w in waiting(v) {
+        out.push_str(&format!("waiting: {w}\n"));
+    }
     let conds: Vec<String> =
         v.conditions.iter().map(|c| format!("{}={}", c.kind, if c.status { "True" } else { "False" })).collect();
     if !conds.is_empty() {

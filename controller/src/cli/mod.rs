@@ -2,6 +2,7 @@
 //! client that talks to the running daemon over `DATA_DIR/admin.sock`.
 pub mod bundle;
 pub mod cluster;
+pub mod cluster_view;
 pub mod nodes;
 pub mod serve;
 pub mod token;

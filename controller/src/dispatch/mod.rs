@@ -1,8 +1,10 @@
 //! Dispatch: the agents' side of the controller. Authenticates every call from the client
 //! certificate, keeps one work stream per connected node, and takes their reports.
 pub mod auth;
+pub mod events;
 pub mod service;
 pub mod sessions;
 
+pub use events::{ReportRejected, TaskEvents};
 pub use service::AgentService;
 pub use sessions::Sessions;

@@ -11,7 +11,8 @@ use fleetadm_proto::{
 use tonic::{Request, Response, Status};
 
 use super::auth::authenticate;
-use super::sessions::SessionStream;
+use super::events::{ReportRejected, TaskEvents};
+use super::sessions::{SessionMeta, SessionStream};
 use crate::enroll::csr;
 use crate::enroll::service::node_status;
 use crate::state::Controller;
@@ -21,6 +22,8 @@ pub const CHUNK_MAX: usize = 768 * 1024;
 
 pub struct AgentService {
     ctl: Arc<Controller>,
+    /// Where reports and session changes go (the rollout engine).
+    events: Arc<dyn TaskEvents>,
     /// (node, bundle, blob) -> when a membership check last passed. A transfer asks for hundreds
     /// of chunks; the check (cluster records, bundle manifest) runs once per blob every
     /// [`GRANT_TTL`]. Identity and revocation are still checked on every call.
@@ -30,8 +33,8 @@ pub struct AgentService {
 const GRANT_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl AgentService {
-    pub fn new(ctl: Arc<Controller>) -> Self {
-        Self { ctl, grants: Default::default() }
+    pub fn new(ctl: Arc<Controller>, events: Arc<dyn TaskEvents>) -> Self {
+        Self { ctl, events, grants: Default::default() }
     }
 
     fn granted(&self, key: &(String, String, String)) -> bool {
@@ -48,6 +51,19 @@ impl AgentService {
     }
 }
 
+/// The protocol generation for a session, or a refusal that names both sides' versions.
+fn negotiate(agent_protocol: u32, agent_version: &str) -> Result<u32, Status> {
+    use fleetadm_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+    if agent_protocol < MIN_PROTOCOL_VERSION {
+        return Err(Status::failed_precondition(format!(
+            "node-agent {agent_version} speaks protocol {agent_protocol}; this controller ({}) speaks {MIN_PROTOCOL_VERSION}-{PROTOCOL_VERSION}: upgrade node-agent",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+    // A newer agent speaks our generation too (it keeps the previous one): use ours.
+    Ok(agent_protocol.min(PROTOCOL_VERSION))
+}
+
 fn store_err(e: impl std::fmt::Display) -> Status {
     Status::internal(format!("state store: {e}"))
 }
@@ -60,24 +76,36 @@ impl Agent for AgentService {
         let id = authenticate(&req, &self.ctl.nodes)?;
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let body = req.into_inner();
+        let protocol = negotiate(body.protocol, &body.agent_version)?;
         let now = now_unix_ms();
         if let Some(inv) = &body.inventory {
             self.ctl.nodes.set_facts(&id.name, inv).map_err(store_err)?;
         }
         self.ctl.nodes.touch(&id.name, now, None, Some(&peer)).map_err(store_err)?;
-        let (session_id, tx, stream) = self.ctl.sessions.open(&id.name, peer.clone(), now, 16);
+        if body.capabilities.len() > 1024 || body.capabilities.iter().any(|c| c.len() > 128) {
+            return Err(Status::invalid_argument("too many or too long capabilities"));
+        }
+        let meta = SessionMeta {
+            peer: peer.clone(),
+            agent_version: body.agent_version.chars().take(64).collect(),
+            protocol,
+            capabilities: body.capabilities.iter().cloned().collect(),
+        };
+        let (session_id, tx, stream) = self.ctl.sessions.open(&id.name, meta, now, 16);
         let welcome = ServerEvent {
             event: Some(server_event::Event::Welcome(Welcome {
                 node_name: id.name.clone(),
                 session_id: session_id.to_string(),
                 server_time_unix_ms: now,
                 heartbeat_interval_secs: self.ctl.settings.heartbeat_interval.as_secs().max(1) as u32,
+                protocol,
+                controller_version: env!("CARGO_PKG_VERSION").to_string(),
             })),
         };
         tx.send(Ok(welcome)).await.map_err(|_| Status::unavailable("session closed while opening"))?;
-        tracing::info!(node = %id.name, %peer, session = session_id, agent_version = %body.agent_version, "session opened");
+        tracing::info!(node = %id.name, %peer, session = session_id, agent_version = %body.agent_version, protocol, "session opened");
         // A rollout may be waiting for this node (or have work to re-send after a reconnect).
-        self.ctl.rollouts.poke();
+        self.events.session_opened(&id.name);
         Ok(Response::new(stream))
     }
 
@@ -101,22 +129,19 @@ impl Agent for AgentService {
     async fn report_task(&self, req: Request<TaskReport>) -> Result<Response<Ack>, Status> {
         let id = authenticate(&req, &self.ctl.nodes)?;
         let report = req.into_inner();
-        let ctl = self.ctl.clone();
-        tokio::task::spawn_blocking(move || ctl.rollouts.report(&id.name, &report))
-            .await
-            .map_err(|e| Status::internal(format!("report task failed: {e}")))?
-            .map_err(|e| {
-                use crate::rollout::RolloutError as E;
-                match e {
-                    E::UnknownTask(_) | E::NotFound(_) => Status::not_found(e.to_string()),
-                    E::NotYours { .. } => {
-                        tracing::warn!(error = %e, "agent reported on a task that is not its own");
-                        Status::permission_denied(e.to_string())
-                    }
-                    E::Invalid(_) => Status::invalid_argument(e.to_string()),
-                    _ => Status::internal(e.to_string()),
-                }
-            })?;
+        self.events.task_report(&id.name, report).await.map_err(|e| match e {
+            ReportRejected::UnknownTask(_) => Status::not_found(e.to_string()),
+            ReportRejected::NotYours { .. } => {
+                tracing::warn!(node = %id.name, error = %e, "agent reported on a task that is not its own");
+                Status::permission_denied(e.to_string())
+            }
+            ReportRejected::Invalid(_) => Status::invalid_argument(e.to_string()),
+            ReportRejected::Internal(_) => {
+                let msg = fleetadm_common::error_chain(&e);
+                tracing::error!(node = %id.name, error = %msg, "task report not recorded");
+                Status::internal(msg)
+            }
+        })?;
         Ok(Response::new(Ack {}))
     }
 
@@ -144,13 +169,18 @@ impl Agent for AgentService {
         }
         let key = (id.name.clone(), r.bundle.clone(), r.sha256.clone());
         let allowed = self.granted(&key) || {
-            let ctl = self.ctl.clone();
+            let (ctl, events) = (self.ctl.clone(), self.events.clone());
             let (node, bundle, sha) = key.clone();
             let ok = tokio::task::spawn_blocking(move || {
-                ctl.rollouts.node_uses_bundle(&node, &bundle) && ctl.bundles.holds(&bundle, &sha)
+                Ok::<_, Status>(
+                    events
+                        .node_uses_bundle(&node, &bundle)
+                        .map_err(|e| store_err(fleetadm_common::error_chain(&*e)))?
+                        && ctl.bundles.holds(&bundle, &sha),
+                )
             })
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| Status::internal(e.to_string()))??;
             if ok {
                 self.grant(key);
             }

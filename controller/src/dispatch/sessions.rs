@@ -16,8 +16,19 @@ pub type EventTx = mpsc::Sender<Result<ServerEvent, Status>>;
 struct Entry {
     id: u64,
     tx: EventTx,
-    peer: String,
+    meta: Arc<SessionMeta>,
     since_ms: u64,
+}
+
+/// What the agent said (and where it connected from) when the session opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionMeta {
+    /// The address the session's TCP connection came from (observed, not claimed).
+    pub peer: String,
+    pub agent_version: String,
+    pub protocol: u32,
+    /// Task capabilities the agent announced ("hosts-v1", ...).
+    pub capabilities: std::collections::BTreeSet<String>,
 }
 
 /// Information about a live session.
@@ -26,6 +37,7 @@ pub struct SessionInfo {
     pub id: u64,
     pub peer: String,
     pub since_ms: u64,
+    pub meta: Arc<SessionMeta>,
 }
 
 type OnClose = Arc<dyn Fn(&str) + Send + Sync>;
@@ -44,13 +56,14 @@ impl Sessions {
     }
 
     /// Register a new session for `node`, replacing (and thereby closing) any older one.
-    pub fn open(&self, node: &str, peer: String, now_ms: u64, buffer: usize) -> (u64, EventTx, SessionStream) {
+    pub fn open(&self, node: &str, meta: SessionMeta, now_ms: u64, buffer: usize) -> (u64, EventTx, SessionStream) {
         let (tx, rx) = mpsc::channel(buffer);
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let meta = Arc::new(meta);
         let old = self
             .inner
             .lock()
-            .map(|mut m| m.insert(node.to_string(), Entry { id, tx: tx.clone(), peer, since_ms: now_ms }))
+            .map(|mut m| m.insert(node.to_string(), Entry { id, tx: tx.clone(), meta, since_ms: now_ms }))
             .ok()
             .flatten();
         drop(old);
@@ -71,7 +84,12 @@ impl Sessions {
 
     pub fn info(&self, node: &str) -> Option<SessionInfo> {
         let m = self.inner.lock().ok()?;
-        m.get(node).map(|e| SessionInfo { id: e.id, peer: e.peer.clone(), since_ms: e.since_ms })
+        m.get(node).map(|e| SessionInfo {
+            id: e.id,
+            peer: e.meta.peer.clone(),
+            since_ms: e.since_ms,
+            meta: e.meta.clone(),
+        })
     }
 
     pub fn is_connected(&self, node: &str) -> bool {
@@ -159,9 +177,9 @@ mod tests {
         let s = Sessions::new(move |_| {
             c.fetch_add(1, Ordering::SeqCst);
         });
-        let (_id1, tx1, stream1) = s.open("n1", "p".into(), 0, 4);
+        let (_id1, tx1, stream1) = s.open("n1", SessionMeta::default(), 0, 4);
         assert!(s.is_connected("n1"));
-        let (id2, _tx2, stream2) = s.open("n1", "p".into(), 0, 4);
+        let (id2, _tx2, stream2) = s.open("n1", SessionMeta::default(), 0, 4);
         // dropping the replaced stream does not unregister the newer session
         drop(stream1);
         drop(tx1);
@@ -175,7 +193,7 @@ mod tests {
     #[tokio::test]
     async fn terminate_delivers_last_event_and_ends_stream() {
         let s = Sessions::new(|_| {});
-        let (_id, tx, mut stream) = s.open("n1", "p".into(), 0, 4);
+        let (_id, tx, mut stream) = s.open("n1", SessionMeta::default(), 0, 4);
         drop(tx);
         s.terminate(
             "n1",

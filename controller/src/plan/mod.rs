@@ -2,6 +2,7 @@
 //! configuration it turns into ([`kubeadm`]). Pure: no I/O, so it is easy to test and to print
 //! for `--dry-run`.
 pub mod clusterfile;
+pub mod ids;
 pub mod kubeadm;
 pub mod phases;
 pub mod preflight;

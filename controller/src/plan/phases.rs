@@ -5,6 +5,8 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::ids::{PhaseName, StepKind, TaskId};
+
 /// A host after matching the operator's reference to an enrolled node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedHost {
@@ -29,15 +31,22 @@ pub struct ClusterShape {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
-    pub id: String,
-    pub host: String,
-    pub kind: String,
+    pub id: TaskId,
     pub description: String,
+}
+
+impl Task {
+    pub fn host(&self) -> &str {
+        &self.id.host
+    }
+    pub fn kind(&self) -> StepKind {
+        self.id.step
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Phase {
-    pub name: String,
+    pub name: PhaseName,
     /// Tasks in one step run in parallel; steps run in order.
     pub steps: Vec<Vec<Task>>,
     /// Why a phase has nothing to do, shown in the plan.
@@ -51,29 +60,39 @@ pub struct Plan {
     pub phases: Vec<Phase>,
 }
 
-fn task(cluster: &str, phase: &str, host: &str, kind: &'static str, description: String) -> Task {
-    Task { id: format!("{cluster}/{phase}/{host}/{kind}"), host: host.to_string(), kind: kind.into(), description }
+fn task(cluster: &str, phase: PhaseName, host: &str, kind: StepKind, description: String) -> Task {
+    Task { id: TaskId::new(cluster, phase, host, kind), description }
+}
+
+/// A `--max-parallel` / `--max-failures` value that is neither `N` nor `P%`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{flag} {spec:?}: {why}")]
+pub struct CountError {
+    flag: &'static str,
+    spec: String,
+    why: &'static str,
 }
 
 /// `N`, or `P%` of `total` (rounded up when `round_up`, down otherwise), for the flag `flag`.
-pub fn count_or_percent(flag: &str, spec: &str, total: usize, round_up: bool) -> Result<usize, String> {
+pub fn count_or_percent(flag: &'static str, spec: &str, total: usize, round_up: bool) -> Result<usize, CountError> {
     let spec = spec.trim();
+    let err = |why| CountError { flag, spec: spec.to_string(), why };
     match spec.strip_suffix('%') {
         Some(p) => {
-            let p: usize = p.parse().map_err(|_| format!("{flag} {spec:?}: expected N or P%"))?;
+            let p: usize = p.parse().map_err(|_| err("expected N or P%"))?;
             if p > 100 {
-                return Err(format!("{flag} {spec:?}: percentage must be 0-100"));
+                return Err(err("percentage must be 0-100"));
             }
             Ok(if round_up { (total * p).div_ceil(100) } else { total * p / 100 })
         }
-        None => spec.parse().map_err(|_| format!("{flag} {spec:?}: expected N or P%")),
+        None => spec.parse().map_err(|_| err("expected N or P%")),
     }
 }
 
 /// Wave size from `--max-parallel N` or `P%` of the workers (at least 1).
-pub fn wave_size(spec: &str, workers: usize) -> Result<usize, String> {
+pub fn wave_size(spec: &str, workers: usize) -> Result<usize, CountError> {
     if spec.trim() == "0%" {
-        return Err(format!("--max-parallel {spec:?}: percentage must be 1-100"));
+        return Err(CountError { flag: "--max-parallel", spec: spec.to_string(), why: "percentage must be 1-100" });
     }
     Ok(count_or_percent("--max-parallel", spec, workers, true)?.max(1))
 }
@@ -85,24 +104,26 @@ pub fn build(shape: &ClusterShape) -> Plan {
     let all: Vec<&PlannedHost> = shape.masters.iter().chain(shape.workers.iter()).collect();
     let master0 = &shape.masters[0];
     let mut phases = Vec::new();
-    let each = |phase: &str, kind: &'static str, desc: &dyn Fn(&PlannedHost) -> String| -> Vec<Task> {
+    let each = |phase: PhaseName, kind: StepKind, desc: &dyn Fn(&PlannedHost) -> String| -> Vec<Task> {
         all.iter().map(|h| task(c, phase, &h.node, kind, desc(h))).collect()
     };
     phases.push(Phase {
-        name: "preflight".into(),
-        steps: vec![each("preflight", "preflight", &|_| "host checks: ports free, swap off, kubeadm present".into())],
+        name: PhaseName::Preflight,
+        steps: vec![each(PhaseName::Preflight, StepKind::Preflight, &|_| {
+            "host checks: ports free, swap off, kubeadm present".into()
+        })],
         note: None,
     });
     match &shape.bundle {
         Some(b) => {
             phases.push(Phase {
-                name: "distribute".into(),
-                steps: vec![each("distribute", "fetch-bundle", &|_| format!("fetch bundle {b}"))],
+                name: PhaseName::Distribute,
+                steps: vec![each(PhaseName::Distribute, StepKind::FetchBundle, &|_| format!("fetch bundle {b}"))],
                 note: None,
             });
             phases.push(Phase {
-                name: "bootstrap".into(),
-                steps: vec![each("bootstrap", "bootstrap", &|_| {
+                name: PhaseName::Bootstrap,
+                steps: vec![each(PhaseName::Bootstrap, StepKind::Bootstrap, &|_| {
                     "install binaries, units, modules, sysctls, images".into()
                 })],
                 note: None,
@@ -110,8 +131,8 @@ pub fn build(shape: &ClusterShape) -> Plan {
         }
         None => {
             let note = Some("no --bundle: the hosts already carry kubeadm, kubelet and a runtime".to_string());
-            phases.push(Phase { name: "distribute".into(), steps: vec![], note: note.clone() });
-            phases.push(Phase { name: "bootstrap".into(), steps: vec![], note });
+            phases.push(Phase { name: PhaseName::Distribute, steps: vec![], note: note.clone() });
+            phases.push(Phase { name: PhaseName::Bootstrap, steps: vec![], note });
         }
     }
     let hosts_desc = |h: &PlannedHost| {
@@ -121,81 +142,108 @@ pub fn build(shape: &ClusterShape) -> Plan {
             format!("/etc/hosts: apiserver.cluster.local -> {} (VIP)", shape.vip)
         }
     };
-    phases.push(Phase { name: "hosts".into(), steps: vec![each("hosts", "hosts", &hosts_desc)], note: None });
     phases.push(Phase {
-        name: "init-master0".into(),
+        name: PhaseName::Hosts,
+        steps: vec![each(PhaseName::Hosts, StepKind::Hosts, &hosts_desc)],
+        note: None,
+    });
+    phases.push(Phase {
+        name: PhaseName::InitMaster0,
         steps: vec![
-            vec![task(c, "init", &master0.node, "pki", "install the cluster PKI (keys 0600)".into())],
-            vec![task(c, "init", &master0.node, "kubeadm-init", format!("kubeadm init ({})", master0.ip))],
+            vec![task(
+                c,
+                PhaseName::InitMaster0,
+                &master0.node,
+                StepKind::Pki,
+                "install the cluster PKI (keys 0600)".into(),
+            )],
+            vec![task(
+                c,
+                PhaseName::InitMaster0,
+                &master0.node,
+                StepKind::KubeadmInit,
+                format!("kubeadm init ({})", master0.ip),
+            )],
         ],
         note: None,
     });
     let mut joins = Vec::new();
     for m in shape.masters.iter().skip(1) {
-        joins.push(vec![task(c, "join-masters", &m.node, "pki", "install the cluster PKI (keys 0600)".into())]);
+        let jm = PhaseName::JoinMasters;
+        joins.push(vec![task(c, jm, &m.node, StepKind::Pki, "install the cluster PKI (keys 0600)".into())]);
         joins.push(vec![task(
             c,
-            "join-masters",
+            jm,
             &m.node,
-            "kubeadm-join",
+            StepKind::KubeadmJoin,
             format!("kubeadm join --control-plane ({})", m.ip),
         )]);
         joins.push(vec![task(
             c,
-            "join-masters",
+            jm,
             &m.node,
-            "hosts",
+            StepKind::Hosts,
             format!("/etc/hosts: apiserver.cluster.local -> {} (itself)", m.ip),
         )]);
     }
     let note = joins.is_empty().then(|| "single master".to_string());
-    phases.push(Phase { name: "join-masters".into(), steps: joins, note });
+    phases.push(Phase { name: PhaseName::JoinMasters, steps: joins, note });
     let rs: Vec<String> = shape.masters.iter().map(|m| format!("{}:6443", m.ip)).collect();
     let mut waves = Vec::new();
     for wave in shape.workers.chunks(shape.wave_size.max(1)) {
         waves.push(
             wave.iter()
                 .map(|w| {
-                    task(c, "join-workers", &w.node, "lb", format!("IPVS {}:6443 -> {}", shape.vip, rs.join(", ")))
+                    task(
+                        c,
+                        PhaseName::JoinWorkers,
+                        &w.node,
+                        StepKind::Lb,
+                        format!("IPVS {}:6443 -> {}", shape.vip, rs.join(", ")),
+                    )
                 })
                 .collect(),
         );
         waves.push(
-            wave.iter().map(|w| task(c, "join-workers", &w.node, "kubeadm-join", "kubeadm join".into())).collect(),
+            wave.iter()
+                .map(|w| task(c, PhaseName::JoinWorkers, &w.node, StepKind::KubeadmJoin, "kubeadm join".into()))
+                .collect(),
         );
     }
     let no_workers = shape.workers.is_empty().then(|| "no workers".to_string());
-    phases.push(Phase { name: "join-workers".into(), steps: waves, note: no_workers.clone() });
+    phases.push(Phase { name: PhaseName::JoinWorkers, steps: waves, note: no_workers.clone() });
     let sync: Vec<Task> = shape
         .workers
         .iter()
-        .map(|w| task(c, "sync-ipvs", &w.node, "lb", format!("guard IPVS real servers {}", rs.join(", "))))
+        .map(|w| {
+            task(c, PhaseName::SyncIpvs, &w.node, StepKind::Lb, format!("guard IPVS real servers {}", rs.join(", ")))
+        })
         .collect();
     phases.push(Phase {
-        name: "sync-ipvs".into(),
+        name: PhaseName::SyncIpvs,
         steps: if sync.is_empty() { vec![] } else { vec![sync] },
         note: no_workers,
     });
     match &shape.bundle {
         Some(_) => phases.push(Phase {
-            name: "addons".into(),
+            name: PhaseName::Addons,
             steps: vec![vec![task(
                 c,
-                "addons",
+                PhaseName::Addons,
                 &master0.node,
-                "addons",
+                StepKind::Addons,
                 "kubectl apply the bundle's manifests".into(),
             )]],
             note: None,
         }),
         None => phases.push(Phase {
-            name: "addons".into(),
+            name: PhaseName::Addons,
             steps: vec![],
             note: Some("no --bundle: no addon manifests to apply".into()),
         }),
     }
     phases.push(Phase {
-        name: "record".into(),
+        name: PhaseName::Record,
         steps: vec![],
         note: Some("controller only: record the cluster".into()),
     });
@@ -207,21 +255,21 @@ pub fn build(shape: &ClusterShape) -> Plan {
 /// bootstrap installed.
 pub fn teardown(shape: &ClusterShape) -> Plan {
     let c = shape.name.as_str();
-    let each = |hosts: &[PlannedHost], kind: &'static str, desc: &str| -> Vec<Task> {
-        hosts.iter().map(|h| task(c, "reset", &h.node, kind, desc.to_string())).collect()
+    let each = |hosts: &[PlannedHost], kind: StepKind, desc: &str| -> Vec<Task> {
+        hosts.iter().map(|h| task(c, PhaseName::Reset, &h.node, kind, desc.to_string())).collect()
     };
     let mut steps = Vec::new();
     if !shape.workers.is_empty() {
-        steps.push(each(&shape.workers, "kubeadm-reset", "kubeadm reset --force"));
-        steps.push(each(&shape.workers, "lb-clean", "remove the IPVS service and VIP"));
+        steps.push(each(&shape.workers, StepKind::KubeadmReset, "kubeadm reset --force"));
+        steps.push(each(&shape.workers, StepKind::LbClean, "remove the IPVS service and VIP"));
     }
-    steps.push(each(&shape.masters, "kubeadm-reset", "kubeadm reset --force"));
+    steps.push(each(&shape.masters, StepKind::KubeadmReset, "kubeadm reset --force"));
     let all: Vec<PlannedHost> = shape.masters.iter().chain(shape.workers.iter()).cloned().collect();
-    steps.push(each(&all, "hosts-clean", "remove the managed /etc/hosts block"));
+    steps.push(each(&all, StepKind::HostsClean, "remove the managed /etc/hosts block"));
     if shape.bundle.is_some() {
-        steps.push(each(&all, "bootstrap-reset", "undo what bootstrap installed"));
+        steps.push(each(&all, StepKind::BootstrapReset, "undo what bootstrap installed"));
     }
-    Plan { cluster: c.to_string(), phases: vec![Phase { name: "reset".into(), steps, note: None }] }
+    Plan { cluster: c.to_string(), phases: vec![Phase { name: PhaseName::Reset, steps, note: None }] }
 }
 
 impl Plan {
@@ -235,11 +283,49 @@ impl Plan {
             }
             for (j, step) in p.steps.iter().enumerate() {
                 for t in step {
-                    out.push_str(&format!("   {}.{}  {:<14} {:<14} {}\n", i + 1, j + 1, t.host, t.kind, t.description));
+                    out.push_str(&format!(
+                        "   {}.{}  {:<14} {:<14} {}\n",
+                        i + 1,
+                        j + 1,
+                        t.host(),
+                        t.kind().as_str(),
+                        t.description
+                    ));
                 }
             }
         }
         out
+    }
+
+    /// The plan as the admin API returns it.
+    pub fn view(&self) -> fleetadm_proto::PlanView {
+        use fleetadm_proto as pb;
+        pb::PlanView {
+            cluster: self.cluster.clone(),
+            phases: self
+                .phases
+                .iter()
+                .map(|ph| pb::PhaseView {
+                    name: ph.name.to_string(),
+                    note: ph.note.clone().unwrap_or_default(),
+                    steps: ph
+                        .steps
+                        .iter()
+                        .map(|s| pb::PlanStep {
+                            tasks: s
+                                .iter()
+                                .map(|t| pb::PlannedTask {
+                                    id: t.id.to_string(),
+                                    host: t.host().to_string(),
+                                    kind: t.kind().to_string(),
+                                    description: t.description.clone(),
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
     }
 
     pub fn tasks(&self) -> impl Iterator<Item = &Task> {
@@ -288,18 +374,21 @@ mod tests {
         );
         let jm = &plan.phases[5];
         assert!(jm.steps.iter().all(|s| s.len() == 1), "masters join one at a time");
-        assert_eq!(jm.steps[1][0].host, "m2");
-        assert_eq!(jm.steps[4][0].host, "m3");
+        assert_eq!(jm.steps[1][0].host(), "m2");
+        assert_eq!(jm.steps[4][0].host(), "m3");
         let jw = &plan.phases[6];
         // waves of 2, 2, 1: each wave's lb step precedes its join step
         assert_eq!(jw.steps.iter().map(|s| s.len()).collect::<Vec<_>>(), [2, 2, 2, 2, 1, 1]);
-        assert!(jw.steps[0].iter().all(|t| t.kind == "lb") && jw.steps[1].iter().all(|t| t.kind == "kubeadm-join"));
+        assert!(
+            jw.steps[0].iter().all(|t| t.kind() == StepKind::Lb)
+                && jw.steps[1].iter().all(|t| t.kind() == StepKind::KubeadmJoin)
+        );
         // the PKI is in place before kubeadm init runs (separate steps, not in parallel)
-        assert_eq!(plan.phases[4].steps[0][0].kind, "pki");
+        assert_eq!(plan.phases[4].steps[0][0].kind(), StepKind::Pki);
         assert!(plan.phases[4].steps[1][0].description.contains("kubeadm init"));
         assert!(
             plan.phases.iter().flat_map(|p| &p.steps).all(|s| {
-                let hosts: std::collections::BTreeSet<&str> = s.iter().map(|t| t.host.as_str()).collect();
+                let hosts: std::collections::BTreeSet<&str> = s.iter().map(|t| t.host()).collect();
                 hosts.len() == s.len()
             }),
             "no step runs two tasks on one host at once"
@@ -311,8 +400,8 @@ mod tests {
         let a = build(&shape(3, 4, 2));
         let b = build(&shape(3, 4, 2));
         assert_eq!(a, b);
-        let ids: Vec<&str> = a.tasks().map(|t| t.id.as_str()).collect();
-        let unique: std::collections::BTreeSet<&&str> = ids.iter().collect();
+        let ids: Vec<String> = a.tasks().map(|t| t.id.to_string()).collect();
+        let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
         assert_eq!(unique.len(), ids.len(), "{ids:?}");
     }
 
@@ -320,8 +409,8 @@ mod tests {
     fn workers_resolve_to_the_vip_masters_to_master0() {
         let plan = build(&shape(3, 1, 1));
         let hosts = &plan.phases[3].steps[0];
-        assert!(hosts.iter().find(|t| t.host == "m2").unwrap().description.contains("10.77.0.11"));
-        assert!(hosts.iter().find(|t| t.host == "w11").unwrap().description.contains("10.103.97.2"));
+        assert!(hosts.iter().find(|t| t.host() == "m2").unwrap().description.contains("10.77.0.11"));
+        assert!(hosts.iter().find(|t| t.host() == "w11").unwrap().description.contains("10.103.97.2"));
         assert!(plan.render().contains("kubeadm join --control-plane"));
     }
 

@@ -85,7 +85,7 @@ pub fn resolve_request(req: &PlanClusterRequest, nodes: &[Candidate]) -> Resolve
     let wave = match phases::wave_size(&req.max_parallel, workers.len()) {
         Ok(w) => w,
         Err(e) => {
-            resp.errors.push(e);
+            resp.errors.push(e.to_string());
             1
         }
     };
@@ -144,7 +144,7 @@ pub fn resolve_request(req: &PlanClusterRequest, nodes: &[Candidate]) -> Resolve
             };
             let plan = phases::build(&shape);
             resp.plan_text = plan.render();
-            resp.plan_json = serde_json::to_string_pretty(&plan).unwrap_or_default();
+            resp.plan = Some(plan.view());
             planned = Some(shape);
         }
     }

@@ -1,13 +1,24 @@
-//! Executing a plan: the cluster and task records persisted in the store ([`record`]), the
-//! parameters each task carries to its host ([`specs`]), the driver that walks the phases and hands
-//! tasks to connected agents ([`driver`]), and what the admin CLI shows ([`view`]).
+//! Executing a plan.
+//!
+//! - [`engine`]: creates, resumes and deletes clusters; one actor per running cluster; routes
+//!   each agent report to its cluster's actor.
+//! - [`actor`]: holds one cluster's record and tasks in memory, walks its phases and steps, and
+//!   hands tasks to connected agents that can run them.
+//! - [`decide`]: what to do next with a task, as a pure function.
+//! - [`report`]: applying an agent's report to a task record.
+//! - [`specs`]: the typed task message each planned task carries to its host.
+//! - [`record`]: the cluster and task records persisted in the store; [`view`]: what the admin
+//!   API shows (never the secrets).
 //!
 //! Every state change is flushed before it is acted on or acknowledged, so a controller killed at
 //! any point resumes where it was: finished tasks stay finished, running ones are re-sent to their
 //! agents (which answer from their journal instead of running them twice).
-pub mod driver;
+pub mod actor;
+pub mod decide;
+pub mod engine;
 pub mod record;
+pub mod report;
 pub mod specs;
 pub mod view;
 
-pub use driver::{RolloutError, Rollouts};
+pub use engine::{NewCluster, RolloutError, RolloutSettings, Rollouts};

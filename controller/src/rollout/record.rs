@@ -2,7 +2,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::pki::kube::KubePki;
-use crate::plan::phases::{ClusterShape, Plan};
+use crate::plan::phases::{ClusterShape, CountError, PhaseName, Plan, StepKind, TaskId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -72,7 +72,7 @@ pub struct ClusterRecord {
     pub finished_ms: u64,
     pub state: ClusterState,
     /// The phase running now (or where it stopped).
-    pub phase: String,
+    pub phase: PhaseName,
     /// Why it failed, or a summary when it succeeded.
     #[serde(default)]
     pub message: String,
@@ -137,11 +137,11 @@ pub const MAX_OUTPUT: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskRecord {
-    pub id: String,
+    pub id: TaskId,
     pub cluster: String,
-    pub phase: String,
+    pub phase: PhaseName,
     pub host: String,
-    pub kind: String,
+    pub kind: StepKind,
     pub state: TaskState,
     /// 0 until first sent; incremented on every retry.
     pub attempt: u32,
@@ -153,6 +153,33 @@ pub struct TaskRecord {
     pub changed: bool,
     #[serde(default)]
     pub output: String,
+    /// Why a pending task is not being sent (the agent lacks its capability), for `cluster status`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub waiting: String,
+}
+
+impl TaskRecord {
+    pub fn new(id: TaskId) -> Self {
+        Self {
+            cluster: id.cluster.clone(),
+            phase: id.phase,
+            host: id.host.clone(),
+            kind: id.step,
+            id,
+            state: TaskState::Pending,
+            attempt: 0,
+            dispatched_ms: 0,
+            finished_ms: 0,
+            changed: false,
+            output: String::new(),
+            waiting: String::new(),
+        }
+    }
+
+    /// The store key.
+    pub fn key(&self) -> String {
+        self.id.to_string()
+    }
 }
 
 /// Keep the tail of long output (the end of a failing command says most).
@@ -168,7 +195,7 @@ pub fn bound_output(s: &str) -> String {
 }
 
 /// Parse `--max-failures N|P%` against the number of workers.
-pub fn failure_budget(spec: &str, workers: usize) -> Result<usize, String> {
+pub fn failure_budget(spec: &str, workers: usize) -> Result<usize, CountError> {
     if spec.trim().is_empty() {
         return Ok(0);
     }

@@ -1,22 +1,50 @@
-//! What each planned task carries to its host. Rendered from the cluster record at dispatch time
-//! (deterministically, so a re-sent task has the same digest); secrets only go to hosts that need
-//! them: keys to masters, the bootstrap token to hosts that join.
-use fleetadm_common::tasks::{FileSpec, HostsEntry, TaskSpec};
+//! What each planned task carries to its host: the typed task message of the protocol. Rendered
+//! from the cluster record at dispatch time (deterministically, so a re-sent task has the same
+//! digest); secrets only go to hosts that need them: keys to masters, the bootstrap token to hosts
+//! that join.
+//!
+//! Task messages are built with `..Default::default()`: a field added to a message (a newer
+//! protocol revision, or the test-only `skew-probe` build) keeps this code source-compatible.
+#![allow(clippy::needless_update)]
+use fleetadm_proto::task_assignment::Task as WireTask;
+use fleetadm_proto::{
+    BootstrapResetTask, BootstrapTask, BundleAddonsTask, FetchBundleTask, FileSpec, FilesTask, HostsEntry, HostsTask,
+    KubeadmInitTask, KubeadmJoinTask, KubeadmResetTask, LbCleanTask, LbTask, PreflightTask,
+};
+use thiserror::Error;
 
 use super::record::ClusterRecord;
 use crate::pki::kube::APISERVER_NAME;
 use crate::plan::clusterfile;
 use crate::plan::kubeadm::{self, ClusterInputs, HostInputs, HostRole};
-use crate::plan::phases::{PlannedHost, Task};
+use crate::plan::phases::{PhaseName, PlannedHost, StepKind, Task};
 
 /// Ports a control-plane host must have free before `kubeadm init/join`.
-pub const MASTER_PORTS: &[u16] = &[6443, 2379, 2380, 10250, 10257, 10259];
+pub const MASTER_PORTS: &[u32] = &[6443, 2379, 2380, 10250, 10257, 10259];
 /// Ports a worker must have free.
-pub const WORKER_PORTS: &[u16] = &[10250];
+pub const WORKER_PORTS: &[u32] = &[10250];
 /// Where the agent keeps what fleetadm installs for Kubernetes.
 pub const KUBE_DIR: &str = "/etc/kubernetes";
 
-fn host<'a>(rec: &'a ClusterRecord, name: &str) -> Result<(&'a PlannedHost, bool), String> {
+#[derive(Debug, Error)]
+pub enum SpecError {
+    #[error("host {host} is not part of cluster {cluster}")]
+    NotInCluster { host: String, cluster: String },
+    #[error("cluster {0} has no masters")]
+    NoMasters(String),
+    #[error("cluster {0} has no bundle")]
+    NoBundle(String),
+    #[error("the cluster's Clusterfile no longer parses")]
+    Clusterfile(#[source] clusterfile::ClusterfileError),
+    #[error("rendering the kubeadm configuration for {host}")]
+    Kubeadm {
+        host: String,
+        #[source]
+        source: kubeadm::RenderError,
+    },
+}
+
+fn host<'a>(rec: &'a ClusterRecord, name: &str) -> Result<(&'a PlannedHost, bool), SpecError> {
     if let Some(h) = rec.shape.masters.iter().find(|m| m.node == name) {
         return Ok((h, true));
     }
@@ -25,7 +53,7 @@ fn host<'a>(rec: &'a ClusterRecord, name: &str) -> Result<(&'a PlannedHost, bool
         .iter()
         .find(|w| w.node == name)
         .map(|h| (h, false))
-        .ok_or_else(|| format!("host {name} is not part of cluster {}", rec.name))
+        .ok_or_else(|| SpecError::NotInCluster { host: name.to_string(), cluster: rec.name.clone() })
 }
 
 fn inputs(rec: &ClusterRecord) -> ClusterInputs {
@@ -45,106 +73,117 @@ fn inputs(rec: &ClusterRecord) -> ClusterInputs {
     }
 }
 
-fn render(rec: &ClusterRecord, h: &PlannedHost, role: HostRole) -> Result<String, String> {
+fn render(rec: &ClusterRecord, h: &PlannedHost, role: HostRole) -> Result<String, SpecError> {
     let cf = if rec.spec.clusterfile.trim().is_empty() {
         None
     } else {
-        Some(clusterfile::parse(&rec.spec.clusterfile).map_err(|e| e.to_string())?)
+        Some(clusterfile::parse(&rec.spec.clusterfile).map_err(SpecError::Clusterfile)?)
     };
     kubeadm::render(&inputs(rec), &HostInputs { name: h.node.clone(), ip: h.ip, role }, cf.as_ref())
-        .map_err(|e| e.to_string())
+        .map_err(|source| SpecError::Kubeadm { host: h.node.clone(), source })
 }
 
 /// The entries of the managed /etc/hosts block: every cluster host by name, and the apiserver
 /// name pointing at `apiserver`.
 fn hosts_entries(rec: &ClusterRecord, apiserver: std::net::IpAddr) -> Vec<HostsEntry> {
-    let mut entries = vec![HostsEntry { ip: apiserver.to_string(), names: vec![APISERVER_NAME.to_string()] }];
+    let entry = |ip: std::net::IpAddr, name: &str| HostsEntry {
+        ip: ip.to_string(),
+        names: vec![name.to_string()],
+        ..Default::default()
+    };
+    let mut entries = vec![entry(apiserver, APISERVER_NAME)];
     for h in rec.shape.masters.iter().chain(rec.shape.workers.iter()) {
-        entries.push(HostsEntry { ip: h.ip.to_string(), names: vec![h.node.clone()] });
+        entries.push(entry(h.ip, &h.node));
     }
     entries
 }
 
-fn bundle_name(rec: &ClusterRecord) -> Result<String, String> {
-    rec.shape.bundle.clone().ok_or_else(|| format!("cluster {} has no bundle", rec.name))
+fn bundle_name(rec: &ClusterRecord) -> Result<String, SpecError> {
+    rec.shape.bundle.clone().ok_or_else(|| SpecError::NoBundle(rec.name.clone()))
 }
 
-pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<TaskSpec, String> {
-    let (h, is_master) = host(rec, &task.host)?;
-    let master0 = rec.shape.masters.first().ok_or("cluster has no masters")?;
-    let phase = task.id.split('/').nth(1).unwrap_or_default();
-    Ok(match task.kind.as_str() {
-        "preflight" => TaskSpec::Preflight {
+fn bundle_files(rec: &ClusterRecord) -> Vec<fleetadm_proto::BundleFile> {
+    rec.bundle_files.iter().map(Into::into).collect()
+}
+
+/// The task message for `task`. Which wire kind each step sends is [`StepKind::task_kind`]; the
+/// match below is exhaustive so a new step cannot be planned without its parameters.
+pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<WireTask, SpecError> {
+    let (h, is_master) = host(rec, task.host())?;
+    let master0 = rec.shape.masters.first().ok_or_else(|| SpecError::NoMasters(rec.name.clone()))?;
+    let vip_endpoint = std::net::SocketAddr::new(rec.shape.vip, 6443).to_string();
+    Ok(match task.kind() {
+        StepKind::Preflight => WireTask::Preflight(PreflightTask {
             ports: if is_master { MASTER_PORTS.to_vec() } else { WORKER_PORTS.to_vec() },
             // With a bundle, kubeadm arrives with the bootstrap (which checks for it then).
             commands: if rec.shape.bundle.is_some() { vec![] } else { vec!["kubeadm".into()] },
             // Room for the bundle in the agent's cache, plus a margin for the install.
             free_bytes: rec.bundle_files.iter().map(|f| f.size).sum::<u64>() * 2,
             cri_socket: rec.spec.cri_socket.clone(),
-        },
-        "hosts" => {
+            ..Default::default()
+        }),
+        StepKind::Hosts => {
             // Masters: master0 until they have joined, then themselves. Workers: the VIP.
             let target = if !is_master {
                 rec.shape.vip
-            } else if phase == "join-masters" || h.node == master0.node {
+            } else if task.id.phase == PhaseName::JoinMasters || h.node == master0.node {
                 h.ip
             } else {
                 master0.ip
             };
-            TaskSpec::Hosts { entries: hosts_entries(rec, target) }
+            WireTask::Hosts(HostsTask { entries: hosts_entries(rec, target), ..Default::default() })
         }
-        "pki" => TaskSpec::Files {
+        StepKind::HostsClean => WireTask::Hosts(HostsTask { entries: vec![], ..Default::default() }),
+        StepKind::Pki => WireTask::Files(FilesTask {
             files: rec
                 .secrets
                 .pki
                 .files_for(&h.node)
                 .into_iter()
-                .map(|f| FileSpec { path: format!("{KUBE_DIR}/{}", f.path), contents: f.contents, mode: f.mode })
+                .map(|f| FileSpec {
+                    path: format!("{KUBE_DIR}/{}", f.path),
+                    contents: f.contents,
+                    mode: f.mode,
+                    ..Default::default()
+                })
                 .collect(),
-        },
-        "kubeadm-init" => TaskSpec::KubeadmInit { config: render(rec, h, HostRole::FirstMaster)? },
-        "kubeadm-join" => TaskSpec::KubeadmJoin {
+            ..Default::default()
+        }),
+        StepKind::KubeadmInit => WireTask::KubeadmInit(KubeadmInitTask {
+            config: render(rec, h, HostRole::FirstMaster)?,
+            ..Default::default()
+        }),
+        StepKind::KubeadmJoin => WireTask::KubeadmJoin(KubeadmJoinTask {
             config: render(rec, h, if is_master { HostRole::Master } else { HostRole::Worker })?,
             control_plane: is_master,
-        },
-        "lb" => TaskSpec::Lb {
-            vip: std::net::SocketAddr::new(rec.shape.vip, 6443).to_string(),
+            ..Default::default()
+        }),
+        StepKind::Lb => WireTask::Lb(LbTask {
+            vip: vip_endpoint,
             real_servers: rec.shape.masters.iter().map(|m| std::net::SocketAddr::new(m.ip, 6443).to_string()).collect(),
             ca_pem: rec.secrets.pki.ca_cert_pem.clone(),
-        },
-        "fetch-bundle" => TaskSpec::FetchBundle { bundle: bundle_name(rec)?, files: rec.bundle_files.clone() },
-        "bootstrap" => TaskSpec::Bootstrap {
+            ..Default::default()
+        }),
+        StepKind::FetchBundle => WireTask::FetchBundle(FetchBundleTask {
+            bundle: bundle_name(rec)?,
+            files: bundle_files(rec),
+            ..Default::default()
+        }),
+        StepKind::Bootstrap => WireTask::Bootstrap(BootstrapTask {
             bundle: bundle_name(rec)?,
             kubernetes_version: rec.spec.version.clone(),
-            files: rec.bundle_files.clone(),
-        },
-        "addons" => TaskSpec::BundleAddons {
-            files: rec.bundle_files.iter().filter(|f| f.path.starts_with("manifests/")).cloned().collect(),
-        },
-        "kubeadm-reset" => TaskSpec::KubeadmReset { remove_paths: vec![format!("{KUBE_DIR}/fleetadm")] },
-        "lb-clean" => TaskSpec::LbClean { vip: std::net::SocketAddr::new(rec.shape.vip, 6443).to_string() },
-        "hosts-clean" => TaskSpec::Hosts { entries: vec![] },
-        "bootstrap-reset" => TaskSpec::BootstrapReset {},
-        other => return Err(format!("unknown task kind {other}")),
+            files: bundle_files(rec),
+            ..Default::default()
+        }),
+        StepKind::Addons => WireTask::BundleAddons(BundleAddonsTask {
+            files: bundle_files(rec).into_iter().filter(|f| f.path.starts_with("manifests/")).collect(),
+            ..Default::default()
+        }),
+        StepKind::KubeadmReset => WireTask::KubeadmReset(KubeadmResetTask {
+            remove_paths: vec![format!("{KUBE_DIR}/fleetadm")],
+            ..Default::default()
+        }),
+        StepKind::LbClean => WireTask::LbClean(LbCleanTask { vip: vip_endpoint, ..Default::default() }),
+        StepKind::BootstrapReset => WireTask::BootstrapReset(BootstrapResetTask { ..Default::default() }),
     })
-}
-
-/// Per-task timeout the agent enforces; the controller allows a grace period on top.
-pub fn timeout_secs(kind: &str) -> u32 {
-    match kind {
-        "kubeadm-init" | "kubeadm-join" | "kubeadm-reset" => 900,
-        "fetch-bundle" => 3600,
-        "bootstrap" | "addons" => 600,
-        "lb" => 180,
-        _ => 120,
-    }
-}
-
-/// How often a task is tried before it counts as failed.
-pub fn max_attempts(kind: &str) -> u32 {
-    match kind {
-        // A failing check will fail again; say so at once.
-        "preflight" => 1,
-        _ => 3,
-    }
 }

@@ -1,85 +1,46 @@
-//! What `controller cluster status/list/logs/get` show: the cluster record without its secrets,
-//! with per-host task states and counts.
+//! What the admin API returns for a cluster: the record without its secrets, with per-host task
+//! states and counts, as typed protocol messages (`fleetadm.v1.ClusterView`, `PlanView`).
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use fleetadm_proto as pb;
 
-use super::record::{ClusterRecord, ClusterState, Condition, TaskRecord, TaskState};
+use super::record::{ClusterRecord, ClusterState, TaskRecord, TaskState};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counts {
-    pub total: usize,
-    pub succeeded: usize,
-    pub running: usize,
-    pub pending: usize,
-    pub failed: usize,
-    pub skipped: usize,
+pub fn cluster_state(s: ClusterState) -> pb::ClusterState {
+    match s {
+        ClusterState::Running => pb::ClusterState::Running,
+        ClusterState::Succeeded => pb::ClusterState::Succeeded,
+        ClusterState::Failed => pb::ClusterState::Failed,
+    }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TaskView {
-    pub id: String,
-    pub phase: String,
-    pub kind: String,
-    pub state: TaskState,
-    pub attempt: u32,
-    pub changed: bool,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub output: String,
-    #[serde(default)]
-    pub duration_ms: u64,
+pub fn step_state(s: TaskState) -> pb::StepState {
+    match s {
+        TaskState::Pending => pb::StepState::Pending,
+        TaskState::Running => pb::StepState::Running,
+        TaskState::Succeeded => pb::StepState::Succeeded,
+        TaskState::Failed => pb::StepState::Failed,
+        TaskState::Skipped => pb::StepState::Skipped,
+    }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HostView {
-    pub name: String,
-    pub ip: String,
-    pub role: String,
-    pub tasks: Vec<TaskView>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClusterView {
-    pub name: String,
-    pub state: ClusterState,
-    pub phase: String,
-    pub message: String,
-    pub version: String,
-    pub vip: String,
-    pub pod_cidr: String,
-    pub service_cidr: String,
-    pub masters: Vec<String>,
-    pub workers: Vec<String>,
-    pub failed_workers: Vec<String>,
-    pub created_ms: u64,
-    pub updated_ms: u64,
-    pub finished_ms: u64,
-    pub conditions: Vec<Condition>,
-    pub counts: Counts,
-    /// Per phase: tasks done / total, in plan order.
-    pub phases: Vec<(String, usize, usize)>,
-    pub hosts: Vec<HostView>,
-    /// The Clusterfile the cluster was created from, if any.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub clusterfile: String,
-}
-
-pub fn build(rec: &ClusterRecord, tasks: &[TaskRecord], with_output: bool) -> ClusterView {
-    let mut counts = Counts::default();
-    let by_id: BTreeMap<&str, &TaskRecord> = tasks.iter().map(|t| (t.id.as_str(), t)).collect();
-    let mut hosts: Vec<HostView> = rec
+pub fn build(rec: &ClusterRecord, tasks: &[TaskRecord], with_output: bool) -> pb::ClusterView {
+    let mut counts = pb::TaskCounts::default();
+    let by_id: BTreeMap<String, &TaskRecord> = tasks.iter().map(|t| (t.key(), t)).collect();
+    let mut hosts: Vec<pb::HostView> = rec
         .shape
         .masters
         .iter()
-        .map(|h| (h, "master"))
-        .chain(rec.shape.workers.iter().map(|h| (h, "worker")))
-        .map(|(h, role)| HostView { name: h.node.clone(), ip: h.ip.to_string(), role: role.into(), tasks: vec![] })
+        .map(|h| (h, pb::HostRole::Master))
+        .chain(rec.shape.workers.iter().map(|h| (h, pb::HostRole::Worker)))
+        .map(|(h, role)| pb::HostView { name: h.node.clone(), ip: h.ip.to_string(), role: role as i32, tasks: vec![] })
         .collect();
     let mut phases = Vec::new();
+    // Plan order, per host and overall.
     for p in &rec.plan.phases {
         let (mut done, mut total) = (0, 0);
         for t in p.steps.iter().flatten() {
-            let Some(tr) = by_id.get(t.id.as_str()) else { continue };
+            let Some(tr) = by_id.get(&t.id.to_string()) else { continue };
             total += 1;
             counts.total += 1;
             match tr.state {
@@ -96,30 +57,25 @@ pub fn build(rec: &ClusterRecord, tasks: &[TaskRecord], with_output: bool) -> Cl
                 TaskState::Failed => counts.failed += 1,
             }
             if let Some(h) = hosts.iter_mut().find(|h| h.name == tr.host) {
-                h.tasks.push(TaskView {
-                    id: tr.id.clone(),
-                    phase: tr.phase.clone(),
-                    kind: tr.kind.clone(),
-                    state: tr.state,
+                h.tasks.push(pb::TaskView {
+                    id: tr.key(),
+                    phase: tr.phase.to_string(),
+                    kind: tr.kind.to_string(),
+                    state: step_state(tr.state) as i32,
                     attempt: tr.attempt,
                     changed: tr.changed,
                     output: if with_output { tr.output.clone() } else { String::new() },
                     duration_ms: tr.finished_ms.saturating_sub(tr.dispatched_ms),
+                    waiting: tr.waiting.clone(),
                 });
             }
         }
-        phases.push((p.name.clone(), done, total));
+        phases.push(pb::PhaseProgress { name: p.name.to_string(), done, total });
     }
-    hosts.iter_mut().for_each(|h| h.tasks.sort_by_key(|t| t.id.clone()));
-    // Keep plan order inside each host instead of id order.
-    for h in &mut hosts {
-        let order: Vec<&str> = rec.plan.tasks().filter(|t| t.host == h.name).map(|t| t.id.as_str()).collect();
-        h.tasks.sort_by_key(|t| order.iter().position(|id| *id == t.id).unwrap_or(usize::MAX));
-    }
-    ClusterView {
+    pb::ClusterView {
         name: rec.name.clone(),
-        state: rec.state,
-        phase: rec.phase.clone(),
+        state: cluster_state(rec.state) as i32,
+        phase: rec.phase.to_string(),
         message: rec.message.clone(),
         version: rec.spec.version.clone(),
         vip: rec.shape.vip.to_string(),
@@ -128,13 +84,23 @@ pub fn build(rec: &ClusterRecord, tasks: &[TaskRecord], with_output: bool) -> Cl
         masters: rec.shape.masters.iter().map(|h| h.node.clone()).collect(),
         workers: rec.shape.workers.iter().map(|h| h.node.clone()).collect(),
         failed_workers: rec.failed_workers.clone(),
-        created_ms: rec.created_ms,
-        updated_ms: rec.updated_ms,
-        finished_ms: rec.finished_ms,
-        conditions: rec.conditions.clone(),
-        counts,
+        created_unix_ms: rec.created_ms,
+        updated_unix_ms: rec.updated_ms,
+        finished_unix_ms: rec.finished_ms,
+        conditions: rec
+            .conditions
+            .iter()
+            .map(|c| pb::Condition {
+                r#type: c.kind.clone(),
+                status: c.status,
+                time_unix_ms: c.time_ms,
+                message: c.message.clone(),
+            })
+            .collect(),
+        counts: Some(counts),
         phases,
         hosts,
         clusterfile: rec.spec.clusterfile.clone(),
+        deleting: rec.deleting,
     }
 }

@@ -72,6 +72,18 @@ pub enum StoreError {
     },
     #[error("record {key:?} in table {table} kept changing under concurrent updates")]
     Contended { table: &'static str, key: String },
+    #[error("the store worker thread failed")]
+    Worker(#[source] tokio::task::JoinError),
+}
+
+/// Run store work (reads, writes, flushes) on a blocking thread, so an fsync never stalls the
+/// async workers that carry heartbeats and sessions.
+pub async fn off_thread<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<StoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.map_err(|e| E::from(StoreError::Worker(e)))?
 }
 
 /// Raw key-value operations. Keys are UTF-8 strings; values opaque bytes.

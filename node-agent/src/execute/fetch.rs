@@ -1,7 +1,7 @@
 //! The `fetch-bundle` task: pull a bundle's blobs into the agent's cache over the mTLS session,
 //! in chunks, resuming a cut transfer from what is already on disk, verifying every blob's
 //! SHA-256 before it is used, and never fetching a blob the cache already holds.
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use fleetadm_common::tasks::{is_sha256_hex, BundleFile};
@@ -35,6 +35,32 @@ impl BlobCache {
 
 /// Chunk requests in flight per blob (hides the round trip; the order of writes is kept).
 pub const DEPTH: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{path}: {sha:?} is not a SHA-256")]
+    BadHash { path: String, sha: String },
+    #[error("chunk of {path} at offset {offset}: {why}")]
+    Chunk { path: String, offset: u64, why: String },
+    #[error("{path}: the controller has {have} bytes, the manifest says {want}")]
+    SizeMismatch { path: String, have: u64, want: u64 },
+    #[error("{path}: chunk at offset {offset} has {got} bytes, expected {want}")]
+    ShortChunk { path: String, offset: u64, got: usize, want: usize },
+    #[error("{path}: fetched content has SHA-256 {got}, expected {want}; discarded, it will be fetched again")]
+    Corrupt { path: String, got: String, want: String },
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> FetchError {
+    let path = path.display().to_string();
+    move |source| FetchError::Io { what, path, source }
+}
 
 type ChunkResult = Result<(Vec<u8>, u64), String>;
 
@@ -76,14 +102,29 @@ fn sha256_file(p: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Fetch every file's blob that is not cached yet. `progress(done_bytes, total_bytes)`.
+/// Blocking file work on a blocking thread.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, FetchError> + Send + 'static,
+) -> Result<T, FetchError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(FetchError::Io {
+            what: "worker thread for",
+            path: String::new(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
+/// Fetch every file's blob that is not cached yet. `progress(done_bytes, total_bytes)`. File
+/// writes, fsyncs and hashing run on blocking threads.
 pub async fn fetch_all<S: ChunkSource>(
     cache: &BlobCache,
     src: &mut S,
     files: &[BundleFile],
     mut progress: impl FnMut(u64, u64),
-) -> Result<FetchStats, String> {
-    std::fs::create_dir_all(&cache.dir).map_err(|e| format!("creating {}: {e}", cache.dir.display()))?;
+) -> Result<FetchStats, FetchError> {
+    let dir = cache.dir.clone();
+    off_thread(move || std::fs::create_dir_all(&dir).map_err(io("creating", &dir))).await?;
     let mut stats = FetchStats::default();
     let mut seen = std::collections::BTreeSet::new();
     let unique: Vec<&BundleFile> = files.iter().filter(|f| seen.insert(f.sha256.clone())).collect();
@@ -91,7 +132,7 @@ pub async fn fetch_all<S: ChunkSource>(
     let mut done = 0u64;
     for f in unique {
         if !is_sha256_hex(&f.sha256) {
-            return Err(format!("{}: {:?} is not a SHA-256", f.path, f.sha256));
+            return Err(FetchError::BadHash { path: f.path.clone(), sha: f.sha256.clone() });
         }
         if cache.has(f) {
             stats.cached += 1;
@@ -99,20 +140,20 @@ pub async fn fetch_all<S: ChunkSource>(
             continue;
         }
         let part = cache.partial(&f.sha256);
-        let mut have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+        let mut have = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
         if have > f.size {
             have = 0;
-            let _ = std::fs::remove_file(&part);
+            let _ = tokio::fs::remove_file(&part).await;
         }
         stats.resumed_bytes += have;
-        let mut out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&part)
-            .map_err(|e| format!("opening {}: {e}", part.display()))?;
+        let mut out =
+            tokio::fs::OpenOptions::new().create(true).append(true).open(&part).await.map_err(io("opening", &part))?;
         // Up to DEPTH requests in flight, each for its own offset; written strictly in order.
         let mut inflight = std::collections::VecDeque::new();
         let mut next = have;
+        let abort_all = |inflight: &std::collections::VecDeque<(u64, tokio::task::JoinHandle<ChunkResult>)>| {
+            inflight.iter().for_each(|(_, j)| j.abort())
+        };
         while have < f.size {
             while inflight.len() < DEPTH && next < f.size {
                 let want = CHUNK.min((f.size - next).min(u64::from(u32::MAX)) as u32);
@@ -120,52 +161,62 @@ pub async fn fetch_all<S: ChunkSource>(
                 next += u64::from(want);
             }
             let Some((offset, job)) = inflight.pop_front() else { break };
-            let (data, size) = match job.await {
+            let chunk = match job.await {
                 Ok(r) => r,
-                Err(e) => Err(format!("chunk request failed: {e}")),
-            }
-            .inspect_err(|_| inflight.iter().for_each(|(_, j)| j.abort()))?;
+                Err(e) => Err(format!("request failed: {e}")),
+            };
+            let (data, size) = match chunk {
+                Ok(c) => c,
+                Err(why) => {
+                    abort_all(&inflight);
+                    return Err(FetchError::Chunk { path: f.path.clone(), offset, why });
+                }
+            };
             if size != f.size {
-                inflight.iter().for_each(|(_, j)| j.abort());
-                return Err(format!("{}: the controller has {size} bytes, the manifest says {}", f.path, f.size));
+                abort_all(&inflight);
+                return Err(FetchError::SizeMismatch { path: f.path.clone(), have: size, want: f.size });
             }
             let expect = CHUNK.min((f.size - offset) as u32) as usize;
             if offset != have || data.len() != expect {
-                inflight.iter().for_each(|(_, j)| j.abort());
-                return Err(format!(
-                    "{}: chunk at offset {offset} has {} bytes, expected {expect}",
-                    f.path,
-                    data.len()
-                ));
+                abort_all(&inflight);
+                return Err(FetchError::ShortChunk { path: f.path.clone(), offset, got: data.len(), want: expect });
             }
-            out.write_all(&data).map_err(|e| format!("writing {}: {e}", part.display()))?;
+            // tokio writes in the background; flush so what is acknowledged here is in the file
+            // (a cut transfer resumes from the file's length).
+            tokio::io::AsyncWriteExt::write_all(&mut out, &data).await.map_err(io("writing", &part))?;
+            tokio::io::AsyncWriteExt::flush(&mut out).await.map_err(io("writing", &part))?;
             have += data.len() as u64;
             stats.bytes += data.len() as u64;
             progress(done + have, total);
         }
-        out.sync_all().map_err(|e| format!("syncing {}: {e}", part.display()))?;
+        out.sync_all().await.map_err(io("syncing", &part))?;
         drop(out);
-        let got = sha256_file(&part).map_err(|e| format!("reading {}: {e}", part.display()))?;
-        if got != f.sha256 {
-            let _ = std::fs::remove_file(&part);
-            return Err(format!(
-                "{}: fetched content has SHA-256 {got}, expected {}; discarded, it will be fetched again",
-                f.path, f.sha256
-            ));
-        }
-        std::fs::rename(&part, cache.path(&f.sha256)).map_err(|e| format!("storing {}: {e}", f.path))?;
+        let (p, want, path, dest) = (part.clone(), f.sha256.clone(), f.path.clone(), cache.path(&f.sha256));
+        off_thread(move || {
+            let got = sha256_file(&p).map_err(io("reading", &p))?;
+            if got != want {
+                let _ = std::fs::remove_file(&p);
+                return Err(FetchError::Corrupt { path, got, want });
+            }
+            std::fs::rename(&p, &dest).map_err(io("storing", &dest))
+        })
+        .await?;
         stats.fetched += 1;
         done += f.size;
     }
     Ok(stats)
 }
 
-/// The controller as a chunk source.
+/// The controller as a chunk source, over the session's own connection: when the session drops,
+/// a request waits (up to [`RECONNECT_WAIT`]) for the next one instead of dialling its own.
 #[derive(Clone)]
 pub struct Remote {
     pub bundle: String,
-    pub client: fleetadm_proto::agent_client::AgentClient<tonic::transport::Channel>,
+    pub channel: super::handler::SessionChannel,
 }
+
+/// How long a chunk request waits for a session to come back.
+pub const RECONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl ChunkSource for Remote {
     fn chunk(
@@ -174,9 +225,15 @@ impl ChunkSource for Remote {
         offset: u64,
         max: u32,
     ) -> impl std::future::Future<Output = ChunkResult> + Send + 'static {
-        let mut client = self.client.clone();
+        let mut channel = self.channel.clone();
         let bundle = self.bundle.clone();
         async move {
+            let client = tokio::time::timeout(RECONNECT_WAIT, channel.wait_for(|c| c.is_some()))
+                .await
+                .map_err(|_| format!("no session with the controller for {}s", RECONNECT_WAIT.as_secs()))?
+                .map_err(|_| "the agent is stopping".to_string())?
+                .clone();
+            let mut client = client.ok_or("no session")?;
             let r = client
                 .fetch_blob(fleetadm_proto::FetchBlobRequest { bundle, sha256, offset, max_len: max })
                 .await
@@ -257,7 +314,7 @@ mod tests {
         }
         let mut s = src.clone();
         let err = fetch_all(&cache, &mut s, &files, |_, _| {}).await.unwrap_err();
-        assert!(err.contains("connection reset"));
+        assert!(err.to_string().contains("connection reset"), "{err}");
         let part = std::fs::metadata(cache.partial(&files[0].sha256)).unwrap().len();
         assert_eq!(part, 3 * CHUNK as u64, "the three chunks before the cut are kept");
         src.0.lock().unwrap().cut_at = None;
@@ -282,10 +339,10 @@ mod tests {
         let mut src = Fake::default();
         src.0.lock().unwrap().blobs = [(f.sha256.clone(), b"the evil thing".to_vec())].into();
         let err = fetch_all(&cache, &mut src, std::slice::from_ref(&f), |_, _| {}).await.unwrap_err();
-        assert!(err.contains("discarded"), "{err}");
+        assert!(matches!(err, FetchError::Corrupt { .. }) && err.to_string().contains("discarded"), "{err}");
         assert!(!cache.has(&f) && !cache.partial(&f.sha256).exists());
         f.size += 1;
         let err = fetch_all(&cache, &mut src, std::slice::from_ref(&f), |_, _| {}).await.unwrap_err();
-        assert!(err.contains("manifest says"), "{err}");
+        assert!(err.to_string().contains("manifest says"), "{err}");
     }
 }

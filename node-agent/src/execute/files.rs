@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use fleetadm_common::tasks::FileSpec;
+use fleetadm_proto::FileSpec;
 use thiserror::Error;
 
 /// The only tree the controller may write files into.
@@ -67,8 +67,9 @@ pub fn install(root: &Path, files: &[FileSpec]) -> Result<Vec<String>, FilesErro
 mod tests {
     use super::*;
 
+    #[allow(clippy::needless_update)]
     fn spec(path: &str, mode: u32) -> FileSpec {
-        FileSpec { path: path.into(), contents: format!("content of {path}"), mode }
+        FileSpec { path: path.into(), contents: format!("content of {path}"), mode, ..Default::default() }
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub struct Entry {
     pub updated_ms: u64,
 }
 
+#[derive(Clone)]
 pub struct Journal {
     dir: PathBuf,
 }

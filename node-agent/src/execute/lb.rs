@@ -6,8 +6,28 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::watch;
 
-use crate::lb::{self, guard::GuardConfig, probe, LbSpec};
+use crate::lb::{self, guard::GuardConfig, guard::GuardStatus, probe, LbError, LbSpec};
+
+#[derive(Debug, Error)]
+pub enum LbTaskError {
+    #[error("{0}")]
+    BadEndpoint(String),
+    #[error("invalid load balancer")]
+    Invalid(#[source] LbError),
+    #[error("programming the load balancer")]
+    Apply(#[source] LbError),
+    #[error("saving {path}")]
+    Save {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the load balancer worker thread failed")]
+    Worker(#[from] tokio::task::JoinError),
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Desired {
@@ -17,11 +37,15 @@ pub struct Desired {
 }
 
 impl Desired {
-    pub fn parse(vip: &str, real_servers: &[String], ca_pem: &str) -> Result<Self, String> {
-        let vip = lb::parse_endpoint(vip)?;
-        let real_servers = real_servers.iter().map(|r| lb::parse_endpoint(r)).collect::<Result<Vec<_>, _>>()?;
+    pub fn parse(vip: &str, real_servers: &[String], ca_pem: &str) -> Result<Self, LbTaskError> {
+        let vip = lb::parse_endpoint(vip).map_err(LbTaskError::BadEndpoint)?;
+        let real_servers = real_servers
+            .iter()
+            .map(|r| lb::parse_endpoint(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(LbTaskError::BadEndpoint)?;
         let d = Self { vip, real_servers, ca_pem: ca_pem.to_string() };
-        d.spec().validate().map_err(|e| e.to_string())?;
+        d.spec().validate().map_err(LbTaskError::Invalid)?;
         Ok(d)
     }
 
@@ -44,11 +68,18 @@ struct Running {
 pub struct LbManager {
     state_dir: PathBuf,
     running: Mutex<Option<Running>>,
+    /// The guard's latest status, for the session (`None`: no load balancer on this node).
+    status: watch::Sender<Option<GuardStatus>>,
 }
 
 impl LbManager {
     pub fn new(state_dir: &Path) -> Self {
-        Self { state_dir: state_dir.to_path_buf(), running: Mutex::new(None) }
+        Self { state_dir: state_dir.to_path_buf(), running: Mutex::new(None), status: watch::channel(None).0 }
+    }
+
+    /// Follow the guard's status (every probe round updates it; compare what matters).
+    pub fn status(&self) -> watch::Receiver<Option<GuardStatus>> {
+        self.status.subscribe()
     }
 
     fn desired_path(&self) -> PathBuf {
@@ -68,15 +99,16 @@ impl LbManager {
     }
 
     /// Converge now (reporting what changed), save the desired state, and (re)start the guard.
-    pub async fn apply(&self, d: Desired) -> Result<(bool, String), String> {
+    pub async fn apply(&self, d: Desired) -> Result<(bool, String), LbTaskError> {
         let spec = d.spec();
-        let changes = tokio::task::spawn_blocking(move || lb::apply(&spec))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| error_chain(&e))?;
-        let json = serde_json::to_vec_pretty(&d).map_err(|e| e.to_string())?;
-        fleetadm_common::fsutil::write_atomic(&self.desired_path(), &json, 0o600)
-            .map_err(|e| format!("saving {}: {e}", self.desired_path().display()))?;
+        let changes = tokio::task::spawn_blocking(move || lb::apply(&spec)).await?.map_err(LbTaskError::Apply)?;
+        let json = serde_json::to_vec_pretty(&d).unwrap_or_default();
+        let path = self.desired_path();
+        tokio::task::spawn_blocking(move || {
+            fleetadm_common::fsutil::write_atomic(&path, &json, 0o600)
+                .map_err(|source| LbTaskError::Save { path: path.display().to_string(), source })
+        })
+        .await??;
         let same = self
             .running
             .lock()
@@ -110,6 +142,7 @@ impl LbManager {
         }
         let _ = std::fs::remove_file(self.desired_path());
         let _ = std::fs::remove_file(lb::status_path(&self.state_dir));
+        self.status.send_replace(None);
     }
 
     fn start_guard(&self, d: Desired) {
@@ -122,6 +155,7 @@ impl LbManager {
         let status_file = lb::status_path(&self.state_dir);
         let spec = d.spec();
         let ca = d.ca_pem.clone();
+        let status = self.status.clone();
         let task = tokio::spawn(async move {
             let cfg = GuardConfig::default();
             let prober = match probe::Prober::new(Some(&ca), probe::TlsTrust::Verify, cfg.timeout) {
@@ -134,20 +168,10 @@ impl LbManager {
             let stop = async {
                 let _ = stop_rx.await;
             };
-            if let Err(e) = lb::run_guard(spec, cfg, prober, status_file, stop).await {
-                tracing::error!(error = %error_chain(&e), "load balancer guard stopped");
+            if let Err(e) = lb::run_guard(spec, cfg, prober, status_file, status, stop).await {
+                tracing::error!(error = %fleetadm_common::error_chain(&e), "load balancer guard stopped");
             }
         });
         *slot = Some(Running { desired: d, stop: stop_tx, task });
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(&format!(": {c}"));
-        cur = c.source();
-    }
-    s
 }

@@ -5,6 +5,8 @@ pub mod bootstrap;
 pub mod command;
 pub mod fetch;
 pub mod files;
+pub mod handler;
+pub mod handlers;
 pub mod hosts;
 pub mod journal;
 pub mod kubeadm;
@@ -17,10 +19,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetadm_common::clock::now_unix_ms;
-use fleetadm_common::tasks::TaskSpec;
-use fleetadm_proto::{TaskAssignment, TaskReport, TaskState};
-use tokio::sync::mpsc;
+use fleetadm_proto::agent_client::AgentClient;
+use fleetadm_proto::{TaskAssignment, TaskKind, TaskReport, TaskState};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
 
+use handler::{Ctx, Done, TaskError};
 use journal::{Entry, Journal, Outcome};
 
 /// Largest output sent in one report.
@@ -47,14 +51,16 @@ impl HostPaths {
 }
 
 pub struct Executor {
-    state_dir: PathBuf,
-    dial: fleetadm_common::dial::DialOptions,
+    state_dir: Arc<PathBuf>,
     journal: Journal,
-    paths: HostPaths,
-    lb: lb::LbManager,
-    /// Tasks running now: id -> (digest, the newest attempt the controller sent for it).
+    paths: Arc<HostPaths>,
+    lb: Arc<lb::LbManager>,
+    /// Tasks running now: id -> (digest, the newest attempt the controller sent for it). An entry
+    /// goes only when the run has really ended (its commands reaped), never on a timeout alone.
     inflight: Mutex<HashMap<String, (String, u32)>>,
     reports: mpsc::UnboundedSender<TaskReport>,
+    /// The session's connection, when one is open (the session sets it).
+    channel: watch::Sender<Option<AgentClient<Channel>>>,
 }
 
 fn bounded(mut s: String) -> String {
@@ -68,22 +74,23 @@ fn bounded(mut s: String) -> String {
     s
 }
 
+/// The capabilities this agent announces: every task kind it implements.
+pub fn capabilities() -> Vec<String> {
+    TaskKind::all_capabilities()
+}
+
 impl Executor {
     /// The executor and the stream of reports the session must deliver.
-    pub fn new(
-        state_dir: &Path,
-        paths: HostPaths,
-        dial: fleetadm_common::dial::DialOptions,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<TaskReport>) {
+    pub fn new(state_dir: &Path, paths: HostPaths) -> (Arc<Self>, mpsc::UnboundedReceiver<TaskReport>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let ex = Arc::new(Self {
-            state_dir: state_dir.to_path_buf(),
-            dial,
+            state_dir: Arc::new(state_dir.to_path_buf()),
             journal: Journal::new(state_dir),
-            paths,
-            lb: lb::LbManager::new(state_dir),
+            paths: Arc::new(paths),
+            lb: Arc::new(lb::LbManager::new(state_dir)),
             inflight: Mutex::default(),
             reports: tx,
+            channel: watch::channel(None).0,
         });
         (ex, rx)
     }
@@ -93,25 +100,26 @@ impl Executor {
         self.lb.resume();
     }
 
+    /// The guard's status, as it changes.
+    pub fn lb_status(&self) -> watch::Receiver<Option<crate::lb::guard::GuardStatus>> {
+        self.lb.status()
+    }
+
+    /// The session's connection for tasks that need the controller (bundle chunks); `None` while
+    /// no session is open.
+    pub fn set_channel(&self, client: Option<AgentClient<Channel>>) {
+        self.channel.send_replace(client);
+    }
+
     /// Handle one assignment from the controller.
     pub fn submit(self: &Arc<Self>, a: TaskAssignment) {
-        let spec: TaskSpec = match serde_json::from_slice(&a.spec_json) {
-            Ok(s) => s,
-            Err(e) => {
-                self.report(&a, TaskState::Failed, false, format!("cannot read the task (agent too old?): {e}"));
-                return;
-            }
-        };
-        if spec.kind() != a.kind {
-            self.report(
-                &a,
-                TaskState::Failed,
-                false,
-                format!("task kind {} does not match its parameters ({})", a.kind, spec.kind()),
-            );
+        let Some(task) = a.task.clone() else {
+            let e = fleetadm_proto::UnknownTask;
+            self.report(&a, TaskState::Failed, false, e.to_string());
             return;
-        }
-        let digest = spec.digest();
+        };
+        let kind = TaskKind::of(&task);
+        let digest = fleetadm_common::tasks::digest(&task);
         if let Some(done) = self.journal.finished(&a.task_id, a.attempt, &digest) {
             tracing::info!(task = %a.task_id, attempt = a.attempt, "answering a repeated task from the journal");
             let st = if done.outcome == Outcome::Succeeded { TaskState::Succeeded } else { TaskState::Failed };
@@ -150,24 +158,16 @@ impl Executor {
                 output: String::new(),
                 updated_ms: now_unix_ms(),
             };
-            if let Err(e) = me.journal.put(&entry) {
-                tracing::warn!(error = %e, "task journal not writable");
-            }
+            me.journal_put(&entry).await;
             me.report(&a, TaskState::Running, false, String::new());
-            tracing::info!(task = %a.task_id, attempt = a.attempt, kind = %a.kind, "task started");
-            let timeout = Duration::from_secs(u64::from(a.timeout_secs.max(1)));
-            let progress = {
-                let (me, a) = (me.clone(), a.clone());
-                move |msg: String| me.report(&a, TaskState::Running, false, msg)
-            };
-            let result = match tokio::time::timeout(timeout, me.execute(spec, timeout, &progress)).await {
-                Ok(r) => r,
-                Err(_) => Err(format!("timed out after {}s", timeout.as_secs())),
-            };
+            tracing::info!(task = %a.task_id, attempt = a.attempt, kind = %kind, "task started");
+            let result = me.run_bounded(&a, task).await;
             let (state, changed, output) = match result {
-                Ok((changed, out)) => (TaskState::Succeeded, changed, out),
-                Err(e) => (TaskState::Failed, false, e),
+                Ok(d) => (TaskState::Succeeded, d.changed, d.output),
+                Err(e) => (TaskState::Failed, false, fleetadm_common::error_chain(&e)),
             };
+            #[cfg(feature = "skew-probe")]
+            let output = format!("{output}\nskew-probe: the task carried {:?}", fleetadm_proto::skew::read(&a));
             let output = bounded(output);
             let latest = me
                 .inflight
@@ -184,9 +184,7 @@ impl Executor {
             entry.output = output.clone();
             entry.updated_ms = now_unix_ms();
             // Journal first: if the report is lost, the re-sent task is answered from here.
-            if let Err(e) = me.journal.put(&entry) {
-                tracing::warn!(error = %e, "task journal not writable");
-            }
+            me.journal_put(&entry).await;
             match state {
                 TaskState::Succeeded => tracing::info!(task = %a.task_id, changed, "task succeeded"),
                 _ => tracing::warn!(task = %a.task_id, output = %output, "task failed"),
@@ -195,241 +193,90 @@ impl Executor {
         });
     }
 
-    fn report(&self, a: &TaskAssignment, state: TaskState, changed: bool, output: String) {
-        let _ = self.reports.send(TaskReport {
-            task_id: a.task_id.clone(),
-            attempt: a.attempt,
-            state: state as i32,
-            output,
-            changed,
-        });
-    }
-
-    /// Run `f` on a [`bootstrap::Bootstrap`] for this host, off the async threads.
-    async fn with_bootstrap<T: Send + 'static>(
+    /// Run the task's handler within its timeout. On a timeout the run is cancelled (its commands
+    /// killed with their process groups) and awaited to its real end before this returns.
+    async fn run_bounded(
         &self,
-        f: impl FnOnce(&mut bootstrap::Bootstrap<'_, bootstrap::HostSystem>) -> Result<T, String> + Send + 'static,
-    ) -> Result<Result<T, String>, String> {
-        let state_dir = self.state_dir.clone();
-        let root = self.paths.root.clone();
-        tokio::task::spawn_blocking(move || {
-            let cache = fetch::BlobCache::new(&state_dir);
-            let mut b = bootstrap::Bootstrap {
-                root,
-                cache: &cache,
-                record_path: state_dir.join("bootstrap.json"),
-                sys: bootstrap::HostSystem,
-            };
-            f(&mut b)
-        })
-        .await
-        .map_err(|e| e.to_string())
-    }
-
-    async fn execute(
-        &self,
-        spec: TaskSpec,
-        timeout: Duration,
-        progress: &(dyn Fn(String) + Send + Sync),
-    ) -> Result<(bool, String), String> {
-        let p = &self.paths;
-        match spec {
-            TaskSpec::FetchBundle { bundle, files } => {
-                let identity = crate::identity::Identity::load(&crate::identity::StateDir::new(&self.state_dir))
-                    .map_err(|e| e.to_string())?;
-                let opts = crate::session::RunOptions { dial: self.dial.clone(), ..Default::default() };
-                let client = crate::session::connect(&identity, &opts).await?;
-                let mut src = fetch::Remote { bundle: bundle.clone(), client };
-                let cache = fetch::BlobCache::new(&self.state_dir);
-                let mut last = std::time::Instant::now();
-                let stats = fetch::fetch_all(&cache, &mut src, &files, |done, total| {
-                    if last.elapsed() >= Duration::from_secs(1) {
-                        last = std::time::Instant::now();
-                        progress(format!("fetched {done} of {total} bytes"));
-                    }
-                })
-                .await?;
-                Ok((
-                    stats.fetched > 0,
-                    format!(
-                        "bundle {bundle}: {} blobs fetched ({} bytes, {} resumed), {} already cached",
-                        stats.fetched, stats.bytes, stats.resumed_bytes, stats.cached
-                    ),
-                ))
-            }
-            TaskSpec::Bootstrap { bundle, kubernetes_version, files } => self
-                .with_bootstrap(move |b| b.install(&files, &bundle, &kubernetes_version))
-                .await?
-                .and_then(|changes| {
-                    // Commands the next phases need must exist now.
-                    match command::which("kubeadm") {
-                        Some(_) => Ok(changes),
-                        None => Err(format!(
-                            "kubeadm is still not in PATH after installing the bundle (does it carry bin/kubeadm?)\n{}",
-                            changes.join("\n")
-                        )),
-                    }
-                })
-                .map(|changes| {
-                    let real: Vec<&String> =
-                        changes.iter().filter(|c| !c.starts_with("warning") && !c.starts_with("skipped")).collect();
-                    (!real.is_empty(), if changes.is_empty() { "no change".to_string() } else { changes.join("\n") })
-                }),
-            TaskSpec::BootstrapReset {} => self.with_bootstrap(|b| b.reset()).await?.map(|changes| {
-                (!changes.is_empty(), if changes.is_empty() { "nothing to undo".into() } else { changes.join("\n") })
-            }),
-            TaskSpec::BundleAddons { files } => {
-                let cache = fetch::BlobCache::new(&self.state_dir);
-                let mut manifests = Vec::new();
-                for f in &files {
-                    let data =
-                        std::fs::read(cache.path(&f.sha256)).map_err(|e| format!("{} is not fetched: {e}", f.path))?;
-                    manifests.push(fleetadm_common::tasks::FileSpec {
-                        path: f.path.clone(),
-                        contents: String::from_utf8(data).map_err(|_| format!("{} is not text", f.path))?,
-                        mode: 0o600,
-                    });
-                }
-                Box::pin(self.execute(TaskSpec::Addons { manifests }, timeout, progress)).await
-            }
-            TaskSpec::Preflight { ports, commands, free_bytes, cri_socket } => {
-                let mut problems =
-                    preflight::check_with_disk(&ports, &commands, &p.proc_swaps, Some((&self.state_dir, free_bytes)));
-                problems.extend(preflight::leftovers(&p.kube_dir));
-                let warnings = preflight::warnings(&cri_socket);
-                if problems.is_empty() {
-                    let mut ok = vec![format!("ports {ports:?} free"), "swap off".into()];
-                    if !commands.is_empty() {
-                        ok.push(format!("{} present", commands.join(", ")));
-                    }
-                    if free_bytes > 0 {
-                        ok.push(format!("{} MiB free for the bundle", free_bytes.div_ceil(1 << 20)));
-                    }
-                    let mut out = format!("ok: {}", ok.join(", "));
-                    for w in warnings {
-                        out.push_str(&format!("\n{w}"));
-                    }
-                    Ok((false, out))
-                } else {
-                    Err(problems.join("\n"))
-                }
-            }
-            TaskSpec::Hosts { entries } => {
-                let parsed = entries
-                    .iter()
-                    .map(|e| {
-                        e.ip.parse()
-                            .map(|ip| hosts::Entry { ip, names: e.names.clone() })
-                            .map_err(|_| format!("bad address {:?} in hosts entry", e.ip))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let path = p.hosts_file.clone();
-                let changed = tokio::task::spawn_blocking(move || hosts::ensure(&path, &parsed))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                let lines: Vec<String> = entries.iter().map(|e| format!("{} {}", e.ip, e.names.join(" "))).collect();
-                Ok((
-                    changed,
-                    format!(
-                        "{}: {}\n{}",
-                        p.hosts_file.display(),
-                        if changed { "updated" } else { "no change" },
-                        lines.join("\n")
-                    ),
-                ))
-            }
-            TaskSpec::Files { files } => {
-                let root = p.root.clone();
-                let n = files.len();
-                let changed = tokio::task::spawn_blocking(move || files::install(&root, &files))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| {
-                        let mut s = e.to_string();
-                        if let Some(src) = std::error::Error::source(&e) {
-                            s.push_str(&format!(": {src}"));
-                        }
-                        s
-                    })?;
-                Ok((
-                    !changed.is_empty(),
-                    format!("{n} files in place, {} written\n{}", changed.len(), changed.join("\n")),
-                ))
-            }
-            TaskSpec::KubeadmInit { config } => {
-                kubeadm::init(&p.kube_dir, &config, timeout).await.map(|o| (o.changed, o.output))
-            }
-            TaskSpec::KubeadmJoin { config, control_plane } => {
-                kubeadm::join(&p.kube_dir, &config, control_plane, timeout).await.map(|o| (o.changed, o.output))
-            }
-            TaskSpec::KubeadmReset { remove_paths } => {
-                kubeadm::reset(&p.kube_dir, &remove_paths, timeout).await.map(|o| (o.changed, o.output))
-            }
-            TaskSpec::LbClean { vip } => {
-                let vip = crate::lb::parse_endpoint(&vip)?;
-                self.lb.stop_and_forget();
-                let changes =
-                    tokio::task::spawn_blocking(move || crate::lb::clean(Some(vip), crate::lb::DEFAULT_INTERFACE))
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
-                let changed = !changes.0.is_empty();
-                Ok((changed, if changed { changes.0.join("\n") } else { "nothing to clean".into() }))
-            }
-            TaskSpec::Lb { vip, real_servers, ca_pem } => {
-                let d = lb::Desired::parse(&vip, &real_servers, &ca_pem)?;
-                self.lb.apply(d).await
-            }
-            TaskSpec::Addons { manifests } => {
-                if manifests.is_empty() {
-                    return Ok((false, "no manifests".into()));
-                }
-                let dir = p.kube_dir.join("fleetadm/addons");
-                let specs: Vec<_> = manifests
-                    .into_iter()
-                    .map(|mut m| {
-                        let name = Path::new(&m.path)
-                            .file_name()
-                            .map(|n| n.to_string_lossy().into_owned())
-                            .unwrap_or_default();
-                        m.path = dir.join(name).to_string_lossy().into_owned();
-                        m
-                    })
-                    .collect();
-                let root = p.root.clone();
-                let written = specs.clone();
-                tokio::task::spawn_blocking(move || files::install(&root, &written))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                let kubeconfig = p.kube_dir.join("admin.conf").to_string_lossy().into_owned();
-                let dir_s = dir.to_string_lossy().into_owned();
-                let ran = command::run("kubectl", &["--kubeconfig", &kubeconfig, "apply", "-f", &dir_s], timeout)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if ran.success {
-                    Ok((true, ran.output))
-                } else {
-                    Err(format!("kubectl apply failed (exit {:?}):\n{}", ran.code, ran.output))
-                }
+        a: &TaskAssignment,
+        task: fleetadm_proto::task_assignment::Task,
+    ) -> Result<Done, TaskError> {
+        let timeout = Duration::from_secs(u64::from(a.timeout_secs.max(1)));
+        let (stop, cancel) = command::Cancel::new();
+        let progress = {
+            let (reports, a) = (self.reports.clone(), a.clone());
+            Arc::new(move |msg: String| {
+                let _ = reports.send(report_of(&a, TaskState::Running, false, msg));
+            })
+        };
+        let cx = Ctx {
+            paths: self.paths.clone(),
+            state_dir: self.state_dir.clone(),
+            timeout,
+            cancel,
+            progress,
+            lb: self.lb.clone(),
+            channel: self.channel.subscribe(),
+        };
+        let mut work = tokio::spawn(handlers::run(task, cx));
+        tokio::select! {
+            r = &mut work => r?,
+            _ = tokio::time::sleep(timeout) => {
+                stop.cancel();
+                tracing::warn!(task = %a.task_id, secs = timeout.as_secs(), "task timed out; stopping it");
+                let ended = (&mut work).await;
+                let why = format!("timed out after {}s and was stopped", timeout.as_secs());
+                Err(TaskError::Refused(match ended {
+                    Ok(Err(e)) => format!("{why}: {}", fleetadm_common::error_chain(&e)),
+                    _ => why,
+                }))
             }
         }
     }
+
+    async fn journal_put(&self, e: &Entry) {
+        let (journal, e) = (self.journal.clone(), e.clone());
+        match tokio::task::spawn_blocking(move || journal.put(&e)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "task journal not writable"),
+            Err(e) => tracing::warn!(error = %e, "task journal worker failed"),
+        }
+    }
+
+    fn report(&self, a: &TaskAssignment, state: TaskState, changed: bool, output: String) {
+        let _ = self.reports.send(report_of(a, state, changed, output));
+    }
+}
+
+#[allow(clippy::needless_update)]
+fn report_of(a: &TaskAssignment, state: TaskState, changed: bool, output: String) -> TaskReport {
+    #[allow(unused_mut)]
+    let mut r = TaskReport {
+        task_id: a.task_id.clone(),
+        attempt: a.attempt,
+        state: state as i32,
+        output,
+        changed,
+        ..Default::default()
+    };
+    #[cfg(feature = "skew-probe")]
+    {
+        r.skew_probe = "from-a-newer-agent".into();
+    }
+    r
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[allow(clippy::needless_update)]
     fn assignment(attempt: u32) -> TaskAssignment {
-        let spec = TaskSpec::Preflight { ports: vec![], commands: vec![], free_bytes: 0, cri_socket: String::new() };
         TaskAssignment {
             task_id: "lab/preflight/h1/preflight".into(),
             attempt,
-            kind: "preflight".into(),
-            spec_json: serde_json::to_vec(&spec).unwrap(),
             timeout_secs: 10,
+            task: Some(fleetadm_proto::task_assignment::Task::Preflight(Default::default())),
+            ..Default::default()
         }
     }
 
@@ -448,7 +295,7 @@ mod tests {
             kube_dir: root.path().join("etc/kubernetes"),
             proc_swaps: root.path().join("swaps"),
         };
-        let (ex, mut rx) = Executor::new(state.path(), paths, Default::default());
+        let (ex, mut rx) = Executor::new(state.path(), paths);
         ex.submit(assignment(1));
         assert_eq!(next(&mut rx).await, (1, TaskState::Running));
         assert_eq!(next(&mut rx).await, (1, TaskState::Succeeded));
@@ -459,14 +306,63 @@ mod tests {
         ex.submit(assignment(2));
         assert_eq!(next(&mut rx).await, (2, TaskState::Running));
         assert_eq!(next(&mut rx).await, (2, TaskState::Succeeded));
-        // Garbage parameters or a kind that does not match them fail clearly.
-        let mut bad = assignment(3);
-        bad.spec_json = b"{\"kind\":\"format-disk\"}".to_vec();
-        ex.submit(bad);
+        // A task of a kind this agent does not know (a newer controller's) fails clearly.
+        let mut unknown = assignment(3);
+        unknown.task = None;
+        ex.submit(unknown);
         assert_eq!(next(&mut rx).await, (3, TaskState::Failed));
-        let mut lying = assignment(4);
-        lying.kind = "kubeadm-init".into();
-        ex.submit(lying);
-        assert_eq!(next(&mut rx).await, (4, TaskState::Failed));
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_task_is_stopped_before_it_is_reported_or_retried() {
+        let state = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let kube = root.path().join("etc/kubernetes");
+        let paths = HostPaths {
+            root: root.path().into(),
+            hosts_file: root.path().join("hosts"),
+            kube_dir: kube.clone(),
+            proc_swaps: root.path().join("swaps"),
+        };
+        // A kubeadm that hangs and records that it ran.
+        let bin = root.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let marker = root.path().join("ran");
+        // Its child carries the test's directory in its command line, so pgrep can find it.
+        let tag = root.path().display().to_string();
+        std::fs::write(
+            bin.join("kubeadm"),
+            format!("#!/bin/sh\necho run >> {}\nsh -c 'sleep 300' {tag}\n", marker.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(bin.join("kubeadm"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let (ex, mut rx) = Executor::new(state.path(), paths);
+        let a = TaskAssignment {
+            task_id: "lab/init/h1/kubeadm-init".into(),
+            attempt: 1,
+            timeout_secs: 1,
+            task: Some(fleetadm_proto::task_assignment::Task::KubeadmInit(fleetadm_proto::KubeadmInitTask {
+                config: "kind: InitConfiguration".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        // The agent finds kubeadm in PATH, as on a host (the lab does the same with its simulator).
+        // Only this test adds to PATH, and only a directory no other test's commands live in.
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        std::env::set_var("PATH", path);
+        ex.submit(a.clone());
+        assert_eq!(next(&mut rx).await, (1, TaskState::Running));
+        // The controller retries while it runs: answered by the same run, not a second one.
+        let mut retry = a.clone();
+        retry.attempt = 2;
+        ex.submit(retry);
+        let r = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        assert_eq!((r.attempt, TaskState::try_from(r.state).unwrap()), (2, TaskState::Failed));
+        assert!(r.output.contains("timed out after 1s and was stopped"), "{}", r.output);
+        // Only one kubeadm ran, and it is gone (its process group was killed before the report).
+        assert_eq!(std::fs::read_to_string(&marker).unwrap().lines().count(), 1);
+        let o = std::process::Command::new("pgrep").args(["-f", &tag]).output().unwrap();
+        assert!(o.stdout.is_empty(), "the timed-out kubeadm is still running: {}", String::from_utf8_lossy(&o.stdout));
     }
 }

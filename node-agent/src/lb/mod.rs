@@ -222,8 +222,13 @@ pub async fn run_guard(
     cfg: GuardConfig,
     prober: Prober,
     status_file: PathBuf,
+    status: tokio::sync::watch::Sender<Option<GuardStatus>>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), LbError> {
+    let publish = |st: GuardStatus| {
+        write_status(&status_file, &st);
+        status.send_replace(Some(st));
+    };
     spec.validate()?;
     let changes = prepare_host(&spec)?;
     for c in &changes.0 {
@@ -242,7 +247,7 @@ pub async fn run_guard(
         tracing::info!(vip = %spec.vip, change = %op, "load balancer converged");
     }
     guard.applied(d);
-    write_status(&status_file, &guard.status());
+    publish(guard.status());
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(SocketAddr, Result<(), String>)>(64);
     let mut tasks = Vec::new();
@@ -301,7 +306,7 @@ pub async fn run_guard(
                     }
                     Err(e) => tracing::error!(error = %e, "converge failed"),
                 }
-                write_status(&status_file, &guard.status());
+                publish(guard.status());
             }
         }
     };

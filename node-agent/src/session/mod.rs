@@ -70,7 +70,7 @@ pub async fn run(
     let mut backoff = Backoff::new(opts.backoff_initial, opts.backoff_max);
     // Tasks and their journal outlive sessions: a task keeps running across a reconnect, and its
     // report goes out on whichever session is open when it finishes.
-    let (executor, mut reports) = Executor::new(&dir.root, HostPaths::system(), opts.dial.clone());
+    let (executor, mut reports) = Executor::new(&dir.root, HostPaths::system());
     executor.resume();
     let mut last_inventory: Option<Inventory> = None;
     loop {
@@ -168,7 +168,12 @@ async fn session(
         Err(e) => return Ended::Retry(e),
     };
     let inv = collect_inventory(dir).await;
-    let req = ConnectRequest { inventory: Some(inv.clone()), agent_version: crate::VERSION.to_string() };
+    let req = ConnectRequest {
+        inventory: Some(inv.clone()),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol: fleetadm_proto::PROTOCOL_VERSION,
+        capabilities: crate::execute::capabilities(),
+    };
     let mut stream = match client.open_session(req).await {
         Ok(r) => r.into_inner(),
         Err(st) => return classify(&st),
@@ -180,10 +185,25 @@ async fn session(
         Ok(None) => return Ended::Retry("controller closed the session".into()),
         Err(st) => return classify(&st),
     };
+    use fleetadm_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&welcome.protocol) {
+        // Not fatal: the controller may be upgraded (or rolled back) while this agent waits.
+        let why = format!(
+            "controller {} chose protocol {}; this node-agent ({}) speaks {MIN_PROTOCOL_VERSION}-{PROTOCOL_VERSION}: upgrade the older side",
+            welcome.controller_version,
+            welcome.protocol,
+            env!("CARGO_PKG_VERSION")
+        );
+        tracing::error!("{why}");
+        return Ended::Retry(why);
+    }
     let mut st = SessionStatus::new(SessionState::Connected, &identity.config.controller, None);
     st.session_id = welcome.session_id.clone();
     status::write(dir, &st);
-    tracing::info!(node = %welcome.node_name, session = %welcome.session_id, controller = %identity.config.controller, "session established");
+    tracing::info!(node = %welcome.node_name, session = %welcome.session_id, controller = %identity.config.controller, controller_version = %welcome.controller_version, protocol = welcome.protocol, "session established");
+    // Tasks that need the controller (bundle chunks) use this session's connection.
+    executor.set_channel(Some(client.clone()));
+    let _channel = ClearOnDrop(executor);
 
     let hb_every = Duration::from_secs(u64::from(welcome.heartbeat_interval_secs.max(1)));
     let mut heartbeat = tokio::time::interval(hb_every);
@@ -192,11 +212,12 @@ async fn session(
     inventory_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     inventory_tick.reset();
     let renew_in = identity.renew_at().duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
-    // Report the guard's view again on every new session (the controller may have restarted).
-    let mut last_lb: Option<crate::lb::guard::GuardStatus> = None;
-    // A small local file; only changes are sent.
-    let mut lb_tick = tokio::time::interval(Duration::from_secs(2));
-    lb_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The guard's status arrives on a watch channel; it is reported when health or rotation
+    // changes (not on every probe), and once at the start of every session (the controller may
+    // have restarted).
+    let mut lb_rx = executor.lb_status();
+    lb_rx.mark_changed();
+    let mut last_lb: Option<LbKey> = None;
     let renew = tokio::time::sleep(renew_in);
     tokio::pin!(renew);
 
@@ -226,9 +247,10 @@ async fn session(
                     return classify(&st);
                 }
             }
-            _ = lb_tick.tick() => {
-                if let Some(st) = lb_status_changed(dir, &mut last_lb) {
-                    if let Err(st) = client.report_lb_status(st).await {
+            Ok(()) = lb_rx.changed() => {
+                let current = lb_rx.borrow_and_update().clone();
+                if let Some(report) = lb_report_if_changed(current.as_ref(), &mut last_lb) {
+                    if let Err(st) = client.report_lb_status(report).await {
                         return classify(&st);
                     }
                 }
@@ -266,16 +288,37 @@ async fn session(
     }
 }
 
-/// The guard's status file, when it differs from what was last reported.
-fn lb_status_changed(
-    dir: &StateDir,
-    last: &mut Option<crate::lb::guard::GuardStatus>,
+/// What counts as a change of the load balancer for the controller: health and rotation of
+/// each real server, not probe times or counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LbKey {
+    vip: Option<std::net::SocketAddr>,
+    all_failing: bool,
+    servers: Vec<(std::net::SocketAddr, bool, Option<u32>)>,
+}
+
+fn lb_key(st: Option<&crate::lb::guard::GuardStatus>) -> LbKey {
+    match st {
+        None => LbKey { vip: None, all_failing: false, servers: vec![] },
+        Some(st) => LbKey {
+            vip: Some(st.vip),
+            all_failing: st.all_failing,
+            servers: st.servers.iter().map(|s| (s.address, s.healthy, s.weight)).collect(),
+        },
+    }
+}
+
+/// The report to send for `st`, when it differs in what matters from the last one sent.
+fn lb_report_if_changed(
+    st: Option<&crate::lb::guard::GuardStatus>,
+    last: &mut Option<LbKey>,
 ) -> Option<fleetadm_proto::LbStatus> {
-    let st = crate::lb::read_status(&crate::lb::status_path(&dir.root))?;
-    if last.as_ref() == Some(&st) {
+    let key = lb_key(st);
+    if last.as_ref() == Some(&key) || (last.is_none() && key.vip.is_none()) {
         return None;
     }
-    *last = Some(st.clone());
+    *last = Some(key);
+    let Some(st) = st else { return Some(fleetadm_proto::LbStatus::default()) };
     Some(fleetadm_proto::LbStatus {
         vip: st.vip.to_string(),
         all_failing: st.all_failing,
@@ -292,6 +335,15 @@ fn lb_status_changed(
             })
             .collect(),
     })
+}
+
+/// Takes the session's connection away from the executor when the session ends.
+struct ClearOnDrop<'a>(&'a std::sync::Arc<Executor>);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.set_channel(None);
+    }
 }
 
 async fn renew_certificate(
@@ -316,4 +368,45 @@ async fn renew_certificate(
         .map_err(|e| e.to_string())?;
     tracing::info!(not_after = %humantime::format_rfc3339_seconds(not_after), "certificate renewed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lb::guard::{GuardStatus, ServerStatus};
+
+    fn status(healthy: bool, weight: Option<u32>, probe_ms: u64) -> GuardStatus {
+        GuardStatus {
+            vip: "10.103.97.2:6443".parse().unwrap(),
+            all_failing: false,
+            servers: vec![ServerStatus {
+                address: "10.0.0.1:6443".parse().unwrap(),
+                healthy,
+                weight,
+                last_probe: "ok".into(),
+                last_probe_unix_ms: probe_ms,
+                consecutive_failures: 0,
+                consecutive_successes: probe_ms as u32,
+            }],
+        }
+    }
+
+    #[test]
+    fn lb_status_is_reported_only_when_health_or_rotation_changes() {
+        let mut last = None;
+        assert!(lb_report_if_changed(None, &mut last).is_none(), "no load balancer, nothing to say");
+        assert!(lb_report_if_changed(Some(&status(true, Some(1), 1)), &mut last).is_some(), "first status");
+        for t in 2..50 {
+            assert!(
+                lb_report_if_changed(Some(&status(true, Some(1), t)), &mut last).is_none(),
+                "probe {t} changes nothing"
+            );
+        }
+        let down = lb_report_if_changed(Some(&status(false, None, 51)), &mut last).expect("unhealthy is a change");
+        assert!(!down.servers[0].healthy && !down.servers[0].in_rotation);
+        assert!(lb_report_if_changed(Some(&status(false, None, 52)), &mut last).is_none());
+        assert!(lb_report_if_changed(Some(&status(true, Some(1), 53)), &mut last).is_some(), "back in rotation");
+        let gone = lb_report_if_changed(None, &mut last).expect("removal is reported");
+        assert!(gone.vip.is_empty());
+    }
 }

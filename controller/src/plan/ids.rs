@@ -1,0 +1,289 @@
+//! The names a plan is made of, as types: phases, step kinds and task ids. A task id is derived
+//! from (cluster, phase, host, step), so re-planning after a crash yields the same ids; its text
+//! form `CLUSTER/PHASE/HOST/STEP` is what the store and the agents' journals key on.
+use std::fmt;
+use std::str::FromStr;
+
+use fleetadm_proto::TaskKind;
+use serde::{Deserialize, Serialize};
+
+/// The phases of a plan, in the order a create runs them (`Reset` is the teardown's only phase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PhaseName {
+    Preflight,
+    Distribute,
+    Bootstrap,
+    Hosts,
+    InitMaster0,
+    JoinMasters,
+    JoinWorkers,
+    SyncIpvs,
+    Addons,
+    Record,
+    Reset,
+}
+
+impl PhaseName {
+    pub const ALL: [PhaseName; 11] = [
+        PhaseName::Preflight,
+        PhaseName::Distribute,
+        PhaseName::Bootstrap,
+        PhaseName::Hosts,
+        PhaseName::InitMaster0,
+        PhaseName::JoinMasters,
+        PhaseName::JoinWorkers,
+        PhaseName::SyncIpvs,
+        PhaseName::Addons,
+        PhaseName::Record,
+        PhaseName::Reset,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhaseName::Preflight => "preflight",
+            PhaseName::Distribute => "distribute",
+            PhaseName::Bootstrap => "bootstrap",
+            PhaseName::Hosts => "hosts",
+            PhaseName::InitMaster0 => "init-master0",
+            PhaseName::JoinMasters => "join-masters",
+            PhaseName::JoinWorkers => "join-workers",
+            PhaseName::SyncIpvs => "sync-ipvs",
+            PhaseName::Addons => "addons",
+            PhaseName::Record => "record",
+            PhaseName::Reset => "reset",
+        }
+    }
+
+    /// The phase's segment in task ids (kept short and stable: ids are persisted).
+    fn id_segment(self) -> &'static str {
+        match self {
+            PhaseName::InitMaster0 => "init",
+            other => other.as_str(),
+        }
+    }
+
+    /// Phases whose failures count against the workers' failure budget.
+    pub fn is_worker_phase(self) -> bool {
+        matches!(self, PhaseName::JoinWorkers | PhaseName::SyncIpvs)
+    }
+}
+
+impl fmt::Display for PhaseName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What one task of the plan does. Several steps may share a wire task kind (`hosts-clean` is a
+/// `hosts` task with no entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepKind {
+    Preflight,
+    FetchBundle,
+    Bootstrap,
+    Hosts,
+    Pki,
+    KubeadmInit,
+    KubeadmJoin,
+    Lb,
+    Addons,
+    KubeadmReset,
+    LbClean,
+    HostsClean,
+    BootstrapReset,
+}
+
+impl StepKind {
+    pub const ALL: [StepKind; 13] = [
+        StepKind::Preflight,
+        StepKind::FetchBundle,
+        StepKind::Bootstrap,
+        StepKind::Hosts,
+        StepKind::Pki,
+        StepKind::KubeadmInit,
+        StepKind::KubeadmJoin,
+        StepKind::Lb,
+        StepKind::Addons,
+        StepKind::KubeadmReset,
+        StepKind::LbClean,
+        StepKind::HostsClean,
+        StepKind::BootstrapReset,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Preflight => "preflight",
+            StepKind::FetchBundle => "fetch-bundle",
+            StepKind::Bootstrap => "bootstrap",
+            StepKind::Hosts => "hosts",
+            StepKind::Pki => "pki",
+            StepKind::KubeadmInit => "kubeadm-init",
+            StepKind::KubeadmJoin => "kubeadm-join",
+            StepKind::Lb => "lb",
+            StepKind::Addons => "addons",
+            StepKind::KubeadmReset => "kubeadm-reset",
+            StepKind::LbClean => "lb-clean",
+            StepKind::HostsClean => "hosts-clean",
+            StepKind::BootstrapReset => "bootstrap-reset",
+        }
+    }
+
+    /// The wire task this step sends, and so the capability its host's agent must have.
+    pub fn task_kind(self) -> TaskKind {
+        match self {
+            StepKind::Preflight => TaskKind::Preflight,
+            StepKind::FetchBundle => TaskKind::FetchBundle,
+            StepKind::Bootstrap => TaskKind::Bootstrap,
+            StepKind::Hosts | StepKind::HostsClean => TaskKind::Hosts,
+            StepKind::Pki => TaskKind::Files,
+            StepKind::KubeadmInit => TaskKind::KubeadmInit,
+            StepKind::KubeadmJoin => TaskKind::KubeadmJoin,
+            StepKind::Lb => TaskKind::Lb,
+            StepKind::Addons => TaskKind::BundleAddons,
+            StepKind::KubeadmReset => TaskKind::KubeadmReset,
+            StepKind::LbClean => TaskKind::LbClean,
+            StepKind::BootstrapReset => TaskKind::BootstrapReset,
+        }
+    }
+
+    /// How long the agent may take (the controller adds a grace period on top).
+    pub fn timeout_secs(self) -> u32 {
+        match self {
+            StepKind::KubeadmInit | StepKind::KubeadmJoin | StepKind::KubeadmReset => 900,
+            StepKind::FetchBundle => 3600,
+            StepKind::Bootstrap | StepKind::Addons => 600,
+            StepKind::Lb => 180,
+            StepKind::Preflight
+            | StepKind::Hosts
+            | StepKind::Pki
+            | StepKind::LbClean
+            | StepKind::HostsClean
+            | StepKind::BootstrapReset => 120,
+        }
+    }
+
+    /// How often a task is tried before it counts as failed.
+    pub fn max_attempts(self) -> u32 {
+        match self {
+            // A failing check will fail again; say so at once.
+            StepKind::Preflight => 1,
+            _ => 3,
+        }
+    }
+}
+
+impl fmt::Display for StepKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?} is not a task id (CLUSTER/PHASE/HOST/STEP): {why}")]
+pub struct BadTaskId {
+    input: String,
+    why: &'static str,
+}
+
+/// `CLUSTER/PHASE/HOST/STEP`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId {
+    pub cluster: String,
+    pub phase: PhaseName,
+    pub host: String,
+    pub step: StepKind,
+}
+
+impl TaskId {
+    pub fn new(cluster: &str, phase: PhaseName, host: &str, step: StepKind) -> Self {
+        Self { cluster: cluster.to_string(), phase, host: host.to_string(), step }
+    }
+
+    /// The prefix every task id of `cluster` starts with (for store scans).
+    pub fn cluster_prefix(cluster: &str) -> String {
+        format!("{cluster}/")
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}/{}", self.cluster, self.phase.id_segment(), self.host, self.step.as_str())
+    }
+}
+
+impl FromStr for TaskId {
+    type Err = BadTaskId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why| BadTaskId { input: s.chars().take(200).collect(), why };
+        let parts: Vec<&str> = s.split('/').collect();
+        let [cluster, phase, host, step] = parts.as_slice() else {
+            return Err(bad("expected four parts"));
+        };
+        if cluster.is_empty() || host.is_empty() {
+            return Err(bad("empty cluster or host"));
+        }
+        let phase =
+            PhaseName::ALL.into_iter().find(|p| p.id_segment() == *phase).ok_or_else(|| bad("unknown phase"))?;
+        let step = StepKind::ALL.into_iter().find(|k| k.as_str() == *step).ok_or_else(|| bad("unknown step"))?;
+        Ok(TaskId::new(cluster, phase, host, step))
+    }
+}
+
+impl Serialize for TaskId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for TaskId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_round_trip_through_text_and_json() {
+        for phase in PhaseName::ALL {
+            for step in StepKind::ALL {
+                let id = TaskId::new("lab", phase, "h1", step);
+                assert_eq!(id.to_string().parse::<TaskId>().unwrap(), id);
+                let json = serde_json::to_string(&id).unwrap();
+                assert_eq!(serde_json::from_str::<TaskId>(&json).unwrap(), id);
+            }
+        }
+        assert_eq!(
+            TaskId::new("lab", PhaseName::InitMaster0, "h1", StepKind::KubeadmInit).to_string(),
+            "lab/init/h1/kubeadm-init"
+        );
+        for bad in [
+            "",
+            "lab",
+            "lab/init/h1",
+            "lab/init/h1/kubeadm-init/x",
+            "lab/nope/h1/pki",
+            "lab/init/h1/format",
+            "/init/h1/pki",
+            "lab/init//pki",
+        ] {
+            assert!(bad.parse::<TaskId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn phase_and_step_names_match_their_serde_names() {
+        for p in PhaseName::ALL {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
+        for k in StepKind::ALL {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
+    }
+}

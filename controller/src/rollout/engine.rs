@@ -1,0 +1,612 @@
+//! The rollout engine: creates, resumes and deletes clusters, starts one [`Actor`] per running
+//! cluster, and routes each task report to its cluster's actor (or, when the cluster is not
+//! rolling out, applies it to the store directly).
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetadm_common::clock::now_unix_ms;
+use fleetadm_common::pin::CaPin;
+use fleetadm_common::token::BootstrapToken;
+use fleetadm_proto::TaskReport;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use super::actor::{Actor, Msg};
+use super::record::{self, ClusterRecord, ClusterSecrets, ClusterSpec, ClusterState, TaskRecord, TaskState};
+use super::report::{self, Applied};
+use crate::dispatch::events::BoxError;
+use crate::dispatch::{ReportRejected, Sessions, TaskEvents};
+use crate::pki::kube::{KubePki, MasterIdentity, PkiSpec};
+use crate::plan::phases::{self, ClusterShape, CountError, PhaseName, TaskId};
+use crate::store::{
+    self, get_json, list_json, list_prefix_json, put_json, update_json, Durability, Store, StoreError, Table, Update,
+};
+
+#[derive(Debug, Error)]
+pub enum RolloutError {
+    #[error("cluster {0} not found (see `controller cluster list`)")]
+    NotFound(String),
+    #[error("cluster {name} already exists ({state}); see `controller cluster status {name}`")]
+    Exists { name: String, state: ClusterState },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("invalid request")]
+    Budget(#[from] CountError),
+    #[error("generating the cluster PKI")]
+    Pki(#[from] crate::pki::kube::KubePkiError),
+    #[error("the generated cluster CA cannot be pinned")]
+    Pin(#[source] BoxError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Tunables (defaults suit real hosts; tests shorten them).
+#[derive(Debug, Clone)]
+pub struct RolloutSettings {
+    /// How often an actor re-checks when nothing wakes it.
+    pub tick: Duration,
+    /// Added to a task's own timeout before the controller gives up on a report.
+    pub grace: Duration,
+    /// Pause before retrying a failed attempt.
+    pub retry_delay: Duration,
+    /// How long a task waits for its host to connect before it fails.
+    pub offline_grace: Duration,
+}
+
+impl Default for RolloutSettings {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_secs(1),
+            grace: Duration::from_secs(30),
+            retry_delay: Duration::from_secs(2),
+            offline_grace: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The inputs of a new cluster, already resolved against the enrolled nodes.
+pub struct NewCluster {
+    pub shape: ClusterShape,
+    /// The bundle's files, when the cluster is built from one.
+    pub bundle_files: Vec<fleetadm_common::tasks::BundleFile>,
+    pub spec: ClusterSpec,
+    pub validity: Duration,
+}
+
+type Actors = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Msg>>>>;
+
+pub struct Rollouts {
+    store: Arc<dyn Store>,
+    sessions: Sessions,
+    settings: RolloutSettings,
+    /// The running clusters' actors.
+    actors: Actors,
+}
+
+impl Rollouts {
+    pub fn new(store: Arc<dyn Store>, sessions: Sessions, settings: RolloutSettings) -> Arc<Self> {
+        Arc::new(Self { store, sessions, settings, actors: Arc::default() })
+    }
+
+    pub fn get(&self, name: &str) -> Result<ClusterRecord, RolloutError> {
+        get_json(&*self.store, Table::Clusters, name)?.ok_or_else(|| RolloutError::NotFound(name.to_string()))
+    }
+
+    pub fn list(&self) -> Result<Vec<ClusterRecord>, RolloutError> {
+        Ok(list_json(&*self.store, Table::Clusters)?)
+    }
+
+    /// The cluster using `bundle`, if any. A store failure is an error, never "none".
+    pub fn cluster_using(&self, bundle: &str) -> Result<Option<String>, RolloutError> {
+        Ok(self.list()?.into_iter().find(|c| c.shape.bundle.as_deref() == Some(bundle)).map(|c| c.name))
+    }
+
+    pub fn tasks(&self, cluster: &str) -> Result<Vec<TaskRecord>, RolloutError> {
+        let all: Vec<TaskRecord> = list_prefix_json(&*self.store, Table::Tasks, &TaskId::cluster_prefix(cluster))?;
+        // The prefix scan also matches clusters whose name extends this one's with a '/' (not
+        // possible with valid names, but the filter keeps it exact).
+        Ok(all.into_iter().filter(|t| t.cluster == cluster).collect())
+    }
+
+    fn is_running(&self, name: &str) -> bool {
+        self.actors.lock().map(|a| a.contains_key(name)).unwrap_or(false)
+    }
+
+    /// Generate the cluster's secrets, persist the record and every task (flushed), and start its
+    /// actor. An existing failed cluster is resumed instead: its failed and skipped tasks are
+    /// tried again; finished work is kept.
+    pub fn create(&self, new: NewCluster) -> Result<ClusterRecord, RolloutError> {
+        let name = new.shape.name.clone();
+        if let Some(old) = get_json::<ClusterRecord>(&*self.store, Table::Clusters, &name)? {
+            if old.state != ClusterState::Failed {
+                return Err(RolloutError::Exists { name, state: old.state });
+            }
+            if old.shape.masters != new.shape.masters || old.shape.workers != new.shape.workers {
+                return Err(RolloutError::Invalid(format!(
+                    "cluster {name} failed earlier with different hosts; a retry must name the same hosts"
+                )));
+            }
+            return self.resume_failed(old);
+        }
+        record::failure_budget(&new.spec.max_failures, new.shape.workers.len())?;
+        let wanted: Vec<&str> =
+            new.shape.masters.iter().chain(new.shape.workers.iter()).map(|h| h.node.as_str()).collect();
+        for other in self.list()? {
+            let taken: Vec<&str> = other
+                .shape
+                .masters
+                .iter()
+                .chain(other.shape.workers.iter())
+                .map(|h| h.node.as_str())
+                .filter(|n| wanted.contains(n))
+                .collect();
+            if !taken.is_empty() {
+                return Err(RolloutError::Invalid(format!(
+                    "hosts already belong to cluster {}: {}",
+                    other.name,
+                    taken.join(", ")
+                )));
+            }
+        }
+        let pki = KubePki::generate(&PkiSpec {
+            cluster_name: name.clone(),
+            masters: new.shape.masters.iter().map(|m| MasterIdentity { hostname: m.node.clone(), ip: m.ip }).collect(),
+            vip: new.shape.vip,
+            service_cidr: new.spec.service_cidr.clone(),
+            dns_domain: new.spec.dns_domain.clone(),
+            extra_sans: vec![],
+            validity: new.validity,
+            admin_group: "system:masters".into(),
+        })?;
+        let ca_cert_hash = ca_pin(&pki.ca_cert_pem)?;
+        let plan = phases::build(&new.shape);
+        let now = now_unix_ms();
+        let rec = ClusterRecord {
+            name: name.clone(),
+            created_ms: now,
+            updated_ms: now,
+            finished_ms: 0,
+            state: ClusterState::Running,
+            phase: plan.phases.first().map(|p| p.name).unwrap_or(PhaseName::Preflight),
+            message: String::new(),
+            spec: new.spec,
+            shape: new.shape,
+            plan,
+            secrets: ClusterSecrets { pki, bootstrap_token: BootstrapToken::generate().expose(), ca_cert_hash },
+            failed_workers: vec![],
+            conditions: vec![],
+            bundle_files: new.bundle_files,
+            deleting: false,
+        };
+        // Tasks first, the cluster record last: a crash in between leaves no half-recorded cluster.
+        self.record_tasks(&rec.plan)?;
+        put_json(&*self.store, Table::Clusters, &name, &rec, Durability::Flush)?;
+        tracing::info!(cluster = %name, tasks = rec.plan.tasks().count(), "cluster recorded; rollout starting");
+        self.spawn(&name);
+        Ok(rec)
+    }
+
+    /// Take a cluster apart on its hosts (reset tasks), then forget it. With `force`, forget it
+    /// at once without touching the hosts (for hosts that are gone).
+    pub fn delete(&self, name: &str, force: bool) -> Result<Option<ClusterRecord>, RolloutError> {
+        let mut rec = self.get(name)?;
+        let busy = self.is_running(name);
+        if force {
+            if busy {
+                return Err(RolloutError::Invalid(format!("cluster {name} is rolling out; wait for it to stop first")));
+            }
+            forget(&*self.store, name)?;
+            tracing::warn!(cluster = name, "cluster forgotten without resetting its hosts (--force)");
+            return Ok(None);
+        }
+        if busy || (rec.state == ClusterState::Running && !rec.deleting) {
+            return Err(RolloutError::Invalid(format!(
+                "cluster {name} is still rolling out; wait for it to finish (cluster status {name} --watch)"
+            )));
+        }
+        if !rec.deleting {
+            let plan = phases::teardown(&rec.shape);
+            self.record_tasks(&plan)?;
+            rec.plan = plan;
+            rec.deleting = true;
+            rec.conditions.clear();
+        }
+        for mut t in self.tasks(name)? {
+            if t.phase == PhaseName::Reset && matches!(t.state, TaskState::Failed | TaskState::Skipped) {
+                t.state = TaskState::Pending;
+                put_json(&*self.store, Table::Tasks, &t.key(), &t, Durability::Lazy)?;
+            }
+        }
+        rec.state = ClusterState::Running;
+        rec.phase = PhaseName::Reset;
+        rec.message = "deleting".into();
+        rec.failed_workers.clear();
+        rec.updated_ms = now_unix_ms();
+        put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
+        tracing::info!(cluster = name, "deleting cluster: resetting its hosts");
+        self.spawn(name);
+        Ok(Some(rec))
+    }
+
+    /// Store every task of `plan` as pending (flushed by the cluster record written after them).
+    fn record_tasks(&self, plan: &phases::Plan) -> Result<(), RolloutError> {
+        for t in plan.tasks() {
+            let tr = TaskRecord::new(t.id.clone());
+            put_json(&*self.store, Table::Tasks, &tr.key(), &tr, Durability::Lazy)?;
+        }
+        Ok(())
+    }
+
+    fn resume_failed(&self, mut rec: ClusterRecord) -> Result<ClusterRecord, RolloutError> {
+        for mut t in self.tasks(&rec.name)? {
+            if matches!(t.state, TaskState::Failed | TaskState::Skipped) {
+                t.state = TaskState::Pending;
+                put_json(&*self.store, Table::Tasks, &t.key(), &t, Durability::Lazy)?;
+            }
+        }
+        rec.state = ClusterState::Running;
+        rec.failed_workers.clear();
+        rec.message = "retrying after a failure".into();
+        rec.updated_ms = now_unix_ms();
+        rec.finished_ms = 0;
+        put_json(&*self.store, Table::Clusters, &rec.name, &rec, Durability::Flush)?;
+        tracing::info!(cluster = %rec.name, "resuming a failed rollout");
+        self.spawn(&rec.name);
+        Ok(rec)
+    }
+
+    /// Restart the actors of every cluster that was running when the controller stopped.
+    pub fn resume_all(&self) -> Result<usize, RolloutError> {
+        let mut n = 0;
+        for rec in self.list()? {
+            if rec.state == ClusterState::Running {
+                tracing::info!(cluster = %rec.name, phase = %rec.phase, "resuming rollout after restart");
+                self.spawn(&rec.name);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Start the cluster's actor unless it runs already. Call within the tokio runtime.
+    fn spawn(&self, name: &str) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let Ok(mut actors) = self.actors.lock() else { return };
+            if actors.contains_key(name) {
+                return;
+            }
+            actors.insert(name.to_string(), tx);
+        }
+        let (store, sessions, settings, actors) =
+            (self.store.clone(), self.sessions.clone(), self.settings.clone(), self.actors.clone());
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let leftovers = match Actor::load(&name, store.clone(), sessions, settings, rx).await {
+                Ok(mut actor) => {
+                    run_to_end(&mut actor, &store).await;
+                    // Unregister first, then answer what was queued from the store: everything
+                    // this actor wrote is there, and new reports no longer reach it.
+                    unregister(&actors, &name);
+                    Some(actor.close())
+                }
+                Err(e) => {
+                    tracing::error!(cluster = %name, error = %fleetadm_common::error_chain(&e), "cannot start the rollout");
+                    unregister(&actors, &name);
+                    None
+                }
+            };
+            if let Some(mut rx) = leftovers {
+                while let Some(m) = rx.recv().await {
+                    if let Msg::Report { id, node, report, reply } = m {
+                        let _ = reply.send(report_to_store(store.clone(), id, node, report).await);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Drive the plan, then record the outcome (or, for a finished teardown, forget the cluster).
+async fn run_to_end(actor: &mut Actor, store: &Arc<dyn Store>) {
+    let name = actor.rec.name.clone();
+    let (state, message) = match actor.drive().await {
+        Ok(_) if actor.rec.deleting => {
+            let (s, n) = (store.clone(), name.clone());
+            match store::off_thread(move || forget(&*s, &n)).await {
+                Ok(()) => tracing::info!(cluster = %name, "cluster deleted"),
+                Err(e) => {
+                    tracing::error!(cluster = %name, error = %fleetadm_common::error_chain(&e), "could not forget the cluster")
+                }
+            }
+            return;
+        }
+        Ok(summary) => (ClusterState::Succeeded, summary),
+        Err(stop) => (ClusterState::Failed, stop.chain()),
+    };
+    match actor.finish(state, &message).await {
+        Ok(()) if state == ClusterState::Succeeded => tracing::info!(cluster = %name, "{message}"),
+        Ok(()) => tracing::error!(cluster = %name, "rollout failed: {message}"),
+        Err(e) => {
+            tracing::error!(cluster = %name, error = %fleetadm_common::error_chain(&e), "could not record the end of the rollout")
+        }
+    }
+}
+
+fn unregister(actors: &Actors, name: &str) {
+    if let Ok(mut a) = actors.lock() {
+        a.remove(name);
+    }
+}
+
+/// Remove a cluster's record and tasks.
+fn forget(store: &dyn Store, name: &str) -> Result<(), RolloutError> {
+    let tasks: Vec<TaskRecord> = list_prefix_json(store, Table::Tasks, &TaskId::cluster_prefix(name))?;
+    for t in tasks.iter().filter(|t| t.cluster == name) {
+        store.remove(Table::Tasks, &t.key(), Durability::Lazy)?;
+    }
+    store.remove(Table::Clusters, name, Durability::Flush)?;
+    Ok(())
+}
+
+/// A report for a cluster without a running actor: applied to the stored task (a late outcome of
+/// an attempt that was still running when its rollout stopped), or refused.
+async fn report_to_store(store: Arc<dyn Store>, id: TaskId, node: String, r: TaskReport) -> Result<(), ReportRejected> {
+    store::off_thread(move || {
+        let key = id.to_string();
+        // Progress is cheap to lose (the next report repeats it); outcomes are flushed.
+        let progress = r.state == fleetadm_proto::TaskState::Running as i32;
+        let durability = if progress { Durability::Lazy } else { Durability::Flush };
+        update_json(&*store, Table::Tasks, &key, durability, |cur: Option<TaskRecord>| {
+            let mut t = cur.ok_or_else(|| ReportRejected::UnknownTask(key.clone()))?;
+            Ok(match report::apply(&mut t, &node, &r, now_unix_ms())? {
+                Applied::Ignored => Update::Keep,
+                Applied::Progress | Applied::Outcome => Update::Put(t),
+            })
+        })
+        .map_err(|e| ReportRejected::Internal(Box::new(e)))?
+        .map(|_| ())
+    })
+    .await
+}
+
+impl From<StoreError> for ReportRejected {
+    fn from(e: StoreError) -> Self {
+        ReportRejected::Internal(Box::new(e))
+    }
+}
+
+#[tonic::async_trait]
+impl TaskEvents for Rollouts {
+    async fn task_report(&self, node: &str, report: TaskReport) -> Result<(), ReportRejected> {
+        let id: TaskId = report.task_id.parse().map_err(|_| ReportRejected::UnknownTask(report.task_id.clone()))?;
+        if id.host != node {
+            return Err(ReportRejected::NotYours {
+                task: report.task_id.clone(),
+                owner: id.host.clone(),
+                caller: node.to_string(),
+            });
+        }
+        let actor = self.actors.lock().ok().and_then(|a| a.get(&id.cluster).cloned());
+        if let Some(tx) = actor {
+            let (reply, answer) = oneshot::channel();
+            let msg = Msg::Report { id: id.clone(), node: node.to_string(), report: report.clone(), reply };
+            if tx.send(msg).is_ok() {
+                if let Ok(r) = answer.await {
+                    return r;
+                }
+            }
+        }
+        report_to_store(self.store.clone(), id, node.to_string(), report).await
+    }
+
+    fn session_opened(&self, _node: &str) {
+        let actors: Vec<_> = self.actors.lock().map(|a| a.values().cloned().collect()).unwrap_or_default();
+        for tx in actors {
+            let _ = tx.send(Msg::HostChanged);
+        }
+    }
+
+    fn node_uses_bundle(&self, node: &str, bundle: &str) -> Result<bool, BoxError> {
+        Ok(self.list().map_err(Box::new)?.iter().any(|c| {
+            c.shape.bundle.as_deref() == Some(bundle)
+                && c.shape.masters.iter().chain(c.shape.workers.iter()).any(|h| h.node == node)
+        }))
+    }
+}
+
+fn ca_pin(pem: &str) -> Result<String, RolloutError> {
+    let mut rd = pem.as_bytes();
+    let der = match rustls_pemfile::certs(&mut rd).next() {
+        Some(Ok(c)) => c.to_vec(),
+        _ => return Err(RolloutError::Pin("the cluster CA certificate is not PEM".into())),
+    };
+    Ok(CaPin::of_cert_der(&der).map_err(|e| RolloutError::Pin(Box::new(e)))?.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::sessions::SessionMeta;
+    use crate::plan::phases::{PlannedHost, StepKind};
+    use crate::store::SledStore;
+    use fleetadm_proto::{server_event, task_assignment, TaskKind, TaskState as WireState};
+    use tokio_stream::StreamExt;
+
+    fn new_cluster() -> NewCluster {
+        let h = |n: &str, ip: &str| PlannedHost { node: n.into(), ip: ip.parse().unwrap() };
+        NewCluster {
+            shape: ClusterShape {
+                name: "lab".into(),
+                version: "v1.29.9".into(),
+                vip: "10.103.97.2".parse().unwrap(),
+                masters: vec![h("m1", "10.0.0.1")],
+                workers: vec![h("w1", "10.0.0.2")],
+                wave_size: 1,
+                bundle: None,
+            },
+            bundle_files: vec![],
+            spec: ClusterSpec {
+                version: "v1.29.9".into(),
+                pod_cidr: "100.64.0.0/10".into(),
+                service_cidr: "10.96.0.0/22".into(),
+                dns_domain: "cluster.local".into(),
+                clusterfile: String::new(),
+                max_failures: "0".into(),
+                cgroup_driver: "systemd".into(),
+                cri_socket: "unix:///run/containerd/containerd.sock".into(),
+                image_repository: "registry.k8s.io".into(),
+            },
+            validity: Duration::from_secs(3600),
+        }
+    }
+
+    fn fast() -> RolloutSettings {
+        RolloutSettings { tick: Duration::from_millis(20), ..Default::default() }
+    }
+
+    fn report(id: &str, attempt: u32, state: WireState) -> TaskReport {
+        TaskReport {
+            task_id: id.into(),
+            attempt,
+            state: state as i32,
+            output: "out".into(),
+            changed: true,
+            ..Default::default()
+        }
+    }
+
+    fn meta(version: &str, caps: Vec<String>) -> SessionMeta {
+        SessionMeta {
+            peer: "127.0.0.1:1".into(),
+            agent_version: version.into(),
+            protocol: 1,
+            capabilities: caps.into_iter().collect(),
+        }
+    }
+
+    fn stored(store: &Arc<dyn Store>, id: &str) -> TaskRecord {
+        get_json(&**store, Table::Tasks, id).unwrap().unwrap()
+    }
+
+    async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..250 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn reports_reach_the_actor_only_from_the_tasks_own_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let sessions = Sessions::new(|_| {});
+        let r = Rollouts::new(store.clone(), sessions.clone(), fast());
+        let rec = r.create(new_cluster()).unwrap();
+        assert_eq!(rec.state, ClusterState::Running);
+        let id = "lab/preflight/m1/preflight";
+        // Nothing is connected, so the task is still pending: a report for it changes nothing.
+        r.task_report("m1", report(id, 1, WireState::Succeeded)).await.unwrap();
+        assert_eq!(stored(&store, id).state, TaskState::Pending);
+        assert!(matches!(
+            r.task_report("w1", report(id, 1, WireState::Succeeded)).await,
+            Err(ReportRejected::NotYours { .. })
+        ));
+        assert!(matches!(
+            r.task_report("m1", report("lab/nope", 1, WireState::Failed)).await,
+            Err(ReportRejected::UnknownTask(_))
+        ));
+        assert!(matches!(
+            r.task_report("m1", report("lab/preflight/m1/lb", 1, WireState::Failed)).await,
+            Err(ReportRejected::UnknownTask(_))
+        ));
+
+        // m1 connects with every capability: its preflight task arrives, typed.
+        let (_sid, _tx, mut stream) = sessions.open("m1", meta("0.1.0", TaskKind::all_capabilities()), 0, 16);
+        r.session_opened("m1");
+        let ev = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+        let Some(server_event::Event::Task(a)) = ev.event else { panic!("expected a task: {ev:?}") };
+        assert_eq!(a.task_id, id);
+        assert!(matches!(a.task, Some(task_assignment::Task::Preflight(_))), "{a:?}");
+        assert_eq!(stored(&store, id).state, TaskState::Running, "recorded before it was sent");
+        r.task_report("m1", report(id, a.attempt, WireState::Running)).await.unwrap();
+        r.task_report("m1", report(id, a.attempt + 1, WireState::Failed)).await.unwrap();
+        assert_eq!(stored(&store, id).state, TaskState::Running, "a report for another attempt is ignored");
+        assert!(matches!(
+            r.task_report("m1", report(id, a.attempt, WireState::Unspecified)).await,
+            Err(ReportRejected::Invalid(_))
+        ));
+        r.task_report("m1", report(id, a.attempt, WireState::Succeeded)).await.unwrap();
+        let t = stored(&store, id);
+        assert_eq!((t.state, t.changed, t.output.as_str()), (TaskState::Succeeded, true, "out"));
+
+        // The secrets never appear in the admin view.
+        let view = super::super::view::build(&r.get("lab").unwrap(), &r.tasks("lab").unwrap(), true);
+        let dbg = format!("{view:?}");
+        assert!(!dbg.contains("PRIVATE KEY") && !dbg.contains(&rec.secrets.bootstrap_token));
+        // Hosts of a running cluster cannot be claimed by another.
+        let mut other = new_cluster();
+        other.shape.name = "other".into();
+        assert!(matches!(r.create(other), Err(RolloutError::Invalid(m)) if m.contains("already belong")));
+        assert!(matches!(r.create(new_cluster()), Err(RolloutError::Exists { .. })));
+    }
+
+    #[tokio::test]
+    async fn an_agent_without_the_capability_is_not_sent_the_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let sessions = Sessions::new(|_| {});
+        let r = Rollouts::new(store.clone(), sessions.clone(), fast());
+        r.create(new_cluster()).unwrap();
+        let all_but_preflight: Vec<String> =
+            TaskKind::all_capabilities().into_iter().filter(|c| !c.starts_with("preflight-")).collect();
+        let (_sid, _tx, mut stream) = sessions.open("m1", meta("0.0.9", all_but_preflight), 0, 16);
+        r.session_opened("m1");
+        let id = "lab/preflight/m1/preflight";
+        wait_for("the task to say why it waits", || !stored(&store, id).waiting.is_empty()).await;
+        let t = stored(&store, id);
+        assert_eq!(t.waiting, "m1: agent 0.0.9 cannot run preflight-v1; upgrade node-agent");
+        assert_eq!((t.state, t.attempt), (TaskState::Pending, 0), "not sent, not failed");
+        assert!(tokio::time::timeout(Duration::from_millis(200), stream.next()).await.is_err(), "nothing was sent");
+        let view = super::super::view::build(&r.get("lab").unwrap(), &r.tasks("lab").unwrap(), false);
+        assert!(view.hosts[0].tasks[0].waiting.contains("upgrade node-agent"));
+        // The upgraded agent reconnects with the capability: the task goes out.
+        drop(stream);
+        let (_sid, _tx, mut stream) = sessions.open("m1", meta("0.2.0", TaskKind::all_capabilities()), 0, 16);
+        r.session_opened("m1");
+        let ev = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+        assert!(matches!(ev.event, Some(server_event::Event::Task(_))));
+        wait_for("the waiting note to clear", || stored(&store, id).waiting.is_empty()).await;
+    }
+
+    #[test]
+    fn specs_send_keys_only_to_masters() {
+        let rec_store = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(rec_store.path()).unwrap());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let r = Rollouts::new(store, Sessions::new(|_| {}), RolloutSettings::default());
+        let rec = rt.block_on(async { r.create(new_cluster()).unwrap() });
+        let task = |phase, host: &str, step| phases::Task {
+            id: TaskId::new("lab", phase, host, step),
+            description: String::new(),
+        };
+        let spec = |t| format!("{:?}", super::super::specs::spec_for(&rec, &t).unwrap());
+        let pki = spec(task(PhaseName::InitMaster0, "m1", StepKind::Pki));
+        assert!(pki.contains("PRIVATE KEY"));
+        let join = spec(task(PhaseName::JoinWorkers, "w1", StepKind::KubeadmJoin));
+        assert!(!join.contains("PRIVATE KEY") && join.contains(&rec.secrets.bootstrap_token));
+        let lb = spec(task(PhaseName::SyncIpvs, "w1", StepKind::Lb));
+        assert!(lb.contains("10.103.97.2:6443") && lb.contains("10.0.0.1:6443") && !lb.contains("PRIVATE KEY"));
+        let hosts = super::super::specs::spec_for(&rec, &task(PhaseName::Hosts, "w1", StepKind::Hosts)).unwrap();
+        let task_assignment::Task::Hosts(h) = hosts else { panic!("{hosts:?}") };
+        assert_eq!(
+            (h.entries[0].ip.as_str(), h.entries[0].names[0].as_str()),
+            ("10.103.97.2", "apiserver.cluster.local")
+        );
+        assert!(super::super::specs::spec_for(&rec, &task(PhaseName::Hosts, "ghost", StepKind::Hosts)).is_err());
+    }
+}
