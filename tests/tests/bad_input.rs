@@ -262,17 +262,20 @@ fn blobs_and_task_reports_are_only_for_the_nodes_they_belong_to() {
         assert!(st.message().contains("not in a cluster that uses bundle b"), "{}", st.message());
         let st = c.fetch_blob(req("../../etc/passwd")).await.expect_err("bad digest");
         assert_eq!(st.code(), tonic::Code::InvalidArgument);
-        let st = c
-            .report_task(fleetadm_proto::TaskReport {
-                task_id: "lab/init/m1/kubeadm-init".into(),
-                attempt: 1,
-                state: fleetadm_proto::TaskState::Succeeded as i32,
-                output: String::new(),
-                changed: false,
-            })
-            .await
-            .expect_err("no such task");
-        assert_eq!(st.code(), tonic::Code::NotFound);
+        let report = |task_id: &str| fleetadm_proto::TaskReport {
+            task_id: task_id.into(),
+            attempt: 1,
+            state: fleetadm_proto::TaskState::Succeeded as i32,
+            output: String::new(),
+            changed: false,
+        };
+        // Another host's task is refused without saying whether it exists.
+        let st = c.report_task(report("lab/init/m1/kubeadm-init")).await.expect_err("not its task");
+        assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+        let st = c.report_task(report("lab/init/outsider/kubeadm-init")).await.expect_err("no such task");
+        assert_eq!(st.code(), tonic::Code::NotFound, "{st:?}");
+        let st = c.report_task(report("not a task id")).await.expect_err("garbage id");
+        assert_eq!(st.code(), tonic::Code::NotFound, "{st:?}");
     });
     // A bundle nobody uses can be removed; a missing one is reported as such.
     assert!(ctl.admin(&["bundle", "remove", "b"]).status.success());
