@@ -1,66 +1,11 @@
 //! Rollout failure paths on a lab fleet in network/mount namespaces on this host (control-plane
 //! only, so no IPVS is needed): a host whose kubeadm fails, the failure report, a retry that keeps
 //! finished work, hosts claimed by two clusters, and an agent killed in the middle of a task.
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fleetadm_tests::vm::repo_root;
 
-/// The lab uses one bridge and fixed namespace names: one lab at a time.
-static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-struct Lab {
-    dir: PathBuf,
-}
-
-impl Lab {
-    /// A fresh lab of four hosts under a private directory.
-    fn up(tag: &str) -> Self {
-        let lab = Lab { dir: std::env::temp_dir().join(format!("fleetadm-lab-{tag}-{}", std::process::id())) };
-        let up = lab.run(&["up"]);
-        assert!(
-            up.status.success(),
-            "lab up: {}{}",
-            String::from_utf8_lossy(&up.stdout),
-            String::from_utf8_lossy(&up.stderr)
-        );
-        lab
-    }
-    fn script(&self) -> PathBuf {
-        repo_root().join("tests/lab/lab.sh")
-    }
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(self.script())
-            .args(args)
-            .env("LAB_DIR", &self.dir)
-            .env("LAB_HOSTS", "4")
-            .env("FLEETADM_BIN_DIR", fleetadm_tests::bin("controller").parent().expect("bin dir"))
-            .output()
-            .expect("run lab.sh")
-    }
-    fn ctl(&self, args: &[&str]) -> (bool, String) {
-        let mut a = vec!["ctl"];
-        a.extend_from_slice(args);
-        let o = self.run(&a);
-        let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        (o.status.success(), text)
-    }
-    fn status(&self, name: &str) -> serde_json::Value {
-        let (ok, text) = self.ctl(&["cluster", "status", name, "-o", "json"]);
-        assert!(ok, "{text}");
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
-    }
-    fn host(&self, h: &str) -> PathBuf {
-        self.dir.join("hosts").join(h)
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.run(&["down"]);
-    }
-}
+use fleetadm_tests::lab::{Lab, ONE_LAB};
 
 fn task<'a>(st: &'a serde_json::Value, id_suffix: &str) -> &'a serde_json::Value {
     st["hosts"]
