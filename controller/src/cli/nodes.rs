@@ -76,6 +76,10 @@ pub struct NodeView {
     pub cert_serial: String,
     pub clock_skew_ms: i64,
     pub peer_address: String,
+    /// What the agent announced when its session opened (empty while disconnected).
+    pub agent_version: String,
+    pub protocol: u32,
+    pub capabilities: Vec<String>,
     pub facts: Option<FactsView>,
     /// The node's apiserver load balancer, as its guard last reported it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -139,6 +143,9 @@ pub fn node_view(n: &NodeInfo) -> NodeView {
         cert_serial: n.cert_serial.clone(),
         clock_skew_ms: n.clock_skew_ms,
         peer_address: n.peer_address.clone(),
+        agent_version: n.agent_version.clone(),
+        protocol: n.protocol,
+        capabilities: n.capabilities.clone(),
         facts: n.facts.as_ref().map(facts_view),
         load_balancer: n.lb.as_ref().filter(|l| !l.vip.is_empty()).map(|l| LbView {
             vip: l.vip.clone(),
@@ -188,11 +195,12 @@ pub async fn run(cmd: NodesCmd) -> anyhow::Result<()> {
                                 v.addresses.join(","),
                                 f.map(|f| f.os_pretty_name.clone()).unwrap_or_default(),
                                 f.map(|f| f.kernel.clone()).unwrap_or_default(),
+                                v.agent_version.clone(),
                                 v.last_seen.clone(),
                             ]
                         })
                         .collect();
-                    print!("{}", table(&["NAME", "STATUS", "ADDRESSES", "OS", "KERNEL", "LAST SEEN"], &rows));
+                    print!("{}", table(&["NAME", "STATUS", "ADDRESSES", "OS", "KERNEL", "AGENT", "LAST SEEN"], &rows));
                 }
             }
         }
