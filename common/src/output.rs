@@ -46,30 +46,21 @@ pub fn render_structured<T: Serialize>(value: &T, format: OutputFormat) -> Optio
 
 /// A plain left-aligned table with a header row.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    use comfy_table::{presets::NOTHING, CellAlignment, ContentArrangement, Table};
+    let mut t = Table::new();
+    t.load_preset(NOTHING).set_content_arrangement(ContentArrangement::Disabled).set_header(headers.to_vec());
     for row in rows {
-        for (i, cell) in row.iter().enumerate() {
-            if i < widths.len() {
-                widths[i] = widths[i].max(cell.chars().count());
-            }
-        }
+        t.add_row(row.iter().take(headers.len()).map(String::as_str).collect::<Vec<_>>());
+    }
+    // Three spaces between columns, none before the first: `NAME   STATUS`.
+    let last = headers.len().saturating_sub(1);
+    for (i, col) in t.column_iter_mut().enumerate() {
+        col.set_padding((0, if i == last { 0 } else { 3 })).set_cell_alignment(CellAlignment::Left);
     }
     let mut out = String::new();
-    let line = |cells: Vec<&str>, out: &mut String| {
-        let mut parts = Vec::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                parts.push(c.to_string());
-            } else {
-                parts.push(format!("{:<w$}", c, w = widths[i]));
-            }
-        }
-        out.push_str(parts.join("   ").trim_end());
+    for line in t.lines() {
+        out.push_str(line.trim_end());
         out.push('\n');
-    };
-    line(headers.to_vec(), &mut out);
-    for row in rows {
-        line(row.iter().map(|s| s.as_str()).collect(), &mut out);
     }
     out
 }

@@ -9,7 +9,7 @@ async fn main() -> std::process::ExitCode {
         restore_sigpipe();
     }
     let level = if daemon { "info" } else { "warn" };
-    fleetadm_common::logging::init(level);
+    fleetadm_common::logging::init(level, "controller");
     match fleetadm_controller::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -9,7 +9,7 @@ async fn main() -> std::process::ExitCode {
         restore_sigpipe();
     }
     let level = if matches!(cli.command, fleetadm_agent::cli::Command::Run(_)) { "info" } else { "warn" };
-    fleetadm_common::logging::init(level);
+    fleetadm_common::logging::init(level, "node-agent");
     match fleetadm_agent::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

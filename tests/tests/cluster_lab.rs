@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-
 use fleetadm_tests::lab::{Lab, ONE_LAB};
 
 fn task<'a>(st: &'a serde_json::Value, id_suffix: &str) -> &'a serde_json::Value {

@@ -73,7 +73,10 @@ fn build_pinned(pin: &str, out: &Path) {
         "git worktree add",
     );
     build(&wt, &[], out);
-    run(Command::new("git").arg("-C").arg(&root).args(["worktree", "remove", "--force"]).arg(&wt), "git worktree remove");
+    run(
+        Command::new("git").arg("-C").arg(&root).args(["worktree", "remove", "--force"]).arg(&wt),
+        "git worktree remove",
+    );
 }
 
 /// A bin dir for the lab: this controller, this agent, and this tree's kubeadm simulator.
@@ -97,7 +100,8 @@ fn create_cluster(tag: &str, bins: &Path) -> String {
     assert!(ok, "{tag}: cluster create across versions: {out}");
     let st = lab.status("skew");
     assert_eq!(st["state"], "succeeded", "{tag}: {st}");
-    let kinds: Vec<&str> = st["hosts"][0]["tasks"].as_array().expect("tasks").iter().filter_map(|t| t["kind"].as_str()).collect();
+    let kinds: Vec<&str> =
+        st["hosts"][0]["tasks"].as_array().expect("tasks").iter().filter_map(|t| t["kind"].as_str()).collect();
     for k in ["preflight", "hosts", "pki", "kubeadm-init"] {
         assert!(kinds.contains(&k), "{tag}: {k} ran: {kinds:?}");
     }
@@ -120,18 +124,28 @@ fn pinned_and_current_builds_work_together_both_ways() {
     let probe_seen = |logs: &str, value: &str| logs.contains(&format!("skew-probe: the task carried \"{value}\""));
 
     // This tree's controller and the pinned agent, and the reverse.
-    let logs = create_cluster("skew-new-ctl", &mix(&work.join("mix1"), &current.join("controller"), &old.join("node-agent")));
+    let logs =
+        create_cluster("skew-new-ctl", &mix(&work.join("mix1"), &current.join("controller"), &old.join("node-agent")));
     assert!(!logs.contains("skew-probe"), "{logs}");
     create_cluster("skew-new-agent", &mix(&work.join("mix2"), &old.join("controller"), &current.join("node-agent")));
 
     // Newer controller with an extra field in every task -> older agent: ignored, tasks run.
-    let logs = create_cluster("skew-field-to-old", &mix(&work.join("mix3"), &probe.join("controller"), &old.join("node-agent")));
+    let logs = create_cluster(
+        "skew-field-to-old",
+        &mix(&work.join("mix3"), &probe.join("controller"), &old.join("node-agent")),
+    );
     assert!(!logs.contains("skew-probe"), "the pinned agent knows nothing of the field: {logs}");
     // Older controller -> newer agent (whose reports carry an extra field the controller ignores):
     // the field is simply absent.
-    let logs = create_cluster("skew-field-from-new", &mix(&work.join("mix4"), &old.join("controller"), &probe.join("node-agent")));
+    let logs = create_cluster(
+        "skew-field-from-new",
+        &mix(&work.join("mix4"), &old.join("controller"), &probe.join("node-agent")),
+    );
     assert!(probe_seen(&logs, ""), "the newer agent saw no value from the older controller: {logs}");
     // Both sides know it: the field really travels (so the two runs above tested something).
-    let logs = create_cluster("skew-field-both", &mix(&work.join("mix5"), &probe.join("controller"), &probe.join("node-agent")));
+    let logs = create_cluster(
+        "skew-field-both",
+        &mix(&work.join("mix5"), &probe.join("controller"), &probe.join("node-agent")),
+    );
     assert!(probe_seen(&logs, "from-a-newer-controller"), "{logs}");
 }

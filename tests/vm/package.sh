@@ -117,6 +117,15 @@ check "enroll succeeds and starts the service" grep -q "started node-agent.servi
 check "service active after enrollment" gx "systemctl is-active -q node-agent"
 check "controller lists the node as connected" wait_until 60 connected
 check "agent logs to journald" gx "journalctl -u node-agent --no-pager -o cat | grep -q 'session established'"
+jv="journalctl -u node-agent --no-pager -o verbose"
+check "journal entries name the program, the node and the session as fields" \
+  gx "$jv | grep -q 'SYSLOG_IDENTIFIER=node-agent' && $jv | grep -q 'NODE=fleetadm-vm' && $jv | grep -Eq '^ +SESSION=[0-9]+$'"
+# A task (preflight; it fails here: the guest has no kubeadm) logs with its id as a field, and a
+# failure at warning priority.
+out=$(admin cluster create pkg --masters fleetadm-vm --detach 2>&1)
+check "a cluster create reaches the guest's agent" grep -q "recorded" <<<"$out" || echo "$out"
+check "task entries carry TASK= as a field" wait_until 60 gx "$jv | grep -q 'TASK=pkg/preflight/fleetadm-vm/preflight'"
+check "a failed task is logged at warning priority" gx "$jv -p warning | grep -q 'TASK=pkg/preflight/fleetadm-vm/preflight'"
 serial=$(node_json | python3 -c 'import json,sys; print(json.load(sys.stdin)["cert_serial"])')
 ident=$(gx "sha256sum /var/lib/node-agent/node.key /var/lib/node-agent/agent.json")
 

@@ -19,13 +19,12 @@ pub enum RenderError {
     Override { kind: String, msg: String },
 }
 
-/// (major, minor, patch) of "v1.29.9".
+/// (major, minor, patch) of "v1.29.9" (semver after the `v`; pre-release and build parts allowed).
 pub fn parse_version(v: &str) -> Result<(u32, u32, u32), RenderError> {
     let bad = || RenderError::BadVersion(v.to_string());
-    let rest = v.strip_prefix('v').ok_or_else(bad)?;
-    let mut parts = rest.splitn(3, '.');
-    let mut next = || parts.next().and_then(|p| p.split(['-', '+']).next()).and_then(|p| p.parse::<u32>().ok());
-    let (maj, min, pat) = (next().ok_or_else(bad)?, next().ok_or_else(bad)?, next().ok_or_else(bad)?);
+    let parsed = semver::Version::parse(v.strip_prefix('v').ok_or_else(bad)?).map_err(|_| bad())?;
+    let small = |n: u64| u32::try_from(n).map_err(|_| bad());
+    let (maj, min, pat) = (small(parsed.major)?, small(parsed.minor)?, small(parsed.patch)?);
     if maj != 1 {
         return Err(bad());
     }

@@ -19,22 +19,15 @@ pub struct Finding {
     pub message: String,
 }
 
+/// A `--pod-cidr` / `--service-cidr` that is not a CIDR.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a CIDR (e.g. 10.96.0.0/22)")]
+pub struct BadCidr(String);
+
 /// Does `ip` fall inside `cidr`?
-pub fn cidr_contains(cidr: &str, ip: IpAddr) -> Result<bool, String> {
-    let (net, len) = cidr.split_once('/').ok_or_else(|| format!("{cidr:?} is not a CIDR"))?;
-    let len: u32 = len.parse().map_err(|_| format!("{cidr:?} is not a CIDR"))?;
-    match (net.parse::<IpAddr>().map_err(|_| format!("{cidr:?} is not a CIDR"))?, ip) {
-        (IpAddr::V4(n), IpAddr::V4(i)) if len <= 32 => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            Ok(u32::from(n) & mask == u32::from(i) & mask)
-        }
-        (IpAddr::V6(n), IpAddr::V6(i)) if len <= 128 => {
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
-            Ok(u128::from(n) & mask == u128::from(i) & mask)
-        }
-        (IpAddr::V4(_), _) | (IpAddr::V6(_), _) if len <= 128 => Ok(false),
-        _ => Err(format!("{cidr:?} is not a CIDR")),
-    }
+pub fn cidr_contains(cidr: &str, ip: IpAddr) -> Result<bool, BadCidr> {
+    let net: ipnet::IpNet = cidr.trim().parse().map_err(|_| BadCidr(cidr.to_string()))?;
+    Ok(net.contains(&ip))
 }
 
 /// Checks on (node name, facts, clock skew ms) for every host of the cluster.

@@ -75,6 +75,8 @@ pub async fn run(
     let mut last_inventory: Option<Inventory> = None;
     loop {
         let identity = Identity::load(dir)?;
+        // Every journal entry of this agent says which node it is (NODE=...).
+        fleetadm_common::logging::set_field("node", &identity.config.node_name);
         if identity.expired() {
             let err = RunError::Expired(humantime::format_rfc3339_seconds(identity.not_after).to_string());
             status::write(
