@@ -160,7 +160,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if a.no_start {
                 println!("start the agent with: node-agent run --state-dir {}", dir.root.display());
             } else {
-                println!("{}", crate::service::start_after_enroll(&dir));
+                let d = dir.clone();
+                println!("{}", tokio::task::spawn_blocking(move || crate::service::start_after_enroll(&d)).await?);
             }
             Ok(())
         }

@@ -38,6 +38,12 @@ sleep 0.5
 rs_args="--rs 10.200.0.11:6443 --rs 10.200.0.12:6443 --rs 10.200.0.13:6443"
 table() { ipvsadm -Ln | sed 1,3d; }
 
+# --- the rtnetlink code's own test, on this kernel (the build host's kernel has no dummy links)
+modprobe dummy 2>/dev/null
+unit=$(ls -t "$root"/target/debug/deps/fleetadm_agent-* 2>/dev/null | grep -v '\.d$' | head -1)
+check "rtnetlink unit test: dummy link, VIP address and source route in a fresh namespace" \
+  "$unit" --exact lb::link::tests::dummy_vip_address_and_source_route_in_a_private_namespace --include-ignored -q
+
 echo "# $(date +%T) lab ready"
 # --- apply creates exactly the requested service
 "$agent" lb apply --vip $vip $rs_args > "$work/apply1.txt" 2>&1

@@ -1,6 +1,6 @@
 //! Host preparation for IPVS: kernel modules and sysctls. Idempotent; reports what it changed.
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use crate::execute::command::{self, Cancel, Cmd};
 
 use thiserror::Error;
 
@@ -33,9 +33,9 @@ pub fn load_modules(sys: &Path, scheduler: &str) -> Result<Vec<String>, HostErro
         if loaded(sys, &m) {
             continue;
         }
-        let res = Command::new("modprobe").arg(&m).output();
-        let ok = matches!(&res, Ok(o) if o.status.success());
-        if ok {
+        let cmd = Cmd::new("modprobe", &[&m], std::time::Duration::from_secs(60));
+        let res = command::run_blocking(&cmd, &Cancel::none());
+        if matches!(&res, Ok(r) if r.success) {
             out.push(m);
             continue;
         }
@@ -48,7 +48,7 @@ pub fn load_modules(sys: &Path, scheduler: &str) -> Result<Vec<String>, HostErro
             continue;
         }
         let reason = match res {
-            Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            Ok(r) => r.output.trim().to_string(),
             Err(e) => format!("cannot run modprobe: {e}"),
         };
         return Err(HostError::Module { module: m, reason });

@@ -38,6 +38,8 @@ pub enum LbError {
     Spec(String),
     #[error("health checks: {0}")]
     Probe(String),
+    #[error("the load balancer worker thread failed")]
+    Worker(#[source] tokio::task::JoinError),
 }
 
 /// One virtual server and its real servers.
@@ -230,20 +232,37 @@ pub async fn run_guard(
         status.send_replace(Some(st));
     };
     spec.validate()?;
-    let changes = prepare_host(&spec)?;
+    // Netlink calls, sysctl writes and modprobe block: they run on blocking threads, never on the
+    // async workers that carry the agent's session.
+    let s = spec.clone();
+    let changes = tokio::task::spawn_blocking(move || prepare_host(&s)).await.map_err(LbError::Worker)??;
     for c in &changes.0 {
         tracing::info!(change = %c, "load balancer host setup");
     }
-    let ipvs = Ipvs::open()?;
-    let kernel_dests = match ipvs.service(&spec.vip)? {
-        Some(_) => LbKernel::dests(&ipvs, &spec.vip)?,
-        None => Vec::new(),
+    let vip = spec.vip;
+    let (ipvs, kernel_dests) = tokio::task::spawn_blocking(move || -> Result<_, LbError> {
+        let ipvs = Ipvs::open()?;
+        let dests = match ipvs.service(&vip)? {
+            Some(_) => LbKernel::dests(&ipvs, &vip)?,
+            None => Vec::new(),
+        };
+        Ok((std::sync::Arc::new(ipvs), dests))
+    })
+    .await
+    .map_err(LbError::Worker)??;
+    let converge_off = |d: Desired| {
+        let ipvs = ipvs.clone();
+        async move {
+            tokio::task::spawn_blocking(move || converge(&*ipvs, &d))
+                .await
+                .unwrap_or_else(|e| Err(NetlinkError::Io(std::io::Error::other(e.to_string()))))
+        }
     };
     let previous = read_status(&status_file);
     let mut guard =
         Guard::new(spec.vip, &spec.scheduler, &spec.real_servers, cfg.clone(), &kernel_dests, previous.as_ref());
     let d = guard.desired();
-    for op in converge(&ipvs, &d)? {
+    for op in converge_off(d.clone()).await? {
         tracing::info!(vip = %spec.vip, change = %op, "load balancer converged");
     }
     guard.applied(d);
@@ -278,11 +297,16 @@ pub async fn run_guard(
             _ = resync.tick() => {
                 // Repair drift (someone flushed the table) even when health is steady.
                 let d = guard.desired();
-                match converge(&ipvs, &d) {
+                match converge_off(d).await {
                     Ok(ops) => for op in ops { tracing::warn!(vip = %spec.vip, change = %op, "repaired drift"); },
                     Err(e) => tracing::error!(error = %e, "converge failed"),
                 }
-                let _ = prepare_host(&spec).map_err(|e| tracing::error!(error = %e, "host setup drifted and could not be repaired"));
+                let s = spec.clone();
+                match tokio::task::spawn_blocking(move || prepare_host(&s)).await {
+                    Ok(Err(e)) => tracing::error!(error = %e, "host setup drifted and could not be repaired"),
+                    Err(e) => tracing::error!(error = %e, "host setup check failed"),
+                    Ok(Ok(_)) => {}
+                }
             }
             Some((rs, r)) = rx.recv() => {
                 let now = fleetadm_common::clock::now_unix_ms();
@@ -299,7 +323,7 @@ pub async fn run_guard(
                 }
                 warned_all_failing = guard.all_failing();
                 let d = guard.desired();
-                match converge(&ipvs, &d) {
+                match converge_off(d.clone()).await {
                     Ok(ops) => {
                         for op in ops { tracing::info!(vip = %spec.vip, change = %op, "load balancer converged"); }
                         guard.applied(d);

@@ -1,10 +1,8 @@
-//! A small netlink client: message framing ([`msg`]), attributes ([`nla`]), a request/response
-//! socket ([`socket`]) and generic-netlink family lookup ([`genl`]). The IPVS and route users sit
-//! on top (see `crate::lb`). Layouts follow `include/uapi/linux/netlink.h` and `genetlink.h`;
-//! the unit tests pin them byte for byte.
+//! Netlink through the rust-netlink crates: message framing from `netlink-packet-core`, rtnetlink
+//! messages (links, addresses, routes) from `netlink-packet-route`, generic netlink from
+//! `netlink-packet-generic`, over a `netlink-sys` socket ([`socket`]). The IPVS family's own
+//! attribute types sit on top in `crate::lb::ipvs`; family lookup is [`genl`].
 pub mod genl;
-pub mod msg;
-pub mod nla;
 pub mod socket;
 
 pub use socket::{NetlinkError, NlSocket};
