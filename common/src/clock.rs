@@ -26,7 +26,13 @@ pub fn rfc3339_ms(unix_ms: u64) -> String {
 }
 
 /// Parse a duration such as `24h`, `90m`, `30s`, `1h30m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("invalid duration {text:?} ({e}); use e.g. 30s, 15m, 24h"))
+pub fn parse_duration(text: &str) -> Result<Duration, BadDuration> {
+    humantime::parse_duration(text.trim()).map_err(|source| BadDuration { text: text.to_string(), source })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid duration {text:?} ({source}); use e.g. 30s, 15m, 24h")]
+pub struct BadDuration {
+    text: String,
+    source: humantime::DurationError,
 }

@@ -118,10 +118,15 @@ fn read(path: &Path, what: &'static str) -> Result<String, IdentityError> {
     fs::read_to_string(path).map_err(|source| IdentityError::Io { what, path: path.to_path_buf(), source })
 }
 
+/// A certificate that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("not a certificate: {0}")]
+pub struct BadCertificate(String);
+
 /// Validity window of a PEM certificate.
-pub fn validity(cert_pem: &str) -> Result<(SystemTime, SystemTime), String> {
-    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| e.to_string())?;
-    let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| e.to_string())?;
+pub fn validity(cert_pem: &str) -> Result<(SystemTime, SystemTime), BadCertificate> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| BadCertificate(e.to_string()))?;
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| BadCertificate(e.to_string()))?;
     let t = |ts: i64| UNIX_EPOCH + Duration::from_secs(ts.max(0) as u64);
     Ok((t(cert.validity().not_before.timestamp()), t(cert.validity().not_after.timestamp())))
 }
@@ -143,7 +148,8 @@ impl Identity {
         let key_pem = read(&dir.key(), "cannot read private key")?;
         let cert_pem = read(&dir.cert(), "cannot read certificate")?;
         let ca_pem = read(&dir.ca(), "cannot read fleet CA")?;
-        let (not_before, not_after) = validity(&cert_pem).map_err(|e| IdentityError::Corrupt(dir.cert(), e))?;
+        let (not_before, not_after) =
+            validity(&cert_pem).map_err(|e| IdentityError::Corrupt(dir.cert(), e.to_string()))?;
         Ok(Self { config, key_pem, cert_pem, ca_pem, not_before, not_after })
     }
 

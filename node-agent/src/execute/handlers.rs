@@ -155,7 +155,7 @@ pub struct LbClean;
 impl Handler for LbClean {
     type Task = pb::LbCleanTask;
     async fn run(&self, t: pb::LbCleanTask, cx: Ctx) -> Result<Done, TaskError> {
-        let vip = crate::lb::parse_endpoint(&t.vip).map_err(TaskError::Refused)?;
+        let vip = crate::lb::parse_endpoint(&t.vip).map_err(lb::LbTaskError::from)?;
         cx.lb.stop_and_forget();
         let changes =
             blocking(move || crate::lb::clean(Some(vip), crate::lb::DEFAULT_INTERFACE).map_err(lb::LbTaskError::Apply))

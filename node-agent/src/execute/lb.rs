@@ -13,8 +13,8 @@ use crate::lb::{self, guard::GuardConfig, guard::GuardStatus, probe, LbError, Lb
 
 #[derive(Debug, Error)]
 pub enum LbTaskError {
-    #[error("{0}")]
-    BadEndpoint(String),
+    #[error(transparent)]
+    BadEndpoint(#[from] crate::lb::BadEndpoint),
     #[error("invalid load balancer")]
     Invalid(#[source] LbError),
     #[error("programming the load balancer")]

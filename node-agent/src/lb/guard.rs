@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::ipvs::Dest;
+use super::probe::ProbeFailure;
 use super::reconcile::Desired;
 
 #[derive(Debug, Clone)]
@@ -110,7 +111,7 @@ impl Guard {
     }
 
     /// Record one probe result. Returns true if the server's health flipped.
-    pub fn observe(&mut self, rs: SocketAddr, result: Result<(), String>, now_ms: u64) -> bool {
+    pub fn observe(&mut self, rs: SocketAddr, result: Result<(), ProbeFailure>, now_ms: u64) -> bool {
         let (fall, rise) = (self.cfg.fall.max(1), self.cfg.rise.max(1));
         let Some(st) = self.states.get_mut(&rs) else { return false };
         st.last_ms = now_ms;
@@ -128,7 +129,7 @@ impl Guard {
             Err(e) => {
                 st.fail = st.fail.saturating_add(1);
                 st.ok = 0;
-                st.last = e;
+                st.last = e.to_string();
                 if st.healthy && st.fail >= fall {
                     st.healthy = false;
                 }
@@ -223,12 +224,12 @@ mod tests {
     fn failing_server_leaves_rotation_then_is_removed_and_comes_back() {
         let mut g = guard(&[]);
         assert_eq!(g.desired().dests.values().copied().collect::<Vec<_>>(), vec![1, 1, 1]);
-        assert!(!g.observe(rs(2), Err("connection refused".into()), 1));
+        assert!(!g.observe(rs(2), Err(ProbeFailure::Refused), 1));
         assert_eq!(g.desired().dests[&rs(2)], 1, "one failure is not enough");
-        assert!(g.observe(rs(2), Err("connection refused".into()), 2));
+        assert!(g.observe(rs(2), Err(ProbeFailure::Refused), 2));
         assert_eq!(g.desired().dests[&rs(2)], 0, "out of rotation");
-        g.observe(rs(2), Err("x".into()), 3);
-        g.observe(rs(2), Err("x".into()), 4);
+        g.observe(rs(2), Err(ProbeFailure::Empty), 3);
+        g.observe(rs(2), Err(ProbeFailure::Empty), 4);
         assert!(!g.desired().dests.contains_key(&rs(2)), "removed");
         g.observe(rs(2), Ok(()), 5);
         assert!(!g.desired().dests.contains_key(&rs(2)));
@@ -245,7 +246,7 @@ mod tests {
         g.applied(d.clone());
         for t in 0..10 {
             for n in 1..=3 {
-                g.observe(rs(n), Err("timed out".into()), t);
+                g.observe(rs(n), Err(ProbeFailure::Timeout(Duration::from_secs(1))), t);
             }
         }
         assert!(g.all_failing());
@@ -268,7 +269,7 @@ mod tests {
         let mut g = guard(&[]);
         g.applied(g.desired());
         for t in 0..4 {
-            g.observe(rs(3), Err("refused".into()), t);
+            g.observe(rs(3), Err(ProbeFailure::Refused), t);
         }
         let d = g.desired();
         assert!(!d.dests.contains_key(&rs(3)));

@@ -1,6 +1,6 @@
 //! Host preparation for IPVS: kernel modules and sysctls. Idempotent; reports what it changed.
-use std::path::{Path, PathBuf};
 use crate::execute::command::{self, Cancel, Cmd};
+use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 

@@ -5,8 +5,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use netlink_packet_core::{
-    parse_string, parse_u16, parse_u16_be, parse_u32, DecodeError, DefaultNla, Emitable, Nla, NlaBuffer,
-    NlasIterator, Parseable, ParseableParametrized, NLA_F_NESTED, NLM_F_DUMP,
+    parse_string, parse_u16, parse_u16_be, parse_u32, DecodeError, DefaultNla, Emitable, Nla, NlaBuffer, NlasIterator,
+    Parseable, ParseableParametrized, NLA_F_NESTED, NLM_F_DUMP,
 };
 use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
 
@@ -111,7 +111,10 @@ pub enum SvcAttr {
     /// Host order here; network order on the wire.
     Port(u16),
     SchedName(String),
-    Flags { flags: u32, mask: u32 },
+    Flags {
+        flags: u32,
+        mask: u32,
+    },
     Timeout(u32),
     Netmask(u32),
     Other(DefaultNla),
@@ -196,9 +199,7 @@ impl<T: AsRef<[u8]> + ?Sized> Parseable<NlaBuffer<&T>> for SvcAttr {
             SVC_ATTR_ADDR => SvcAttr::Addr(v.to_vec()),
             SVC_ATTR_PORT => SvcAttr::Port(parse_u16_be(v)?),
             SVC_ATTR_SCHED_NAME => SvcAttr::SchedName(parse_string(v)?),
-            SVC_ATTR_FLAGS if v.len() >= 8 => {
-                SvcAttr::Flags { flags: parse_u32(&v[..4])?, mask: parse_u32(&v[4..8])? }
-            }
+            SVC_ATTR_FLAGS if v.len() >= 8 => SvcAttr::Flags { flags: parse_u32(&v[..4])?, mask: parse_u32(&v[4..8])? },
             SVC_ATTR_TIMEOUT => SvcAttr::Timeout(parse_u32(v)?),
             SVC_ATTR_NETMASK => SvcAttr::Netmask(parse_u32(v)?),
             _ => SvcAttr::Other(DefaultNla::parse(buf)?),
@@ -407,7 +408,13 @@ pub fn parse_dest(attrs: &[IpvsAttr], service_family: u16) -> Option<Dest> {
         IpvsAttr::Dest(d) => Some(d),
         _ => None,
     })?;
-    let mut out = Dest { addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0), weight: 0, forward: 0, active_conns: 0, inactive_conns: 0 };
+    let mut out = Dest {
+        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        weight: 0,
+        forward: 0,
+        active_conns: 0,
+        inactive_conns: 0,
+    };
     let (mut family, mut addr, mut port) = (service_family, None, None);
     for a in d {
         match a {

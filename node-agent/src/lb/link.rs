@@ -170,8 +170,7 @@ impl Links {
         req.header.address_family = family(dst);
         req.header.destination_prefix_length = host_prefix(dst);
         req.attributes.push(RouteAttribute::Destination(RouteAddress::from(*dst)));
-        let replies =
-            self.call(RouteNetlinkMessage::GetRoute(req), 0, &format!("looking up the route to {dst}"))?;
+        let replies = self.call(RouteNetlinkMessage::GetRoute(req), 0, &format!("looking up the route to {dst}"))?;
         for r in replies {
             let RouteNetlinkMessage::NewRoute(route) = r else { continue };
             for a in &route.attributes {

@@ -268,7 +268,7 @@ pub async fn run_guard(
     guard.applied(d);
     publish(guard.status());
 
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(SocketAddr, Result<(), String>)>(64);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(SocketAddr, Result<(), probe::ProbeFailure>)>(64);
     let mut tasks = Vec::new();
     for rs in spec.real_servers.clone() {
         let (tx, prober, interval, fall) = (tx.clone(), prober.clone(), cfg.interval, cfg.fall.max(1));
@@ -341,9 +341,14 @@ pub async fn run_guard(
 }
 
 /// Parse `IP:PORT` for flags.
-pub fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
-    s.parse::<SocketAddr>().map_err(|_| format!("{s:?} is not IP:PORT (IPv6 as [::1]:6443)"))
+pub fn parse_endpoint(s: &str) -> Result<SocketAddr, BadEndpoint> {
+    s.parse::<SocketAddr>().map_err(|_| BadEndpoint(s.to_string()))
 }
+
+/// An endpoint that is not IP:PORT.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0:?} is not IP:PORT (IPv6 as [::1]:6443)")]
+pub struct BadEndpoint(pub String);
 
 #[cfg(test)]
 mod tests {

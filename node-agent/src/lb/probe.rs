@@ -58,13 +58,45 @@ impl ServerCertVerifier for NoVerify {
     }
 }
 
+/// Why a prober cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ProberError {
+    #[error("TLS setup")]
+    Tls(#[source] rustls::Error),
+    #[error("the cluster CA")]
+    BadCa(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the CA file holds no certificate")]
+    EmptyCa,
+    #[error("health checks need the cluster CA (--ca FILE) to verify real servers; pass --insecure-skip-tls-verify to probe without verification")]
+    NoCa,
+}
+
+/// Why one probe failed (shown as the real server's last probe).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeFailure {
+    #[error("connection refused")]
+    Refused,
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("empty response")]
+    Empty,
+    #[error("unhealthy: {0}")]
+    Unhealthy(String),
+}
+
 impl Prober {
     /// `ca_pem`: the cluster CA the real servers' certificates chain to.
-    pub fn new(ca_pem: Option<&str>, trust: TlsTrust, timeout: Duration) -> Result<Self, String> {
+    pub fn new(ca_pem: Option<&str>, trust: TlsTrust, timeout: Duration) -> Result<Self, ProberError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?;
+            .map_err(ProberError::Tls)?;
         let config = match (ca_pem, trust) {
             (_, TlsTrust::InsecureSkipVerify) => {
                 builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider))).with_no_client_auth()
@@ -72,45 +104,46 @@ impl Prober {
             (Some(pem), TlsTrust::Verify) => {
                 let mut roots = RootCertStore::empty();
                 for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                    roots.add(c.map_err(|e| format!("CA file: {e}"))?).map_err(|e| format!("CA file: {e}"))?;
+                    let c = c.map_err(|e| ProberError::BadCa(Box::new(e)))?;
+                    roots.add(c).map_err(|e| ProberError::BadCa(Box::new(e)))?;
                 }
                 if roots.is_empty() {
-                    return Err("the CA file holds no certificate".into());
+                    return Err(ProberError::EmptyCa);
                 }
                 builder.with_root_certificates(roots).with_no_client_auth()
             }
-            (None, TlsTrust::Verify) => {
-                return Err("health checks need the cluster CA (--ca FILE) to verify real servers; pass --insecure-skip-tls-verify to probe without verification".into())
-            }
+            (None, TlsTrust::Verify) => return Err(ProberError::NoCa),
         };
         Ok(Self { tls: Arc::new(config), timeout, path: "/healthz".into() })
     }
 
     /// One probe. Ok(()) = healthy; Err(reason) otherwise.
-    pub async fn probe(&self, rs: SocketAddr) -> Result<(), String> {
+    pub async fn probe(&self, rs: SocketAddr) -> Result<(), ProbeFailure> {
         match tokio::time::timeout(self.timeout, self.probe_inner(rs)).await {
             Ok(r) => r,
-            Err(_) => Err(format!("timed out after {:?}", self.timeout)),
+            Err(_) => Err(ProbeFailure::Timeout(self.timeout)),
         }
     }
 
-    async fn probe_inner(&self, rs: SocketAddr) -> Result<(), String> {
+    async fn probe_inner(&self, rs: SocketAddr) -> Result<(), ProbeFailure> {
         let tcp = tokio::net::TcpStream::connect(rs).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
-            _ => e.to_string(),
+            std::io::ErrorKind::ConnectionRefused => ProbeFailure::Refused,
+            _ => ProbeFailure::Connect(e.to_string()),
         })?;
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
-        let mut tls =
-            connector.connect(ServerName::IpAddress(rs.ip().into()), tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        let mut tls = connector
+            .connect(ServerName::IpAddress(rs.ip().into()), tcp)
+            .await
+            .map_err(|e| ProbeFailure::Tls(e.to_string()))?;
         let req = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: fleetadm-node-agent\r\nAccept: */*\r\nConnection: close\r\n\r\n",
             self.path, rs
         );
-        tls.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+        tls.write_all(req.as_bytes()).await.map_err(|e| ProbeFailure::Io(format!("write: {e}")))?;
         let mut buf = vec![0u8; 512];
         let mut got = 0;
         while got < buf.len() {
-            let n = tls.read(&mut buf[got..]).await.map_err(|e| format!("read: {e}"))?;
+            let n = tls.read(&mut buf[got..]).await.map_err(|e| ProbeFailure::Io(format!("read: {e}")))?;
             if n == 0 {
                 break;
             }
@@ -125,9 +158,9 @@ impl Prober {
         if status_line.starts_with("HTTP/1.") && code == "200" {
             Ok(())
         } else if status_line.is_empty() {
-            Err("empty response".into())
+            Err(ProbeFailure::Empty)
         } else {
-            Err(format!("unhealthy: {status_line}"))
+            Err(ProbeFailure::Unhealthy(status_line))
         }
     }
 }

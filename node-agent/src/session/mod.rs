@@ -281,7 +281,7 @@ async fn session(
                         // Retry in 30 s, or sooner if the certificate would expire first.
                         let left = identity.not_after.duration_since(SystemTime::now()).unwrap_or_default();
                         let retry = Duration::from_secs(30).min(left / 2).max(Duration::from_millis(100));
-                        tracing::warn!(error = %e, retry_in = ?retry, "certificate renewal failed");
+                        tracing::warn!(error = %fleetadm_common::error_chain(&e), retry_in = ?retry, "certificate renewal failed");
                         renew.as_mut().reset(tokio::time::Instant::now() + retry);
                     }
                 }
@@ -348,26 +348,40 @@ impl Drop for ClearOnDrop<'_> {
     }
 }
 
+/// Why a renewal did not happen (the current certificate stays in use; it is retried).
+#[derive(Debug, Error)]
+pub enum RenewError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("the controller refused the renewal: {0}")]
+    Refused(String),
+    #[error("the renewed certificate is not for the new key")]
+    WrongKey,
+    #[error("the controller answered with a different CA; refusing to switch trust")]
+    OtherCa,
+    #[error("the renewed certificate")]
+    BadCertificate(#[from] crate::identity::BadCertificate),
+}
+
 async fn renew_certificate(
     dir: &StateDir,
     identity: &Identity,
     client: &mut AgentClient<Channel>,
-) -> Result<(), String> {
-    let kc = new_key_and_csr(&identity.config.node_name).map_err(|e| e.to_string())?;
+) -> Result<(), RenewError> {
+    let kc = new_key_and_csr(&identity.config.node_name)?;
     let resp = client
         .renew_certificate(RenewRequest { csr_der: kc.csr_der.clone() })
         .await
-        .map_err(|st| dial::explain_status(&st))?
+        .map_err(|st| RenewError::Refused(dial::explain_status(&st)))?
         .into_inner();
     if !cert_matches_key(&resp.certificate_pem, &kc.key) {
-        return Err("renewed certificate is not for the new key".into());
+        return Err(RenewError::WrongKey);
     }
     if resp.ca_pem.trim() != identity.ca_pem.trim() {
-        return Err("controller answered with a different CA; refusing to switch trust".into());
+        return Err(RenewError::OtherCa);
     }
     let (_, not_after) = validity(&resp.certificate_pem)?;
-    Identity::save(dir, &identity.config, &kc.key.serialize_pem(), &resp.certificate_pem, &identity.ca_pem)
-        .map_err(|e| e.to_string())?;
+    Identity::save(dir, &identity.config, &kc.key.serialize_pem(), &resp.certificate_pem, &identity.ca_pem)?;
     tracing::info!(not_after = %humantime::format_rfc3339_seconds(not_after), "certificate renewed");
     Ok(())
 }
