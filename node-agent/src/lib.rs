@@ -2,7 +2,9 @@
 //!
 //! - [`enroll`]: token + CA pin + CSR -> identity ([`identity`]), key generated and kept here.
 //! - [`session`]: the pull loop: one mTLS session, heartbeats, reports, renewal, reconnects.
-//! - [`execute`]: the tasks the controller assigns (hosts, pki, kubeadm, lb, ...), with a journal.
+//! - [`execute`]: the tasks the controller assigns (hosts, pki, kubeadm, lb, ...), one handler per
+//!   kind, with a journal and one runner for every external command.
+//! - [`report`]: what goes back: task outcomes and load balancer changes.
 //! - [`inventory`]: host facts.
 //! - [`lb`]: the node-local apiserver load balancer (IPVS + dummy VIP + health guard), over
 //!   [`netlink`].
@@ -20,6 +22,7 @@ pub mod identity;
 pub mod inventory;
 pub mod lb;
 pub mod lb_cli;
+pub mod report;
 pub mod service;
 pub mod session;
 

@@ -24,11 +24,9 @@ use fleetadm_proto::{TaskAssignment, TaskKind, TaskReport, TaskState};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
+use crate::report::task::{bounded, report_of};
 use handler::{Ctx, Done, TaskError};
 use journal::{Entry, Journal, Outcome};
-
-/// Largest output sent in one report.
-const MAX_REPORT_OUTPUT: usize = 32 * 1024;
 
 /// Where the tasks touch the host. Real hosts use [`HostPaths::system`].
 #[derive(Debug, Clone)]
@@ -61,17 +59,6 @@ pub struct Executor {
     reports: mpsc::UnboundedSender<TaskReport>,
     /// The session's connection, when one is open (the session sets it).
     channel: watch::Sender<Option<AgentClient<Channel>>>,
-}
-
-fn bounded(mut s: String) -> String {
-    if s.len() > MAX_REPORT_OUTPUT {
-        let mut start = s.len() - MAX_REPORT_OUTPUT;
-        while !s.is_char_boundary(start) {
-            start += 1;
-        }
-        s = format!("[... cut ...]\n{}", &s[start..]);
-    }
-    s
 }
 
 /// The capabilities this agent announces: every task kind it implements.
@@ -245,24 +232,6 @@ impl Executor {
     fn report(&self, a: &TaskAssignment, state: TaskState, changed: bool, output: String) {
         let _ = self.reports.send(report_of(a, state, changed, output));
     }
-}
-
-#[allow(clippy::needless_update)]
-fn report_of(a: &TaskAssignment, state: TaskState, changed: bool, output: String) -> TaskReport {
-    #[allow(unused_mut)]
-    let mut r = TaskReport {
-        task_id: a.task_id.clone(),
-        attempt: a.attempt,
-        state: state as i32,
-        output,
-        changed,
-        ..Default::default()
-    };
-    #[cfg(feature = "skew-probe")]
-    {
-        r.skew_probe = "from-a-newer-agent".into();
-    }
-    r
 }
 
 #[cfg(test)]

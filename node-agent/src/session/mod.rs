@@ -219,7 +219,7 @@ async fn session(
     // have restarted).
     let mut lb_rx = executor.lb_status();
     lb_rx.mark_changed();
-    let mut last_lb: Option<LbKey> = None;
+    let mut last_lb: Option<crate::report::lb::LbKey> = None;
     let renew = tokio::time::sleep(renew_in);
     tokio::pin!(renew);
 
@@ -251,7 +251,7 @@ async fn session(
             }
             Ok(()) = lb_rx.changed() => {
                 let current = lb_rx.borrow_and_update().clone();
-                if let Some(report) = lb_report_if_changed(current.as_ref(), &mut last_lb) {
+                if let Some(report) = crate::report::lb::if_changed(current.as_ref(), &mut last_lb) {
                     if let Err(st) = client.report_lb_status(report).await {
                         return classify(&st);
                     }
@@ -288,55 +288,6 @@ async fn session(
             }
         }
     }
-}
-
-/// What counts as a change of the load balancer for the controller: health and rotation of
-/// each real server, not probe times or counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct LbKey {
-    vip: Option<std::net::SocketAddr>,
-    all_failing: bool,
-    servers: Vec<(std::net::SocketAddr, bool, Option<u32>)>,
-}
-
-fn lb_key(st: Option<&crate::lb::guard::GuardStatus>) -> LbKey {
-    match st {
-        None => LbKey { vip: None, all_failing: false, servers: vec![] },
-        Some(st) => LbKey {
-            vip: Some(st.vip),
-            all_failing: st.all_failing,
-            servers: st.servers.iter().map(|s| (s.address, s.healthy, s.weight)).collect(),
-        },
-    }
-}
-
-/// The report to send for `st`, when it differs in what matters from the last one sent.
-fn lb_report_if_changed(
-    st: Option<&crate::lb::guard::GuardStatus>,
-    last: &mut Option<LbKey>,
-) -> Option<fleetadm_proto::LbStatus> {
-    let key = lb_key(st);
-    if last.as_ref() == Some(&key) || (last.is_none() && key.vip.is_none()) {
-        return None;
-    }
-    *last = Some(key);
-    let Some(st) = st else { return Some(fleetadm_proto::LbStatus::default()) };
-    Some(fleetadm_proto::LbStatus {
-        vip: st.vip.to_string(),
-        all_failing: st.all_failing,
-        servers: st
-            .servers
-            .iter()
-            .map(|s| fleetadm_proto::RealServerStatus {
-                address: s.address.to_string(),
-                healthy: s.healthy,
-                weight: s.weight.unwrap_or(0),
-                in_rotation: s.weight.is_some(),
-                last_probe: s.last_probe.clone(),
-                last_probe_unix_ms: s.last_probe_unix_ms,
-            })
-            .collect(),
-    })
 }
 
 /// Takes the session's connection away from the executor when the session ends.
@@ -384,45 +335,4 @@ async fn renew_certificate(
     Identity::save(dir, &identity.config, &kc.key.serialize_pem(), &resp.certificate_pem, &identity.ca_pem)?;
     tracing::info!(not_after = %humantime::format_rfc3339_seconds(not_after), "certificate renewed");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::lb::guard::{GuardStatus, ServerStatus};
-
-    fn status(healthy: bool, weight: Option<u32>, probe_ms: u64) -> GuardStatus {
-        GuardStatus {
-            vip: "10.103.97.2:6443".parse().unwrap(),
-            all_failing: false,
-            servers: vec![ServerStatus {
-                address: "10.0.0.1:6443".parse().unwrap(),
-                healthy,
-                weight,
-                last_probe: "ok".into(),
-                last_probe_unix_ms: probe_ms,
-                consecutive_failures: 0,
-                consecutive_successes: probe_ms as u32,
-            }],
-        }
-    }
-
-    #[test]
-    fn lb_status_is_reported_only_when_health_or_rotation_changes() {
-        let mut last = None;
-        assert!(lb_report_if_changed(None, &mut last).is_none(), "no load balancer, nothing to say");
-        assert!(lb_report_if_changed(Some(&status(true, Some(1), 1)), &mut last).is_some(), "first status");
-        for t in 2..50 {
-            assert!(
-                lb_report_if_changed(Some(&status(true, Some(1), t)), &mut last).is_none(),
-                "probe {t} changes nothing"
-            );
-        }
-        let down = lb_report_if_changed(Some(&status(false, None, 51)), &mut last).expect("unhealthy is a change");
-        assert!(!down.servers[0].healthy && !down.servers[0].in_rotation);
-        assert!(lb_report_if_changed(Some(&status(false, None, 52)), &mut last).is_none());
-        assert!(lb_report_if_changed(Some(&status(true, Some(1), 53)), &mut last).is_some(), "back in rotation");
-        let gone = lb_report_if_changed(None, &mut last).expect("removal is reported");
-        assert!(gone.vip.is_empty());
-    }
 }
