@@ -125,9 +125,13 @@ impl Bundles {
         Ok(rec)
     }
 
-    /// Whether any imported bundle holds blob `sha256`.
-    pub fn holds(&self, bundle: &str, sha256: &str) -> bool {
-        self.get(bundle).map(|b| b.manifest.files.iter().any(|f| f.sha256 == sha256)).unwrap_or(false)
+    /// Whether bundle `bundle` holds blob `sha256` (a store failure is an error, not "no").
+    pub fn holds(&self, bundle: &str, sha256: &str) -> Result<bool, BundleError> {
+        match self.get(bundle) {
+            Ok(b) => Ok(b.manifest.files.iter().any(|f| f.sha256 == sha256)),
+            Err(BundleError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -176,7 +176,7 @@ impl Agent for AgentService {
                     events
                         .node_uses_bundle(&node, &bundle)
                         .map_err(|e| store_err(fleetadm_common::error_chain(&*e)))?
-                        && ctl.bundles.holds(&bundle, &sha),
+                        && ctl.bundles.holds(&bundle, &sha).map_err(|e| store_err(fleetadm_common::error_chain(&e)))?,
                 )
             })
             .await
