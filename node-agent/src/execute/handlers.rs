@@ -226,13 +226,17 @@ impl Handler for FetchBundle {
         let mut src = fetch::Remote { bundle: t.bundle.clone(), channel: cx.channel.clone() };
         let cache = fetch::BlobCache::new(&cx.state_dir);
         let mut last = std::time::Instant::now();
-        let stats = fetch::fetch_all(&cache, &mut src, &files, |done, total| {
+        let fetching = fetch::fetch_all(&cache, &mut src, &files, |done, total| {
             if last.elapsed() >= Duration::from_secs(1) {
                 last = std::time::Instant::now();
                 (cx.progress)(format!("fetched {done} of {total} bytes"));
             }
-        })
-        .await?;
+        });
+        // Stopping mid-transfer is safe: what arrived stays in the partial file for the next try.
+        let stats = tokio::select! {
+            r = fetching => r?,
+            _ = cx.cancel.fired() => return Err(TaskError::Refused("the fetch was stopped; it resumes on the next attempt".into())),
+        };
         Ok(Done::new(
             stats.fetched > 0,
             format!(
