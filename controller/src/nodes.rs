@@ -44,14 +44,49 @@ pub struct NodeRecord {
     pub peer_address: String,
 }
 
+/// Who asks to (re-)enroll a name: a newcomer with only a token, or the holder of one of the
+/// name's current certificates (proved by the TLS handshake, checked against this record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim<'a> {
+    Newcomer,
+    /// The serial of the client certificate the request was made with.
+    Holder(&'a str),
+}
+
 #[derive(Debug, Error)]
 pub enum NodeError {
-    #[error("node name {name:?} is already enrolled by another machine (machine-id {existing}); choose another --node-name, or run `controller nodes revoke {name}` first")]
-    NameTaken { name: String, existing: String },
+    // Never name anything of the other machine here: the asker has only a token.
+    #[error("node name {name:?} is already enrolled; re-enroll from the host that holds its key (`node-agent enroll --force` there), choose another --node-name, or, to replace that host, run `controller nodes revoke {name}` and `controller nodes forget {name}` on the controller")]
+    NameTaken { name: String },
+    #[error("node {name:?} has been revoked; it cannot enroll again under this name until an operator runs `controller nodes forget {name}` on the controller")]
+    Revoked { name: String },
+    #[error("node {name:?} is not revoked; run `controller nodes revoke {name}` first (forgetting an active node would let another machine take its name)")]
+    NotRevoked { name: String },
     #[error("no node named {0:?} is enrolled (see `controller nodes list`)")]
     Unknown(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// May `claim` take `name`, given its current record? A free name: anyone with a token. An
+/// enrolled name: only the holder of its current (or just-renewed-from) certificate. A revoked
+/// name: nobody, until an operator forgets the record.
+pub fn judge_claim(cur: Option<&NodeRecord>, name: &str, claim: Claim<'_>) -> Result<(), NodeError> {
+    let Some(rec) = cur else { return Ok(()) };
+    if rec.revoked {
+        return Err(NodeError::Revoked { name: name.into() });
+    }
+    match claim {
+        Claim::Holder(serial) if rec.holds(serial) => Ok(()),
+        _ => Err(NodeError::NameTaken { name: name.into() }),
+    }
+}
+
+impl NodeRecord {
+    /// Is `serial` one of this node's accepted certificates?
+    pub fn holds(&self, serial: &str) -> bool {
+        serial == self.cert_serial || self.previous_serial.as_deref() == Some(serial)
+    }
 }
 
 pub struct Nodes {
@@ -71,14 +106,9 @@ impl Nodes {
         store::list_json(&*self.store, Table::Nodes)
     }
 
-    /// Refuse early (before a token is spent) if `name` belongs to another, unrevoked machine.
-    pub fn check_claim(&self, name: &str, machine_id: &str) -> Result<(), NodeError> {
-        match self.get(name)? {
-            Some(rec) if !rec.revoked && rec.machine_id != machine_id => {
-                Err(NodeError::NameTaken { name: name.into(), existing: rec.machine_id })
-            }
-            _ => Ok(()),
-        }
+    /// Refuse early (before a token is spent) a claim on a name that is taken or revoked.
+    pub fn check_claim(&self, name: &str, claim: Claim<'_>) -> Result<(), NodeError> {
+        judge_claim(self.get(name)?.as_ref(), name, claim)
     }
 
     /// Record a (re-)enrollment, atomically re-checking the name claim. Flushed.
@@ -86,16 +116,13 @@ impl Nodes {
         &self,
         name: &str,
         machine_id: &str,
+        claim: Claim<'_>,
         serial: &str,
         not_after: u64,
     ) -> Result<NodeRecord, NodeError> {
         let out =
             store::update_json(&*self.store, Table::Nodes, name, Durability::Flush, |cur: Option<NodeRecord>| {
-                if let Some(rec) = &cur {
-                    if !rec.revoked && rec.machine_id != machine_id {
-                        return Err(NodeError::NameTaken { name: name.into(), existing: rec.machine_id.clone() });
-                    }
-                }
+                judge_claim(cur.as_ref(), name, claim)?;
                 Ok::<_, NodeError>(Update::Put(NodeRecord {
                     name: name.into(),
                     machine_id: machine_id.into(),
@@ -139,6 +166,30 @@ impl Nodes {
         out?.ok_or_else(|| NodeError::Unknown(name.into()))
     }
 
+    /// Delete a revoked node's record and facts: the only way a revoked name is freed. Flushed.
+    pub fn forget(&self, name: &str) -> Result<NodeRecord, NodeError> {
+        let rec = self.get(name)?.ok_or_else(|| NodeError::Unknown(name.into()))?;
+        if !rec.revoked {
+            return Err(NodeError::NotRevoked { name: name.into() });
+        }
+        // Facts first: a crash in between leaves a revoked record (still refusing), never facts
+        // that a newcomer under this name would inherit.
+        self.store.remove(Table::Facts, &format!("lb/{name}"), Durability::Lazy)?;
+        self.store.remove(Table::Facts, name, Durability::Flush)?;
+        store::update_json(
+            &*self.store,
+            Table::Nodes,
+            name,
+            Durability::Flush,
+            |cur: Option<NodeRecord>| match cur {
+                None => Err(NodeError::Unknown(name.into())),
+                Some(r) if !r.revoked => Err(NodeError::NotRevoked { name: name.into() }),
+                Some(_) => Ok(Update::Delete),
+            },
+        )??;
+        Ok(rec)
+    }
+
     /// Liveness bookkeeping: not worth a flush.
     pub fn touch(
         &self,
@@ -180,5 +231,74 @@ impl Nodes {
 
     pub fn facts(&self, name: &str) -> Result<Option<Inventory>, StoreError> {
         Ok(self.store.get(Table::Facts, name)?.and_then(|b| Inventory::decode(b.as_slice()).ok()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(serial: &str, previous: Option<&str>, revoked: bool) -> NodeRecord {
+        NodeRecord {
+            name: "n1".into(),
+            machine_id: "m1".into(),
+            enrolled_at: 1,
+            cert_serial: serial.into(),
+            previous_serial: previous.map(Into::into),
+            cert_not_after: 2,
+            revoked,
+            revoked_at: 0,
+            last_seen_ms: 0,
+            clock_skew_ms: 0,
+            peer_address: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_name_moves_only_with_proof_and_never_once_revoked() {
+        use Claim::*;
+        let live = rec("aa", Some("bb"), false);
+        let revoked = rec("aa", None, true);
+        let cases: &[(Option<&NodeRecord>, Claim<'_>, Option<&str>)] = &[
+            (None, Newcomer, None),
+            (None, Holder("zz"), None),
+            (Some(&live), Newcomer, Some("already enrolled")),
+            (Some(&live), Holder("zz"), Some("already enrolled")),
+            (Some(&live), Holder("aa"), None),
+            (Some(&live), Holder("bb"), None),
+            (Some(&revoked), Newcomer, Some("revoked")),
+            (Some(&revoked), Holder("aa"), Some("revoked")),
+        ];
+        for (cur, claim, want) in cases {
+            let got = judge_claim(*cur, "n1", *claim).err().map(|e| e.to_string());
+            match (want, &got) {
+                (None, None) => {}
+                (Some(w), Some(g)) => {
+                    assert!(g.contains(w), "{claim:?}: {g}");
+                    assert!(!g.contains("m1"), "no machine-id in errors: {g}");
+                }
+                _ => panic!("{claim:?} on {cur:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn forget_needs_a_revoked_record_and_removes_its_facts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(&dir.path().join("s")).unwrap());
+        let nodes = Nodes::new(store);
+        nodes.record_enrollment("n1", "m1", Claim::Newcomer, "aa", 9).unwrap();
+        nodes.set_facts("n1", &Inventory { hostname: "h".into(), ..Default::default() }).unwrap();
+        assert!(matches!(nodes.forget("n1"), Err(NodeError::NotRevoked { .. })));
+        assert!(matches!(nodes.forget("nope"), Err(NodeError::Unknown(_))));
+        nodes.revoke("n1").unwrap();
+        assert!(matches!(
+            nodes.record_enrollment("n1", "m1", Claim::Holder("aa"), "cc", 9),
+            Err(NodeError::Revoked { .. })
+        ));
+        nodes.forget("n1").unwrap();
+        assert!(nodes.get("n1").unwrap().is_none());
+        assert!(nodes.facts("n1").unwrap().is_none());
+        nodes.record_enrollment("n1", "m2", Claim::Newcomer, "dd", 9).unwrap();
     }
 }

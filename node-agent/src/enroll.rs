@@ -51,6 +51,12 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<AgentConfig,
         let id = Identity::load(dir)?;
         return Err(EnrollError::AlreadyEnrolled { controller: id.config.controller, node: id.config.node_name });
     }
+    // Re-enrolling an enrolled name needs proof that this host holds the name's key: present
+    // the current certificate, if it is for this name, from this fleet CA, and still valid.
+    let proof = dir.is_enrolled().then(|| Identity::load(dir).ok()).flatten().and_then(|id| {
+        let same_ca = id.ca_der().map(|der| pin.matches_cert_der(&der)).unwrap_or(false);
+        (id.config.node_name == opts.node_name && same_ca && !id.expired()).then(|| id.tls_identity().ok()).flatten()
+    });
     dir.ensure()?;
     let src = inventory::Sources { root: "/".into(), fallback_machine_id: dir.machine_id() };
     let machine_id = inventory::machine_id(&src);
@@ -58,7 +64,7 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<AgentConfig,
 
     let report = PinReport::default();
     let connect_err = |reason: String| EnrollError::Connect { addr: opts.controller.clone(), reason };
-    let config = dial::client_config(&Trust::Pinned(pin.clone()), None, report.clone())
+    let config = dial::client_config(&Trust::Pinned(pin.clone()), proof, report.clone())
         .map_err(|e| connect_err(e.to_string()))?;
     let dial_opts = DialOptions { connect_timeout: opts.timeout, ..DialOptions::default() };
     let channel = match dial::connect(&opts.controller, config, &dial_opts).await {

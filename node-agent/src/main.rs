@@ -14,12 +14,12 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": "));
-            // Exit code 3: the controller refuses this node for good (revoked, expired, unknown);
-            // the systemd unit does not restart on it (RestartPreventExitStatus=3).
+            // Exit code 3: the controller revoked this node (its explicit, authenticated word; any
+            // other refusal is retried); the unit does not restart on it (RestartPreventExitStatus=3).
             let refused = e.chain().any(|c| {
                 matches!(
                     c.downcast_ref::<fleetadm_agent::session::RunError>(),
-                    Some(fleetadm_agent::session::RunError::Refused(_) | fleetadm_agent::session::RunError::Expired(_))
+                    Some(fleetadm_agent::session::RunError::Revoked(_))
                 )
             });
             std::process::ExitCode::from(if refused { 3 } else { 1 })

@@ -20,6 +20,12 @@ pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// The wire protocol generation this build speaks. It changes only for a break that field
 /// additions and capabilities cannot express (docs/compatibility.md); both sides refuse a
 /// generation they do not speak, with an error that names both.
+/// Response metadata key the controller sets on a refusal that is for good.
+pub const REFUSAL_METADATA: &str = "fleetadm-refusal";
+/// Its value for a revoked node: the only refusal that ends an agent (over mTLS to the fleet CA,
+/// so it is the controller's word, not the network's).
+pub const REFUSAL_REVOKED: &str = "revoked";
+
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The oldest generation this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;

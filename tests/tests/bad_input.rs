@@ -152,19 +152,22 @@ fn hostile_enrollment_requests_are_refused_without_spending_the_token() {
         // the token is intact and works for a proper request
         let ok = c.enroll(req(csr(Some("h1"), vec!["h1".into()], false), "h1", "m1")).await.expect("good enrollment");
         assert!(ok.into_inner().certificate_pem.contains("BEGIN CERTIFICATE"));
-        // another machine cannot take over h1's name
+        // another machine cannot take over h1's name, not even by claiming h1's machine-id
         let (t2, _) = ctl.token(&[]);
-        let st = c
-            .enroll(EnrollRequest {
-                token: t2.clone(),
-                csr_der: csr(Some("h1"), vec![], false),
-                node_name: "h1".into(),
-                machine_id: "m2".into(),
-            })
-            .await
-            .expect_err("name clash");
-        assert_eq!(st.code(), tonic::Code::AlreadyExists);
-        assert!(st.message().contains("already enrolled by another machine"), "{}", st.message());
+        for mid in ["m2", "m1"] {
+            let st = c
+                .enroll(EnrollRequest {
+                    token: t2.clone(),
+                    csr_der: csr(Some("h1"), vec![], false),
+                    node_name: "h1".into(),
+                    machine_id: mid.into(),
+                })
+                .await
+                .expect_err("name clash");
+            assert_eq!(st.code(), tonic::Code::AlreadyExists);
+            assert!(st.message().contains("already enrolled"), "{}", st.message());
+            assert!(!st.message().contains("m1"), "the owner's machine-id must not be echoed: {}", st.message());
+        }
     });
     let (t2, _) = ctl.token(&[]);
     assert_eq!(uses_left(&ctl, &t2), 1);

@@ -114,10 +114,14 @@ fn revocation_closes_the_session_and_refuses_the_next_call() {
     // the other node is untouched
     assert_eq!(ctl.node("keep").unwrap()["connected"], true);
     assert!(keep.exited().is_none());
-    // re-admission needs a new token and --force
+    // re-admission needs the operator to forget the record, then a new token and --force
     let (token, hash) = ctl.token(&[]);
     let out = gone.enroll_with(&ctl.addr(), &token, &hash, &[]);
     assert!(!out.status.success() && text(&out).contains("--force"), "{}", text(&out));
+    let out = gone.enroll_with(&ctl.addr(), &token, &hash, &["--force"]);
+    assert!(!out.status.success() && text(&out).contains("nodes forget gone"), "{}", text(&out));
+    let out = ctl.admin(&["nodes", "forget", "gone"]);
+    assert!(out.status.success(), "{}", text(&out));
     let out = gone.enroll_with(&ctl.addr(), &token, &hash, &["--force"]);
     assert!(out.status.success(), "{}", text(&out));
     gone.run();

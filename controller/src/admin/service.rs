@@ -142,6 +142,14 @@ impl Admin for AdminService {
         Ok(Response::new(self.node_info(&rec)?))
     }
 
+    async fn forget_node(&self, req: Request<NodeRef>) -> Result<Response<NodeInfo>, Status> {
+        let name = req.into_inner().name;
+        let n2 = name.clone();
+        let rec = self.blocking(move |ctl| ctl.nodes.forget(&n2).map_err(node_status)).await?;
+        tracing::warn!(node = %name, "revoked node forgotten; its name is free");
+        Ok(Response::new(self.node_info(&rec)?))
+    }
+
     async fn plan_cluster(&self, req: Request<PlanClusterRequest>) -> Result<Response<PlanClusterResponse>, Status> {
         let req = req.into_inner();
         let resp = self.blocking(move |ctl| Ok(resolve_with_bundle(ctl, req)?.0.response)).await?;

@@ -1,4 +1,4 @@
-//! `controller nodes list|show|revoke`.
+//! `controller nodes list|show|revoke|forget`.
 use clap::Subcommand;
 use fleetadm_common::clock::{rfc3339, rfc3339_ms};
 use fleetadm_common::output::{render_structured, table};
@@ -27,6 +27,13 @@ pub enum NodesCmd {
     },
     /// Revoke a node's certificate: its next call is refused and its session is closed.
     Revoke {
+        name: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Delete a revoked node's record and facts, so that a new machine may enroll under its
+    /// name (a revoked name is refused for good until then).
+    Forget {
         name: String,
         #[command(flatten)]
         data: DataDir,
@@ -221,6 +228,12 @@ pub async fn run(cmd: NodesCmd) -> anyhow::Result<()> {
             let mut c = client::connect(&data.data_dir).await?;
             c.revoke_node(NodeRef { name: name.clone() }).await.map_err(rpc_error)?;
             println!("node {name} revoked; its certificate is refused from now on");
+            println!("the name stays taken; `controller nodes forget {name}` frees it for a new enrollment");
+        }
+        NodesCmd::Forget { name, data } => {
+            let mut c = client::connect(&data.data_dir).await?;
+            c.forget_node(NodeRef { name: name.clone() }).await.map_err(rpc_error)?;
+            println!("node {name} forgotten; a host may now enroll under this name with a new token");
         }
     }
     Ok(())

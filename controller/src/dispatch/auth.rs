@@ -31,17 +31,29 @@ pub fn authenticate<T>(req: &Request<T>, nodes: &Nodes) -> Result<NodeIdentity, 
         .to_string();
     let serial = hex::encode(cert.raw_serial());
     let record = nodes.get(&name).map_err(|e| Status::internal(format!("state store: {e}")))?.ok_or_else(|| {
-        Status::permission_denied(format!("node {name:?} is not enrolled; enroll it again with a new token"))
+        Status::permission_denied(format!(
+            "node {name:?} is not enrolled on this controller (was its state restored from an older backup?); the agent keeps retrying; to re-admit it, run `node-agent enroll --force` with a new token on the host"
+        ))
     })?;
     if record.revoked {
-        return Err(Status::permission_denied(format!(
-            "node {name:?} has been revoked; to re-admit it, create a token and run `node-agent enroll --force`"
-        )));
+        return Err(revoked(&name));
     }
-    if serial != record.cert_serial && record.previous_serial.as_deref() != Some(serial.as_str()) {
+    if !record.holds(&serial) {
         return Err(Status::permission_denied(format!(
             "this certificate for node {name:?} (serial {serial}) has been superseded by a newer enrollment"
         )));
     }
     Ok(NodeIdentity { name, serial, record })
+}
+
+/// The refusal that tells an agent to stop for good (see `fleetadm_proto::REFUSAL_METADATA`).
+pub fn revoked(name: &str) -> Status {
+    let mut st = Status::permission_denied(format!(
+        "node {name:?} has been revoked; to put this host back, an operator runs `controller nodes forget {name}` and the host enrolls again with a new token"
+    ));
+    st.metadata_mut().insert(
+        fleetadm_proto::REFUSAL_METADATA,
+        tonic::metadata::MetadataValue::from_static(fleetadm_proto::REFUSAL_REVOKED),
+    );
+    st
 }

@@ -9,8 +9,9 @@ use tonic::{Request, Response, Status};
 
 use super::csr::{self, validate_node_name};
 use super::tokens::TokenError;
-use crate::nodes::NodeError;
+use crate::nodes::{Claim, NodeError};
 use crate::state::Controller;
+use x509_parser::prelude::FromDer;
 
 pub struct EnrollmentService {
     ctl: Arc<Controller>,
@@ -35,6 +36,7 @@ pub fn token_status(e: TokenError) -> Status {
 pub fn node_status(e: NodeError) -> Status {
     match e {
         NodeError::NameTaken { .. } => Status::already_exists(e.to_string()),
+        NodeError::Revoked { .. } | NodeError::NotRevoked { .. } => Status::failed_precondition(e.to_string()),
         NodeError::Unknown(_) => Status::not_found(e.to_string()),
         NodeError::Store(_) => Status::internal(format!("state store: {e}")),
     }
@@ -44,10 +46,13 @@ pub fn node_status(e: NodeError) -> Status {
 impl Enrollment for EnrollmentService {
     async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        // A client certificate (verified against the fleet CA by rustls) is the proof that the
+        // asker holds a node's current key: the only way to re-enroll an enrolled name.
+        let holder = req.peer_certs().and_then(|c| c.first().and_then(|leaf| cert_name_and_serial(leaf.as_ref())));
         let r = req.into_inner();
         let ctl = self.ctl.clone();
         // Signing and sled flushes block: keep them off the async workers.
-        let result = tokio::task::spawn_blocking(move || enroll(&ctl, r))
+        let result = tokio::task::spawn_blocking(move || enroll(&ctl, r, holder))
             .await
             .map_err(|e| Status::internal(format!("enrollment task failed: {e}")))?;
         match &result {
@@ -58,21 +63,33 @@ impl Enrollment for EnrollmentService {
     }
 }
 
-fn enroll(ctl: &Controller, r: EnrollRequest) -> Result<EnrollResponse, Status> {
+/// The node name (CN) and serial of a client certificate.
+fn cert_name_and_serial(der: &[u8]) -> Option<(String, String)> {
+    let (_, cert) = x509_parser::prelude::X509Certificate::from_der(der).ok()?;
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some((name, hex::encode(cert.raw_serial())))
+}
+
+fn enroll(ctl: &Controller, r: EnrollRequest, holder: Option<(String, String)>) -> Result<EnrollResponse, Status> {
     validate_node_name(&r.node_name).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if r.machine_id.is_empty() || r.machine_id.len() > 128 {
         return Err(Status::invalid_argument("machine_id must be 1-128 characters"));
     }
     ctl.tokens.check(&r.token).map_err(token_status)?;
     let csr = csr::vet(&r.csr_der, &r.node_name).map_err(|e| Status::invalid_argument(format!("rejected CSR: {e}")))?;
-    ctl.nodes.check_claim(&r.node_name, &r.machine_id).map_err(node_status)?;
+    // A certificate for another name proves nothing about this one.
+    let claim = match &holder {
+        Some((name, serial)) if *name == r.node_name => Claim::Holder(serial),
+        _ => Claim::Newcomer,
+    };
+    ctl.nodes.check_claim(&r.node_name, claim).map_err(node_status)?;
     let issued = ctl
         .ca
         .sign_node(csr, &r.node_name, ctl.settings.node_cert_validity)
         .map_err(|e| Status::internal(format!("signing failed: {e}")))?;
     ctl.tokens.consume(&r.token).map_err(token_status)?;
     ctl.nodes
-        .record_enrollment(&r.node_name, &r.machine_id, &issued.serial, issued.not_after_unix)
+        .record_enrollment(&r.node_name, &r.machine_id, claim, &issued.serial, issued.not_after_unix)
         .map_err(node_status)?;
     // A re-enrollment supersedes the old certificate: end any session it still holds.
     ctl.sessions.terminate(&r.node_name, None);

@@ -23,8 +23,9 @@ use status::{SessionState, SessionStatus};
 pub enum RunError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    #[error("the controller refuses this node: {0}")]
-    Refused(String),
+    /// The controller said, over the authenticated session, that this node is revoked.
+    #[error("the controller revoked this node: {0}")]
+    Revoked(String),
     #[error("this node's certificate expired at {0}; re-enroll with a new token: node-agent enroll --force ...")]
     Expired(String),
 }
@@ -78,12 +79,21 @@ pub async fn run(
         // Every journal entry of this agent says which node it is (NODE=...).
         fleetadm_common::logging::set_field("node", &identity.config.node_name);
         if identity.expired() {
+            // Not the end: the clock may be wrong (and be fixed), or an operator may re-enroll
+            // this host (`node-agent enroll --force` replaces the identity this loop reloads).
             let err = RunError::Expired(humantime::format_rfc3339_seconds(identity.not_after).to_string());
-            status::write(
-                dir,
-                &SessionStatus::new(SessionState::Stopped, &identity.config.controller, Some(err.to_string())),
-            );
-            return Err(err);
+            let delay = opts.backoff_max;
+            tracing::error!(error = %err, retry_in = ?delay, "cannot connect");
+            let mut st = SessionStatus::new(SessionState::Backoff, &identity.config.controller, Some(err.to_string()));
+            st.retry_at_ms = now_unix_ms() + delay.as_millis() as u64;
+            status::write(dir, &st);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => continue,
+                _ = &mut stop => {
+                    status::write(dir, &SessionStatus::new(SessionState::Stopped, &identity.config.controller, None));
+                    return Ok(());
+                }
+            }
         }
         status::write(dir, &SessionStatus::new(SessionState::Connecting, &identity.config.controller, None));
         let started = std::time::Instant::now();
@@ -130,13 +140,24 @@ pub async fn run(
     }
 }
 
+/// Only the controller's explicit word that this node is revoked ends the agent (the channel is
+/// mTLS to the fleet CA, so the word is authenticated). Any other refusal (a restored backup
+/// that does not know this node yet, a superseded serial, a bug) is retried with backoff and
+/// logged as an error: stopping for good would strand the host until someone logs in.
 fn classify(st: &tonic::Status) -> Ended {
-    match st.code() {
-        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
-            Ended::Fatal(RunError::Refused(st.message().to_string()))
-        }
-        _ => Ended::Retry(dial::explain_status(st)),
+    if is_revocation(st) {
+        return Ended::Fatal(RunError::Revoked(st.message().to_string()));
     }
+    if matches!(st.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) {
+        tracing::error!(code = ?st.code(), error = %st.message(), "the controller refuses this node; retrying (only a revocation stops the agent)");
+    }
+    Ended::Retry(dial::explain_status(st))
+}
+
+pub(crate) fn is_revocation(st: &tonic::Status) -> bool {
+    st.code() == tonic::Code::PermissionDenied
+        && st.metadata().get(fleetadm_proto::REFUSAL_METADATA).and_then(|v| v.to_str().ok())
+            == Some(fleetadm_proto::REFUSAL_REVOKED)
 }
 
 async fn collect_inventory(dir: &StateDir) -> Inventory {
@@ -228,7 +249,7 @@ async fn session(
             msg = stream.message() => match msg {
                 Ok(Some(ev)) => match ev.event {
                     Some(server_event::Event::Shutdown(s)) if s.r#final => {
-                        return Ended::Fatal(RunError::Refused(s.reason));
+                        return Ended::Fatal(RunError::Revoked(s.reason));
                     }
                     Some(server_event::Event::Shutdown(s)) => return Ended::Retry(format!("controller ended the session: {}", s.reason)),
                     Some(server_event::Event::Task(t)) => executor.submit(t),
@@ -243,7 +264,7 @@ async fn session(
                     // The result is in the journal; the controller re-sends the task after a
                     // reconnect and gets it from there.
                     tracing::warn!(task = %id, error = %st.message(), "task report not delivered");
-                    if st.code() == tonic::Code::PermissionDenied || st.code() == tonic::Code::NotFound {
+                    if !is_revocation(&st) && (st.code() == tonic::Code::PermissionDenied || st.code() == tonic::Code::NotFound) {
                         continue;
                     }
                     return classify(&st);
