@@ -140,16 +140,54 @@ impl Nodes {
         out?.ok_or_else(|| NodeError::Unknown(name.into()))
     }
 
-    /// Record a renewed certificate. Flushed.
-    pub fn record_renewal(&self, name: &str, serial: &str, not_after: u64) -> Result<NodeRecord, NodeError> {
+    /// Record a renewed certificate, issued to a caller authenticated with `presented`. Flushed.
+    ///
+    /// The certificate the caller used stays accepted as the previous one until the new one is
+    /// seen in use ([`Nodes::seen_in_use`]) or it expires: a reply lost on the way leaves the
+    /// agent with a working certificate, and its retry (again with `presented`) replaces the
+    /// never-used one instead of pushing `presented` out.
+    pub fn record_renewal(
+        &self,
+        name: &str,
+        presented: &str,
+        serial: &str,
+        not_after: u64,
+    ) -> Result<NodeRecord, NodeError> {
         let out =
             store::update_json(&*self.store, Table::Nodes, name, Durability::Flush, |cur: Option<NodeRecord>| {
                 let mut rec = cur.ok_or_else(|| NodeError::Unknown(name.into()))?;
-                rec.previous_serial = Some(std::mem::replace(&mut rec.cert_serial, serial.into()));
+                if rec.revoked {
+                    return Err(NodeError::Revoked { name: name.into() });
+                }
+                if !rec.holds(presented) {
+                    return Err(NodeError::NameTaken { name: name.into() });
+                }
+                rec.previous_serial = Some(presented.to_string());
+                rec.cert_serial = serial.to_string();
                 rec.cert_not_after = not_after;
                 Ok::<_, NodeError>(Update::Put(rec))
             })?;
         out?.ok_or_else(|| NodeError::Unknown(name.into()))
+    }
+
+    /// The node connected with its current certificate: the one it replaced is no longer
+    /// accepted (a copy of the old key is worth nothing from now on). Flushed; a no-op when there
+    /// is nothing to drop.
+    pub fn seen_in_use(&self, name: &str, serial: &str) -> Result<(), NodeError> {
+        store::update_json(
+            &*self.store,
+            Table::Nodes,
+            name,
+            Durability::Flush,
+            |cur: Option<NodeRecord>| match cur {
+                Some(mut rec) if rec.cert_serial == serial && rec.previous_serial.is_some() => {
+                    rec.previous_serial = None;
+                    Ok::<_, NodeError>(Update::Put(rec))
+                }
+                _ => Ok(Update::Keep),
+            },
+        )??;
+        Ok(())
     }
 
     /// Revoke a node's certificates. Flushed before it returns.
@@ -300,5 +338,26 @@ mod tests {
         assert!(nodes.get("n1").unwrap().is_none());
         assert!(nodes.facts("n1").unwrap().is_none());
         nodes.record_enrollment("n1", "m2", Claim::Newcomer, "dd", 9).unwrap();
+    }
+
+    #[test]
+    fn a_lost_renewal_reply_never_strands_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(&dir.path().join("s")).unwrap());
+        let nodes = Nodes::new(store);
+        nodes.record_enrollment("n1", "m1", Claim::Newcomer, "a", 9).unwrap();
+        // The agent asks with A; B is issued but the reply is lost; it asks again with A.
+        nodes.record_renewal("n1", "a", "b", 9).unwrap();
+        let rec = nodes.record_renewal("n1", "a", "c", 9).unwrap();
+        assert!(rec.holds("a"), "the certificate in use must keep working: {rec:?}");
+        assert!(rec.holds("c") && !rec.holds("b"), "{rec:?}");
+        // Once C is seen in use, A is refused.
+        nodes.seen_in_use("n1", "a").unwrap();
+        assert!(nodes.get("n1").unwrap().unwrap().holds("a"));
+        nodes.seen_in_use("n1", "c").unwrap();
+        let rec = nodes.get("n1").unwrap().unwrap();
+        assert!(!rec.holds("a") && rec.holds("c"), "{rec:?}");
+        // A certificate that is not the node's cannot renew.
+        assert!(nodes.record_renewal("n1", "a", "d", 9).is_err());
     }
 }

@@ -23,7 +23,7 @@ fn enroll_fails(a: &Agent, ctl_addr: &str, token: &str, hash: &str, expect: &str
     assert!(!out.status.success(), "enrollment unexpectedly succeeded: {t}");
     assert!(t.contains(expect), "expected {expect:?} in: {t}");
     assert_eq!(t.trim().lines().count(), 1, "one-line error expected: {t}");
-    assert!(!a.file("agent.json").exists(), "a failed enrollment must not leave an identity");
+    assert!(!a.file("identity/agent.json").exists(), "a failed enrollment must not leave an identity");
     t
 }
 

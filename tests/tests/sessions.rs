@@ -16,7 +16,7 @@ fn agents_enroll_connect_and_report_inventory() {
         assert!(out.status.success(), "{}", text(&out));
         assert!(text(&out).contains(&format!("enrolled as {}", a.name)));
         // the private key never left the host and is private
-        assert_eq!(mode(&a.file("node.key")), 0o600);
+        assert_eq!(mode(&a.file("identity/node.key")), 0o600);
         assert_eq!(mode(&a.state_dir()), 0o700);
         a.run();
     }
@@ -134,8 +134,8 @@ fn certificates_are_renewed_before_they_expire() {
     let ctl = Controller::start(&["--heartbeat-interval", "1s", "--node-cert-validity", "12s"]);
     let mut a = Agent::new("short");
     a.enroll(&ctl);
-    let first_cert = std::fs::read_to_string(a.file("node.crt")).unwrap();
-    let first_key = std::fs::read_to_string(a.file("node.key")).unwrap();
+    let first_cert = std::fs::read_to_string(a.file("identity/node.crt")).unwrap();
+    let first_key = std::fs::read_to_string(a.file("identity/node.key")).unwrap();
     let serial0 = ctl.node("short").unwrap()["cert_serial"].as_str().unwrap().to_string();
     a.run();
     wait_connected(&ctl, "short", true, T);
@@ -152,9 +152,9 @@ fn certificates_are_renewed_before_they_expire() {
     std::thread::sleep(Duration::from_secs(3));
     let n = wait_connected(&ctl, "short", true, T);
     assert!(a.exited().is_none(), "{}", a.log());
-    assert_ne!(std::fs::read_to_string(a.file("node.crt")).unwrap(), first_cert);
-    assert_ne!(std::fs::read_to_string(a.file("node.key")).unwrap(), first_key, "renewal uses a new key");
-    assert_eq!(mode(&a.file("node.key")), 0o600);
+    assert_ne!(std::fs::read_to_string(a.file("identity/node.crt")).unwrap(), first_cert);
+    assert_ne!(std::fs::read_to_string(a.file("identity/node.key")).unwrap(), first_key, "renewal uses a new key");
+    assert_eq!(mode(&a.file("identity/node.key")), 0o600);
     assert!(a.log().contains("certificate renewed"), "{}", a.log());
     assert_eq!(n["revoked"], false);
 }

@@ -37,7 +37,7 @@ fn an_enrolled_name_moves_only_with_proof_of_its_key() {
             machine_id.is_empty() || !t.contains(&machine_id),
             "the error must not echo the owner's machine-id: {t}"
         );
-        assert!(!thief.file("agent.json").exists());
+        assert!(!thief.file("identity/agent.json").exists());
     }
     assert_eq!(uses_left(&ctl, &token), 3, "a refused claim spends nothing");
     assert_eq!(serial(&ctl, "m1"), first, "the owner's record is untouched");

@@ -127,7 +127,7 @@ check "a cluster create reaches the guest's agent" grep -q "recorded" <<<"$out" 
 check "task entries carry TASK= as a field" wait_until 60 gx "$jv | grep -q 'TASK=pkg/preflight/fleetadm-vm/preflight'"
 check "a failed task is logged at warning priority" gx "$jv -p warning | grep -q 'TASK=pkg/preflight/fleetadm-vm/preflight'"
 serial=$(node_json | python3 -c 'import json,sys; print(json.load(sys.stdin)["cert_serial"])')
-ident=$(gx "sha256sum /var/lib/node-agent/node.key /var/lib/node-agent/agent.json")
+ident=$(gx "sha256sum /var/lib/node-agent/identity/node.key /var/lib/node-agent/identity/agent.json")
 
 prev=$(booted_id)
 gx "systemctl reboot" 10 >/dev/null
@@ -141,10 +141,10 @@ out=$(gx "cd /lab && DEBIAN_FRONTEND=noninteractive apt-get install -y ./$deb2 2
 check "upgrade to $deb2" test $? -eq 0 || echo "$out"
 check "upgraded version installed" gx "dpkg-query -W -f '\${Version}' node-agent | grep -q -- '-2$'"
 check "service restarted by the upgrade" gx "systemctl is-active -q node-agent && test \$(systemctl show -p MainPID --value node-agent) != '$pid_before'"
-check "identity kept across upgrade" test "$ident" = "$(gx "sha256sum /var/lib/node-agent/node.key /var/lib/node-agent/agent.json")"
+check "identity kept across upgrade" test "$ident" = "$(gx "sha256sum /var/lib/node-agent/identity/node.key /var/lib/node-agent/identity/agent.json")"
 check "node connected after upgrade without re-enrolling" wait_until 60 bash -c "$(declare -f admin node_json connected); ctl='$ctl'; connected && node_json | grep -q '$serial'"
 
-check "remove stops the service and keeps state" gx "DEBIAN_FRONTEND=noninteractive apt-get remove -y node-agent >/dev/null 2>&1; ! systemctl is-active -q node-agent && test -f /var/lib/node-agent/agent.json"
+check "remove stops the service and keeps state" gx "DEBIAN_FRONTEND=noninteractive apt-get remove -y node-agent >/dev/null 2>&1; ! systemctl is-active -q node-agent && test -f /var/lib/node-agent/identity/agent.json"
 check "controller sees the node disconnect" wait_until 60 bash -c "$(declare -f admin node_json); ctl='$ctl'; node_json | grep -q '\"connected\": false'"
 check "purge deletes the state" gx "DEBIAN_FRONTEND=noninteractive apt-get purge -y node-agent >/dev/null 2>&1; test ! -e /var/lib/node-agent"
 gx "systemctl poweroff" 10 >/dev/null

@@ -10,8 +10,10 @@ use super::BundleError;
 
 /// Write `dir` (the files in `m`, plus `bundle.yaml`) to `out` as tar.gz, atomically.
 pub fn pack(dir: &Path, m: &Manifest, out: &Path) -> Result<(), BundleError> {
-    let tmp = out.with_extension("partial");
-    let f = std::fs::File::create(&tmp).map_err(|e| BundleError::io(&tmp, e))?;
+    let out_dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let stem = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let (tmp, f) =
+        fleetadm_common::fsutil::create_temp_in(out_dir, &stem, 0o644).map_err(|e| BundleError::io(out, e))?;
     let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
     tar.mode(tar::HeaderMode::Deterministic);
@@ -33,7 +35,10 @@ pub fn pack(dir: &Path, m: &Manifest, out: &Path) -> Result<(), BundleError> {
     let gz = tar.into_inner().map_err(|e| BundleError::io(out, e))?;
     let f = gz.finish().map_err(|e| BundleError::io(out, e))?;
     f.sync_all().map_err(|e| BundleError::io(out, e))?;
-    std::fs::rename(&tmp, out).map_err(|e| BundleError::io(out, e))
+    std::fs::rename(&tmp, out).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        BundleError::io(out, e)
+    })
 }
 
 /// Unpack a tar or tar.gz into `dest` (which must be empty). Refuses links, devices, absolute or

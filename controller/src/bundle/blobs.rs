@@ -33,9 +33,9 @@ impl BlobStore {
         let dst = self.path(sha256);
         let dir = dst.parent().unwrap_or(&self.root).to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| BundleError::io(&dir, e))?;
-        let tmp = dir.join(format!(".{sha256}.{}", std::process::id()));
         let mut input = std::fs::File::open(src).map_err(|e| BundleError::io(src, e))?;
-        let mut out = std::fs::File::create(&tmp).map_err(|e| BundleError::io(&tmp, e))?;
+        let (tmp, mut out) =
+            fleetadm_common::fsutil::create_temp_in(&dir, sha256, 0o644).map_err(|e| BundleError::io(&dir, e))?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 256 * 1024];
         loop {

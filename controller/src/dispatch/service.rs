@@ -16,6 +16,7 @@ use super::sessions::{SessionMeta, SessionStream};
 use crate::enroll::csr;
 use crate::enroll::service::node_status;
 use crate::state::Controller;
+use crate::store;
 
 /// Largest blob chunk per call (under the 1 MiB message limit).
 pub const CHUNK_MAX: usize = 768 * 1024;
@@ -78,6 +79,11 @@ impl Agent for AgentService {
         let body = req.into_inner();
         let protocol = negotiate(body.protocol, &body.agent_version)?;
         let now = now_unix_ms();
+        if id.record.previous_serial.is_some() && id.serial == id.record.cert_serial {
+            // The renewed certificate is in use: the one it replaced stops working now.
+            let (nodes, name, serial) = (self.ctl.nodes.clone(), id.name.clone(), id.serial.clone());
+            store::off_thread(move || nodes.seen_in_use(&name, &serial)).await.map_err(node_status)?;
+        }
         if let Some(inv) = &body.inventory {
             self.ctl.nodes.set_facts(&id.name, inv).map_err(store_err)?;
         }
@@ -214,7 +220,9 @@ impl Agent for AgentService {
                 .ca
                 .sign_node(csr, &id.name, ctl.settings.node_cert_validity)
                 .map_err(|e| Status::internal(format!("signing failed: {e}")))?;
-            ctl.nodes.record_renewal(&id.name, &issued.serial, issued.not_after_unix).map_err(node_status)?;
+            ctl.nodes
+                .record_renewal(&id.name, &id.serial, &issued.serial, issued.not_after_unix)
+                .map_err(node_status)?;
             tracing::info!(node = %id.name, serial = %issued.serial, "certificate renewed");
             Ok::<_, Status>(RenewResponse { certificate_pem: issued.pem, ca_pem: ctl.ca.cert_pem().to_string() })
         })

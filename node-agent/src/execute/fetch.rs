@@ -146,8 +146,14 @@ pub async fn fetch_all<S: ChunkSource>(
             let _ = tokio::fs::remove_file(&part).await;
         }
         stats.resumed_bytes += have;
-        let mut out =
-            tokio::fs::OpenOptions::new().create(true).append(true).open(&part).await.map_err(io("opening", &part))?;
+        let mut out = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&part)
+            .await
+            .map_err(io("opening", &part))?;
         // Up to DEPTH requests in flight, each for its own offset; written strictly in order.
         let mut inflight = std::collections::VecDeque::new();
         let mut next = have;

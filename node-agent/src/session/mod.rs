@@ -335,6 +335,8 @@ pub enum RenewError {
     BadCertificate(#[from] crate::identity::BadCertificate),
 }
 
+const RENEW_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn renew_certificate(
     dir: &StateDir,
     identity: &Identity,
@@ -342,7 +344,12 @@ async fn renew_certificate(
 ) -> Result<(), RenewError> {
     let kc = new_key_and_csr(&identity.config.node_name)?;
     let resp = client
-        .renew_certificate(RenewRequest { csr_der: kc.csr_der.clone() })
+        .renew_certificate({
+            // A controller that never answers must not hold the renewal (and the session) hostage.
+            let mut req = tonic::Request::new(RenewRequest { csr_der: kc.csr_der.clone() });
+            req.set_timeout(RENEW_TIMEOUT);
+            req
+        })
         .await
         .map_err(|st| RenewError::Refused(dial::explain_status(&st)))?
         .into_inner();
