@@ -10,6 +10,7 @@ log() { printf '\n== %s\n' "$*"; }
 need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v git >/dev/null || need_apt+=(git)
+command -v openssl >/dev/null || need_apt+=(openssl)
 # the admin API test runs a Python grpcio client in a virtualenv
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)

@@ -11,7 +11,7 @@ use fleetadm_common::fsutil::ensure_dir;
 use fleetadm_proto::MAX_MESSAGE_BYTES;
 use fleetadm_proto::{admin_server::AdminServer, agent_server::AgentServer, enrollment_server::EnrollmentServer};
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::admin::{self, AdminService};
 use crate::dispatch::AgentService;
@@ -27,6 +27,8 @@ pub struct ServeOptions {
     pub advertise: Vec<String>,
     pub node_cert_validity: Duration,
     pub heartbeat_interval: Duration,
+    pub server_cert_validity: Duration,
+    pub limits: crate::listen::Limits,
 }
 
 /// Names the serving certificate covers: advertised names, the listen address if specific,
@@ -65,6 +67,30 @@ fn enroll_endpoint(opts: &ServeOptions) -> String {
     }
 }
 
+/// TLS for the agent port: the serving certificate comes from `serving` at every handshake;
+/// client certificates are optional (enrollment has none yet) but, when sent, must chain to the
+/// fleet CA. Which calls need one is decided per service (see `dispatch::auth`).
+fn agent_tls_config(
+    ctl: &Controller,
+    serving: Arc<crate::listen::ServingCert>,
+) -> Result<Arc<rustls::ServerConfig>, crate::listen::ListenError> {
+    use crate::listen::ListenError;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from(ctl.ca.cert_der().to_vec())).map_err(ListenError::Tls)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(ListenError::Verifier)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(ListenError::Tls)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(serving);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 pub async fn serve(
     opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -82,23 +108,20 @@ pub async fn serve(
         )
     })?);
     let ca = FleetCa::load_or_create(&opts.data_dir).context("fleet CA")?;
-    let server_cert = ca.server_cert(&server_names(&opts)).context("controller serving certificate")?;
+    let names = server_names(&opts);
+    let server_cert = ca.server_cert(&names, opts.server_cert_validity).context("controller serving certificate")?;
     let settings = Settings {
         node_cert_validity: opts.node_cert_validity,
         heartbeat_interval: opts.heartbeat_interval,
         enroll_endpoint: enroll_endpoint(&opts),
         data_dir: opts.data_dir.clone(),
     };
-    let ca_pem = ca.cert_pem().to_string();
     let pin = ca.pin().to_string();
     let ctl = Controller::new(store, ca, settings);
 
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&server_cert.chain_pem, &server_cert.key_pem))
-        .client_ca_root(Certificate::from_pem(&ca_pem))
-        // Enrollment has no client certificate yet; every other RPC checks for one itself.
-        .client_auth_optional(true)
-        .timeout(Duration::from_secs(10));
+    let serving = Arc::new(crate::listen::ServingCert::new(server_cert).context("controller serving certificate")?);
+    let tls = agent_tls_config(&ctl, serving.clone()).context("TLS configuration")?;
+    tokio::spawn(crate::listen::keep_fresh(ctl.clone(), serving, names, opts.server_cert_validity));
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -125,9 +148,12 @@ pub async fn serve(
         let _ = rx.wait_for(|v| *v).await;
     };
 
+    let listen_stats = Arc::new(crate::listen::ListenStats::default());
+    let incoming = crate::listen::incoming(listener, tls, opts.limits.clone(), listen_stats);
     let agent_api = Server::builder()
-        .tls_config(tls)
-        .context("TLS configuration")?
+        // Per connection: streams, header size; the listener bounds connections and handshakes.
+        .max_concurrent_streams(Some(64))
+        .http2_max_header_list_size(Some(16 * 1024))
         .initial_stream_window_size(Some(2 << 20))
         .initial_connection_window_size(Some(4 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -135,16 +161,19 @@ pub async fn serve(
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .concurrency_limit_per_connection(32)
         .add_service(
+            // Served without a client certificate: bodies are small (a token and a CSR).
             EnrollmentServer::new(EnrollmentService::new(ctl.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_decoding_message_size(fleetadm_proto::MAX_ENROLL_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             AgentServer::new(AgentService::new(ctl.clone(), ctl.rollouts.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), wait(stop_rx.clone()));
+            // Every Agent call is authenticated here, before its body is decoded.
+            crate::dispatch::auth::layer(ctl.nodes.clone()),
+        ))
+        .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone()));
 
     // Server reflection on the admin socket, so grpcurl or a client in another language can
     // discover the typed Admin API (both the v1 and the older v1alpha reflection protocols).

@@ -1,6 +1,7 @@
 //! fleetadm controller.
 //!
 //! The flow through the modules:
+//! - [`listen`]: the agent port: connection limits, TLS handshake deadline, serving certificate.
 //! - [`enroll`]: bootstrap tokens + CSR policy -> node certificates signed by the [`pki`] fleet CA.
 //! - [`dispatch`]: authenticated agent sessions (work stream down, reports up).
 //! - [`nodes`]: the inventory of enrolled nodes and their facts.
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod daemon;
 pub mod dispatch;
 pub mod enroll;
+pub mod listen;
 pub mod nodes;
 pub mod pki;
 pub mod plan;

@@ -21,6 +21,11 @@ pub struct Settings {
     pub data_dir: std::path::PathBuf,
 }
 
+/// Blob chunks served at once, in all.
+pub const TRANSFER_SLOTS: usize = 32;
+/// ... and to one node (an agent keeps 4 chunk requests in flight).
+pub const NODE_TRANSFER_SLOTS: usize = 4;
+
 pub struct Controller {
     pub store: Arc<dyn Store>,
     pub tokens: Tokens,
@@ -31,6 +36,8 @@ pub struct Controller {
     pub bundles: Arc<crate::bundle::Bundles>,
     /// Bounds the blob chunks served at once (transfers to many agents share the disk and link).
     pub transfers: Arc<tokio::sync::Semaphore>,
+    /// Each node's own share of those slots.
+    node_transfers: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
     pub settings: Settings,
 }
 
@@ -52,9 +59,16 @@ impl Controller {
             sessions,
             rollouts,
             bundles,
-            transfers: Arc::new(tokio::sync::Semaphore::new(32)),
+            transfers: Arc::new(tokio::sync::Semaphore::new(TRANSFER_SLOTS)),
+            node_transfers: Default::default(),
             settings,
         })
+    }
+
+    /// The semaphore a node's blob requests queue on before they take a shared slot.
+    pub fn node_transfers(&self, node: &str) -> Arc<tokio::sync::Semaphore> {
+        let mut m = self.node_transfers.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(node.to_string()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(NODE_TRANSFER_SLOTS))).clone()
     }
 
     /// Make lazily written liveness data durable before exit (one flushed write flushes all).

@@ -16,6 +16,8 @@ pub use v1::*;
 
 /// Largest message either side accepts. Enrollment and reports are small; bundles travel in chunks.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Largest enrollment request (token, node name, machine-id, CSR: a few hundred bytes).
+pub const MAX_ENROLL_BYTES: usize = 16 * 1024;
 
 /// The wire protocol generation this build speaks. It changes only for a break that field
 /// additions and capabilities cannot express (docs/compatibility.md); both sides refuse a

@@ -93,6 +93,10 @@ impl Controller {
         });
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILL: no graceful shutdown, as in a crash.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

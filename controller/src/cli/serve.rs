@@ -32,6 +32,13 @@ pub struct ServeArgs {
     /// How often agents send a heartbeat [default: 15s].
     #[arg(long, value_parser = parse_duration)]
     pub heartbeat_interval: Option<Duration>,
+    /// Lifetime of the controller's serving certificate; reissued while running when a third
+    /// is left [default: 8760h].
+    #[arg(long, value_parser = parse_duration)]
+    pub server_cert_validity: Option<Duration>,
+    /// Open agent connections at most (over it, new ones are closed at once) [default: 16384].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
 }
 
 /// `/etc/fleetadm/controller.toml`: every key optional.
@@ -44,6 +51,8 @@ pub struct ControllerFileConfig {
     pub advertise_addresses: Vec<String>,
     pub node_cert_validity: Option<String>,
     pub heartbeat_interval: Option<String>,
+    pub server_cert_validity: Option<String>,
+    pub max_connections: Option<usize>,
 }
 
 fn file_duration(v: &Option<String>, key: &str, path: &Path) -> anyhow::Result<Option<Duration>> {
@@ -66,12 +75,29 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
             file_duration(&cfg.heartbeat_interval, "heartbeat_interval", &a.config)?.unwrap_or(Duration::from_secs(15))
         }
     };
+    let server_cert_validity = match a.server_cert_validity {
+        Some(d) => d,
+        None => file_duration(&cfg.server_cert_validity, "server_cert_validity", &a.config)?
+            .unwrap_or(crate::pki::SERVER_VALIDITY),
+    };
+    if server_cert_validity < Duration::from_secs(30) {
+        anyhow::bail!("--server-cert-validity must be at least 30s");
+    }
+    let mut limits = crate::listen::Limits::default();
+    if let Some(n) = a.max_connections.or(cfg.max_connections) {
+        if n == 0 {
+            anyhow::bail!("--max-connections must be at least 1");
+        }
+        limits.max_connections = n;
+    }
     let opts = ServeOptions {
         data_dir: a.data_dir.or(cfg.data_dir).unwrap_or_else(|| PathBuf::from(super::DEFAULT_DATA_DIR)),
         listen: a.listen.or(cfg.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9443))),
         advertise: if a.advertise.is_empty() { cfg.advertise_addresses } else { a.advertise },
         node_cert_validity,
         heartbeat_interval,
+        server_cert_validity,
+        limits,
     };
     daemon::serve(opts, shutdown_signal()).await
 }

@@ -1,4 +1,7 @@
 //! Node identity comes from the verified client certificate, never from a request body.
+//! [`layer`] runs before any Agent handler (and before the request body is decoded): a call
+//! without a current fleet certificate never reaches one. Handlers read the identity it
+//! established with [`caller`], which fails closed when the layer is missing.
 //! rustls has already checked the chain against the fleet CA and the validity period; here the
 //! certificate is matched against the node's record (revocation, superseded serials).
 use tonic::{Request, Status};
@@ -44,6 +47,26 @@ pub fn authenticate<T>(req: &Request<T>, nodes: &Nodes) -> Result<NodeIdentity, 
         )));
     }
     Ok(NodeIdentity { name, serial, record })
+}
+
+/// The interceptor for the Agent service: authenticates every call from its headers and TLS
+/// connection info, and attaches the [`NodeIdentity`] for the handler.
+pub fn layer(
+    nodes: std::sync::Arc<Nodes>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    move |mut req: Request<()>| {
+        let id = authenticate(&req, &nodes)?;
+        req.extensions_mut().insert(id);
+        Ok(req)
+    }
+}
+
+/// The caller [`layer`] authenticated.
+pub fn caller<T>(req: &Request<T>) -> Result<NodeIdentity, Status> {
+    req.extensions()
+        .get::<NodeIdentity>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("this call was not authenticated (the controller is misconfigured)"))
 }
 
 /// The refusal that tells an agent to stop for good (see `fleetadm_proto::REFUSAL_METADATA`).

@@ -10,7 +10,7 @@ use fleetadm_proto::{
 };
 use tonic::{Request, Response, Status};
 
-use super::auth::authenticate;
+use super::auth::caller;
 use super::events::{ReportRejected, TaskEvents};
 use super::sessions::{SessionMeta, SessionStream};
 use crate::enroll::csr;
@@ -74,7 +74,7 @@ impl Agent for AgentService {
     type OpenSessionStream = SessionStream;
 
     async fn open_session(&self, req: Request<ConnectRequest>) -> Result<Response<SessionStream>, Status> {
-        let id = authenticate(&req, &self.ctl.nodes)?;
+        let id = caller(&req)?;
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let body = req.into_inner();
         let protocol = negotiate(body.protocol, &body.agent_version)?;
@@ -116,7 +116,7 @@ impl Agent for AgentService {
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        let id = authenticate(&req, &self.ctl.nodes)?;
+        let id = caller(&req)?;
         let now = now_unix_ms();
         let agent_time = req.get_ref().agent_time_unix_ms;
         let skew = (agent_time > 0).then(|| agent_time as i64 - now as i64);
@@ -125,7 +125,7 @@ impl Agent for AgentService {
     }
 
     async fn report_inventory(&self, req: Request<Inventory>) -> Result<Response<Ack>, Status> {
-        let id = authenticate(&req, &self.ctl.nodes)?;
+        let id = caller(&req)?;
         self.ctl.nodes.set_facts(&id.name, req.get_ref()).map_err(store_err)?;
         self.ctl.nodes.touch(&id.name, now_unix_ms(), None, None).map_err(store_err)?;
         tracing::debug!(node = %id.name, "inventory updated");
@@ -133,7 +133,7 @@ impl Agent for AgentService {
     }
 
     async fn report_task(&self, req: Request<TaskReport>) -> Result<Response<Ack>, Status> {
-        let id = authenticate(&req, &self.ctl.nodes)?;
+        let id = caller(&req)?;
         let report = req.into_inner();
         self.events.task_report(&id.name, report).await.map_err(|e| match e {
             ReportRejected::UnknownTask(_) => Status::not_found(e.to_string()),
@@ -152,7 +152,7 @@ impl Agent for AgentService {
     }
 
     async fn report_lb_status(&self, req: Request<LbStatus>) -> Result<Response<Ack>, Status> {
-        let id = authenticate(&req, &self.ctl.nodes)?;
+        let id = caller(&req)?;
         let st = req.into_inner();
         if st.servers.len() > 1024 {
             return Err(Status::invalid_argument("too many real servers in one status"));
@@ -168,7 +168,7 @@ impl Agent for AgentService {
     }
 
     async fn fetch_blob(&self, req: Request<FetchBlobRequest>) -> Result<Response<BlobChunk>, Status> {
-        let id = authenticate(&req, &self.ctl.nodes)?;
+        let id = caller(&req)?;
         let r = req.into_inner();
         if !fleetadm_common::tasks::is_sha256_hex(&r.sha256) {
             return Err(Status::invalid_argument("sha256 must be 64 lowercase hex digits"));
@@ -199,6 +199,10 @@ impl Agent for AgentService {
                 id.name, r.bundle, r.sha256
             )));
         }
+        // A node queues on its own few slots before it may take one of the shared ones: one node
+        // (or a misbehaving agent) never holds every transfer slot.
+        let own = self.ctl.node_transfers(&id.name);
+        let _own = own.acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
         let _permit =
             self.ctl.transfers.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
         let max = (r.max_len as usize).clamp(1, CHUNK_MAX);
@@ -211,7 +215,7 @@ impl Agent for AgentService {
     }
 
     async fn renew_certificate(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
-        let id = authenticate(&req, &self.ctl.nodes)?;
+        let id = caller(&req)?;
         let der = req.into_inner().csr_der;
         let ctl = self.ctl.clone();
         let resp = tokio::task::spawn_blocking(move || {

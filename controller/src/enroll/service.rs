@@ -15,11 +15,12 @@ use x509_parser::prelude::FromDer;
 
 pub struct EnrollmentService {
     ctl: Arc<Controller>,
+    failures: Arc<super::limit::FailureLimit>,
 }
 
 impl EnrollmentService {
     pub fn new(ctl: Arc<Controller>) -> Self {
-        Self { ctl }
+        Self { ctl, failures: Default::default() }
     }
 }
 
@@ -46,6 +47,15 @@ pub fn node_status(e: NodeError) -> Status {
 impl Enrollment for EnrollmentService {
     async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let source = req.remote_addr().map(|a| a.ip());
+        if let Some(ip) = source {
+            if let Err(wait) = self.failures.check(ip, std::time::Instant::now()) {
+                return Err(Status::resource_exhausted(format!(
+                    "too many failed enrollment attempts from {ip}; retry in {}s",
+                    wait.as_secs().max(1)
+                )));
+            }
+        }
         // A client certificate (verified against the fleet CA by rustls) is the proof that the
         // asker holds a node's current key: the only way to re-enroll an enrolled name.
         let holder = req.peer_certs().and_then(|c| c.first().and_then(|leaf| cert_name_and_serial(leaf.as_ref())));
@@ -57,7 +67,12 @@ impl Enrollment for EnrollmentService {
             .map_err(|e| Status::internal(format!("enrollment task failed: {e}")))?;
         match &result {
             Ok(resp) => tracing::info!(node = %resp.node_name, %peer, "node enrolled"),
-            Err(st) => tracing::warn!(%peer, error = %st.message(), "enrollment refused"),
+            Err(st) => {
+                tracing::warn!(%peer, error = %st.message(), "enrollment refused");
+                if let (Some(ip), false) = (source, st.code() == tonic::Code::Internal) {
+                    self.failures.failed(ip, std::time::Instant::now());
+                }
+            }
         }
         result.map(Response::new)
     }

@@ -17,9 +17,8 @@ use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-const SERVER_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
-/// Renew the serving certificate on start when it has less than this left.
-const SERVER_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default lifetime of the controller's serving certificate (`serve --server-cert-validity`).
+pub const SERVER_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Tolerate this much clock skew between controller and nodes.
 const BACKDATE: Duration = Duration::from_secs(300);
 
@@ -65,6 +64,33 @@ pub struct IssuedCert {
 pub struct ServerCert {
     pub chain_pem: String,
     pub key_pem: String,
+    /// Serial (hex) of the leaf.
+    pub serial: String,
+    pub not_after: std::time::SystemTime,
+}
+
+impl ServerCert {
+    /// Reissue once less than a third of `validity` is left.
+    pub fn due(&self, validity: Duration) -> bool {
+        self.not_after.duration_since(std::time::SystemTime::now()).unwrap_or_default() < validity / 3
+    }
+}
+
+/// Parse `server.pem` (private key, then the leaf certificate): the pair must belong together.
+fn parse_server_pem(pem: &str, ca_pem: &str) -> Option<(ServerCert, BTreeSet<String>)> {
+    let end = "-----END PRIVATE KEY-----";
+    let split = pem.find(end)? + end.len();
+    let (key_pem, cert_pem) = (pem[..split].trim().to_string() + "\n", pem[split..].trim().to_string() + "\n");
+    let key = KeyPair::from_pem(&key_pem).ok()?;
+    let der = pem_to_der(&cert_pem).ok()?;
+    let (_, cert) = X509Certificate::from_der(&der).ok()?;
+    if cert.tbs_certificate.subject_pki.raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+        return None;
+    }
+    let not_after = std::time::UNIX_EPOCH + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
+    let sans = cert_sans(&cert);
+    let serial = hex::encode(cert.raw_serial());
+    Some((ServerCert { chain_pem: format!("{cert_pem}{ca_pem}"), key_pem, serial, not_after }, sans))
 }
 
 pub struct FleetCa {
@@ -149,18 +175,16 @@ impl FleetCa {
 
     /// The serving certificate for `names` (DNS names or IP addresses). Reused if it covers
     /// exactly these names and is not close to expiry; otherwise reissued.
-    pub fn server_cert(&self, names: &[String]) -> Result<ServerCert, PkiError> {
-        let crt = self.dir.join("server.crt");
-        let key = self.dir.join("server.key");
+    pub fn server_cert(&self, names: &[String], validity: Duration) -> Result<ServerCert, PkiError> {
+        // One file, key then certificate, replaced atomically: the two never diverge.
+        let path = self.dir.join("server.pem");
         let wanted: BTreeSet<String> = names.iter().cloned().collect();
-        if let (Ok(c), Ok(k)) = (fs::read_to_string(&crt), fs::read_to_string(&key)) {
-            if let Ok(der) = pem_to_der(&c) {
-                if let Ok((_, cert)) = X509Certificate::from_der(&der) {
-                    let have = cert_sans(&cert);
-                    let left = cert.validity().time_to_expiration().map(|d| d.whole_seconds()).unwrap_or(0);
-                    if have == wanted && left > SERVER_RENEW_BEFORE.as_secs() as i64 {
-                        return Ok(ServerCert { chain_pem: format!("{c}{}", self.cert_pem), key_pem: k });
-                    }
+        if let Ok(text) = fs::read_to_string(&path) {
+            match parse_server_pem(&text, &self.cert_pem) {
+                Some((sc, have)) if have == wanted && !sc.due(validity) => return Ok(sc),
+                Some(_) => {}
+                None => {
+                    tracing::warn!(path = %path.display(), "serving certificate and key do not parse or do not match; reissuing")
                 }
             }
         }
@@ -172,15 +196,27 @@ impl FleetCa {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.not_before = offset(BACKDATE, false);
-        params.not_after = offset(SERVER_VALIDITY, true);
-        params.serial_number = Some(random_serial().0);
+        params.not_before = offset(BACKDATE.min(validity / 4), false);
+        params.not_after = offset(validity, true);
+        let (serial, serial_hex) = random_serial();
+        params.serial_number = Some(serial);
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&kp, &self.issuer).map_err(rc("sign server certificate"))?;
-        write_private(&key, kp.serialize_pem().as_bytes()).map_err(io("cannot write server key", &key))?;
-        write_atomic(&crt, cert.pem().as_bytes(), 0o644).map_err(io("cannot write server certificate", &crt))?;
-        tracing::info!(names = ?names, "issued controller serving certificate");
-        Ok(ServerCert { chain_pem: format!("{}{}", cert.pem(), self.cert_pem), key_pem: kp.serialize_pem() })
+        let text = format!("{}{}", kp.serialize_pem(), cert.pem());
+        write_private(&path, text.as_bytes()).map_err(io("cannot write serving certificate", &path))?;
+        // The two-file layout of older controllers.
+        for old in ["server.crt", "server.key"] {
+            let _ = fs::remove_file(self.dir.join(old));
+        }
+        let not_after =
+            std::time::UNIX_EPOCH + Duration::from_secs(offset(validity, true).unix_timestamp().max(0) as u64);
+        tracing::info!(names = ?names, serial = %serial_hex, "issued controller serving certificate");
+        Ok(ServerCert {
+            chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
+            key_pem: kp.serialize_pem(),
+            serial: serial_hex,
+            not_after,
+        })
     }
 
     /// Sign a vetted CSR as a node client certificate. Everything but the public key comes from
@@ -305,11 +341,37 @@ mod tests {
     fn server_cert_is_reissued_when_names_change() {
         let dir = tempfile::tempdir().unwrap();
         let ca = FleetCa::load_or_create(dir.path()).unwrap();
-        let a = ca.server_cert(&["127.0.0.1".into(), "localhost".into()]).unwrap();
-        let b = ca.server_cert(&["127.0.0.1".into(), "localhost".into()]).unwrap();
+        let v = SERVER_VALIDITY;
+        let a = ca.server_cert(&["127.0.0.1".into(), "localhost".into()], v).unwrap();
+        let b = ca.server_cert(&["127.0.0.1".into(), "localhost".into()], v).unwrap();
         assert_eq!(a.chain_pem, b.chain_pem);
-        let c = ca.server_cert(&["127.0.0.1".into(), "10.1.2.3".into()]).unwrap();
+        let c = ca.server_cert(&["127.0.0.1".into(), "10.1.2.3".into()], v).unwrap();
         assert_ne!(a.chain_pem, c.chain_pem);
         assert!(c.chain_pem.ends_with(ca.cert_pem()));
+    }
+
+    #[test]
+    fn server_key_and_certificate_never_diverge() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = FleetCa::load_or_create(dir.path()).unwrap();
+        let names = vec!["127.0.0.1".to_string()];
+        let a = ca.server_cert(&names, SERVER_VALIDITY).unwrap();
+        let pem = dir.path().join("pki/server.pem");
+        assert_eq!(fs::metadata(&pem).unwrap().permissions().mode() & 0o777, 0o600);
+        // A key that is not the certificate's (what a crash between two writes used to leave):
+        // never served, a fresh pair is issued instead.
+        let other = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap().serialize_pem();
+        let leaf = &a.chain_pem[..a.chain_pem.len() - ca.cert_pem().len()];
+        fs::write(&pem, format!("{other}{leaf}")).unwrap();
+        let b = ca.server_cert(&names, SERVER_VALIDITY).unwrap();
+        assert_ne!(a.serial, b.serial);
+        assert!(parse_server_pem(&fs::read_to_string(&pem).unwrap(), ca.cert_pem()).is_some());
+        // Due once a third of its lifetime is left.
+        let now = std::time::SystemTime::now();
+        let at = |left: u64| ServerCert { not_after: now + Duration::from_secs(left), ..b.clone() };
+        assert!(!at(25).due(Duration::from_secs(30)));
+        assert!(at(9).due(Duration::from_secs(30)));
+        assert!(ServerCert { not_after: now - Duration::from_secs(1), ..b.clone() }.due(Duration::from_secs(30)));
     }
 }

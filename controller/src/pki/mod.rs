@@ -3,4 +3,4 @@
 mod fleet_ca;
 pub mod kube;
 
-pub use fleet_ca::{FleetCa, IssuedCert, PkiError, ServerCert};
+pub use fleet_ca::{FleetCa, IssuedCert, PkiError, ServerCert, SERVER_VALIDITY};
