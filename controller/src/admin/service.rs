@@ -387,8 +387,15 @@ fn candidates(ctl: &Controller) -> Result<Vec<crate::plan::resolve::Candidate>, 
     let mut out = Vec::new();
     for record in records {
         let facts = ctl.nodes.facts(&record.name).map_err(|e| Status::internal(e.to_string()))?;
-        let connected = ctl.sessions.is_connected(&record.name);
-        out.push(crate::plan::resolve::Candidate { record, facts, connected });
+        let session = ctl.sessions.info(&record.name);
+        let connected = session.is_some();
+        // The address this node's session connects from: the live one, else the last recorded.
+        let observed = session
+            .map(|s| s.peer)
+            .as_deref()
+            .or(Some(record.peer_address.as_str()))
+            .and_then(crate::plan::resolve::peer_ip);
+        out.push(crate::plan::resolve::Candidate { record, facts, connected, observed });
     }
     Ok(out)
 }

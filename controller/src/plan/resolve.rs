@@ -15,21 +15,66 @@ pub struct Candidate {
     pub record: NodeRecord,
     pub facts: Option<Inventory>,
     pub connected: bool,
+    /// The address its session actually connects from (the TCP peer the controller saw).
+    pub observed: Option<IpAddr>,
 }
 
 use crate::nodes::addresses;
 
+/// The IP of a recorded peer address (`IP:PORT`), IPv4-mapped IPv6 folded to IPv4.
+pub fn peer_ip(peer: &str) -> Option<IpAddr> {
+    peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip().to_canonical())
+}
+
+enum Resolution<'a> {
+    Found(&'a Candidate, IpAddr),
+    Unknown,
+    Refused(String),
+}
+
 /// The node a reference means, and the IP the cluster should use for it.
-fn resolve<'a>(r: &str, nodes: &'a [Candidate]) -> Option<(&'a Candidate, IpAddr)> {
-    if let Ok(ip) = r.parse::<IpAddr>() {
-        return nodes
-            .iter()
-            .find(|c| c.facts.as_ref().map(|f| addresses(f).contains(&ip)).unwrap_or(false))
-            .map(|c| (c, ip));
+///
+/// By node name: the operator chose the node; its own (first IPv4) address is used. By IP:
+/// an address a node merely reports proves nothing (any node can claim a master's IP), so the
+/// IP must be the one exactly one node both reports and connects from.
+fn resolve<'a>(r: &str, nodes: &'a [Candidate]) -> Resolution<'a> {
+    let Ok(ip) = r.parse::<IpAddr>() else {
+        return match nodes.iter().find(|c| c.record.name == r) {
+            None => Resolution::Unknown,
+            Some(c) => match c.facts.as_ref().and_then(|f| addresses(f).into_iter().find(|a| a.is_ipv4())) {
+                Some(ip) => Resolution::Found(c, ip),
+                None => Resolution::Refused(format!("host {r}: node {r} has reported no IPv4 address yet")),
+            },
+        };
+    };
+    let ip = ip.to_canonical();
+    let names = |v: &[&Candidate]| v.iter().map(|c| c.record.name.as_str()).collect::<Vec<_>>().join(", ");
+    let claim: Vec<&Candidate> =
+        nodes.iter().filter(|c| c.facts.as_ref().is_some_and(|f| addresses(f).contains(&ip))).collect();
+    let seen: Vec<&Candidate> = nodes.iter().filter(|c| c.observed == Some(ip)).collect();
+    match (claim.as_slice(), seen.as_slice()) {
+        ([], []) => Resolution::Unknown,
+        ([_, _, ..], _) => Resolution::Refused(format!(
+            "host {r}: nodes {} all report this address; an address must belong to one node: name the host by node name",
+            names(&claim)
+        )),
+        ([c], [s]) if c.record.name == s.record.name => Resolution::Found(c, ip),
+        ([c], []) => Resolution::Refused(format!(
+            "host {r}: node {} reports this address but connects from {}; an address is used only when it is observed too (behind NAT or a relay, name the host by node name: {})",
+            c.record.name,
+            c.observed.map(|o| o.to_string()).unwrap_or_else(|| "nowhere yet".into()),
+            c.record.name
+        )),
+        ([c], others) => Resolution::Refused(format!(
+            "host {r}: node {} reports this address but node {} connects from it; name the host by node name",
+            c.record.name,
+            names(others)
+        )),
+        ([], others) => Resolution::Refused(format!(
+            "host {r}: node {} connects from this address but has it on no interface (NAT?); name the host by node name",
+            names(others)
+        )),
     }
-    let c = nodes.iter().find(|c| c.record.name == r)?;
-    let ip = c.facts.as_ref().and_then(|f| addresses(f).into_iter().find(|a| a.is_ipv4()))?;
-    Some((c, ip))
 }
 
 /// The outcome of resolving a request: what `--dry-run` prints, and (when there are no errors)
@@ -96,8 +141,9 @@ pub fn resolve_request(req: &PlanClusterRequest, nodes: &[Candidate]) -> Resolve
         let mut out = Vec::new();
         for r in refs {
             match resolve(r, nodes) {
-                None => unknown.push(r.clone()),
-                Some((c, ip)) => {
+                Resolution::Unknown => unknown.push(r.clone()),
+                Resolution::Refused(why) => resp.errors.push(why),
+                Resolution::Found(c, ip) => {
                     if !seen.insert(c.record.name.clone()) {
                         resp.errors.push(format!("host {r} ({}) is listed twice", c.record.name));
                         continue;
@@ -150,4 +196,79 @@ pub fn resolve_request(req: &PlanClusterRequest, nodes: &[Candidate]) -> Resolve
     }
     let shape = if resp.errors.is_empty() { planned } else { None };
     Resolved { response: resp, shape, clusterfile: parsed_cf }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetadm_proto::Interface as NetInterface;
+
+    fn node(name: &str, reports: &[&str], observed: Option<&str>) -> Candidate {
+        Candidate {
+            record: NodeRecord {
+                name: name.into(),
+                machine_id: String::new(),
+                enrolled_at: 0,
+                cert_serial: String::new(),
+                previous_serial: None,
+                cert_not_after: 0,
+                revoked: false,
+                revoked_at: 0,
+                last_seen_ms: 0,
+                clock_skew_ms: 0,
+                peer_address: String::new(),
+            },
+            facts: Some(Inventory {
+                interfaces: vec![NetInterface {
+                    name: "eth0".into(),
+                    addresses: reports.iter().map(|a| format!("{a}/24")).collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            connected: true,
+            observed: observed.map(|o| o.parse().unwrap()),
+        }
+    }
+
+    fn outcome(r: &str, nodes: &[Candidate]) -> Result<String, String> {
+        match resolve(r, nodes) {
+            Resolution::Found(c, ip) => Ok(format!("{} {ip}", c.record.name)),
+            Resolution::Unknown => Err("unknown".into()),
+            Resolution::Refused(why) => Err(why),
+        }
+    }
+
+    #[test]
+    fn an_address_resolves_only_when_exactly_one_node_reports_and_connects_from_it() {
+        let honest = [node("m1", &["10.0.0.2"], Some("10.0.0.2")), node("w1", &["10.0.0.3"], Some("10.0.0.3"))];
+        assert_eq!(outcome("10.0.0.2", &honest), Ok("m1 10.0.0.2".into()));
+        assert_eq!(outcome("m1", &honest), Ok("m1 10.0.0.2".into()));
+        assert_eq!(outcome("10.9.9.9", &honest), Err("unknown".into()));
+
+        // A compromised worker claims the master's address too: refused, both named.
+        let claim = [node("m1", &["10.0.0.2"], Some("10.0.0.2")), node("evil", &["10.0.0.2"], Some("10.0.0.7"))];
+        let e = outcome("10.0.0.2", &claim).unwrap_err();
+        assert!(e.contains("m1") && e.contains("evil") && e.contains("node name"), "{e}");
+
+        // It claims an address that is not its own (the master is offline or not enrolled).
+        let lone = [node("evil", &["10.0.0.2"], Some("10.0.0.7"))];
+        let e = outcome("10.0.0.2", &lone).unwrap_err();
+        assert!(e.contains("evil") && e.contains("connects from 10.0.0.7"), "{e}");
+
+        // Reported by one node, observed from another.
+        let split = [node("m1", &["10.0.0.2"], Some("10.0.0.9")), node("w1", &["10.0.0.3"], Some("10.0.0.2"))];
+        let e = outcome("10.0.0.2", &split).unwrap_err();
+        assert!(e.contains("m1") && e.contains("w1"), "{e}");
+
+        // Behind NAT: observed only; the operator names the node instead.
+        let nat = [node("n1", &["192.168.1.5"], Some("203.0.113.9"))];
+        let e = outcome("203.0.113.9", &nat).unwrap_err();
+        assert!(e.contains("n1") && e.contains("NAT"), "{e}");
+        assert_eq!(outcome("n1", &nat), Ok("n1 192.168.1.5".into()));
+
+        // IPv4-mapped IPv6 peers count as their IPv4 address.
+        assert_eq!(peer_ip("[::ffff:10.0.0.2]:5000"), Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(peer_ip("garbage"), None);
+    }
 }
