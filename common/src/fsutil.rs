@@ -58,6 +58,17 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Is `path` strictly below `root`, compared component by component after refusing `..` and
+/// `.` (so `/etc/kubernetes/../x` is not below `/etc/kubernetes`, and `/etc/kubernetes-x` is
+/// not either)? No filesystem access: symlinks are the writer's concern (`O_NOFOLLOW`).
+pub fn is_below(root: &Path, path: &Path) -> bool {
+    use std::path::Component;
+    path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+        && root.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+        && path.starts_with(root)
+        && path != root
+}
+
 /// Write a secret (private key, token) readable by its owner only.
 pub fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
     write_atomic(path, data, 0o600)
@@ -85,6 +96,26 @@ mod tests {
         // no temp files left behind
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn below_compares_components_not_strings() {
+        let root = Path::new("/etc/kubernetes");
+        // (`.` in the middle means nothing: Path drops it)
+        for ok in ["/etc/kubernetes/pki/ca.crt", "/etc/kubernetes/x", "/etc/kubernetes/./x"] {
+            assert!(is_below(root, Path::new(ok)), "{ok}");
+        }
+        for bad in [
+            "/etc/kubernetes",
+            "/etc/kubernetes/",
+            "/etc/kubernetes/../shadow",
+            "/etc/kubernetes/pki/../../shadow",
+            "/etc/kubernetes-evil/x",
+            "etc/kubernetes/x",
+            "/etc",
+        ] {
+            assert!(!is_below(root, Path::new(bad)), "{bad}");
+        }
     }
 
     #[test]

@@ -25,9 +25,24 @@ impl BlobStore {
         std::fs::metadata(self.path(sha256)).map(|m| m.len() == size).unwrap_or(false)
     }
 
+    /// Is blob `sha256` present and intact (hashed, not just sized)? A corrupt one is removed.
+    pub fn verified(&self, sha256: &str, size: u64) -> Result<bool, BundleError> {
+        if !self.has(sha256, size) {
+            return Ok(false);
+        }
+        let p = self.path(sha256);
+        let (got, _) = super::manifest::hash_file(&p)?;
+        if got == sha256 {
+            return Ok(true);
+        }
+        tracing::warn!(blob = %sha256, got = %got, "stored blob is corrupt; replacing it");
+        std::fs::remove_file(&p).map_err(|e| BundleError::io(&p, e))?;
+        Ok(false)
+    }
+
     /// Copy `src` in as blob `sha256`; returns false when it was already there (deduplicated).
     pub fn put_file(&self, src: &Path, sha256: &str, size: u64) -> Result<bool, BundleError> {
-        if self.has(sha256, size) {
+        if self.verified(sha256, size)? {
             return Ok(false);
         }
         let dst = self.path(sha256);

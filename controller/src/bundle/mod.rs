@@ -57,11 +57,13 @@ pub struct Bundles {
     store: Arc<dyn Store>,
     pub blobs: BlobStore,
     tmp: PathBuf,
+    /// What one import may unpack.
+    pub budget: archive::Budget,
 }
 
 impl Bundles {
     pub fn new(store: Arc<dyn Store>, data_dir: &Path) -> Self {
-        Self { store, blobs: BlobStore::new(data_dir), tmp: data_dir.join("tmp") }
+        Self { store, blobs: BlobStore::new(data_dir), tmp: data_dir.join("tmp"), budget: Default::default() }
     }
 
     /// Verify a bundle (directory, tar or tar.gz) against its manifest and store its blobs.
@@ -77,7 +79,7 @@ impl Bundles {
                 .prefix("import-")
                 .tempdir_in(&self.tmp)
                 .map_err(|e| BundleError::io(&self.tmp, e))?;
-            archive::unpack(path, t.path())?;
+            archive::unpack(path, t.path(), &self.budget)?;
             let p = t.path().to_path_buf();
             _cleanup = t;
             p
@@ -85,6 +87,7 @@ impl Bundles {
         let text = std::fs::read_to_string(dir.join(MANIFEST))
             .map_err(|e| BundleError::Manifest(format!("cannot read {MANIFEST} at the bundle root: {e}")))?;
         let m = Manifest::parse(&text)?;
+        self.budget.check(&m)?;
         manifest::verify_dir(&dir, &m)?;
         if let Some(old) = get_json::<BundleRecord>(&*self.store, Table::Bundles, &m.name)? {
             if old.manifest != m {
@@ -139,6 +142,8 @@ impl Bundles {
 mod tests {
     use super::*;
     use crate::store::SledStore;
+    use fleetadm_common::tasks::BundleFile;
+    use std::io::Read as _;
     use std::os::unix::fs::PermissionsExt;
 
     fn tree(dir: &Path, files: &[(&str, &str)]) {
@@ -178,6 +183,11 @@ mod tests {
         assert_eq!(b.list().unwrap().len(), 2);
         assert!(b.import(&a).is_ok(), "re-importing the same bundle is fine");
         let kubeadm = ra.manifest.files.iter().find(|f| f.path == "bin/kubeadm").unwrap().sha256.clone();
+        // A stored blob that went bad (same size) is not reused: the next import replaces it.
+        std::fs::write(b.blobs.path(&kubeadm), "kubeadm-BYTES").unwrap();
+        assert!(!b.blobs.verified(&kubeadm, 13).unwrap());
+        assert_eq!(b.import(&a).unwrap().new_bytes, 13);
+        assert_eq!(std::fs::read(b.blobs.path(&kubeadm)).unwrap(), b"kubeadm-bytes");
         b.remove("k8s-a").unwrap();
         assert!(b.blobs.has(&kubeadm, 13), "still used by k8s-b");
         b.remove("k8s-b").unwrap();
@@ -240,5 +250,100 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", src.join("bin/kubelet")).unwrap();
         assert!(manifest::describe_dir(&src, "linky", "v1.29.9", "amd64").is_err());
         assert!(b.list().unwrap().is_empty(), "nothing recorded");
+    }
+
+    /// A tar.gz with `manifest` first, then each (path, declared header size, data reader).
+    fn archive_with(p: &Path, manifest: &Manifest, entries: Vec<(&str, u64, Box<dyn std::io::Read>)>) {
+        let gz = flate2::write::GzEncoder::new(std::fs::File::create(p).unwrap(), flate2::Compression::fast());
+        let mut t = tar::Builder::new(gz);
+        let yaml = serde_yaml::to_string(manifest).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(yaml.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append_data(&mut h, MANIFEST, yaml.as_bytes()).unwrap();
+        for (path, size, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(size);
+            h.set_mode(0o755);
+            h.set_cksum();
+            t.append_data(&mut h, path, data).unwrap();
+        }
+        t.into_inner().unwrap().finish().unwrap();
+    }
+
+    fn leftovers(d: &Path) -> usize {
+        std::fs::read_dir(d.join("tmp")).map(|r| r.count()).unwrap_or(0)
+    }
+
+    #[test]
+    fn imports_have_a_budget_and_leave_nothing_behind() {
+        let (d, mut b) = setup();
+        b.budget = archive::Budget {
+            max_total_bytes: 8 << 20,
+            max_files: 4,
+            max_file_bytes: 4 << 20,
+            max_manifest_bytes: 64 << 10,
+        };
+        let zeros = |n: u64| Box::new(std::io::repeat(0).take(n)) as Box<dyn std::io::Read>;
+        let file = |path: &str, size: u64| BundleFile { path: path.into(), size, mode: 0o755, sha256: "ab".repeat(32) };
+        let m = |files: Vec<BundleFile>| Manifest {
+            name: "bomb".into(),
+            kubernetes_version: "v1.29.9".into(),
+            arch: "amd64".into(),
+            files,
+        };
+        let p = d.path().join("bomb.tar.gz");
+        let tmp_bytes = || {
+            fn du(p: &Path) -> u64 {
+                std::fs::read_dir(p)
+                    .map(|r| {
+                        r.flatten()
+                            .map(|e| {
+                                let md = e.metadata().unwrap();
+                                if md.is_dir() {
+                                    du(&e.path())
+                                } else {
+                                    md.len()
+                                }
+                            })
+                            .sum()
+                    })
+                    .unwrap_or(0)
+            }
+            du(&d.path().join("tmp"))
+        };
+
+        // A gzip bomb: 64 MiB of zeros (~64 KiB compressed) under a manifest that declares them.
+        archive_with(&p, &m(vec![file("bin/kubeadm", 64 << 20)]), vec![("bin/kubeadm", 64 << 20, zeros(64 << 20))]);
+        assert!(std::fs::metadata(&p).unwrap().len() < 1 << 20);
+        let e = b.import(&p).unwrap_err().to_string();
+        assert!(e.contains("more than the 4194304 allowed per file"), "{e}");
+        // ... or one that declares a small file and archives a large one.
+        archive_with(&p, &m(vec![file("bin/kubeadm", 10)]), vec![("bin/kubeadm", 64 << 20, zeros(64 << 20))]);
+        let e = b.import(&p).unwrap_err().to_string();
+        assert!(e.contains("the archive says 67108864 bytes"), "{e}");
+        // Too much in all, too many files.
+        let four: Vec<BundleFile> = (0..4).map(|i| file(&format!("bin/f{i}"), 3 << 20)).collect();
+        archive_with(&p, &m(four), vec![]);
+        assert!(b.import(&p).unwrap_err().to_string().contains("bytes, more than the 8388608 allowed"));
+        let five: Vec<BundleFile> = (0..5).map(|i| file(&format!("bin/f{i}"), 1)).collect();
+        archive_with(&p, &m(five), vec![]);
+        assert!(b.import(&p).unwrap_err().to_string().contains("lists 5 files"));
+        // An entry the manifest does not list, or the manifest not first.
+        archive_with(&p, &m(vec![file("bin/kubeadm", 1)]), vec![("bin/extra", 1, zeros(1))]);
+        assert!(b.import(&p).unwrap_err().to_string().contains("\"bin/extra\" is not listed"));
+        let mut t = tar::Builder::new(std::fs::File::create(d.path().join("late.tar")).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_cksum();
+        t.append_data(&mut h, "bin/kubeadm", &b"hello"[..]).unwrap();
+        t.finish().unwrap();
+        drop(t);
+        assert!(b.import(&d.path().join("late.tar")).unwrap_err().to_string().contains("must come first"));
+        // Nothing was recorded, nothing is left in the import area, and no bomb ever hit the disk.
+        assert!(b.list().unwrap().is_empty());
+        assert_eq!(leftovers(d.path()), 0);
+        assert_eq!(tmp_bytes(), 0);
     }
 }

@@ -10,10 +10,11 @@
 //! - `systemctl daemon-reload` when systemd runs; `images/*` imported with `ctr` when containerd
 //!   runs; `scripts/pre-bootstrap.sh` / `scripts/post-bootstrap.sh` run with a clean environment.
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use fleetadm_common::tasks::BundleFile;
+use fleetadm_common::tasks::{is_sha256_hex, safe_bundle_path, BundleFile};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -31,6 +32,8 @@ pub enum BootstrapError {
     },
     #[error("{0}: cached blob is corrupt; fetch the bundle again")]
     Corrupt(String),
+    #[error("{0:?}: not a bundle path or not a SHA-256; refused")]
+    BadFile(String),
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -106,8 +109,22 @@ fn sha256(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
-/// Where a bundle file goes (relative to the root), or `None` when bootstrap does not install it.
+/// The mode a bundle file is installed with: never group- or world-writable, whatever the
+/// bundle says (the agent runs these binaries as root); binaries readable and executable by all.
+pub fn install_mode(path: &str, mode: u32) -> u32 {
+    if path.starts_with("bin/") {
+        (mode | 0o555) & 0o755
+    } else {
+        (mode & 0o644) | 0o600
+    }
+}
+
+/// Where a bundle file goes (relative to the root), or `None` when bootstrap does not install it
+/// (or the path is not a plain relative bundle path: no `..`, `.`, empty or absolute component).
 pub fn destination(path: &str) -> Option<String> {
+    if !safe_bundle_path(path) {
+        return None;
+    }
     let (top, rest) = path.split_once('/')?;
     let name = Path::new(rest).file_name()?.to_string_lossy().into_owned();
     Some(match (top, rest) {
@@ -146,6 +163,64 @@ impl<S: System> Bootstrap<'_, S> {
         Ok(())
     }
 
+    /// Install blob `f` at `rel` with `mode` unless it is already exactly that: streamed from the
+    /// cache through a running hash into an exclusive temp file, renamed into place only if the
+    /// hash matches (multi-GiB files never sit in memory).
+    fn ensure_blob(
+        &self,
+        rel: &str,
+        f: &BundleFile,
+        mode: u32,
+        changes: &mut Vec<String>,
+    ) -> Result<(), BootstrapError> {
+        let p = self.root.join(rel);
+        let same_mode = std::fs::metadata(&p).map(|m| m.permissions().mode() & 0o777 == mode).unwrap_or(false);
+        if same_mode && super::fetch::sha256_file(&p).map(|h| h == f.sha256).unwrap_or(false) {
+            return Ok(());
+        }
+        let dir = p.parent().unwrap_or(&self.root).to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+        let src = self.cache.path(&f.sha256);
+        let mut input = std::fs::File::open(&src).map_err(io("reading", &src))?;
+        let stem = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let (tmp, mut out) =
+            fleetadm_common::fsutil::create_temp_in(&dir, &stem, mode).map_err(io("creating", &dir))?;
+        let copied = (|| -> Result<String, BootstrapError> {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = input.read(&mut buf).map_err(io("reading", &src))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(io("writing", &tmp))?;
+            }
+            out.sync_all().map_err(io("writing", &tmp))?;
+            Ok(hex::encode(h.finalize()))
+        })();
+        drop(out);
+        match copied {
+            Ok(got) if got == f.sha256 => {}
+            Ok(_) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(BootstrapError::Corrupt(f.path.clone()));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        std::fs::rename(&tmp, &p).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io("installing", &p)(e)
+        })?;
+        fleetadm_common::fsutil::sync_dir(&dir);
+        changes.push(format!("installed /{rel}"));
+        Ok(())
+    }
+
     pub fn install(
         &mut self,
         files: &[BundleFile],
@@ -154,19 +229,21 @@ impl<S: System> Bootstrap<'_, S> {
     ) -> Result<Vec<String>, BootstrapError> {
         let mut changes = Vec::new();
         let mut rec = self.load_record();
-        // Everything must be in the cache and intact before anything is installed.
-        let mut blobs = BTreeMap::new();
+        // Everything must be in the cache and intact before anything is installed (hashed as a
+        // stream; installing hashes again while copying).
         for f in files {
+            if !safe_bundle_path(&f.path) || !is_sha256_hex(&f.sha256) {
+                return Err(BootstrapError::BadFile(f.path.clone()));
+            }
             let p = self.cache.path(&f.sha256);
-            let data = std::fs::read(&p).map_err(|source| BootstrapError::NotFetched {
+            let got = super::fetch::sha256_file(&p).map_err(|source| BootstrapError::NotFetched {
                 path: f.path.clone(),
                 blob: p.display().to_string(),
                 source,
             })?;
-            if sha256(&data) != f.sha256 {
+            if got != f.sha256 {
                 return Err(BootstrapError::Corrupt(f.path.clone()));
             }
-            blobs.insert(f.path.clone(), data);
         }
         let env = |stage: &str| {
             vec![
@@ -188,8 +265,7 @@ impl<S: System> Bootstrap<'_, S> {
         }
         for f in files {
             let Some(dest) = destination(&f.path) else { continue };
-            let mode = if f.path.starts_with("bin/") { f.mode | 0o555 } else { f.mode & 0o644 | 0o600 };
-            self.ensure_file(&dest, &blobs[&f.path], mode, &mut changes)?;
+            self.ensure_blob(&dest, f, install_mode(&f.path, f.mode), &mut changes)?;
             rec.files.insert(format!("/{dest}"), f.sha256.clone());
         }
         let modules: String = MODULES.iter().map(|m| format!("{m}\n")).collect();
@@ -517,5 +593,46 @@ mod tests {
         );
         assert_eq!(destination("manifests/cni.yaml"), None);
         assert_eq!(destination("images/x.tar"), None);
+        for hostile in ["conf/../../etc/shadow", "conf/./x", "conf//x", "/conf/x", "bin/../x"] {
+            assert_eq!(destination(hostile), None, "{hostile}");
+        }
+    }
+
+    #[test]
+    fn installed_files_are_never_group_or_world_writable() {
+        for (path, given, want) in [
+            ("bin/kubeadm", 0o777, 0o755),
+            ("bin/kubeadm", 0o700, 0o755),
+            ("bin/kubeadm", 0o4777, 0o755),
+            ("conf/kubelet.service", 0o666, 0o644),
+            ("conf/secret.yaml", 0o600, 0o600),
+        ] {
+            assert_eq!(install_mode(path, given), want, "{path} {given:o}");
+        }
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let files = vec![
+            put(state.path(), "bin/kubeadm", b"kubeadm", 0o777),
+            put(state.path(), "conf/kubelet.service", b"[Service]", 0o666),
+        ];
+        let cache = BlobCache::new(state.path());
+        let mut fake = Fake::default();
+        let mut b = Bootstrap {
+            root: root.path().into(),
+            cache: &cache,
+            record_path: state.path().join("bootstrap.json"),
+            sys: &mut fake,
+        };
+        b.install(&files, "k8s", "v1.29.9").unwrap();
+        let mode = |p: &str| std::fs::metadata(root.path().join(p)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode("usr/local/bin/kubeadm"), 0o755);
+        assert_eq!(mode("etc/systemd/system/kubelet.service"), 0o644);
+        // No temporary file is left next to what was installed.
+        let names: Vec<_> =
+            std::fs::read_dir(root.path().join("usr/local/bin")).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        // A hostile path in the task is refused before anything is installed.
+        let bad = BundleFile { path: "conf/../../etc/shadow".into(), ..files[1].clone() };
+        assert!(matches!(b.install(&[bad], "k8s", "v1.29.9"), Err(BootstrapError::BadFile(_))));
     }
 }

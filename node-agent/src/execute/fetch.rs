@@ -31,6 +31,22 @@ impl BlobCache {
     pub fn has(&self, f: &BundleFile) -> bool {
         std::fs::metadata(self.path(&f.sha256)).map(|m| m.len() == f.size).unwrap_or(false)
     }
+
+    /// Is the blob cached and intact (its SHA-256 checked, not just its size)? A corrupt one is
+    /// deleted, so it is fetched again. Blocking: hashes the whole file.
+    pub fn verified(&self, f: &BundleFile) -> Result<bool, FetchError> {
+        if !is_sha256_hex(&f.sha256) || !self.has(f) {
+            return Ok(false);
+        }
+        let p = self.path(&f.sha256);
+        let got = sha256_file(&p).map_err(io("reading", &p))?;
+        if got == f.sha256 {
+            return Ok(true);
+        }
+        tracing::warn!(path = %f.path, blob = %f.sha256, %got, "cached blob is corrupt; fetching it again");
+        std::fs::remove_file(&p).map_err(io("removing", &p))?;
+        Ok(false)
+    }
 }
 
 /// Chunk requests in flight per blob (hides the round trip; the order of writes is kept).
@@ -88,7 +104,7 @@ pub struct FetchStats {
     pub resumed_bytes: u64,
 }
 
-fn sha256_file(p: &Path) -> std::io::Result<String> {
+pub(crate) fn sha256_file(p: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(p)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -134,7 +150,8 @@ pub async fn fetch_all<S: ChunkSource>(
         if !is_sha256_hex(&f.sha256) {
             return Err(FetchError::BadHash { path: f.path.clone(), sha: f.sha256.clone() });
         }
-        if cache.has(f) {
+        let (c, fc) = (BlobCache { dir: cache.dir.clone() }, f.clone());
+        if off_thread(move || c.verified(&fc)).await? {
             stats.cached += 1;
             done += f.size;
             continue;
@@ -335,6 +352,13 @@ mod tests {
         src.reset_bytes();
         let stats = fetch_all(&cache, &mut s, &files, |_, _| {}).await.unwrap();
         assert_eq!((stats.cached, stats.fetched, src.bytes()), (2, 0, 0), "nothing fetched twice");
+        // A cached blob that went bad (same size) is not reused: it is fetched again.
+        let mut bad = small.clone();
+        bad[0] ^= 1;
+        std::fs::write(cache.path(&files[2].sha256), &bad).unwrap();
+        let stats = fetch_all(&cache, &mut s, &files, |_, _| {}).await.unwrap();
+        assert_eq!((stats.cached, stats.fetched, src.bytes()), (1, 1, small.len() as u64));
+        assert_eq!(std::fs::read(cache.path(&files[2].sha256)).unwrap(), small);
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! The `pki` task: install files the controller sends (certificates, keys, kubeconfigs) with
 //! exact modes, atomically, only below /etc/kubernetes.
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use fleetadm_proto::FileSpec;
 use thiserror::Error;
@@ -27,10 +27,7 @@ pub enum FilesError {
 /// [`ALLOWED_ROOT`].
 fn target(root: &Path, spec_path: &str) -> Result<PathBuf, FilesError> {
     let p = Path::new(spec_path);
-    let inside = p.starts_with(ALLOWED_ROOT)
-        && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
-        && p != Path::new(ALLOWED_ROOT);
-    if !inside {
+    if !fleetadm_common::fsutil::is_below(Path::new(ALLOWED_ROOT), p) {
         return Err(FilesError::OutsideRoot(spec_path.to_string()));
     }
     Ok(root.join(p.strip_prefix("/").unwrap_or(p)))
@@ -41,7 +38,9 @@ pub fn install(root: &Path, files: &[FileSpec]) -> Result<Vec<String>, FilesErro
     // Check everything before writing anything.
     let mut targets = Vec::new();
     for f in files {
-        if f.mode & !0o777 != 0 || f.mode & 0o200 == 0 {
+        // Owner-writable, never group- or world-writable (the controller writes keys and
+        // kubeconfigs here that root processes trust).
+        if f.mode & !0o777 != 0 || f.mode & 0o200 == 0 || f.mode & 0o022 != 0 {
             return Err(FilesError::BadMode { path: f.path.clone(), mode: f.mode });
         }
         targets.push(target(root, &f.path)?);
@@ -95,6 +94,9 @@ mod tests {
             assert!(matches!(install(root.path(), &files), Err(FilesError::OutsideRoot(_))), "{bad}");
         }
         assert!(!root.path().join("etc/kubernetes/ok.conf").exists());
-        assert!(matches!(install(root.path(), &[spec("/etc/kubernetes/x", 0o4755)]), Err(FilesError::BadMode { .. })));
+        for mode in [0o4755, 0o666, 0o620, 0o602, 0o444] {
+            let r = install(root.path(), &[spec("/etc/kubernetes/x", mode)]);
+            assert!(matches!(r, Err(FilesError::BadMode { .. })), "{mode:o}");
+        }
     }
 }

@@ -113,7 +113,7 @@ pub async fn reset(
     let removed = off_thread(move || {
         let mut out = String::new();
         for p in paths.iter().map(PathBuf::from).chain([dir.join("fleetadm")]) {
-            if !p.starts_with(&dir) {
+            if !fleetadm_common::fsutil::is_below(&dir, &p) {
                 out.push_str(&format!("\nnot removing {} (outside {})", p.display(), dir.display()));
                 continue;
             }
@@ -128,4 +128,32 @@ pub async fn reset(
     .await?;
     output.push_str(&removed);
     Ok(Outcome { changed: true, output })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reset_removes_only_paths_below_the_kubernetes_tree() {
+        if command::which("kubeadm").is_some() {
+            return; // would run the real kubeadm reset on this machine
+        }
+        let root = tempfile::tempdir().unwrap();
+        let kube = root.path().join("etc/kubernetes");
+        std::fs::create_dir_all(kube.join("manifests")).unwrap();
+        std::fs::write(root.path().join("etc/victim"), "keep").unwrap();
+        std::fs::create_dir_all(root.path().join("etc/kubernetes-other")).unwrap();
+        let paths = vec![
+            kube.join("manifests").display().to_string(),
+            format!("{}/../victim", kube.display()),
+            format!("{}-other", kube.display()),
+        ];
+        let (_h, cancel) = Cancel::new();
+        let out = reset(&kube, &paths, Duration::from_secs(5), &cancel).await.unwrap();
+        assert!(!kube.join("manifests").exists(), "{}", out.output);
+        assert!(root.path().join("etc/victim").exists(), "'..' must not leave the tree: {}", out.output);
+        assert!(root.path().join("etc/kubernetes-other").exists(), "{}", out.output);
+        assert_eq!(out.output.matches("not removing").count(), 2, "{}", out.output);
+    }
 }
