@@ -19,6 +19,7 @@ pub mod fsutil;
 pub mod logging;
 pub mod output;
 pub mod pin;
+pub mod redact;
 pub mod tasks;
 pub mod token;
 

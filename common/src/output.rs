@@ -45,12 +45,23 @@ pub fn render_structured<T: Serialize>(value: &T, format: OutputFormat) -> Optio
 }
 
 /// A plain left-aligned table with a header row.
+/// Multi-line text that may come from hosts, made safe for the operator's terminal.
+pub fn term(s: &str) -> std::borrow::Cow<'_, str> {
+    crate::redact::for_terminal(s, true)
+}
+
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     use comfy_table::{presets::NOTHING, CellAlignment, ContentArrangement, Table};
     let mut t = Table::new();
     t.load_preset(NOTHING).set_content_arrangement(ContentArrangement::Disabled).set_header(headers.to_vec());
     for row in rows {
-        t.add_row(row.iter().take(headers.len()).map(String::as_str).collect::<Vec<_>>());
+        // Cells carry text from hosts (hostnames, OS names, errors): no live control characters.
+        t.add_row(
+            row.iter()
+                .take(headers.len())
+                .map(|c| crate::redact::for_terminal(c, false).into_owned())
+                .collect::<Vec<_>>(),
+        );
     }
     // Three spaces between columns, none before the first: `NAME   STATUS`.
     let last = headers.len().saturating_sub(1);

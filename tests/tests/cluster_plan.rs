@@ -52,11 +52,13 @@ fn dry_run_prints_the_plan_and_preflight_catches_problems() {
     let cf = dir.path().join("Clusterfile");
     std::fs::write(
         &cf,
-        "apiVersion: apps.sealos.io/v1beta1\nkind: Cluster\nmetadata: {name: fromfile}\nspec:\n  hosts:\n  - {ips: [m1], roles: [master, amd64]}\n",
+        "apiVersion: apps.sealos.io/v1beta1\nkind: Cluster\nmetadata: {name: fromfile}\nspec:\n  hosts:\n  - {ips: [m1], roles: [master, amd64]}\n  ssh: {user: root, passwd: hunter2}\n",
     )
     .unwrap();
     let out = ctl.admin(&["cluster", "create", "-f", cf.to_str().unwrap(), "--dry-run"]);
     assert!(out.status.success() && text(&out).contains("plan for cluster fromfile"), "{}", text(&out));
+    // sealos's SSH password is dropped with a warning, never echoed.
+    assert!(text(&out).contains("ssh settings (1 block(s)") && !text(&out).contains("hunter2"), "{}", text(&out));
     std::fs::write(&cf, "apiVersion: v1\nkind: Pod\n").unwrap();
     let out = ctl.admin(&["cluster", "create", "-f", cf.to_str().unwrap(), "--dry-run"]);
     assert!(!out.status.success() && text(&out).contains("unsupported apiVersion/kind v1/Pod"), "{}", text(&out));

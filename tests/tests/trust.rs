@@ -163,3 +163,44 @@ fn only_a_revocation_stops_the_agent() {
     let st = wait_for(T, "restarted revoked agent to stop", || a.exited());
     assert_eq!(st.code(), Some(3), "{}", a.log());
 }
+
+#[test]
+fn text_from_hosts_reaches_the_terminal_without_live_control_characters() {
+    use fleetadm_common::dial::{self, DialOptions, PinReport, Trust};
+    let ctl = Controller::start(&[]);
+    let a = Agent::new("esc");
+    a.enroll(&ctl);
+    let identity = fleetadm_agent::identity::Identity::load(&fleetadm_agent::identity::StateDir::new(a.state_dir()))
+        .expect("identity");
+    fleetadm_common::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let cfg = dial::client_config(
+            &Trust::Ca(identity.ca_der().unwrap()),
+            Some(identity.tls_identity().unwrap()),
+            PinReport::default(),
+        )
+        .unwrap();
+        let ch = dial::connect(&ctl.addr(), cfg, &DialOptions::default()).await.unwrap();
+        // A host that renames the operator's terminal window and clears the screen.
+        let inv = fleetadm_proto::Inventory {
+            hostname: "esc\u{1b}]0;pwned\u{7}\u{1b}[2J".into(),
+            os: Some(fleetadm_proto::OsRelease { pretty_name: "Debian\u{9b}31m".into(), ..Default::default() }),
+            ..Default::default()
+        };
+        fleetadm_proto::agent_client::AgentClient::new(ch).report_inventory(inv).await.expect("inventory");
+    });
+    let out = ctl.admin(&["nodes", "list"]);
+    let t = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("Debian\\u{9b}31m"), "shown escaped: {t}");
+    assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "raw control characters reached the terminal: {t:?}");
+    // `nodes show` (YAML) escapes them too.
+    let out = ctl.admin(&["nodes", "show", "esc"]);
+    let t = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && t.contains("pwned"), "{t}");
+    assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "raw control characters in YAML: {t:?}");
+    // JSON stays parseable and carries the exact text for programs.
+    let n = ctl.admin_json(&["nodes", "show", "esc"]);
+    assert_eq!(n["facts"]["hostname"], "esc\u{1b}]0;pwned\u{7}\u{1b}[2J");
+}

@@ -313,8 +313,21 @@ fn resolve_with_bundle(
             }
         }
     };
+    // sealos Clusterfiles carry SSH credentials (root passwords): never stored, never shown.
+    let mut warnings = Vec::new();
+    if !req.clusterfile.trim().is_empty() {
+        if let Ok((text, dropped)) = crate::plan::clusterfile::without_ssh(&req.clusterfile) {
+            if dropped > 0 {
+                warnings.push(format!(
+                    "the Clusterfile's ssh settings ({dropped} block(s), e.g. root passwords) were dropped: fleetadm never uses SSH and does not store them"
+                ));
+                req.clusterfile = text;
+            }
+        }
+    }
     let nodes = candidates(ctl)?;
     let mut resolved = crate::plan::resolve::resolve_request(&req, &nodes);
+    resolved.response.warnings.splice(0..0, warnings);
     if let (Some(b), Some(shape)) = (&bundle, &resolved.shape) {
         for h in shape.masters.iter().chain(shape.workers.iter()) {
             let arch = nodes

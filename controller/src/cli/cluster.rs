@@ -1,6 +1,7 @@
 //! `controller cluster ...`: create (plan, persist, follow the rollout), status, list, logs, get
 //! (a Clusterfile with status) and kubeconfig. The rollout runs in the daemon: interrupting the CLI
 //! leaves it running, and `cluster status` picks it up again.
+use fleetadm_common::output::term;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -139,7 +140,7 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
             }
             let view = get_view(&mut c, &name, false).await?;
             match output.output {
-                OutputFormat::Table => print!("{}", render_status(&view)),
+                OutputFormat::Table => print!("{}", term(&render_status(&view))),
                 f => println!("{}", render(&view, f)),
             }
             Ok(())
@@ -186,9 +187,12 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
             }
             for h in view.hosts.iter().filter(|x| host.as_ref().is_none_or(|want| &x.name == want)) {
                 for t in &h.tasks {
-                    println!("==> {} {} [{}] {} (attempt {})", h.name, t.kind, t.phase, t.state, t.attempt);
+                    println!(
+                        "{}",
+                        term(&format!("==> {} {} [{}] {} (attempt {})", h.name, t.kind, t.phase, t.state, t.attempt))
+                    );
                     if !t.output.is_empty() {
-                        println!("{}", t.output.trim_end());
+                        println!("{}", term(t.output.trim_end()));
                     }
                 }
             }
@@ -280,11 +284,11 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
         }
     };
     for w in &resp.warnings {
-        eprintln!("warning: {w}");
+        eprintln!("warning: {}", term(w));
     }
     if !resp.errors.is_empty() {
         for e in &resp.errors {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", term(e));
         }
         anyhow::bail!("preflight failed with {} error(s); nothing was changed", resp.errors.len());
     }
@@ -324,7 +328,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
 fn outcome(view: &ClusterView) -> anyhow::Result<()> {
     match view.state {
         ClusterState::Succeeded => {
-            println!("{}", view.message);
+            println!("{}", term(&view.message));
             println!("admin kubeconfig: controller cluster kubeconfig {}", view.name);
             Ok(())
         }
@@ -410,7 +414,7 @@ async fn follow(c: &mut AdminClient<Channel>, name: &str) -> anyhow::Result<Clus
             // Print when something other than the clock changed.
             let key = line.split_once(']').map(|x| x.1).unwrap_or_default().to_string();
             if key != last_line {
-                eprintln!("{line}");
+                eprintln!("{}", term(&line));
                 last_line = key;
             }
         }
@@ -419,7 +423,7 @@ async fn follow(c: &mut AdminClient<Channel>, name: &str) -> anyhow::Result<Clus
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
-            eprint!("{}", render_status(&v));
+            eprint!("{}", term(&render_status(&v)));
             return Ok(v);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

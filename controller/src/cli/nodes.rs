@@ -190,6 +190,7 @@ pub async fn run(cmd: NodesCmd) -> anyhow::Result<()> {
             let list = c.list_nodes(Empty {}).await.map_err(rpc_error)?.into_inner();
             let views: Vec<NodeView> = list.nodes.iter().map(node_view).collect();
             match render_structured(&views, out.output) {
+                // JSON and YAML escape control characters themselves (and must stay parseable).
                 Some(s) => println!("{s}"),
                 None => {
                     let rows: Vec<Vec<String>> = views

@@ -139,6 +139,38 @@ fn host_of(s: &str) -> Result<String, ClusterfileError> {
     Err(bad())
 }
 
+/// The Clusterfile without its `ssh` blocks (`spec.ssh`, `spec.hosts[].ssh`: sealos's SSH user
+/// and root password), and how many were dropped. The text is re-serialised only when something
+/// was dropped.
+pub fn without_ssh(text: &str) -> Result<(String, usize), ClusterfileError> {
+    let mut docs = Vec::new();
+    let mut dropped = 0;
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let mut value =
+            Value::deserialize(de).map_err(|e| ClusterfileError::Yaml { doc: i + 1, msg: e.to_string() })?;
+        if let Some(spec) = value.get_mut("spec").and_then(Value::as_mapping_mut) {
+            dropped += usize::from(spec.remove("ssh").is_some());
+            if let Some(hosts) = spec.get_mut("hosts").and_then(Value::as_sequence_mut) {
+                for h in hosts.iter_mut().filter_map(Value::as_mapping_mut) {
+                    dropped += usize::from(h.remove("ssh").is_some());
+                }
+            }
+        }
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    if dropped == 0 {
+        return Ok((text.to_string(), 0));
+    }
+    let mut out = String::new();
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&d).map_err(|e| ClusterfileError::Yaml { doc: 0, msg: e.to_string() })?);
+    }
+    Ok((out, dropped))
+}
+
 pub fn parse(text: &str) -> Result<Clusterfile, ClusterfileError> {
     let mut cluster: Option<ClusterDoc> = None;
     let mut overrides = Vec::new();
@@ -238,6 +270,23 @@ networking:
   podSubnet: 10.244.0.0/16
 ---
 "#;
+
+    #[test]
+    fn ssh_credentials_are_dropped_and_the_rest_is_kept() {
+        let with_host_ssh = GOOD.replace(
+            "    roles: [node, amd64]\n",
+            "    roles: [node, amd64]\n    ssh: {user: root, passwd: hunter2}\n",
+        );
+        let (text, dropped) = without_ssh(&with_host_ssh).unwrap();
+        assert_eq!(dropped, 2);
+        assert!(!text.contains("passwd") && !text.contains("hunter2") && !text.contains("ignored"), "{text}");
+        let (a, b) = (parse(&with_host_ssh).unwrap(), parse(&text).unwrap());
+        assert_eq!(a.name, b.name);
+        assert_eq!(a.hosts.len(), b.hosts.len());
+        assert_eq!(a.overrides.len(), b.overrides.len(), "kubeadm overrides survive");
+        let plain = "apiVersion: apps.sealos.io/v1beta1\nkind: Cluster\n";
+        assert_eq!(without_ssh(plain).unwrap(), (plain.to_string(), 0));
+    }
 
     #[test]
     fn parses_a_sealos_clusterfile() {

@@ -15,6 +15,12 @@ pub enum Applied {
     Outcome,
 }
 
+/// What is kept of a task's output: secrets redacted (kubeadm prints join tokens and the
+/// certificate key), then bounded.
+fn stored_output(out: &str) -> String {
+    bound_output(&fleetadm_common::redact::secrets(out))
+}
+
 /// Apply `r` from `node` to `t`. Only the task's own host may report on it.
 pub fn apply(t: &mut TaskRecord, node: &str, r: &TaskReport, now_ms: u64) -> Result<Applied, ReportRejected> {
     if t.host != node {
@@ -27,13 +33,13 @@ pub fn apply(t: &mut TaskRecord, node: &str, r: &TaskReport, now_ms: u64) -> Res
         Ok(WireState::Succeeded) => TaskState::Succeeded,
         Ok(WireState::Failed) => TaskState::Failed,
         Ok(WireState::Running) => {
-            t.output = bound_output(&r.output);
+            t.output = stored_output(&r.output);
             return Ok(Applied::Progress);
         }
         Ok(WireState::Unspecified) | Err(_) => return Err(ReportRejected::Invalid("a task report needs a state")),
     };
     t.state = state;
-    t.output = bound_output(&r.output);
+    t.output = stored_output(&r.output);
     t.changed = r.changed;
     t.finished_ms = now_ms;
     t.waiting.clear();
@@ -84,5 +90,18 @@ mod tests {
         );
         let mut pending = TaskRecord::new(TaskId::new("lab", PhaseName::Preflight, "m1", StepKind::Preflight));
         assert_eq!(apply(&mut pending, "m1", &report(0, WireState::Succeeded), 5).unwrap(), Applied::Ignored);
+    }
+
+    #[test]
+    fn secrets_in_output_are_redacted_before_they_are_stored() {
+        let mut t = running(1);
+        let r = TaskReport {
+            output: "kubeadm join x:6443 --token abcdef.0123456789abcdef --certificate-key ".to_string()
+                + &"c".repeat(64),
+            ..report(1, WireState::Succeeded)
+        };
+        apply(&mut t, "m1", &r, 1).unwrap();
+        assert!(!t.output.contains("0123456789abcdef") && !t.output.contains(&"c".repeat(64)), "{}", t.output);
+        assert!(t.output.contains("--token <redacted>"), "{}", t.output);
     }
 }
