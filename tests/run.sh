@@ -39,5 +39,8 @@ tests/vm/prepare.sh >/dev/null
 log "packages: build .deb/.rpm, install and run them on a real Debian with systemd"
 tests/vm/package.sh
 
-log "unit, integration and VM tests"
-cargo test --workspace --locked --no-fail-fast
+log "unit, property, integration and VM tests"
+# Property tests of every untrusted-input parser (*/src/props.rs) run 2,000 cases each here
+# (256 in a plain `cargo test`); a failing case proptest finds is saved under
+# */proptest-regressions/ and replayed first on every later run.
+PROPTEST_CASES=${PROPTEST_CASES:-2000} cargo test --workspace --locked --no-fail-fast

@@ -19,6 +19,8 @@ pub mod fsutil;
 pub mod logging;
 pub mod output;
 pub mod pin;
+#[cfg(test)]
+mod props;
 pub mod redact;
 pub mod tasks;
 pub mod token;

@@ -25,6 +25,8 @@ pub mod listen;
 pub mod nodes;
 pub mod pki;
 pub mod plan;
+#[cfg(test)]
+mod props;
 pub mod rollout;
 pub mod state;
 pub mod store;

@@ -29,3 +29,5 @@ pub mod session;
 /// Version with the git revision it was built from.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FLEETADM_GIT_REV"), ")");
 pub mod netlink;
+#[cfg(test)]
+mod props;

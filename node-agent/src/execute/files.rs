@@ -25,7 +25,7 @@ pub enum FilesError {
 
 /// Where `spec_path` lands under `root` ("/" on a real host), after checking it stays inside
 /// [`ALLOWED_ROOT`].
-fn target(root: &Path, spec_path: &str) -> Result<PathBuf, FilesError> {
+pub(crate) fn target(root: &Path, spec_path: &str) -> Result<PathBuf, FilesError> {
     let p = Path::new(spec_path);
     if !fleetadm_common::fsutil::is_below(Path::new(ALLOWED_ROOT), p) {
         return Err(FilesError::OutsideRoot(spec_path.to_string()));

@@ -75,35 +75,37 @@ pub fn render_block(entries: &[Entry]) -> Result<String, HostsError> {
 }
 
 /// `original` with the managed block replaced by `block` (appended if absent, removed if
-/// `block` is empty). Other lines are kept byte for byte.
+/// `block` is empty). Other lines are kept byte for byte. Should the file hold more than one
+/// managed block (edited by hand), all are replaced by one, where the first was; a block that
+/// is opened and never closed is refused (nothing is written).
 pub fn with_block(original: &str, block: &str, path_for_errors: &str) -> Result<String, HostsError> {
     let lines: Vec<&str> = original.split_inclusive('\n').collect();
-    let start = lines.iter().position(|l| l.trim_end() == BEGIN);
     let mut out = String::with_capacity(original.len() + block.len());
-    match start {
-        Some(s) => {
-            let end = lines[s..]
-                .iter()
-                .position(|l| l.trim_end() == END)
-                .map(|e| s + e)
-                .ok_or(HostsError::Unterminated { path: path_for_errors.to_string(), line: s + 1 })?;
-            for l in &lines[..s] {
-                out.push_str(l);
-            }
-            out.push_str(block);
-            for l in &lines[end + 1..] {
-                out.push_str(l);
-            }
-        }
-        None => {
-            out.push_str(original);
-            if !block.is_empty() {
-                if !original.is_empty() && !original.ends_with('\n') {
-                    out.push('\n');
+    let mut opened_at: Option<usize> = None;
+    let mut placed = false;
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim_end();
+        match opened_at {
+            None if t == BEGIN => opened_at = Some(i),
+            None => out.push_str(l),
+            Some(_) if t == END => {
+                opened_at = None;
+                if !placed {
+                    out.push_str(block);
+                    placed = true;
                 }
-                out.push_str(block);
             }
+            Some(_) => {}
         }
+    }
+    if let Some(s) = opened_at {
+        return Err(HostsError::Unterminated { path: path_for_errors.to_string(), line: s + 1 });
+    }
+    if !placed && !block.is_empty() {
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str(block);
     }
     Ok(out)
 }

@@ -1,6 +1,6 @@
 //! Host facts reported to the controller: collected from the real OS by [`collect`]; the parsers
 //! of each `/proc` or `/etc` file are pure functions, tested on their text.
-mod parse;
+pub(crate) mod parse;
 
 pub use parse::{cgroup_version, cpu_count, mem_total_bytes, os_release, swap_enabled};
 

@@ -152,15 +152,21 @@ impl Prober {
                 break;
             }
         }
-        let head = String::from_utf8_lossy(&buf[..got]);
-        let status_line = head.lines().next().unwrap_or_default().to_string();
-        let code = status_line.split_whitespace().nth(1).unwrap_or_default();
-        if status_line.starts_with("HTTP/1.") && code == "200" {
-            Ok(())
-        } else if status_line.is_empty() {
-            Err(ProbeFailure::Empty)
-        } else {
-            Err(ProbeFailure::Unhealthy(status_line))
-        }
+        judge_response(&buf[..got])
+    }
+}
+
+/// Healthy only for an HTTP/1.x `200` status line; whatever else the server sent (at most the
+/// 512 bytes read) becomes the reason.
+pub fn judge_response(head: &[u8]) -> Result<(), ProbeFailure> {
+    let head = String::from_utf8_lossy(head);
+    let status_line = head.lines().next().unwrap_or_default().to_string();
+    let code = status_line.split_whitespace().nth(1).unwrap_or_default();
+    if status_line.starts_with("HTTP/1.") && code == "200" {
+        Ok(())
+    } else if status_line.is_empty() {
+        Err(ProbeFailure::Empty)
+    } else {
+        Err(ProbeFailure::Unhealthy(status_line))
     }
 }
