@@ -75,6 +75,26 @@ fn failed_joins_are_reported_retried_and_resumed() {
     assert_eq!(task(&st, "join-masters/h2/kubeadm-join")["attempt"], 4);
     assert!(lab.host("h3").join("etc-kubernetes/manifests/kube-apiserver.yaml").exists());
 
+    // Narrow, short-lived kubeconfigs: CN=user, O=group, signed by the cluster CA, an hour.
+    let (ok, out) = lab.ctl(&["cluster", "kubeconfig", "lab", "--user", "alice", "--group", "dev", "--ttl", "1h"]);
+    assert!(ok && out.contains("valid until"), "{out}");
+    let data = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("client-certificate-data: "))
+        .unwrap_or_else(|| panic!("no client certificate in {out}"))
+        .to_string();
+    let subject = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo {data} | base64 -d | openssl x509 -noout -subject"))
+        .output()
+        .expect("openssl");
+    let subject = String::from_utf8_lossy(&subject.stdout).into_owned();
+    assert!(subject.contains("CN = alice") && subject.contains("O = dev"), "{subject}");
+    let (ok, admin) = lab.ctl(&["cluster", "kubeconfig", "lab"]);
+    assert!(ok && !admin.contains(&data), "the admin kubeconfig is another certificate");
+    let (ok, out) = lab.ctl(&["cluster", "kubeconfig", "lab", "--user", "bob", "--ttl", "99999h"]);
+    assert!(!ok && out.contains("--ttl must be between"), "{out}");
+
     // An agent killed while its task runs: after its restart the rollout still completes, and
     // kubeadm init is not run twice over a finished control plane.
     set_kubeadm(&lab, Some(r#"[ "$1" = init ] && sleep 2"#));

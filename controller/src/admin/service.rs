@@ -275,7 +275,31 @@ impl Admin for AdminService {
             })
             .await?;
 
-        Ok(Response::new(Kubeconfig { yaml }))
+        Ok(Response::new(Kubeconfig { yaml, ..Default::default() }))
+    }
+
+    async fn issue_kubeconfig(
+        &self,
+        req: Request<fleetadm_proto::IssueKubeconfigRequest>,
+    ) -> Result<Response<Kubeconfig>, Status> {
+        let r = req.into_inner();
+        let ttl = Duration::from_secs(r.ttl_secs);
+        let (cluster, user, groups) = (r.cluster.clone(), r.user.clone(), r.groups.clone());
+        let (yaml, serial) = self
+            .blocking(move |ctl| {
+                let rec = ctl.rollouts.get(&cluster).map_err(rollout_status)?;
+                crate::pki::kube::user_kubeconfig(&rec.secrets.pki, &cluster, &user, &groups, ttl).map_err(
+                    |e| match e {
+                        crate::pki::kube::KubePkiError::BadRequest(_) => Status::invalid_argument(e.to_string()),
+                        _ => Status::internal(e.to_string()),
+                    },
+                )
+            })
+            .await?;
+        let not_after_unix = fleetadm_common::clock::now_unix() + r.ttl_secs;
+        // The audit trail: who got what, until when.
+        tracing::warn!(cluster = %r.cluster, user = %r.user, groups = ?r.groups, ttl = ?ttl, %serial, "kubeconfig issued");
+        Ok(Response::new(Kubeconfig { yaml, serial, not_after_unix }))
     }
 }
 

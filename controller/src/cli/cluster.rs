@@ -71,9 +71,20 @@ pub enum ClusterCmd {
         #[arg(long)]
         detach: bool,
     },
-    /// Print the cluster's admin kubeconfig (grants full control of the cluster).
+    /// Print a kubeconfig. Without --user: the cluster's admin kubeconfig (cluster-admin, long
+    /// lived: guard it like the cluster's root password). With --user: a client certificate for
+    /// that user (and --group), valid for --ttl, that can do only what RBAC grants it.
     Kubeconfig {
         name: String,
+        /// Issue a kubeconfig for this user (the certificate's CN) instead of the admin one.
+        #[arg(long)]
+        user: Option<String>,
+        /// The user's group (the certificate's O), e.g. one bound to a ClusterRole.
+        #[arg(long, requires = "user")]
+        group: Option<String>,
+        /// Lifetime of the issued certificate (1m to 8760h).
+        #[arg(long, default_value = "24h", value_parser = fleetadm_common::clock::parse_duration, requires = "user")]
+        ttl: Duration,
         #[command(flatten)]
         data: DataDir,
     },
@@ -233,9 +244,29 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
                 ),
             }
         }
-        ClusterCmd::Kubeconfig { name, data } => {
+        ClusterCmd::Kubeconfig { name, user: None, data, .. } => {
             let mut c = client::connect(&data.data_dir).await?;
             let kc = c.get_kubeconfig(ClusterRef { name, with_output: false }).await.map_err(rpc_error)?.into_inner();
+            print!("{}", kc.yaml);
+            Ok(())
+        }
+        ClusterCmd::Kubeconfig { name, user: Some(user), group, ttl, data } => {
+            let mut c = client::connect(&data.data_dir).await?;
+            let kc = c
+                .issue_kubeconfig(fleetadm_proto::IssueKubeconfigRequest {
+                    cluster: name,
+                    user,
+                    groups: group.into_iter().collect(),
+                    ttl_secs: ttl.as_secs(),
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            eprintln!(
+                "client certificate {} valid until {}",
+                kc.serial,
+                fleetadm_common::clock::rfc3339(kc.not_after_unix)
+            );
             print!("{}", kc.yaml);
             Ok(())
         }

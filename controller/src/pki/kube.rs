@@ -27,6 +27,62 @@ pub enum KubePkiError {
     },
     #[error("service CIDR {0:?} is not an IPv4/IPv6 CIDR")]
     ServiceCidr(String),
+    #[error("the cluster's stored PKI has no {0}")]
+    Missing(&'static str),
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+/// Longest lifetime of a kubeconfig issued with `cluster kubeconfig --user`.
+pub const MAX_USER_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A kubeconfig for `user` in `groups` (Kubernetes RBAC decides what they may do), valid for
+/// `ttl`, signed by the cluster CA. Unlike admin.conf (cluster-admin, 100 years), it grants only
+/// what the operator binds to that user or group, and expires.
+pub fn user_kubeconfig(
+    pki: &KubePki,
+    cluster: &str,
+    user: &str,
+    groups: &[String],
+    ttl: Duration,
+) -> Result<(String, String), KubePkiError> {
+    let bad = |m: String| Err(KubePkiError::BadRequest(m));
+    let name_ok = |n: &str| !n.is_empty() && n.len() <= 128 && !n.chars().any(|c| c.is_control() || c == ',');
+    if !name_ok(user) {
+        return bad(format!("--user {user:?} must be 1-128 printable characters without ','"));
+    }
+    if let Some(g) = groups.iter().find(|g| !name_ok(g)) {
+        return bad(format!("--group {g:?} must be 1-128 printable characters without ','"));
+    }
+    if groups.len() > 1 {
+        // (the certificate library keeps one O= per subject)
+        return bad("one --group per kubeconfig; bind further groups with RBAC".into());
+    }
+    if ttl < Duration::from_secs(60) || ttl > MAX_USER_TTL {
+        return bad(format!("--ttl must be between 1m and {}", humantime::format_duration(MAX_USER_TTL)));
+    }
+    let find = |path: &'static str| {
+        pki.shared.iter().find(|f| f.path == path).map(|f| f.contents.clone()).ok_or(KubePkiError::Missing(path))
+    };
+    let (ca_cert, ca_key) = (find("pki/ca.crt")?, find("pki/ca.key")?);
+    let key = KeyPair::from_pem(&ca_key).map_err(rc("cluster CA key"))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert, key).map_err(rc("cluster CA certificate"))?;
+    let ca = Ca { issuer, cert_pem: ca_cert.clone(), key_pem: String::new() };
+    let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(rc("user key"))?;
+    let mut p = base_params(user, None, ttl);
+    for g in groups {
+        p.distinguished_name.push(DnType::OrganizationName, g.as_str());
+    }
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.use_authority_key_identifier_extension = true;
+    let serial = p.serial_number.as_ref().map(|s| hex::encode(s.as_ref())).unwrap_or_default();
+    let cert = p.signed_by(&leaf_key, &ca.issuer).map_err(rc(format!("sign {user}")))?;
+    let server = format!("https://{APISERVER_NAME}:6443");
+    let yaml = kubeconfig(cluster, &server, &ca.cert_pem, user, &cert.pem(), &leaf_key.serialize_pem());
+    let _ = ca.key_pem;
+    Ok((yaml, serial))
 }
 
 fn rc(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> KubePkiError {
@@ -392,6 +448,45 @@ mod tests {
         assert!(ca_text.contains("CA:TRUE") && ca_text.contains("Certificate Sign"));
         let admin = get(&m1, "admin.conf");
         assert!(admin.contents.contains("server: https://apiserver.cluster.local:6443"));
+    }
+
+    #[test]
+    fn user_kubeconfigs_are_narrow_and_short_lived() {
+        let pki = KubePki::generate(&spec()).unwrap();
+        let (yaml, serial) = user_kubeconfig(&pki, "lab", "alice", &["dev".into()], Duration::from_secs(3600)).unwrap();
+        assert!(!serial.is_empty());
+        let doc: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        let cert_b64 = doc["users"][0]["user"]["client-certificate-data"].as_str().unwrap();
+        use base64::Engine;
+        let pem = base64::engine::general_purpose::STANDARD.decode(cert_b64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("u.crt"), &pem).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), &pki.ca_cert_pem).unwrap();
+        let text = openssl(dir.path(), &["x509", "-in", "u.crt", "-noout", "-subject", "-enddate"]);
+        assert!(text.contains("CN=alice") || text.contains("CN = alice"), "{text}");
+        assert!(text.contains("O=dev") || text.contains("O = dev"), "{text}");
+        assert!(!text.contains("system:masters") && !text.contains("cluster-admins"), "{text}");
+        let ok = openssl(dir.path(), &["verify", "-CAfile", "ca.crt", "u.crt"]);
+        assert!(ok.contains("u.crt: OK"));
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        let left = c.validity().time_to_expiration().unwrap().whole_seconds();
+        assert!(left > 3500 && left <= 3600, "an hour, not a century: {left}");
+        // Bad requests say why.
+        let two = vec!["a".to_string(), "b".to_string()];
+        for (u, g, ttl) in [
+            ("", vec![], 3600),
+            ("a,b", vec![], 3600),
+            ("bob", vec!["x\ny".to_string()], 3600),
+            ("bob", vec![], 1),
+            ("bob", two, 3600),
+        ] {
+            assert!(matches!(
+                user_kubeconfig(&pki, "lab", u, &g, Duration::from_secs(ttl)),
+                Err(KubePkiError::BadRequest(_))
+            ));
+        }
     }
 
     #[test]
