@@ -81,3 +81,34 @@ impl Controller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_node_never_holds_every_transfer_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(&dir.path().join("s")).unwrap());
+        let ca = FleetCa::load_or_create(dir.path()).unwrap();
+        let settings = Settings {
+            node_cert_validity: Duration::from_secs(3600),
+            heartbeat_interval: Duration::from_secs(15),
+            enroll_endpoint: String::new(),
+            data_dir: dir.path().to_path_buf(),
+        };
+        let ctl = Controller::new(store, ca, settings);
+        // A greedy node takes all of its own slots, and with them a few shared ones...
+        let greedy = ctl.node_transfers("greedy");
+        let mut held = Vec::new();
+        while let Ok(own) = greedy.clone().try_acquire_owned() {
+            held.push((own, ctl.transfers.clone().try_acquire_owned().unwrap()));
+            assert!(held.len() <= NODE_TRANSFER_SLOTS);
+        }
+        assert_eq!(held.len(), NODE_TRANSFER_SLOTS);
+        // ... and waits for them; the others still find shared slots free.
+        assert!(ctl.node_transfers("greedy").try_acquire().is_err(), "same semaphore for the same node");
+        assert!(ctl.node_transfers("other").try_acquire().is_ok());
+        assert_eq!(ctl.transfers.available_permits(), TRANSFER_SLOTS - NODE_TRANSFER_SLOTS);
+    }
+}
