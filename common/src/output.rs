@@ -37,19 +37,34 @@ impl fmt::Display for OutputFormat {
 pub fn render_structured<T: Serialize>(value: &T, format: OutputFormat) -> Option<String> {
     match format {
         OutputFormat::Table => None,
-        OutputFormat::Json => {
-            Some(serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")))
-        }
+        OutputFormat::Json => Some(json_for_terminal(
+            &serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+        )),
         OutputFormat::Yaml => Some(serde_yaml::to_string(value).unwrap_or_else(|e| format!("error: {e}\n"))),
     }
 }
 
-/// A plain left-aligned table with a header row.
+/// serde_json escapes C0 controls but writes DEL and C1 controls (U+007F-U+009F, which some
+/// terminals act on) as they are. They can only occur inside JSON strings, where `\u00XX` means
+/// the same character: escape them, the document stays identical for programs.
+pub fn json_for_terminal(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if ('\u{7f}'..='\u{9f}').contains(&c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Multi-line text that may come from hosts, made safe for the operator's terminal.
 pub fn term(s: &str) -> std::borrow::Cow<'_, str> {
     crate::redact::for_terminal(s, true)
 }
 
+/// A plain left-aligned table with a header row.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     use comfy_table::{presets::NOTHING, CellAlignment, ContentArrangement, Table};
     let mut t = Table::new();
@@ -79,6 +94,15 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_output_has_no_raw_control_characters_and_means_the_same() {
+        let v = serde_json::json!({"hostname": "a\u{1b}[2J\u{9b}31m\u{7f}b"});
+        let out = render_structured(&v, OutputFormat::Json).unwrap();
+        assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+        let back: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(back, v);
+    }
 
     #[test]
     fn table_aligns_columns() {

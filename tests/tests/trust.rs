@@ -200,7 +200,12 @@ fn text_from_hosts_reaches_the_terminal_without_live_control_characters() {
     let t = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success() && t.contains("pwned"), "{t}");
     assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "raw control characters in YAML: {t:?}");
-    // JSON stays parseable and carries the exact text for programs.
+    // JSON escapes them (C1 included) yet stays parseable, carrying the exact text for programs.
+    let out = ctl.admin(&["nodes", "list", "-o", "json"]);
+    let t = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && t.contains("\\u009b"), "{t}");
+    assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "raw control characters in JSON: {t:?}");
     let n = ctl.admin_json(&["nodes", "show", "esc"]);
+    assert_eq!(n["facts"]["os_pretty_name"], "Debian\u{9b}31m");
     assert_eq!(n["facts"]["hostname"], "esc\u{1b}]0;pwned\u{7}\u{1b}[2J");
 }

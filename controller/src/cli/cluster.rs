@@ -326,7 +326,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
     if a.dry_run {
         if a.output == "json" {
             let plan = resp.plan.as_ref().map(cluster_view::plan_json).unwrap_or_default();
-            println!("{}", serde_json::to_string_pretty(&plan)?);
+            println!("{}", fleetadm_common::output::json_for_terminal(&serde_json::to_string_pretty(&plan)?));
         } else {
             print!("{}", resp.plan_text);
         }
