@@ -327,6 +327,8 @@ pub enum RenewError {
     Identity(#[from] IdentityError),
     #[error("the controller refused the renewal: {0}")]
     Refused(String),
+    #[error("the controller did not answer the renewal within {0:?}")]
+    TimedOut(Duration),
     #[error("the renewed certificate is not for the new key")]
     WrongKey,
     #[error("the controller answered with a different CA; refusing to switch trust")]
@@ -337,22 +339,29 @@ pub enum RenewError {
 
 const RENEW_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// One renewal call, bounded here (a `grpc-timeout` alone relies on a server that answers): a
+/// controller or network that never answers does not hold the renewal, or the session, hostage.
+async fn request_renewal(
+    client: &mut AgentClient<Channel>,
+    csr_der: Vec<u8>,
+    timeout: Duration,
+) -> Result<fleetadm_proto::RenewResponse, RenewError> {
+    let mut req = tonic::Request::new(RenewRequest { csr_der });
+    req.set_timeout(timeout);
+    match tokio::time::timeout(timeout, client.renew_certificate(req)).await {
+        Ok(Ok(resp)) => Ok(resp.into_inner()),
+        Ok(Err(st)) => Err(RenewError::Refused(dial::explain_status(&st))),
+        Err(_) => Err(RenewError::TimedOut(timeout)),
+    }
+}
+
 async fn renew_certificate(
     dir: &StateDir,
     identity: &Identity,
     client: &mut AgentClient<Channel>,
 ) -> Result<(), RenewError> {
     let kc = new_key_and_csr(&identity.config.node_name)?;
-    let resp = client
-        .renew_certificate({
-            // A controller that never answers must not hold the renewal (and the session) hostage.
-            let mut req = tonic::Request::new(RenewRequest { csr_der: kc.csr_der.clone() });
-            req.set_timeout(RENEW_TIMEOUT);
-            req
-        })
-        .await
-        .map_err(|st| RenewError::Refused(dial::explain_status(&st)))?
-        .into_inner();
+    let resp = request_renewal(client, kc.csr_der.clone(), RENEW_TIMEOUT).await?;
     if !cert_matches_key(&resp.certificate_pem, &kc.key) {
         return Err(RenewError::WrongKey);
     }
@@ -363,4 +372,29 @@ async fn renew_certificate(
     Identity::save(dir, &identity.config, &kc.key.serialize_pem(), &resp.certificate_pem, &identity.ca_pem)?;
     tracing::info!(not_after = %humantime::format_rfc3339_seconds(not_after), "certificate renewed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_renewal_nobody_answers_times_out() {
+        // A peer that accepts connections and never says a word.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        let mut client = AgentClient::new(ch);
+        let t = std::time::Instant::now();
+        let err = request_renewal(&mut client, vec![1, 2, 3], Duration::from_millis(500)).await.unwrap_err();
+        assert!(matches!(err, RenewError::TimedOut(_)), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        hold.abort();
+    }
 }
