@@ -243,13 +243,14 @@ fn idle_and_slow_connections_do_not_starve_agents() {
 fn connections_over_the_limit_are_closed_at_once() {
     raise_fd_limit();
     let ctl = Controller::start(&["--max-connections", "20"]);
-    let mut held = Vec::new();
-    for _ in 0..20 {
-        held.push(TcpStream::connect(ctl.addr()).unwrap());
-    }
+    // 30 silent connections against a limit of 20: at least the 10 over it are closed at once
+    // (the harness's readiness probe may still hold a slot for a moment), and never more than
+    // 20 stay open.
+    let mut held: Vec<TcpStream> = (0..30).map(|_| TcpStream::connect(ctl.addr()).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(300));
-    let mut extra = TcpStream::connect(ctl.addr()).unwrap();
-    assert!(closed_by_server(&mut extra, Duration::from_secs(2)), "the 21st connection must be closed");
+    let closed = held.iter_mut().map(|s| closed_by_server(s, Duration::from_millis(300))).filter(|c| *c).count();
+    assert!(closed >= 10, "connections over the limit must be closed: {closed} of 30 closed");
+    assert!(30 - closed <= 20, "at most 20 stay open: {}", 30 - closed);
     // Slots come back when connections close.
     drop(held);
     let a = Agent::new("after");
