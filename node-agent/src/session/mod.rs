@@ -350,6 +350,10 @@ async fn request_renewal(
     req.set_timeout(timeout);
     match tokio::time::timeout(timeout, client.renew_certificate(req)).await {
         Ok(Ok(resp)) => Ok(resp.into_inner()),
+        // tonic enforces the grpc-timeout on the client too; whichever fires first.
+        Ok(Err(st)) if matches!(st.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled) => {
+            Err(RenewError::TimedOut(timeout))
+        }
         Ok(Err(st)) => Err(RenewError::Refused(dial::explain_status(&st))),
         Err(_) => Err(RenewError::TimedOut(timeout)),
     }
