@@ -264,6 +264,22 @@ pub fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777).unwrap_or(0)
 }
 
+/// A single-threaded runtime for in-test gRPC clients (crypto provider installed).
+pub fn rt() -> tokio::runtime::Runtime {
+    fleetadm_common::install_crypto_provider();
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+/// A channel to `ctl` with its CA pinned and no client certificate (what an enrolling host has).
+pub async fn pinned_channel(ctl: &Controller) -> tonic::transport::Channel {
+    use fleetadm_common::dial::{self, DialOptions, PinReport, Trust};
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(ctl.ca_pem().as_bytes()).expect("CA PEM");
+    let pin = fleetadm_common::pin::CaPin::of_cert_der(&der).expect("CA pin");
+    let cfg = dial::client_config(&Trust::Pinned(pin), None, PinReport::default()).expect("TLS config");
+    dial::connect(&ctl.addr(), cfg, &DialOptions::default()).await.expect("connect")
+}
+
 /// Wait until the controller reports `name` connected (or not).
 pub fn wait_connected(ctl: &Controller, name: &str, connected: bool, timeout: Duration) -> Value {
     wait_for(timeout, &format!("node {name} connected={connected}"), || {

@@ -2,21 +2,13 @@
 //! lab fleet in network namespaces, a host that adds a master's IP to its interface does not
 //! become that master (docs/security.md, "Addresses are observed").
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fleetadm_tests::lab::{Lab, ONE_LAB};
 
 fn sh(cmd: &str) {
     let st = Command::new("sh").arg("-c").arg(cmd).status().expect("sh");
     assert!(st.success(), "{cmd}");
-}
-
-fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]
@@ -34,9 +26,9 @@ fn a_claimed_address_is_not_an_identity() {
     sh("ip -n flab-h2 addr add 10.78.0.11/32 dev eth0 && ip netns exec flab-h2 sysctl -qw net.ipv4.conf.eth0.arp_ignore=8");
     assert!(lab.run(&["stop-agent", "h2"]).status.success());
     assert!(lab.run(&["start-agent", "h2"]).status.success());
-    wait("h2 to report the claimed address", 30, || {
+    fleetadm_tests::wait_for(Duration::from_secs(30), "h2 to report the claimed address", || {
         let (_, show) = lab.ctl(&["nodes", "show", "h2", "-o", "json"]);
-        show.contains("10.78.0.11/32") && show.contains("\"connected\": true")
+        (show.contains("10.78.0.11/32") && show.contains("\"connected\": true")).then_some(())
     });
 
     // Two nodes report the address: refused, both named.

@@ -6,14 +6,10 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use fleetadm_common::dial::{self, DialOptions, PinReport, Trust};
-use fleetadm_common::pin::CaPin;
 use fleetadm_proto::agent_client::AgentClient;
 use fleetadm_proto::enrollment_client::EnrollmentClient;
 use fleetadm_proto::{EnrollRequest, Inventory};
-use fleetadm_tests::{text, wait_connected, wait_for, Agent, Controller};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use fleetadm_tests::{pinned_channel, rt, text, wait_connected, wait_for, Agent, Controller};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -40,7 +36,7 @@ fn the_serving_certificate_renews_while_the_controller_runs() {
     a.run();
     wait_connected(&ctl, "s1", true, T);
     // Reissued with a third of its life left (~20 s in), without a restart.
-    let (second, second_end) = wait_for(Duration::from_secs(40), "a renewed serving certificate", || {
+    let (_, second_end) = wait_for(Duration::from_secs(40), "a renewed serving certificate", || {
         served_cert(&ctl.addr()).filter(|(s, _)| *s != first)
     });
     assert!(second_end > first_end, "the new certificate outlives the old one");
@@ -59,19 +55,6 @@ fn the_serving_certificate_renews_while_the_controller_runs() {
     Agent::new("s2").enroll(&ctl);
     assert!(a.exited().is_none(), "{}", a.log());
     assert!(ctl.log().contains("serving certificate renewed while running"), "{}", ctl.log());
-    let _ = second;
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    fleetadm_common::install_crypto_provider();
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
-async fn pinned_channel(ctl: &Controller) -> tonic::transport::Channel {
-    let der = CertificateDer::from_pem_slice(ctl.ca_pem().as_bytes()).unwrap();
-    let pin = CaPin::of_cert_der(&der).unwrap();
-    let cfg = dial::client_config(&Trust::Pinned(pin), None, PinReport::default()).unwrap();
-    dial::connect(&ctl.addr(), cfg, &DialOptions::default()).await.unwrap()
 }
 
 #[test]

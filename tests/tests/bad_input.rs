@@ -2,11 +2,10 @@
 use std::time::Duration;
 
 use fleetadm_common::dial::{self, ClientIdentity, DialOptions, PinReport, Trust};
-use fleetadm_common::pin::CaPin;
 use fleetadm_proto::agent_client::AgentClient;
 use fleetadm_proto::enrollment_client::EnrollmentClient;
 use fleetadm_proto::{EnrollRequest, HeartbeatRequest};
-use fleetadm_tests::{bin, free_port, text, Agent, Controller};
+use fleetadm_tests::{bin, free_port, pinned_channel, rt, text, Agent, Controller};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -88,18 +87,6 @@ fn admin_cli_without_daemon_says_so() {
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).contains("not enrolled"), "{}", text(&out));
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    fleetadm_common::install_crypto_provider();
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
-async fn pinned_channel(ctl: &Controller) -> tonic::transport::Channel {
-    let der = CertificateDer::from_pem_slice(ctl.ca_pem().as_bytes()).unwrap();
-    let pin = CaPin::of_cert_der(&der).unwrap();
-    let cfg = dial::client_config(&Trust::Pinned(pin), None, PinReport::default()).unwrap();
-    dial::connect(&ctl.addr(), cfg, &DialOptions::default()).await.unwrap()
 }
 
 fn csr(name: Option<&str>, sans: Vec<String>, ca: bool) -> Vec<u8> {
