@@ -117,7 +117,7 @@ fn failed_joins_are_reported_retried_and_resumed() {
     assert!(journal >= 4, "the agent journals its tasks ({journal})");
     let (_, logs) = lab.ctl(&["cluster", "logs", "solo", "--host", "h4"]);
     assert!(
-        logs.contains("already initialised") || logs.contains("initialized successfully"),
+        logs.contains("kubeadm init already finished") || logs.contains("initialized successfully"),
         "kubeadm init ran once or was recognised as done: {logs}"
     );
     assert!(Path::new(&lab.host("h4").join("etc-kubernetes/admin.conf")).exists());
@@ -178,4 +178,49 @@ fn worker_failure_budget_and_delete() {
     let (ok, out) = lab.ctl(&["cluster", "delete", "tight", "--force"]);
     assert!(ok && out.contains("forgotten"), "{out}");
     assert!(lab.host("h2").join("etc-kubernetes/manifests/kube-apiserver.yaml").exists());
+}
+
+#[test]
+fn a_failed_kubeadm_attempt_is_reset_and_retried_not_taken_for_success() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("retry");
+    // The first init on h1 and the first control-plane join on h2 write their manifests,
+    // kubeconfigs and etcd data, then fail the way kubeadm does when the control plane never comes
+    // up. Their files look like success; only kubeadm's exit status says otherwise.
+    let once = lab.dir.join("failed-once");
+    std::fs::create_dir_all(&once).expect("dir");
+    set_kubeadm(
+        &lab,
+        Some(&format!(
+            r#"if [ "$1" = init ] || [ "$1" = join ]; then f={}/$(hostname); [ -e "$f" ] || {{ touch "$f"; export KUBEADM_SIM_FAIL=wait-control-plane; }}; fi"#,
+            once.display()
+        )),
+    );
+    let (ok, out) = lab.ctl(&["cluster", "create", "again", "--masters", "h1,h2"]);
+    assert!(ok, "the retries succeed: {out}");
+    let st = lab.status("again");
+    assert_eq!(task(&st, "init/h1/kubeadm-init")["attempt"], 2, "{st}");
+    assert_eq!(task(&st, "join-masters/h2/kubeadm-join")["attempt"], 2, "{st}");
+    assert_eq!(std::fs::read_dir(&once).expect("dir").count(), 2, "one injected failure per host");
+    for h in ["h1", "h2"] {
+        let (_, logs) = lab.ctl(&["cluster", "logs", "again", "--host", h]);
+        assert!(logs.contains("cleaning up a failed attempt first"), "{h}: the retry reset first: {logs}");
+        assert!(logs.contains("[reset] done"), "{h}: kubeadm reset ran: {logs}");
+        assert!(!logs.contains("already finished"), "{h}: a failed attempt is never success: {logs}");
+        // The retry really ran kubeadm to the end: its control plane answers (the stand-in
+        // apiserver runs), and the controller's PKI survived the reset.
+        let pid = std::fs::read_to_string(lab.host(h).join("etc-kubernetes/sim/apiserver.pid"))
+            .unwrap_or_else(|e| panic!("{h}: no apiserver: {e}"));
+        assert!(Path::new(&format!("/proc/{}", pid.trim())).exists(), "{h}: apiserver {pid} is running");
+        let key = lab.host(h).join("etc-kubernetes/pki/ca.key");
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).expect("ca.key kept").permissions());
+        assert_eq!(mode & 0o777, 0o600, "{h}: ca.key restored 0600");
+        assert!(lab
+            .host(h)
+            .join("etc-kubernetes/fleetadm")
+            .read_dir()
+            .expect("markers")
+            .any(|e| e.map(|e| e.file_name().to_string_lossy().ends_with(".done")).unwrap_or(false)));
+    }
 }

@@ -14,7 +14,15 @@
 //!   checks the bootstrap token;
 //! - join: resolves the endpoint through /etc/hosts, fetches cluster-info, checks the CA against
 //!   `caCertHashes` like kubeadm, then talks verified TLS and presents the token;
-//! - reset: stops the apiserver and removes what init/join wrote.
+//! - preflight like kubeadm's: init and control-plane join refuse existing static pod manifests,
+//!   a non-empty /var/lib/etcd and a busy :6443; every join refuses an existing kubelet.conf, a
+//!   worker join an existing pki/ca.crt (so a retry over a failed attempt fails unless it was
+//!   reset first, as with the real kubeadm);
+//! - reset: stops the apiserver (and waits for it to exit) and removes what init/join wrote,
+//!   including the certificates directory.
+//! - fault injection: `KUBEADM_SIM_FAIL=wait-control-plane` makes init or a control-plane join
+//!   write its manifests, kubeconfigs and etcd data and then fail the way kubeadm does when the
+//!   control plane never comes up (leaving all of it behind).
 //!
 //! Version: `KUBEADM_SIM_VERSION` (default v1.29.9).
 use std::io::{Read, Write};
@@ -556,8 +564,64 @@ fn start_apiserver(listen: &SocketAddr, tokens: &[String], nodes: &[String]) -> 
     bail!("[control-plane] apiserver on {listen} did not become healthy (see {}/apiserver.log)", dir.display())
 }
 
+/// kubeadm's preflight checks over what an earlier init or join left on the host.
+fn preflight(control_plane: Option<&SocketAddr>) -> Result<()> {
+    let mut errors = Vec::new();
+    let mut file_available = |p: String| {
+        if Path::new(&p).exists() {
+            let check = p.trim_start_matches('/').replace('/', "-");
+            errors.push(format!("[ERROR FileAvailable--{check}]: {p} already exists"));
+        }
+    };
+    match control_plane {
+        Some(_) => {
+            for c in ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"] {
+                file_available(format!("{KUBE}/manifests/{c}.yaml"));
+            }
+        }
+        None => file_available(format!("{KUBE}/pki/ca.crt")),
+    }
+    if let Some(adv) = control_plane {
+        if std::fs::read_dir(ETCD_DIR).map(|mut d| d.next().is_some()).unwrap_or(false) {
+            errors.push(format!("[ERROR DirAvailable--var-lib-etcd]: {ETCD_DIR} is not empty"));
+        }
+        if TcpListener::bind(adv).is_err() {
+            errors.push(format!("[ERROR Port-{}]: Port {} is in use", adv.port(), adv.port()));
+        }
+    }
+    if errors.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "[preflight] Some fatal errors occurred:\n\t{}\n[preflight] If you know what you are doing, you can make a check non-fatal with `--ignore-preflight-errors=...`",
+        errors.join("\n\t")
+    )
+}
+
+fn kubelet_conf_available() -> Result<()> {
+    let p = format!("{KUBE}/kubelet.conf");
+    if Path::new(&p).exists() {
+        bail!("[preflight] Some fatal errors occurred:\n\t[ERROR FileAvailable--etc-kubernetes-kubelet.conf]: {p} already exists");
+    }
+    Ok(())
+}
+
+/// The control plane's etcd data (what makes /var/lib/etcd non-empty afterwards).
+fn etcd_data(node: &str) -> Result<()> {
+    write(&format!("{ETCD_DIR}/member/snap/db"), &format!("etcd member {node}\n"), 0o600)
+}
+
+/// `KUBEADM_SIM_FAIL=wait-control-plane`: everything is written, the control plane never answers.
+fn injected_failure() -> Result<()> {
+    if std::env::var("KUBEADM_SIM_FAIL").as_deref() == Ok("wait-control-plane") {
+        bail!("[wait-control-plane] timed out waiting for the condition: the control plane did not become healthy within 4m0s (KUBEADM_SIM_FAIL)");
+    }
+    Ok(())
+}
+
 fn init(docs: &[Value]) -> Result<()> {
     let c = check_init(docs.to_vec())?;
+    preflight(Some(&c.advertise))?;
     let host = c.endpoint.rsplit_once(':').map(|x| x.0).unwrap_or(&c.endpoint).to_string();
     check_pki(&c.cert_dir, &c.name, &c.advertise, &host)?;
     let ca = std::fs::read_to_string(c.cert_dir.join("ca.crt"))?;
@@ -573,7 +637,8 @@ fn init(docs: &[Value]) -> Result<()> {
     }
     manifests(&c.name, &c.advertise)?;
     kubelet_files(&c.name, &c.endpoint, &ca)?;
-    std::fs::create_dir_all(ETCD_DIR)?;
+    etcd_data(&c.name)?;
+    injected_failure()?;
     start_apiserver(&c.advertise, &c.tokens, std::slice::from_ref(&c.name))?;
     println!("Your Kubernetes control-plane has initialized successfully! (node {})", c.name);
     Ok(())
@@ -581,6 +646,8 @@ fn init(docs: &[Value]) -> Result<()> {
 
 fn join(docs: &[Value]) -> Result<()> {
     let c = check_join(docs.to_vec())?;
+    kubelet_conf_available()?;
+    preflight(c.control_plane.as_ref())?;
     let addr = c
         .endpoint
         .to_socket_addrs()
@@ -612,6 +679,11 @@ fn join(docs: &[Value]) -> Result<()> {
             bail!("[certs] local ca.crt is not the cluster's CA");
         }
         manifests(&c.name, &adv)?;
+        etcd_data(&c.name)?;
+        if let Err(e) = injected_failure() {
+            kubelet_files(&c.name, &c.endpoint, &ca_pem)?;
+            return Err(e);
+        }
         let tokens: Vec<String> = tokens.lines().map(str::to_string).collect();
         start_apiserver(&adv, &tokens, std::slice::from_ref(&c.name))?;
     } else {
@@ -627,6 +699,17 @@ fn reset() -> Result<()> {
     if let Ok(pid) = std::fs::read_to_string(dir.join("apiserver.pid")) {
         if let Ok(pid) = pid.trim().parse::<u32>() {
             let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            // Like kubeadm stopping the static pods: return once it is gone (its port is free).
+            let proc = PathBuf::from(format!("/proc/{pid}"));
+            for _ in 0..100 {
+                let zombie_or_gone = std::fs::read_to_string(proc.join("stat"))
+                    .map(|st| st.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+                    .unwrap_or(true);
+                if zombie_or_gone {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
     for p in [

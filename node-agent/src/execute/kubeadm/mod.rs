@@ -1,5 +1,8 @@
-//! `kubeadm init`, `join` and `reset`, idempotent: a host that already finished the step reports
-//! "no change" instead of running kubeadm again (which would fail on its own leftovers).
+//! `kubeadm init`, `join` and `reset`, idempotent and safe to retry: a host whose earlier attempt
+//! finished (see [`attempt`]) reports "no change"; one whose attempt failed or was interrupted is
+//! cleaned up with `kubeadm reset` (keeping the PKI the controller sent) before kubeadm runs again.
+pub mod attempt;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,6 +24,19 @@ pub enum KubeadmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("recording the progress of kubeadm {step} in {path}")]
+    Marker {
+        step: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("keeping the controller's PKI across the clean-up of a failed kubeadm {step}")]
+    Keep {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Command(#[from] CommandError),
 }
@@ -33,15 +49,6 @@ pub fn config_path(kube_dir: &Path, step: &str) -> PathBuf {
 pub struct Outcome {
     pub changed: bool,
     pub output: String,
-}
-
-fn done_init(kube_dir: &Path) -> bool {
-    kube_dir.join("manifests/kube-apiserver.yaml").exists() && kube_dir.join("admin.conf").exists()
-}
-
-fn done_join(kube_dir: &Path, control_plane: bool) -> bool {
-    kube_dir.join("kubelet.conf").exists()
-        && (!control_plane || kube_dir.join("manifests/kube-apiserver.yaml").exists())
 }
 
 fn write_config(kube_dir: &Path, step: &str, config: &str) -> Result<PathBuf, KubeadmError> {
@@ -71,14 +78,7 @@ async fn off_thread<T: Send + 'static>(
 }
 
 pub async fn init(kube_dir: &Path, config: &str, timeout: Duration, cancel: &Cancel) -> Result<Outcome, KubeadmError> {
-    if done_init(kube_dir) {
-        return Ok(Outcome { changed: false, output: "control plane already initialised on this host".into() });
-    }
-    let (dir, config) = (kube_dir.to_path_buf(), config.to_string());
-    let cfg = off_thread(move || write_config(&dir, "init", &config)).await?;
-    let cfg = cfg.to_string_lossy().into_owned();
-    let output = kubeadm(&["init", "--config", &cfg], timeout, cancel).await?;
-    Ok(Outcome { changed: true, output })
+    run_step(kube_dir, "init", &["init"], config, timeout, cancel).await
 }
 
 pub async fn join(
@@ -88,14 +88,77 @@ pub async fn join(
     timeout: Duration,
     cancel: &Cancel,
 ) -> Result<Outcome, KubeadmError> {
-    if done_join(kube_dir, control_plane) {
-        return Ok(Outcome { changed: false, output: "already joined".into() });
+    let step = if control_plane { "join-control-plane" } else { "join" };
+    run_step(kube_dir, step, &["join"], config, timeout, cancel).await
+}
+
+/// One kubeadm step: done already, or (after cleaning up what a failed attempt left) run it and
+/// record success only once kubeadm exited 0.
+async fn run_step(
+    kube_dir: &Path,
+    step: &'static str,
+    args: &[&str],
+    config: &str,
+    timeout: Duration,
+    cancel: &Cancel,
+) -> Result<Outcome, KubeadmError> {
+    if attempt::finished(kube_dir, step) {
+        return Ok(Outcome { changed: false, output: format!("kubeadm {step} already finished on this host") });
+    }
+    let mut output = String::new();
+    let dir = kube_dir.to_path_buf();
+    let left = off_thread(move || Ok(attempt::leftovers(&dir, step))).await?;
+    if let Some(why) = left {
+        output.push_str(&format!("cleaning up a failed attempt first ({why})\n"));
+        output.push_str(&clean_failed_attempt(kube_dir, step, timeout, cancel).await?);
+        output.push('\n');
     }
     let (dir, config) = (kube_dir.to_path_buf(), config.to_string());
-    let cfg = off_thread(move || write_config(&dir, "join", &config)).await?;
+    let cfg = off_thread(move || {
+        let cfg = write_config(&dir, step.split('-').next().unwrap_or(step), &config)?;
+        attempt::mark_started(&dir, step).map_err(marker_err(&dir, step))?;
+        Ok(cfg)
+    })
+    .await?;
     let cfg = cfg.to_string_lossy().into_owned();
-    let output = kubeadm(&["join", "--config", &cfg], timeout, cancel).await?;
+    let mut argv = args.to_vec();
+    argv.extend(["--config", cfg.as_str()]);
+    output.push_str(&kubeadm(&argv, timeout, cancel).await?);
+    let dir = kube_dir.to_path_buf();
+    off_thread(move || attempt::mark_done(&dir, step).map_err(marker_err(&dir, step))).await?;
     Ok(Outcome { changed: true, output })
+}
+
+fn marker_err(kube_dir: &Path, step: &'static str) -> impl FnOnce(std::io::Error) -> KubeadmError {
+    let path = attempt::state_dir(kube_dir).display().to_string();
+    move |source| KubeadmError::Marker { step, path, source }
+}
+
+/// `kubeadm reset --force` over a failed attempt, with the controller's PKI and kubeconfigs put
+/// back afterwards (kubeadm reset removes them; the retry needs them).
+async fn clean_failed_attempt(
+    kube_dir: &Path,
+    step: &'static str,
+    timeout: Duration,
+    cancel: &Cancel,
+) -> Result<String, KubeadmError> {
+    let dir = kube_dir.to_path_buf();
+    let kept =
+        off_thread(move || attempt::Kept::take(&dir).map_err(|source| KubeadmError::Keep { step, source })).await?;
+    let out = if command::which("kubeadm").is_some() {
+        kubeadm(&["reset", "--force"], timeout, cancel).await
+    } else {
+        Ok("kubeadm is not installed: nothing for it to reset".to_string())
+    };
+    // Put the PKI back even when the reset failed: it is needed whatever happens next.
+    let dir = kube_dir.to_path_buf();
+    let n = kept.len();
+    off_thread(move || {
+        kept.restore().map_err(|source| KubeadmError::Keep { step, source })?;
+        attempt::clear_started(&dir, step).map_err(marker_err(&dir, step))
+    })
+    .await?;
+    Ok(format!("{}\nkept {n} PKI and kubeconfig files from the controller", out?.trim_end()))
 }
 
 pub async fn reset(
