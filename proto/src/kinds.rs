@@ -18,6 +18,7 @@ pub enum TaskKind {
     BootstrapReset,
     LbClean,
     BundleAddons,
+    KubeadmToken,
 }
 
 /// A `TaskAssignment` without a task this build knows (from a newer controller).
@@ -26,7 +27,7 @@ pub enum TaskKind {
 pub struct UnknownTask;
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 13] = [
+    pub const ALL: [TaskKind; 14] = [
         TaskKind::Preflight,
         TaskKind::Hosts,
         TaskKind::Files,
@@ -40,6 +41,7 @@ impl TaskKind {
         TaskKind::BootstrapReset,
         TaskKind::LbClean,
         TaskKind::BundleAddons,
+        TaskKind::KubeadmToken,
     ];
 
     pub fn of(task: &Task) -> TaskKind {
@@ -57,6 +59,7 @@ impl TaskKind {
             Task::BootstrapReset(_) => TaskKind::BootstrapReset,
             Task::LbClean(_) => TaskKind::LbClean,
             Task::BundleAddons(_) => TaskKind::BundleAddons,
+            Task::KubeadmToken(_) => TaskKind::KubeadmToken,
         }
     }
 
@@ -80,6 +83,7 @@ impl TaskKind {
             TaskKind::BootstrapReset => "bootstrap-reset",
             TaskKind::LbClean => "lb-clean",
             TaskKind::BundleAddons => "bundle-addons",
+            TaskKind::KubeadmToken => "kubeadm-token",
         }
     }
 

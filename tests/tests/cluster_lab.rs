@@ -66,6 +66,15 @@ fn failed_joins_are_reported_retried_and_resumed() {
     // Retrying with different hosts is refused; with the same hosts it resumes.
     let (ok, out) = lab.ctl(&["cluster", "create", "lab", "--masters", "h1,h2"]);
     assert!(!ok && out.contains("same hosts"), "{out}");
+    // A week later the operation's join token has long expired (the simulated apiserver keeps
+    // kubeadm's expiry; here the week passes by rewriting it). The retry is a new operation with
+    // its own token.
+    let tokens = lab.host("h1").join("etc-kubernetes/sim/tokens");
+    let first = std::fs::read_to_string(&tokens).expect("h1's tokens");
+    let first_id = first.split('.').next().expect("a token").to_string();
+    assert_eq!(first.lines().count(), 1, "{first}");
+    let expired: String = first.lines().map(|l| format!("{} 1\n", l.split(' ').next().unwrap_or(""))).collect();
+    std::fs::write(&tokens, expired).expect("expire the token");
     set_kubeadm(&lab, None);
     let (ok, out) = lab.ctl(&["cluster", "create", "lab", "--masters", "h1,h2,h3"]);
     assert!(ok, "retry must succeed: {out}");
@@ -73,7 +82,18 @@ fn failed_joins_are_reported_retried_and_resumed() {
     assert_eq!(st["state"], "succeeded");
     assert_eq!(task(&st, "init/h1/kubeadm-init")["attempt"], 1, "finished work is not redone");
     assert_eq!(task(&st, "join-masters/h2/kubeadm-join")["attempt"], 4);
+    assert_eq!(task(&st, "join-token/h1/join-token")["attempt"], 2, "a new token for the retry: {st}");
     assert!(lab.host("h3").join("etc-kubernetes/manifests/kube-apiserver.yaml").exists());
+    let join =
+        std::fs::read_to_string(lab.host("h2").join("etc-kubernetes/fleetadm/kubeadm-join.yaml")).expect("h2 join");
+    assert!(!join.contains(&format!("token: {first_id}.")), "the retry joined with a new token: {join}");
+    let (_, logs) = lab.ctl(&["cluster", "logs", "lab", "--host", "h1"]);
+    assert!(logs.contains(&format!("token {first_id} deleted")), "the expired token is deleted: {logs}");
+    // Deleted at the end on every member (the simulator replicates like etcd): no token is left.
+    for h in ["h1", "h2", "h3"] {
+        let left = std::fs::read_to_string(lab.host(h).join("etc-kubernetes/sim/tokens")).expect("tokens");
+        assert_eq!(left.trim(), "", "{h}: join tokens left after the operation: {left}");
+    }
 
     // Narrow, short-lived kubeconfigs: CN=user, O=group, signed by the cluster CA, an hour.
     let (ok, out) = lab.ctl(&["cluster", "kubeconfig", "lab", "--user", "alice", "--group", "dev", "--ttl", "1h"]);

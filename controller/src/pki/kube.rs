@@ -121,7 +121,7 @@ pub struct PkiFile {
 
 /// Everything generated for a cluster. Serialisable so the controller can store it once and hand
 /// the same material to every master.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct KubePki {
     /// Files every master gets (keys included).
     pub shared: Vec<PkiFile>,

@@ -16,6 +16,7 @@ pub enum PhaseName {
     Bootstrap,
     Hosts,
     InitMaster0,
+    JoinToken,
     JoinMasters,
     JoinWorkers,
     SyncIpvs,
@@ -25,12 +26,13 @@ pub enum PhaseName {
 }
 
 impl PhaseName {
-    pub const ALL: [PhaseName; 11] = [
+    pub const ALL: [PhaseName; 12] = [
         PhaseName::Preflight,
         PhaseName::Distribute,
         PhaseName::Bootstrap,
         PhaseName::Hosts,
         PhaseName::InitMaster0,
+        PhaseName::JoinToken,
         PhaseName::JoinMasters,
         PhaseName::JoinWorkers,
         PhaseName::SyncIpvs,
@@ -46,6 +48,7 @@ impl PhaseName {
             PhaseName::Bootstrap => "bootstrap",
             PhaseName::Hosts => "hosts",
             PhaseName::InitMaster0 => "init-master0",
+            PhaseName::JoinToken => "join-token",
             PhaseName::JoinMasters => "join-masters",
             PhaseName::JoinWorkers => "join-workers",
             PhaseName::SyncIpvs => "sync-ipvs",
@@ -93,10 +96,12 @@ pub enum StepKind {
     LbClean,
     HostsClean,
     BootstrapReset,
+    JoinToken,
+    DropToken,
 }
 
 impl StepKind {
-    pub const ALL: [StepKind; 13] = [
+    pub const ALL: [StepKind; 15] = [
         StepKind::Preflight,
         StepKind::FetchBundle,
         StepKind::Bootstrap,
@@ -110,6 +115,8 @@ impl StepKind {
         StepKind::LbClean,
         StepKind::HostsClean,
         StepKind::BootstrapReset,
+        StepKind::JoinToken,
+        StepKind::DropToken,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -127,6 +134,8 @@ impl StepKind {
             StepKind::LbClean => "lb-clean",
             StepKind::HostsClean => "hosts-clean",
             StepKind::BootstrapReset => "bootstrap-reset",
+            StepKind::JoinToken => "join-token",
+            StepKind::DropToken => "drop-token",
         }
     }
 
@@ -145,6 +154,7 @@ impl StepKind {
             StepKind::KubeadmReset => TaskKind::KubeadmReset,
             StepKind::LbClean => TaskKind::LbClean,
             StepKind::BootstrapReset => TaskKind::BootstrapReset,
+            StepKind::JoinToken | StepKind::DropToken => TaskKind::KubeadmToken,
         }
     }
 
@@ -160,7 +170,9 @@ impl StepKind {
             | StepKind::Pki
             | StepKind::LbClean
             | StepKind::HostsClean
-            | StepKind::BootstrapReset => 120,
+            | StepKind::BootstrapReset
+            | StepKind::JoinToken
+            | StepKind::DropToken => 120,
         }
     }
 

@@ -128,7 +128,7 @@ pub fn render(c: &ClusterInputs, h: &HostInputs, cf: Option<&Clusterfile>) -> Re
                 "token": c.bootstrap_token,
                 "groups": ["system:bootstrappers:kubeadm:default-node-token"],
                 "usages": ["signing", "authentication"],
-                "ttl": "24h0m0s",
+                "ttl": crate::rollout::token::JOIN_TOKEN_TTL_TEXT,
             });
             docs.push((
                 "InitConfiguration",

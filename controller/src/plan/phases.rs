@@ -167,6 +167,24 @@ pub fn build(shape: &ClusterShape) -> Plan {
         ],
         note: None,
     });
+    // Every operation that joins hosts makes its own short-lived bootstrap token (the first one
+    // is also in the init configuration) and deletes it when it is done.
+    let joining = shape.masters.len() > 1 || !shape.workers.is_empty();
+    phases.push(Phase {
+        name: PhaseName::JoinToken,
+        steps: if joining {
+            vec![vec![task(
+                c,
+                PhaseName::JoinToken,
+                &master0.node,
+                StepKind::JoinToken,
+                "kubeadm token create: this operation's join token (short-lived)".into(),
+            )]]
+        } else {
+            vec![]
+        },
+        note: (!joining).then(|| "no host joins".to_string()),
+    });
     let mut joins = Vec::new();
     for m in shape.masters.iter().skip(1) {
         let jm = PhaseName::JoinMasters;
@@ -244,8 +262,18 @@ pub fn build(shape: &ClusterShape) -> Plan {
     }
     phases.push(Phase {
         name: PhaseName::Record,
-        steps: vec![],
-        note: Some("controller only: record the cluster".into()),
+        steps: if joining {
+            vec![vec![task(
+                c,
+                PhaseName::Record,
+                &master0.node,
+                StepKind::DropToken,
+                "kubeadm token delete: this operation's join tokens".into(),
+            )]]
+        } else {
+            vec![]
+        },
+        note: Some("record the cluster".into()),
     });
     Plan { cluster: c.to_string(), phases }
 }
@@ -365,6 +393,7 @@ mod tests {
                 "bootstrap",
                 "hosts",
                 "init-master0",
+                "join-token",
                 "join-masters",
                 "join-workers",
                 "sync-ipvs",
@@ -372,11 +401,16 @@ mod tests {
                 "record"
             ]
         );
-        let jm = &plan.phases[5];
+        let jt = &plan.phases[5];
+        assert_eq!(jt.steps, [[jt.steps[0][0].clone()]], "one join token, made before any host joins");
+        assert_eq!((jt.steps[0][0].host(), jt.steps[0][0].kind()), ("m1", StepKind::JoinToken));
+        let record = plan.phases.last().unwrap();
+        assert_eq!(record.steps[0][0].kind(), StepKind::DropToken, "and deleted at the end");
+        let jm = &plan.phases[6];
         assert!(jm.steps.iter().all(|s| s.len() == 1), "masters join one at a time");
         assert_eq!(jm.steps[1][0].host(), "m2");
         assert_eq!(jm.steps[4][0].host(), "m3");
-        let jw = &plan.phases[6];
+        let jw = &plan.phases[7];
         // waves of 2, 2, 1: each wave's lb step precedes its join step
         assert_eq!(jw.steps.iter().map(|s| s.len()).collect::<Vec<_>>(), [2, 2, 2, 2, 1, 1]);
         assert!(
@@ -393,6 +427,13 @@ mod tests {
             }),
             "no step runs two tasks on one host at once"
         );
+    }
+
+    #[test]
+    fn a_single_master_cluster_needs_no_join_token() {
+        let plan = build(&shape(1, 0, 1));
+        assert!(plan.tasks().all(|t| !matches!(t.kind(), StepKind::JoinToken | StepKind::DropToken)));
+        assert!(build(&shape(1, 1, 1)).tasks().any(|t| t.kind() == StepKind::JoinToken), "a worker joins");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::record::{self, ClusterRecord, ClusterState, TaskRecord, TaskState};
 use super::report::{self, Applied};
 use super::specs::{self, SpecError};
 use crate::dispatch::{ReportRejected, Sessions};
-use crate::plan::phases::{CountError, Task, TaskId};
+use crate::plan::phases::{CountError, StepKind, Task, TaskId};
 use crate::store::{self, get_json, list_prefix_json, put_json, Durability, Store, StoreError, Table};
 
 /// What reaches a cluster's actor.
@@ -261,6 +261,20 @@ impl Actor {
                 tracing::info!(task = %tr.id, attempt = tr.attempt, "re-sending task");
                 self.send(t, tr.attempt)?;
                 Ok(true)
+            }
+            Next::Blocked(m) if matches!(t.kind(), StepKind::JoinToken | StepKind::DropToken) => {
+                // An older agent on master0: joins use the init configuration's token, as before
+                // per-operation tokens (it expires on its own). Not a reason to stop the rollout.
+                tr.state = TaskState::Skipped;
+                tr.output = format!(
+                    "skipped: agent {} on {} cannot run {}; joins use the token from the init configuration (upgrade node-agent for a token per operation)",
+                    if m.agent_version.is_empty() { "(unknown version)" } else { &m.agent_version },
+                    tr.host,
+                    m.capability
+                );
+                tracing::warn!(task = %tr.id, "{}", tr.output);
+                self.save_task(tr).await?;
+                Ok(false)
             }
             Next::Blocked(m) => {
                 let why = format!(

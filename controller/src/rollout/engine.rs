@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::actor::{Actor, Msg};
 use super::record::{self, ClusterRecord, ClusterSecrets, ClusterSpec, ClusterState, TaskRecord, TaskState};
 use super::report::{self, Applied};
+use super::token;
 use crate::dispatch::events::BoxError;
 use crate::dispatch::{ReportRejected, Sessions, TaskEvents};
 use crate::pki::kube::{KubePki, MasterIdentity, PkiSpec};
@@ -173,7 +174,13 @@ impl Rollouts {
             spec: new.spec,
             shape: new.shape,
             plan,
-            secrets: ClusterSecrets { pki, bootstrap_token: BootstrapToken::generate().expose(), ca_cert_hash },
+            secrets: ClusterSecrets {
+                pki,
+                bootstrap_token: BootstrapToken::generate().expose(),
+                ca_cert_hash,
+                token_minted_ms: now,
+                retired_token_ids: vec![],
+            },
             failed_workers: vec![],
             conditions: vec![],
             bundle_files: new.bundle_files,
@@ -245,6 +252,8 @@ impl Rollouts {
                 put_json(&*self.store, Table::Tasks, &t.key(), &t, Durability::Lazy)?;
             }
         }
+        // A retry is a new operation: its own join token (the failed one's may have expired).
+        self.new_join_token(&mut rec)?;
         rec.state = ClusterState::Running;
         rec.failed_workers.clear();
         rec.message = "retrying after a failure".into();
@@ -256,11 +265,35 @@ impl Rollouts {
         Ok(rec)
     }
 
+    /// Give the cluster's operation a new join token, and make its `join-token` task (if the
+    /// plan has one) create it again. The record is written by the caller (flushed, after the
+    /// task written here).
+    fn new_join_token(&self, rec: &mut ClusterRecord) -> Result<(), RolloutError> {
+        let Some(task) = rec.plan.tasks().find(|t| t.kind() == phases::StepKind::JoinToken).map(|t| t.id.clone())
+        else {
+            return Ok(());
+        };
+        token::mint(&mut rec.secrets, now_unix_ms());
+        // Pending even if it was running: the next attempt creates the new token (an answer to
+        // the old attempt is for the old token and is ignored).
+        if let Some(mut t) = get_json::<TaskRecord>(&*self.store, Table::Tasks, &task.to_string())? {
+            t.state = TaskState::Pending;
+            put_json(&*self.store, Table::Tasks, &t.key(), &t, Durability::Lazy)?;
+        }
+        tracing::info!(cluster = %rec.name, "new join token for this operation");
+        Ok(())
+    }
+
     /// Restart the actors of every cluster that was running when the controller stopped.
     pub fn resume_all(&self) -> Result<usize, RolloutError> {
         let mut n = 0;
-        for rec in self.list()? {
+        for mut rec in self.list()? {
             if rec.state == ClusterState::Running {
+                // Stopped long enough for the token to be half gone: the joins left get a new one.
+                if !rec.deleting && token::stale(&rec.secrets, now_unix_ms()) {
+                    self.new_join_token(&mut rec)?;
+                    put_json(&*self.store, Table::Clusters, &rec.name, &rec, Durability::Flush)?;
+                }
                 tracing::info!(cluster = %rec.name, phase = %rec.phase, "resuming rollout after restart");
                 self.spawn(&rec.name);
                 n += 1;
@@ -553,6 +586,78 @@ mod tests {
         other.shape.name = "other".into();
         assert!(matches!(r.create(other), Err(RolloutError::Invalid(m)) if m.contains("already belong")));
         assert!(matches!(r.create(new_cluster()), Err(RolloutError::Exists { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_rollout_resumed_with_a_half_spent_join_token_gets_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let sessions = Sessions::new(|_| {});
+        let r = Rollouts::new(store.clone(), sessions.clone(), fast());
+        let rec = r.create(new_cluster()).unwrap();
+        assert!(!token::stale(&rec.secrets, now_unix_ms()), "a new operation starts with a new token");
+        let jt = "lab/join-token/m1/join-token";
+        assert_eq!(stored(&store, jt).state, TaskState::Pending);
+        // As if the controller had stopped mid-rollout, with the token made 90 minutes ago and
+        // its task done.
+        let mut old = r.get("lab").unwrap();
+        old.secrets.token_minted_ms = now_unix_ms() - 90 * 60 * 1000;
+        put_json(&*store, Table::Clusters, "lab", &old, Durability::Flush).unwrap();
+        let mut t = stored(&store, jt);
+        (t.state, t.attempt) = (TaskState::Succeeded, 1);
+        put_json(&*store, Table::Tasks, jt, &t, Durability::Flush).unwrap();
+        let r2 = Rollouts::new(store.clone(), sessions.clone(), fast());
+        assert_eq!(r2.resume_all().unwrap(), 1);
+        let now = r2.get("lab").unwrap();
+        assert_ne!(now.secrets.bootstrap_token, old.secrets.bootstrap_token);
+        assert_eq!(now.secrets.retired_token_ids, vec![token::id_of(&old.secrets.bootstrap_token).to_string()]);
+        assert_eq!(stored(&store, jt).state, TaskState::Pending, "the new token is created before the joins left");
+        // The end of the operation deletes both.
+        let drop = rec.plan.tasks().find(|t| t.kind() == StepKind::DropToken).unwrap().clone();
+        let Ok(task_assignment::Task::KubeadmToken(d)) = super::super::specs::spec_for(&now, &drop) else {
+            panic!("drop-token is a kubeadm-token task")
+        };
+        assert_eq!(d.delete_ids.len(), 2);
+        assert!(d.token.is_empty(), "{d:?}");
+    }
+
+    /// Plays an agent that succeeds at every task it is sent.
+    fn obliging_agent(
+        r: &Arc<Rollouts>,
+        sessions: &Sessions,
+        node: &str,
+        caps: Vec<String>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (_sid, tx, mut stream) = sessions.open(node, meta("0.9.0", caps), 0, 64);
+        r.session_opened(node);
+        let (r, node) = (r.clone(), node.to_string());
+        tokio::spawn(async move {
+            let _keep = tx;
+            while let Some(Ok(ev)) = stream.next().await {
+                if let Some(server_event::Event::Task(a)) = ev.event {
+                    let _ = r.task_report(&node, report(&a.task_id, a.attempt, WireState::Succeeded)).await;
+                }
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn an_older_master0_agent_skips_per_operation_tokens_instead_of_blocking_the_rollout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let sessions = Sessions::new(|_| {});
+        let r = Rollouts::new(store.clone(), sessions.clone(), fast());
+        r.create(new_cluster()).unwrap();
+        let older: Vec<String> =
+            TaskKind::all_capabilities().into_iter().filter(|c| !c.starts_with("kubeadm-token-")).collect();
+        let _m1 = obliging_agent(&r, &sessions, "m1", older);
+        let _w1 = obliging_agent(&r, &sessions, "w1", TaskKind::all_capabilities());
+        wait_for("the rollout to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        assert_eq!(r.get("lab").unwrap().state, ClusterState::Succeeded, "{:?}", r.get("lab").unwrap().message);
+        let jt = stored(&store, "lab/join-token/m1/join-token");
+        assert_eq!((jt.state, jt.attempt), (TaskState::Skipped, 0), "never sent to an agent that cannot run it");
+        assert!(jt.output.contains("cannot run kubeadm-token-v1") && jt.output.contains("init configuration"));
+        assert_eq!(stored(&store, "lab/join-workers/w1/kubeadm-join").state, TaskState::Succeeded);
     }
 
     #[tokio::test]

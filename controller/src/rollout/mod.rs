@@ -7,6 +7,7 @@
 //! - [`decide`]: what to do next with a task, as a pure function.
 //! - [`report`]: applying an agent's report to a task record.
 //! - [`specs`]: the typed task message each planned task carries to its host.
+//! - [`token`]: one short-lived join token per operation.
 //! - [`record`]: the cluster and task records persisted in the store; [`view`]: what the admin
 //!   API shows (never the secrets).
 //!
@@ -19,6 +20,7 @@ pub mod engine;
 pub mod record;
 pub mod report;
 pub mod specs;
+pub mod token;
 pub mod view;
 
 pub use engine::{NewCluster, RolloutError, RolloutSettings, Rollouts};

@@ -43,9 +43,16 @@ pub struct ClusterSpec {
 #[derive(Clone, Serialize, Deserialize)]
 pub struct ClusterSecrets {
     pub pki: KubePki,
+    /// The current operation's join token (see [`super::token`]).
     pub bootstrap_token: String,
     /// `sha256:` pin of the cluster CA, as `kubeadm join --discovery-token-ca-cert-hash` wants it.
     pub ca_cert_hash: String,
+    /// When the current token was made (0: before fleetadm tracked it).
+    #[serde(default)]
+    pub token_minted_ms: u64,
+    /// Ids of the tokens it replaced, deleted when the operation ends.
+    #[serde(default)]
+    pub retired_token_ids: Vec<String>,
 }
 
 impl std::fmt::Debug for ClusterSecrets {

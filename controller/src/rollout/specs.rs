@@ -9,11 +9,12 @@
 use fleetadm_proto::task_assignment::Task as WireTask;
 use fleetadm_proto::{
     BootstrapResetTask, BootstrapTask, BundleAddonsTask, FetchBundleTask, FileSpec, FilesTask, HostsEntry, HostsTask,
-    KubeadmInitTask, KubeadmJoinTask, KubeadmResetTask, LbCleanTask, LbTask, PreflightTask,
+    KubeadmInitTask, KubeadmJoinTask, KubeadmResetTask, KubeadmTokenTask, LbCleanTask, LbTask, PreflightTask,
 };
 use thiserror::Error;
 
 use super::record::ClusterRecord;
+use super::token;
 use crate::pki::kube::APISERVER_NAME;
 use crate::plan::clusterfile;
 use crate::plan::kubeadm::{self, ClusterInputs, HostInputs, HostRole};
@@ -185,5 +186,15 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<WireTask, SpecError>
         }),
         StepKind::LbClean => WireTask::LbClean(LbCleanTask { vip: vip_endpoint, ..Default::default() }),
         StepKind::BootstrapReset => WireTask::BootstrapReset(BootstrapResetTask { ..Default::default() }),
+        StepKind::JoinToken => WireTask::KubeadmToken(KubeadmTokenTask {
+            token: rec.secrets.bootstrap_token.clone(),
+            ttl_secs: token::JOIN_TOKEN_TTL.as_secs() as u32,
+            description: format!("fleetadm: joins of cluster {}", rec.name),
+            delete_ids: vec![],
+            ..Default::default()
+        }),
+        StepKind::DropToken => {
+            WireTask::KubeadmToken(KubeadmTokenTask { delete_ids: token::all_ids(&rec.secrets), ..Default::default() })
+        }
     })
 }

@@ -28,6 +28,7 @@ pub async fn run(task: Task, cx: Ctx) -> Result<Done, TaskError> {
         Task::FetchBundle(t) => FetchBundle.run(t, cx).await,
         Task::Bootstrap(t) => Bootstrap.run(t, cx).await,
         Task::BootstrapReset(t) => BootstrapReset.run(t, cx).await,
+        Task::KubeadmToken(t) => KubeadmToken.run(t, cx).await,
     }
 }
 
@@ -125,6 +126,42 @@ impl Handler for KubeadmJoin {
     type Task = pb::KubeadmJoinTask;
     async fn run(&self, t: pb::KubeadmJoinTask, cx: Ctx) -> Result<Done, TaskError> {
         let o = kubeadm::join(&cx.paths.kube_dir, &t.config, t.control_plane, cx.timeout, &cx.cancel).await?;
+        Ok(Done::new(o.changed, o.output))
+    }
+}
+
+pub struct KubeadmToken;
+
+impl Handler for KubeadmToken {
+    type Task = pb::KubeadmTokenTask;
+    async fn run(&self, t: pb::KubeadmTokenTask, cx: Ctx) -> Result<Done, TaskError> {
+        use fleetadm_common::token::BootstrapToken;
+        let token = match t.token.as_str() {
+            "" => None,
+            text => Some(BootstrapToken::parse(text).map_err(|e| TaskError::Refused(e.to_string()))?),
+        };
+        if let Some(bad) = t
+            .delete_ids
+            .iter()
+            .find(|id| id.len() != 6 || !id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+        {
+            return Err(TaskError::Refused(format!("{bad:?} is not a bootstrap token id ([a-z0-9]{{6}})")));
+        }
+        if token.is_some() && !(60..=7 * 24 * 3600).contains(&t.ttl_secs) {
+            return Err(TaskError::Refused(format!("token ttl {}s is outside 1m..7d", t.ttl_secs)));
+        }
+        let description: String = t.description.chars().filter(|c| !c.is_control()).take(200).collect();
+        let ttl = Duration::from_secs(u64::from(t.ttl_secs));
+        let o = kubeadm::token(
+            &cx.paths.kube_dir,
+            token.as_ref(),
+            ttl,
+            &description,
+            &t.delete_ids,
+            cx.timeout,
+            &cx.cancel,
+        )
+        .await?;
         Ok(Done::new(o.changed, o.output))
     }
 }

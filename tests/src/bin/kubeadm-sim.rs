@@ -18,6 +18,12 @@
 //!   a non-empty /var/lib/etcd and a busy :6443; every join refuses an existing kubelet.conf, a
 //!   worker join an existing pki/ca.crt (so a retry over a failed attempt fails unless it was
 //!   reset first, as with the real kubeadm);
+//! - bootstrap tokens expire (InitConfiguration `ttl`, default 24h; `token create --ttl`), and
+//!   `kubeadm token create TOKEN --ttl D --description S --kubeconfig F` / `token delete ID
+//!   --kubeconfig F` (unknown flags refused; create fails on an existing id, delete on a missing
+//!   one, like kubeadm) change them through the apiserver named in the kubeconfig. The control
+//!   plane's apiservers share their tokens the way etcd would: every change is replicated to each
+//!   member, and a control-plane join makes the new member known to all;
 //! - reset: stops the apiserver (and waits for it to exit) and removes what init/join wrote,
 //!   including the certificates directory.
 //! - fault injection: `KUBEADM_SIM_FAIL=wait-control-plane` makes init or a control-plane join
@@ -58,12 +64,13 @@ fn main() {
         Some("init") => config_arg(&args).and_then(|c| init(&c)),
         Some("join") => config_arg(&args).and_then(|c| join(&c)),
         Some("reset") => reset(),
+        Some("token") => token_cmd(&args[1..]),
         Some("version") => {
             println!("{}", sim_version());
             Ok(())
         }
         Some("__apiserver") if args.len() == 4 => apiserver(&args[1], &args[2], &args[3]),
-        _ => Err(anyhow!("usage: kubeadm init|join --config FILE | reset --force | version")),
+        _ => Err(anyhow!("usage: kubeadm init|join --config FILE | reset --force | token create|delete ... | version")),
     };
     if let Err(e) = r {
         eprintln!("error execution phase: {e:#}");
@@ -141,6 +148,37 @@ fn extra_args(v: Option<&Value>, at: &str, v4: bool) -> Result<()> {
         bail!("{at}: v1beta3 wants a map of flag: value");
     }
     Ok(())
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A Go duration as kubeadm takes it ("2h0m0s", "90m", "7200s"), in whole seconds.
+fn go_duration(text: &str) -> Result<u64> {
+    let mut total = 0u64;
+    let mut num = String::new();
+    if text.is_empty() {
+        bail!("empty duration");
+    }
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num.parse().map_err(|_| anyhow!("invalid duration {text:?}"))?;
+        num.clear();
+        total += n * match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => bail!("invalid duration {text:?}: unit {c:?}"),
+        };
+    }
+    if !num.is_empty() {
+        bail!("invalid duration {text:?}: missing unit");
+    }
+    Ok(total)
 }
 
 fn token_ok(t: &str) -> bool {
@@ -229,6 +267,7 @@ struct InitCfg {
     advertise: SocketAddr,
     endpoint: String,
     cert_dir: PathBuf,
+    /// "TOKEN EXPIRES_UNIX" each.
     tokens: Vec<String>,
 }
 
@@ -263,7 +302,12 @@ fn check_init(docs: Vec<Value>) -> Result<InitCfg> {
         if !token_ok(tok) {
             bail!("{at}.token {tok:?} does not match [a-z0-9]{{6}}.[a-z0-9]{{16}}");
         }
-        tokens.push(tok.to_string());
+        let ttl = match t.get("ttl") {
+            None => 24 * 3600,
+            Some(v) => go_duration(v.as_str().ok_or_else(|| anyhow!("{at}.ttl must be a duration string"))?)
+                .with_context(|| format!("{at}.ttl"))?,
+        };
+        tokens.push(format!("{tok} {}", now_secs() + ttl));
     }
     let name = node_registration(
         init.get("nodeRegistration").ok_or_else(|| anyhow!("nodeRegistration missing"))?,
@@ -537,10 +581,11 @@ fn sim_dir() -> PathBuf {
     PathBuf::from(KUBE).join("sim")
 }
 
-fn start_apiserver(listen: &SocketAddr, tokens: &[String], nodes: &[String]) -> Result<()> {
+fn start_apiserver(listen: &SocketAddr, tokens: &[String], peers: &[String], nodes: &[String]) -> Result<()> {
     let dir = sim_dir();
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("tokens"), tokens.join("\n"))?;
+    std::fs::write(dir.join("tokens"), tokens.iter().map(|t| format!("{t}\n")).collect::<String>())?;
+    std::fs::write(dir.join("peers"), peers.iter().map(|p| format!("{p}\n")).collect::<String>())?;
     std::fs::write(dir.join("nodes"), nodes.iter().map(|n| format!("{n} control-plane\n")).collect::<String>())?;
     let log = std::fs::File::create(dir.join("apiserver.log"))?;
     let exe = std::env::current_exe()?;
@@ -639,7 +684,7 @@ fn init(docs: &[Value]) -> Result<()> {
     kubelet_files(&c.name, &c.endpoint, &ca)?;
     etcd_data(&c.name)?;
     injected_failure()?;
-    start_apiserver(&c.advertise, &c.tokens, std::slice::from_ref(&c.name))?;
+    start_apiserver(&c.advertise, &c.tokens, &[c.advertise.to_string()], std::slice::from_ref(&c.name))?;
     println!("Your Kubernetes control-plane has initialized successfully! (node {})", c.name);
     Ok(())
 }
@@ -668,8 +713,10 @@ fn join(docs: &[Value]) -> Result<()> {
         bail!("[discovery] cluster CA found in cluster-info ({pin}) does not match caCertHashes ({})", c.ca_hash);
     }
     let node_role = if c.control_plane.is_some() { "control-plane" } else { "worker" };
-    let (code, tokens) = https(&addr, &host, &ca_pem, "POST", &format!("/sim/join/{}/{node_role}", c.name), &c.token)
-        .context("[preflight] joining through the apiserver endpoint")?;
+    let member = c.control_plane.map(|a| format!("/{a}")).unwrap_or_default();
+    let (code, tokens) =
+        https(&addr, &host, &ca_pem, "POST", &format!("/sim/join/{}/{node_role}{member}", c.name), &c.token)
+            .context("[preflight] joining through the apiserver endpoint")?;
     if code != 200 {
         bail!("[discovery] the apiserver refused the bootstrap token (HTTP {code}): {tokens}");
     }
@@ -684,8 +731,10 @@ fn join(docs: &[Value]) -> Result<()> {
             kubelet_files(&c.name, &c.endpoint, &ca_pem)?;
             return Err(e);
         }
+        let (tokens, peers) = tokens.split_once("#peers\n").unwrap_or((&tokens, ""));
         let tokens: Vec<String> = tokens.lines().map(str::to_string).collect();
-        start_apiserver(&adv, &tokens, std::slice::from_ref(&c.name))?;
+        let peers: Vec<String> = peers.lines().map(str::to_string).collect();
+        start_apiserver(&adv, &tokens, &peers, std::slice::from_ref(&c.name))?;
     } else {
         write(&format!("{KUBE}/pki/ca.crt"), &ca_pem, 0o644)?;
     }
@@ -810,6 +859,7 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     eprintln!("sim apiserver listening on {listen}");
     let state = PathBuf::from(state);
+    std::fs::write(state.join("listen"), listen)?;
     for stream in listener.incoming() {
         let Ok(mut tcp) = stream else { continue };
         let (cfg, ca, state) = (cfg.clone(), ca.clone(), state.clone());
@@ -833,23 +883,63 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
             let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
             let bearer =
                 req.lines().find_map(|l| l.strip_prefix("Authorization: Bearer ")).unwrap_or("").trim().to_string();
+            let _guard = STATE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
             let tokens = std::fs::read_to_string(state.join("tokens")).unwrap_or_default();
+            let valid = |t: &str| {
+                tokens.lines().any(|l| {
+                    let mut f = l.split_whitespace();
+                    f.next() == Some(t) && f.next().and_then(|e| e.parse::<u64>().ok()).is_some_and(|e| e > now_secs())
+                })
+            };
             let (code, body) = match (method, path) {
                 ("GET", "/healthz") => (200, "ok".to_string()),
                 ("GET", "/api/v1/namespaces/kube-public/configmaps/cluster-info") => (200, ca),
                 ("GET", "/sim/nodes") => (200, std::fs::read_to_string(state.join("nodes")).unwrap_or_default()),
                 ("POST", p) if p.starts_with("/sim/join/") => {
-                    if bearer.is_empty() || !tokens.lines().any(|t| t == bearer) {
-                        (401, "unknown bootstrap token".to_string())
+                    if bearer.is_empty() || !valid(&bearer) {
+                        (401, "unknown or expired bootstrap token".to_string())
                     } else {
-                        let who = p.trim_start_matches("/sim/join/").replace('/', " ");
+                        let parts: Vec<&str> = p.trim_start_matches("/sim/join/").split('/').collect();
                         let mut f =
                             std::fs::OpenOptions::new().append(true).create(true).open(state.join("nodes")).ok();
                         if let Some(f) = f.as_mut() {
-                            let _ = writeln!(f, "{who}");
+                            let _ = writeln!(f, "{}", parts.iter().take(2).copied().collect::<Vec<_>>().join(" "));
                         }
-                        (200, tokens)
+                        if let Some(member) = parts.get(2) {
+                            // A new control-plane member: every member learns of it.
+                            replicate(&state, &ca, &format!("/sim/replicate/peer/{member}"));
+                            apply(&state, &format!("peer/{member}"));
+                        }
+                        let peers = std::fs::read_to_string(state.join("peers")).unwrap_or_default();
+                        (200, format!("{tokens}#peers\n{peers}"))
                     }
+                }
+                ("POST", p) if p.starts_with("/sim/tokens/") => {
+                    let change = p.trim_start_matches("/sim/tokens/");
+                    let id = |t: &str| t.split('.').next().unwrap_or_default().to_string();
+                    let exists = |i: &str| tokens.lines().any(|l| id(l) == i);
+                    let bad = match change.split('/').collect::<Vec<_>>().as_slice() {
+                        ["create", t, _] if exists(&id(t)) => {
+                            Some((409, format!("secrets \"bootstrap-token-{}\" already exists", id(t))))
+                        }
+                        ["delete", i] if !exists(i) => {
+                            Some((404, format!("secrets \"bootstrap-token-{i}\" not found")))
+                        }
+                        ["create", _, _] | ["delete", _] => None,
+                        _ => Some((400, "bad token change".to_string())),
+                    };
+                    match bad {
+                        Some(answer) => answer,
+                        None => {
+                            apply(&state, change);
+                            replicate(&state, &ca, &format!("/sim/replicate/{change}"));
+                            (200, "ok".to_string())
+                        }
+                    }
+                }
+                ("POST", p) if p.starts_with("/sim/replicate/") => {
+                    apply(&state, p.trim_start_matches("/sim/replicate/"));
+                    (200, "ok".to_string())
                 }
                 _ => (404, "not found".to_string()),
             };
@@ -872,6 +962,101 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
 /// `kubectl --kubeconfig FILE apply -f DIR|FILE`: checks the kubeconfig points at the cluster
 /// endpoint and that every manifest document has apiVersion, kind and metadata.name; records the
 /// objects in /etc/kubernetes/sim/applied.
+/// One apiserver's state changes one at a time.
+static STATE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Apply a change to this member's copy of the cluster state: `create/TOKEN/EXPIRES`,
+/// `delete/ID`, `peer/ADDR`.
+fn apply(state: &Path, change: &str) {
+    let rewrite = |file: &str, f: &dyn Fn(Vec<String>) -> Vec<String>| {
+        let path = state.join(file);
+        let lines: Vec<String> =
+            std::fs::read_to_string(&path).unwrap_or_default().lines().map(str::to_string).collect();
+        let _ = std::fs::write(&path, f(lines).iter().map(|l| format!("{l}\n")).collect::<String>());
+    };
+    match change.split('/').collect::<Vec<_>>().as_slice() {
+        ["create", t, exp] => rewrite("tokens", &|mut l| {
+            l.push(format!("{t} {exp}"));
+            l
+        }),
+        ["delete", i] => rewrite("tokens", &|l| l.into_iter().filter(|t| !t.starts_with(&format!("{i}."))).collect()),
+        ["peer", a] => rewrite("peers", &|mut l| {
+            if !l.iter().any(|p| p == a) {
+                l.push(a.to_string());
+            }
+            l
+        }),
+        _ => {}
+    }
+}
+
+/// Send a change to every other member (what etcd's replication does for the real apiservers).
+/// A member that is down misses it, as a stopped etcd member would until it catches up.
+fn replicate(state: &Path, ca: &str, path: &str) {
+    let me = std::fs::read_to_string(state.join("listen")).unwrap_or_default();
+    for peer in std::fs::read_to_string(state.join("peers")).unwrap_or_default().lines() {
+        let Ok(addr) = peer.parse::<SocketAddr>() else { continue };
+        if peer == me.trim() {
+            continue;
+        }
+        if let Err(e) = https(&addr, &addr.ip().to_string(), ca, "POST", path, "") {
+            eprintln!("replicating {path} to {peer}: {e:#}");
+        }
+    }
+}
+
+/// `kubeadm token create|delete`, through the apiserver of `--kubeconfig`.
+fn token_cmd(args: &[String]) -> Result<()> {
+    let mut positional = Vec::new();
+    let (mut ttl, mut kubeconfig, mut description) = (24 * 3600, format!("{KUBE}/admin.conf"), String::new());
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or_else(|| anyhow!("flag needs an argument: {a}"));
+        match a.as_str() {
+            "--ttl" => ttl = go_duration(&value()?)?,
+            "--kubeconfig" => kubeconfig = value()?,
+            "--description" => description = value()?,
+            f if f.starts_with('-') => bail!("unknown flag: {f}"),
+            p => positional.push(p.to_string()),
+        }
+    }
+    let _ = description;
+    let text = std::fs::read_to_string(&kubeconfig)
+        .with_context(|| format!("failed to load admin kubeconfig {kubeconfig}"))?;
+    let server = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://"))
+        .ok_or_else(|| anyhow!("{kubeconfig} has no server"))?
+        .to_string();
+    let addr = server
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {server} (check /etc/hosts)"))?
+        .next()
+        .ok_or_else(|| anyhow!("{server} resolves to nothing"))?;
+    let host = server.rsplit_once(':').map(|x| x.0).unwrap_or(&server).to_string();
+    let ca = std::fs::read_to_string(format!("{KUBE}/pki/ca.crt")).context("the cluster CA (pki/ca.crt)")?;
+    let path = match (args.first().map(String::as_str), positional.as_slice()) {
+        (Some("create"), [t]) if token_ok(t) => format!("/sim/tokens/create/{t}/{}", now_secs() + ttl),
+        (Some("create"), [t]) => {
+            bail!("the bootstrap token {t:?} was not of the form \"[a-z0-9]{{6}}.[a-z0-9]{{16}}\"")
+        }
+        (Some("create"), _) => bail!("kubeadm-sim: token create needs the token (fleetadm always passes one)"),
+        (Some("delete"), [id]) if id.len() == 6 => format!("/sim/tokens/delete/{id}"),
+        (Some("delete"), _) => bail!("kubeadm-sim: token delete takes one token id"),
+        _ => bail!("usage: kubeadm token create TOKEN --ttl D | token delete ID"),
+    };
+    let (code, body) = https(&addr, &host, &ca, "POST", &path, "").with_context(|| format!("talking to {server}"))?;
+    if code != 200 {
+        bail!("failed to change bootstrap tokens: {body} (HTTP {code})");
+    }
+    match positional.first() {
+        Some(t) if args[0] == "create" => println!("{t}"),
+        Some(id) => println!("bootstrap token \"{id}\" deleted"),
+        None => {}
+    }
+    Ok(())
+}
+
 fn kubectl(args: &[String]) -> Result<()> {
     let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     if !args.iter().any(|a| a == "apply") {

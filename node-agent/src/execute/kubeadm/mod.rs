@@ -161,6 +161,48 @@ async fn clean_failed_attempt(
     Ok(format!("{}\nkept {n} PKI and kubeconfig files from the controller", out?.trim_end()))
 }
 
+/// Bootstrap tokens on a first master: delete `delete_ids` (an id already gone is fine: kubeadm
+/// fails on it, and the output says so), then, when `token` is set, delete and recreate it to live
+/// `ttl` from now (so a retried attempt never trips over its own earlier success).
+pub async fn token(
+    kube_dir: &Path,
+    token: Option<&fleetadm_common::token::BootstrapToken>,
+    ttl: Duration,
+    description: &str,
+    delete_ids: &[String],
+    timeout: Duration,
+    cancel: &Cancel,
+) -> Result<Outcome, KubeadmError> {
+    let kubeconfig = kube_dir.join("admin.conf").to_string_lossy().into_owned();
+    let mut output = String::new();
+    let mut ids: Vec<&str> = delete_ids.iter().map(String::as_str).collect();
+    if let Some(t) = token {
+        ids.push(&t.id);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        let cmd = Cmd::new("kubeadm", &["token", "delete", id, "--kubeconfig", &kubeconfig], timeout);
+        let ran = command::run(&cmd, cancel).await?;
+        let said = ran.output.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+        if ran.success {
+            output.push_str(&format!("token {id} deleted\n"));
+        } else {
+            output.push_str(&format!("token {id} not deleted (already gone?): {said}\n"));
+        }
+    }
+    if let Some(t) = token {
+        let ttl = format!("{}s", ttl.as_secs());
+        let secret = t.expose();
+        let args =
+            ["token", "create", &secret, "--ttl", &ttl, "--description", description, "--kubeconfig", &kubeconfig];
+        // Its output is the token itself: not repeated in the report.
+        kubeadm(&args, timeout, cancel).await?;
+        output.push_str(&format!("token {} created, valid for {ttl}\n", t.id));
+    }
+    Ok(Outcome { changed: true, output })
+}
+
 pub async fn reset(
     kube_dir: &Path,
     remove_paths: &[String],
