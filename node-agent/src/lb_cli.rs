@@ -13,7 +13,7 @@ use crate::lb::{self, guard::GuardConfig, probe, LbSpec};
 pub enum LbCmd {
     /// Create or converge the virtual server once, then exit.
     Apply(SpecArgs),
-    /// Converge, then keep real servers healthy with HTTPS /healthz checks (stays running).
+    /// Converge, then keep real servers healthy with HTTPS /readyz checks (stays running).
     Guard(GuardArgs),
     /// Show the kernel's IPVS table (and the guard's view, if one runs).
     Show {

@@ -62,9 +62,10 @@ check "a refused create records nothing" test -z "$(ctl cluster list -o json | g
 # --- create, kill the controller mid-rollout, restart it: the rollout resumes
 ctl cluster create lab --masters h1,h2,h3 --nodes 10.78.0.14,h5 --bundle k8s-lab --max-parallel 1 --detach > "$LAB_DIR/create.out" 2>&1
 check "create --detach returns at once" grep -q "cluster lab recorded" "$LAB_DIR/create.out"
+ph=""
 for _ in $(seq 600); do
-  ph=$(status_json | field phase)
-  case "$ph" in join-masters|join-workers|sync-ipvs|addons|record) break ;; esac
+  p=$(status_json | field phase)
+  case "$p" in join-masters|join-workers|sync-ipvs|addons|record) ph=$p; break ;; esac
   sleep 0.2
 done
 echo "# killing the controller in phase $ph"
@@ -126,6 +127,36 @@ check "cluster kubeconfig is the admin kubeconfig" grep -q "server: https://apis
 again=$(ctl cluster create lab --masters h1,h2,h3 --nodes h4,h5 2>&1); rc=$?
 check "creating it again is refused (already exists)" test $rc -ne 0 -a -n "$(grep 'already exists' <<<"$again")"
 
+# --- an apiserver restart, measured through the VIP: on SIGTERM it fails /readyz and keeps serving
+#     for --shutdown-delay-duration; the workers' guards (probing /readyz) take it out of rotation
+#     first, so no client request through the VIP fails
+lab on h4 /usr/local/bin/kubeadm __vip-client 10.103.97.2:6443 /etc/kubernetes/pki/ca.crt 14 > "$LAB_DIR/vip-client.out" 2>&1 &
+cpid=$!
+sleep 2
+lab on h2 /usr/local/bin/kubeadm __restart-apiserver > "$LAB_DIR/restart.out" 2>&1 &
+rpid=$!
+drained=no
+for _ in $(seq 200); do
+  if ip netns exec flab-h4 ipvsadm -Ln | grep -q -- '-> 10.78.0.12:6443 *Masq *0'; then drained=yes; break; fi
+  sleep 0.02
+done
+wait $rpid; rrc=$?
+wait $cpid
+sed 's/^/#   /' "$LAB_DIR/restart.out" "$LAB_DIR/vip-client.out"
+check "h2's apiserver restarted gracefully (stopped after its shutdown delay, started again)" test $rrc -eq 0 -a -n "$(grep 'stopped after [5-9]' "$LAB_DIR/restart.out")"
+check "the guard took h2 out of rotation while it still served (weight 0)" test $drained = yes
+reqs=$(sed -n 's/^requests=\([0-9]*\) failed=.*/\1/p' "$LAB_DIR/vip-client.out")
+failed=$(sed -n 's/^requests=[0-9]* failed=\([0-9]*\)$/\1/p' "$LAB_DIR/vip-client.out")
+echo "# apiserver restart through the VIP: ${reqs:-?} requests, ${failed:-?} failed"
+check "the client made requests through the VIP the whole time (${reqs:-none})" test "${reqs:-0}" -ge 100
+check "no client request failed during the apiserver restart (${failed:-?} failed)" test "${failed:-x}" = 0
+back=no
+for _ in $(seq 100); do
+  if ip netns exec flab-h4 ipvsadm -Ln | grep -q -- '-> 10.78.0.12:6443 *Masq *1'; then back=yes; break; fi
+  sleep 0.1
+done
+check "h2 back in rotation after the restart" test $back = yes
+
 # --- the agent's guard keeps the worker's rules healthy
 kill "$(cat "$(H h1)/etc-kubernetes/sim/apiserver.pid")"
 gone=no
@@ -134,20 +165,32 @@ for _ in $(seq 150); do
   sleep 0.2
 done
 check "a dead master leaves the workers' rotation" test $gone = yes
-lbview=""
+lbview=""; seen=no
 for _ in $(seq 50); do
   lbview=$(ctl nodes show h4 -o json)
-  grep -A3 '"address": "10.78.0.11:6443"' <<<"$lbview" | grep -q '"healthy": false' && break
+  grep -A3 '"address": "10.78.0.11:6443"' <<<"$lbview" | grep -q '"healthy": false' && { seen=yes; break; }
   sleep 0.2
 done
-check "the controller sees the worker's guard report the dead master" grep -A3 '"address": "10.78.0.11:6443"' <<<"$lbview"
+check "the controller sees the worker's guard report the dead master" test $seen = yes
 check "... as unhealthy, the others healthy" test "$(grep -c '"healthy": true' <<<"$lbview")" -eq 2
 check "the other masters stay" test "$(ip netns exec flab-h4 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[23]:6443 *Masq *1')" -eq 2
-before=$(ip netns exec flab-h5 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[23]:6443')
+# The rules are sampled from before the agent stops until its successor's guard has published its
+# own status and run a few more probe rounds: every sample must show the same real servers.
+rules() { ip netns exec flab-h5 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[23]:6443'; }
+before=$(rules); samples="$before"
 lab stop-agent h5
+samples="$samples $(rules)"
+touch "$LAB_DIR/agent-restart.mark"
 lab start-agent h5
-sleep 1
-check "an agent restart keeps the rules (no flap)" test "$(ip netns exec flab-h5 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[23]:6443')" -eq "$before"
+took_over=no
+for _ in $(seq 100); do
+  samples="$samples $(rules)"
+  if [ "$(H h5)/state/lb-status.json" -nt "$LAB_DIR/agent-restart.mark" ]; then took_over=yes; break; fi
+  sleep 0.1
+done
+for _ in $(seq 20); do samples="$samples $(rules)"; sleep 0.1; done
+check "the restarted agent's guard took over (published its status)" test $took_over = yes
+check "an agent restart keeps the rules (no flap; $(wc -w <<<"$samples") samples)" test -z "$(tr ' ' '\n' <<<"$samples" | grep -vx "$before")" -a "$before" -eq 2
 
 # --- delete: every host reset, the bundle's files gone, the cluster forgotten, the bundle free
 out=$(ctl cluster delete lab 2>&1); rc=$?

@@ -3,7 +3,8 @@
 //! imports an offline bundle (and refuses bad ones), runs `controller cluster create --bundle`
 //! with 3 masters and 2 workers, kills the controller mid-rollout, and checks the bootstrap on
 //! every host (and that a second run changes nothing), hosts files, PKI modes, joins through the
-//! workers' IPVS VIP, the CLI views, and the agent's guard.
+//! workers' IPVS VIP, the CLI views, the agent's guard, and an apiserver restart measured through
+//! the VIP (no client request may fail).
 use fleetadm_tests::vm;
 
 #[test]
@@ -14,6 +15,10 @@ fn cluster_create_end_to_end_on_a_real_kernel() {
     assert!(failed.is_empty(), "failed checks:\n{}", failed.join("\n"));
     assert!(console.contains("ok - workers h4, h5 joined through the VIP"), "join checks did not run");
     assert!(console.contains("ok - an agent restart keeps the rules"), "script did not reach its end");
+    assert!(
+        console.contains("ok - no client request failed during the apiserver restart"),
+        "the restart measurement did not run"
+    );
     assert!(console.contains("ok - bootstrap again on a host: reports no changes"), "bundle checks did not run");
     assert!(ok, "VM script failed");
 }

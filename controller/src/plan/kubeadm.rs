@@ -98,6 +98,9 @@ fn to_yaml(v: serde_json::Value) -> Value {
     serde_yaml::to_value(v).unwrap_or(Value::Null)
 }
 
+/// `--shutdown-delay-duration` for kube-apiserver: ten guard probe intervals.
+pub const APISERVER_SHUTDOWN_DELAY: &str = "5s";
+
 /// Deep merge: mappings merge key by key, anything else is replaced by `over`.
 pub fn merge(base: &mut Value, over: &Value) {
     match (base, over) {
@@ -151,7 +154,12 @@ pub fn render(c: &ClusterInputs, h: &HostInputs, cf: Option<&Clusterfile>) -> Re
                     "certificatesDir": "/etc/kubernetes/pki",
                     "imageRepository": c.image_repository,
                     "networking": {"dnsDomain": c.dns_domain, "podSubnet": c.pod_cidr, "serviceSubnet": c.service_cidr},
-                    "apiServer": {"certSANs": sans, "extraArgs": args(v4, &[("audit-log-maxage", "7")])},
+                    // On SIGTERM the apiserver fails /readyz and keeps serving this long, so the
+                    // workers' guards (probing /readyz every 500 ms) take it out of rotation first.
+                    "apiServer": {"certSANs": sans, "extraArgs": args(v4, &[
+                        ("audit-log-maxage", "7"),
+                        ("shutdown-delay-duration", APISERVER_SHUTDOWN_DELAY),
+                    ])},
                     "controllerManager": {"extraArgs": args(v4, &[("bind-address", "0.0.0.0")])},
                     "scheduler": {"extraArgs": args(v4, &[("bind-address", "0.0.0.0")])},
                     "etcd": {"local": {"dataDir": "/var/lib/etcd"}},

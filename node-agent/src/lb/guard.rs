@@ -1,6 +1,8 @@
 //! The health guard (fleetadm's lvscare): probes each real server on its own schedule, takes a
 //! failing one out of rotation (weight 0 after `fall` failures, removed after `fall` more), and
-//! brings it back after `rise` successes. It never empties the VIP because of failing probes:
+//! brings it back after `rise` successes. A server that answers "not ready" (an apiserver shutting
+//! down fails `/readyz` while it still serves) leaves rotation on that first answer: it said so
+//! itself, and it keeps serving the connections it has. It never empties the VIP because of failing probes:
 //! when every server fails, it keeps the last applied set and says so.
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -129,8 +131,10 @@ impl Guard {
             Err(e) => {
                 st.fail = st.fail.saturating_add(1);
                 st.ok = 0;
+                // Its own word, not a network hiccup: no second probe needed.
+                let said_not_ready = matches!(e, ProbeFailure::Unhealthy(_));
                 st.last = e.to_string();
-                if st.healthy && st.fail >= fall {
+                if st.healthy && (st.fail >= fall || said_not_ready) {
                     st.healthy = false;
                 }
                 if !st.healthy && st.fail >= fall.saturating_mul(2) {
@@ -218,6 +222,22 @@ mod tests {
             kernel,
             None,
         )
+    }
+
+    #[test]
+    fn a_server_that_says_it_is_not_ready_leaves_rotation_on_the_first_answer() {
+        let mut g = guard(&[]);
+        let not_ready = || Err(ProbeFailure::Unhealthy("HTTP/1.1 500 Internal Server Error".into()));
+        assert!(g.observe(rs(2), not_ready(), 1), "flipped at once");
+        assert_eq!(g.desired().dests[&rs(2)], 0, "out of rotation, connections drain");
+        assert!(!g.observe(rs(2), not_ready(), 2));
+        assert_eq!(g.desired().dests[&rs(2)], 0, "still listed while it answers");
+        g.observe(rs(2), Err(ProbeFailure::Refused), 3);
+        g.observe(rs(2), Err(ProbeFailure::Refused), 4);
+        assert!(!g.desired().dests.contains_key(&rs(2)), "removed once it stops answering");
+        g.observe(rs(2), Ok(()), 5);
+        assert!(g.observe(rs(2), Ok(()), 6), "back after rise successes");
+        assert_eq!(g.desired().dests[&rs(2)], 1);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! - [`ipvs`]: the IPVS generic-netlink client; [`link`]: dummy interface and VIP (rtnetlink)
 //! - [`host`]: kernel modules and sysctls
 //! - [`reconcile`]: desired vs kernel state, converged idempotently
-//! - [`probe`] + [`guard`]: HTTPS `/healthz` checks and the rotation decisions
+//! - [`probe`] + [`guard`]: HTTPS `/readyz` checks and the rotation decisions
 pub mod guard;
 pub mod host;
 pub mod ipvs;

@@ -1,4 +1,4 @@
-//! The health probe: HTTPS `GET /healthz` on a real server, verifying its certificate against the
+//! The health probe: HTTPS `GET /readyz` ([`PROBE_PATH`]) on a real server, verifying its certificate against the
 //! cluster CA (or, only when explicitly asked, not verifying it). 200 means healthy.
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -90,6 +90,12 @@ pub enum ProbeFailure {
     Unhealthy(String),
 }
 
+/// What the guard asks an apiserver. `/readyz`, not `/healthz`: a kube-apiserver that is shutting
+/// down keeps answering `/healthz` (and, with `--shutdown-delay-duration`, keeps serving on purpose)
+/// while `/readyz` already fails, which is when it must leave the load balancer. Readable without
+/// credentials (the `system:public-info-viewer` role).
+pub const PROBE_PATH: &str = "/readyz";
+
 impl Prober {
     /// `ca_pem`: the cluster CA the real servers' certificates chain to.
     pub fn new(ca_pem: Option<&str>, trust: TlsTrust, timeout: Duration) -> Result<Self, ProberError> {
@@ -114,7 +120,7 @@ impl Prober {
             }
             (None, TlsTrust::Verify) => return Err(ProberError::NoCa),
         };
-        Ok(Self { tls: Arc::new(config), timeout, path: "/healthz".into() })
+        Ok(Self { tls: Arc::new(config), timeout, path: PROBE_PATH.into() })
     }
 
     /// One probe. Ok(()) = healthy; Err(reason) otherwise.

@@ -24,6 +24,12 @@
 //!   one, like kubeadm) change them through the apiserver named in the kubeconfig. The control
 //!   plane's apiservers share their tokens the way etcd would: every change is replicated to each
 //!   member, and a control-plane join makes the new member known to all;
+//! - the stand-in apiserver behaves like kube-apiserver around a restart: on SIGTERM `/readyz`
+//!   fails at once while everything else (`/healthz` included) is served for
+//!   `--shutdown-delay-duration` (from the ClusterConfiguration's apiServer extraArgs, shared
+//!   with joining masters like kubeadm's kubeadm-config), then it exits. `kubeadm-sim
+//!   __restart-apiserver` plays kubelet restarting the static pod; `kubeadm-sim __vip-client
+//!   ADDR CA SECS` counts client requests that fail (a new connection each, every 20 ms);
 //! - reset: stops the apiserver (and waits for it to exit) and removes what init/join wrote,
 //!   including the certificates directory.
 //! - fault injection: `KUBEADM_SIM_FAIL=wait-control-plane` makes init or a control-plane join
@@ -70,6 +76,8 @@ fn main() {
             Ok(())
         }
         Some("__apiserver") if args.len() == 4 => apiserver(&args[1], &args[2], &args[3]),
+        Some("__restart-apiserver") => restart_apiserver(),
+        Some("__vip-client") if args.len() == 4 => vip_client(&args[1], &args[2], &args[3]),
         _ => Err(anyhow!("usage: kubeadm init|join --config FILE | reset --force | token create|delete ... | version")),
     };
     if let Err(e) = r {
@@ -133,6 +141,25 @@ fn only(v: &Value, at: &str, allowed: &[&str]) -> Result<()> {
 
 fn s<'a>(v: &'a Value, at: &str, key: &str) -> Result<&'a str> {
     v.get(key).and_then(Value::as_str).ok_or_else(|| anyhow!("{at}.{key}: required string missing"))
+}
+
+/// extraArgs (already checked by [`extra_args`]) as "name=value" lines.
+fn flag_values(v: Option<&Value>, v4: bool) -> Vec<String> {
+    let text = |v: &Value| v.as_str().map(str::to_string).unwrap_or_default();
+    match v {
+        Some(Value::Sequence(list)) if v4 => list
+            .iter()
+            .map(|a| {
+                format!(
+                    "{}={}",
+                    a.get("name").map(text).unwrap_or_default(),
+                    a.get("value").map(text).unwrap_or_default()
+                )
+            })
+            .collect(),
+        Some(Value::Mapping(m)) => m.iter().map(|(k, v)| format!("{}={}", text(k), text(v))).collect(),
+        _ => vec![],
+    }
 }
 
 fn extra_args(v: Option<&Value>, at: &str, v4: bool) -> Result<()> {
@@ -269,6 +296,8 @@ struct InitCfg {
     cert_dir: PathBuf,
     /// "TOKEN EXPIRES_UNIX" each.
     tokens: Vec<String>,
+    /// The apiserver's extra flags, "name=value" each (what the kubeadm-config ConfigMap keeps).
+    apiserver_args: Vec<String>,
 }
 
 fn check_init(docs: Vec<Value>) -> Result<InitCfg> {
@@ -362,6 +391,7 @@ fn check_init(docs: Vec<Value>) -> Result<InitCfg> {
         }
     }
     let endpoint = s(cc, "ClusterConfiguration", "controlPlaneEndpoint")?.to_string();
+    let apiserver_args = flag_values(cc.get("apiServer").and_then(|a| a.get("extraArgs")), v4);
     let cert_dir = PathBuf::from(cc.get("certificatesDir").and_then(Value::as_str).unwrap_or("/etc/kubernetes/pki"));
     if let Some(kp) = d.get("KubeProxyConfiguration") {
         let mode = kp.get("mode").and_then(Value::as_str).unwrap_or("");
@@ -370,7 +400,7 @@ fn check_init(docs: Vec<Value>) -> Result<InitCfg> {
         }
     }
     let _ = d.api;
-    Ok(InitCfg { name, advertise, endpoint, cert_dir, tokens })
+    Ok(InitCfg { name, advertise, endpoint, cert_dir, tokens, apiserver_args })
 }
 
 struct JoinCfg {
@@ -581,13 +611,27 @@ fn sim_dir() -> PathBuf {
     PathBuf::from(KUBE).join("sim")
 }
 
-fn start_apiserver(listen: &SocketAddr, tokens: &[String], peers: &[String], nodes: &[String]) -> Result<()> {
+fn start_apiserver(
+    listen: &SocketAddr,
+    tokens: &[String],
+    peers: &[String],
+    args: &[String],
+    nodes: &[String],
+) -> Result<()> {
     let dir = sim_dir();
     std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("apiserver-args"), args.iter().map(|a| format!("{a}\n")).collect::<String>())?;
     std::fs::write(dir.join("tokens"), tokens.iter().map(|t| format!("{t}\n")).collect::<String>())?;
     std::fs::write(dir.join("peers"), peers.iter().map(|p| format!("{p}\n")).collect::<String>())?;
     std::fs::write(dir.join("nodes"), nodes.iter().map(|n| format!("{n} control-plane\n")).collect::<String>())?;
-    let log = std::fs::File::create(dir.join("apiserver.log"))?;
+    spawn_apiserver(listen)
+}
+
+/// Start the apiserver of this host's state (kubelet starting the static pod) and wait until it
+/// answers.
+fn spawn_apiserver(listen: &SocketAddr) -> Result<()> {
+    let dir = sim_dir();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("apiserver.log"))?;
     let exe = std::env::current_exe()?;
     let child = std::process::Command::new(exe)
         .args(["__apiserver", &listen.to_string(), &format!("{KUBE}/pki"), &dir.to_string_lossy()])
@@ -684,7 +728,13 @@ fn init(docs: &[Value]) -> Result<()> {
     kubelet_files(&c.name, &c.endpoint, &ca)?;
     etcd_data(&c.name)?;
     injected_failure()?;
-    start_apiserver(&c.advertise, &c.tokens, &[c.advertise.to_string()], std::slice::from_ref(&c.name))?;
+    start_apiserver(
+        &c.advertise,
+        &c.tokens,
+        &[c.advertise.to_string()],
+        &c.apiserver_args,
+        std::slice::from_ref(&c.name),
+    )?;
     println!("Your Kubernetes control-plane has initialized successfully! (node {})", c.name);
     Ok(())
 }
@@ -731,10 +781,10 @@ fn join(docs: &[Value]) -> Result<()> {
             kubelet_files(&c.name, &c.endpoint, &ca_pem)?;
             return Err(e);
         }
-        let (tokens, peers) = tokens.split_once("#peers\n").unwrap_or((&tokens, ""));
-        let tokens: Vec<String> = tokens.lines().map(str::to_string).collect();
-        let peers: Vec<String> = peers.lines().map(str::to_string).collect();
-        start_apiserver(&adv, &tokens, &peers, std::slice::from_ref(&c.name))?;
+        let (tokens, rest) = tokens.split_once("#peers\n").unwrap_or((&tokens, ""));
+        let (peers, args) = rest.split_once("#apiserver-args\n").unwrap_or((rest, ""));
+        let lines = |t: &str| t.lines().map(str::to_string).collect::<Vec<_>>();
+        start_apiserver(&adv, &lines(tokens), &lines(peers), &lines(args), std::slice::from_ref(&c.name))?;
     } else {
         write(&format!("{KUBE}/pki/ca.crt"), &ca_pem, 0o644)?;
     }
@@ -747,7 +797,8 @@ fn reset() -> Result<()> {
     let dir = sim_dir();
     if let Ok(pid) = std::fs::read_to_string(dir.join("apiserver.pid")) {
         if let Ok(pid) = pid.trim().parse::<u32>() {
-            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            // kubeadm reset removes the control-plane containers: no graceful shutdown.
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
             // Like kubeadm stopping the static pods: return once it is gone (its port is free).
             let proc = PathBuf::from(format!("/proc/{pid}"));
             for _ in 0..100 {
@@ -860,6 +911,7 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
     eprintln!("sim apiserver listening on {listen}");
     let state = PathBuf::from(state);
     std::fs::write(state.join("listen"), listen)?;
+    graceful_shutdown(&state)?;
     for stream in listener.incoming() {
         let Ok(mut tcp) = stream else { continue };
         let (cfg, ca, state) = (cfg.clone(), ca.clone(), state.clone());
@@ -892,7 +944,12 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
                 })
             };
             let (code, body) = match (method, path) {
-                ("GET", "/healthz") => (200, "ok".to_string()),
+                ("GET", "/healthz") | ("GET", "/livez") => (200, "ok".to_string()),
+                ("GET", "/readyz") if SHUTTING_DOWN.load(std::sync::atomic::Ordering::SeqCst) => {
+                    (500, "[-]shutdown failed: reason withheld\nreadyz check failed".to_string())
+                }
+                ("GET", "/readyz") => (200, "ok".to_string()),
+                ("GET", "/version") => (200, format!("{{\"gitVersion\": \"{}\"}}", sim_version())),
                 ("GET", "/api/v1/namespaces/kube-public/configmaps/cluster-info") => (200, ca),
                 ("GET", "/sim/nodes") => (200, std::fs::read_to_string(state.join("nodes")).unwrap_or_default()),
                 ("POST", p) if p.starts_with("/sim/join/") => {
@@ -911,7 +968,8 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
                             apply(&state, &format!("peer/{member}"));
                         }
                         let peers = std::fs::read_to_string(state.join("peers")).unwrap_or_default();
-                        (200, format!("{tokens}#peers\n{peers}"))
+                        let args = std::fs::read_to_string(state.join("apiserver-args")).unwrap_or_default();
+                        (200, format!("{tokens}#peers\n{peers}#apiserver-args\n{args}"))
                     }
                 }
                 ("POST", p) if p.starts_with("/sim/tokens/") => {
@@ -962,6 +1020,92 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
 /// `kubectl --kubeconfig FILE apply -f DIR|FILE`: checks the kubeconfig points at the cluster
 /// endpoint and that every manifest document has apiVersion, kind and metadata.name; records the
 /// objects in /etc/kubernetes/sim/applied.
+static SHUTTING_DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// kube-apiserver's graceful termination: SIGTERM makes `/readyz` fail at once; the server keeps
+/// serving for `--shutdown-delay-duration` (so load balancers can take it out of rotation), then
+/// exits. SIGTERM is blocked here, before any other thread exists, and taken by one thread.
+fn graceful_shutdown(state: &Path) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let delay = std::fs::read_to_string(state.join("apiserver-args"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("shutdown-delay-duration="))
+        .map(go_duration)
+        .transpose()
+        .context("--shutdown-delay-duration")?
+        .unwrap_or(0);
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.thread_block()?;
+    std::thread::spawn(move || {
+        if set.wait().is_ok() {
+            SHUTTING_DOWN.store(true, std::sync::atomic::Ordering::SeqCst);
+            eprintln!("SIGTERM: /readyz fails now; serving for {delay}s more (--shutdown-delay-duration)");
+            std::thread::sleep(Duration::from_secs(delay));
+            eprintln!("shutting down");
+            std::process::exit(0);
+        }
+    });
+    Ok(())
+}
+
+/// kubelet restarting the apiserver's static pod: SIGTERM, wait until it is gone, start it again.
+fn restart_apiserver() -> Result<()> {
+    let dir = sim_dir();
+    let listen: SocketAddr = std::fs::read_to_string(dir.join("listen"))?.trim().parse()?;
+    let pid: i32 = std::fs::read_to_string(dir.join("apiserver.pid"))?.trim().parse()?;
+    let t0 = std::time::Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM)?;
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|st| st.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            .unwrap_or(true);
+        if zombie {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!("apiserver {pid} did not stop within 120s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("apiserver {pid} stopped after {:.1}s", t0.elapsed().as_secs_f64());
+    spawn_apiserver(&listen)?;
+    println!("apiserver restarted on {listen} after {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// A client of the cluster through ADDR (the VIP): `GET /version` on a new connection every 20 ms
+/// for SECS seconds; prints how many requests were made and how many failed (and the first few
+/// failures). Always exits 0: the caller judges the numbers.
+fn vip_client(addr: &str, ca_file: &str, secs: &str) -> Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let ca = std::fs::read_to_string(ca_file)?;
+    let secs: u64 = secs.parse()?;
+    let t0 = std::time::Instant::now();
+    let (mut n, mut failed, mut first) = (0u64, 0u64, Vec::new());
+    while t0.elapsed() < Duration::from_secs(secs) {
+        n += 1;
+        let r = https(&addr, &addr.ip().to_string(), &ca, "GET", "/version", "");
+        if !matches!(r, Ok((200, _))) {
+            failed += 1;
+            if first.len() < 5 {
+                let why = match r {
+                    Ok((code, body)) => format!("HTTP {code} {}", body.lines().next().unwrap_or("")),
+                    Err(e) => format!("{e:#}"),
+                };
+                first.push(format!("{:.2}s: {why}", t0.elapsed().as_secs_f64()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("requests={n} failed={failed}");
+    for f in first {
+        println!("failure at {f}");
+    }
+    Ok(())
+}
+
 /// One apiserver's state changes one at a time.
 static STATE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 

@@ -2,7 +2,7 @@
 //!
 //! lab-healthz mkcert DIR VIP IP...      test CA (ca.crt) and one cert/key per IP (IP.crt/IP.key),
 //!                                       each also valid for VIP, as apiserver certificates are
-//! lab-healthz serve ADDR CERT KEY NAME  HTTPS: /healthz -> 200 "ok", / -> 200 "NAME"
+//! lab-healthz serve ADDR CERT KEY NAME  HTTPS: /healthz, /readyz -> 200 "ok", / -> 200 "NAME"
 //! lab-healthz get IP:PORT CA            one HTTPS GET /, prints the body
 use std::sync::Arc;
 
@@ -60,7 +60,7 @@ async fn serve(addr: &str, cert: &str, key: &str, name: &str) -> anyhow::Result<
             let Ok(n) = tls.read(&mut buf).await else { return };
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
-            let body = if path == "/healthz" { "ok".to_string() } else { name };
+            let body = if path == "/healthz" || path == "/readyz" { "ok".to_string() } else { name };
             let resp = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
                 body.len(),
