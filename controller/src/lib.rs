@@ -8,6 +8,7 @@
 //! - [`plan`]: operator input -> hosts matched to nodes -> phases of per-host tasks.
 //! - [`rollout`]: executes a plan: persisted task state, dispatch over sessions, reports, resume.
 //! - [`admin`]: the operator API on the local admin socket; [`cli`] is its client.
+//! - [`audit`]: who did what, and every task outcome (`controller events`).
 //! - [`store`]: all durable state (sled), behind a small interface.
 #![forbid(unsafe_code)]
 // Protocol messages are built with `..Default::default()` even when every field is named: a
@@ -16,6 +17,7 @@
 #![allow(clippy::needless_update)]
 
 pub mod admin;
+pub mod audit;
 pub mod bundle;
 pub mod cli;
 pub mod daemon;

@@ -198,6 +198,54 @@ fn worker_failure_budget_and_delete() {
     let (ok, out) = lab.ctl(&["cluster", "delete", "tight", "--force"]);
     assert!(ok && out.contains("forgotten"), "{out}");
     assert!(lab.host("h2").join("etc-kubernetes/manifests/kube-apiserver.yaml").exists());
+
+    // The audit log: who did what (the admin socket peer's uid, from the kernel), with what
+    // result, and every task outcome, with the host that reported it.
+    let (ok, _) = lab.ctl(&["cluster", "delete", "nosuch"]);
+    assert!(!ok);
+    let sock_dir = lab.dir.join("controller");
+    let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(m));
+    mode(&sock_dir, 0o711).expect("chmod");
+    mode(&sock_dir.join("admin.sock"), 0o666).expect("chmod");
+    let other = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(fleetadm_tests::bin("controller"))
+        .args(["token", "create", "--description", "from nobody", "--data-dir"])
+        .arg(&sock_dir)
+        .output()
+        .expect("setpriv");
+    mode(&sock_dir, 0o700).expect("chmod");
+    assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
+    let events = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut a = vec!["events", "-o", "json", "--limit", "10000"];
+        a.extend_from_slice(args);
+        let (ok, out) = lab.ctl(&a);
+        assert!(ok, "{out}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let has = |evs: &[serde_json::Value], actor: &str, action: &str, target: &str, result: &str| {
+        evs.iter().any(|e| {
+            e["actor"] == actor
+                && e["action"] == action
+                && e["target"].as_str().is_some_and(|t| t.ends_with(target))
+                && e["result"].as_str().is_some_and(|r| r.starts_with(result))
+        })
+    };
+    let edge = events(&["--cluster", "edge"]);
+    assert!(has(&edge, "uid:0", "cluster.create", "edge", "ok"), "{edge:?}");
+    // (this kernel has no IPVS: the workers' load balancer step is the one that fails)
+    assert!(has(&edge, "node:h3", "task", "join-workers/h3/lb", "failed (attempt 3)"), "{edge:?}");
+    assert!(has(&edge, "node:h1", "task", "init/h1/kubeadm-init", "succeeded (attempt 1)"), "{edge:?}");
+    assert!(has(&edge, "uid:0", "cluster.delete", "edge", "ok"), "{edge:?}");
+    assert!(edge.iter().all(|e| e["cluster"] == "edge"), "filtered by cluster");
+    let all = events(&["--since", "1h"]);
+    assert!(has(&all, "uid:0", "cluster.delete", "nosuch", "error: cluster nosuch not found"), "{all:?}");
+    assert!(has(&all, "uid:65534", "token.create", "", "ok"), "the caller's real uid: {all:?}");
+    assert!(has(&all, "uid:0", "cluster.delete --force", "tight", "ok"), "{all:?}");
+    let seqs: Vec<u64> = all.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]) && seqs.len() == all.len(), "in order");
+    let (ok, table) = lab.ctl(&["events", "--limit", "3"]);
+    assert!(ok && table.starts_with("TIME") && table.lines().count() == 4, "{table}");
 }
 
 #[test]

@@ -10,10 +10,12 @@ use fleetadm_proto::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::audit::NewEvent;
 use crate::enroll::service::{node_status, token_status};
 use crate::enroll::TokenRecord;
 use crate::nodes::NodeRecord;
 use crate::state::Controller;
+use crate::store::Durability;
 
 pub struct AdminService {
     ctl: Arc<Controller>,
@@ -63,69 +65,7 @@ impl AdminService {
         })
     }
 
-    fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Controller) -> Result<T, Status> + Send + 'static,
-    ) -> impl std::future::Future<Output = Result<T, Status>> {
-        let ctl = self.ctl.clone();
-        async move {
-            tokio::task::spawn_blocking(move || f(&ctl))
-                .await
-                .map_err(|e| Status::internal(format!("admin task failed: {e}")))?
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl Admin for AdminService {
-    async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<TokenInfo>, Status> {
-        let r = req.into_inner();
-        let (tok, rec) = self
-            .blocking(move |ctl| {
-                ctl.tokens.create(Duration::from_secs(r.ttl_secs), r.uses, &r.description).map_err(token_status)
-            })
-            .await?;
-        let mut info = self.token_info(&rec);
-        info.token = tok.expose();
-        info.command = format!(
-            "node-agent enroll --controller {} --token {} --ca-hash {}",
-            self.ctl.settings.enroll_endpoint, info.token, info.ca_hash
-        );
-        tracing::info!(token = %rec.id, uses = rec.uses_left, "bootstrap token created");
-        Ok(Response::new(info))
-    }
-
-    async fn list_tokens(&self, _req: Request<Empty>) -> Result<Response<TokenList>, Status> {
-        let recs = self.blocking(|ctl| ctl.tokens.list().map_err(token_status)).await?;
-        Ok(Response::new(TokenList { tokens: recs.iter().map(|r| self.token_info(r)).collect() }))
-    }
-
-    async fn delete_token(&self, req: Request<TokenRef>) -> Result<Response<Empty>, Status> {
-        let id = req.into_inner().id;
-        let id2 = id.clone();
-        let existed = self.blocking(move |ctl| ctl.tokens.delete(&id2).map_err(token_status)).await?;
-        if !existed {
-            return Err(Status::not_found(format!("no token with id {id:?} (see `controller token list`)")));
-        }
-        tracing::info!(token = %id, "bootstrap token deleted");
-        Ok(Response::new(Empty {}))
-    }
-
-    async fn list_nodes(&self, _req: Request<Empty>) -> Result<Response<NodeList>, Status> {
-        let recs = self.blocking(|ctl| ctl.nodes.list().map_err(|e| Status::internal(e.to_string()))).await?;
-        let nodes = recs.iter().map(|r| self.node_info(r)).collect::<Result<_, _>>()?;
-        Ok(Response::new(NodeList { nodes }))
-    }
-
-    async fn get_node(&self, req: Request<NodeRef>) -> Result<Response<NodeInfo>, Status> {
-        let name = req.into_inner().name;
-        let rec = self.ctl.nodes.get(&name).map_err(|e| Status::internal(e.to_string()))?;
-        let rec = rec.ok_or_else(|| node_status(crate::nodes::NodeError::Unknown(name)))?;
-        Ok(Response::new(self.node_info(&rec)?))
-    }
-
-    async fn revoke_node(&self, req: Request<NodeRef>) -> Result<Response<NodeInfo>, Status> {
-        let name = req.into_inner().name;
+    async fn revoke(&self, name: String) -> Result<Response<NodeInfo>, Status> {
         let n2 = name.clone();
         let rec = self.blocking(move |ctl| ctl.nodes.revoke(&n2).map_err(node_status)).await?;
         // The revocation is on disk; now cut the node off.
@@ -142,22 +82,7 @@ impl Admin for AdminService {
         Ok(Response::new(self.node_info(&rec)?))
     }
 
-    async fn forget_node(&self, req: Request<NodeRef>) -> Result<Response<NodeInfo>, Status> {
-        let name = req.into_inner().name;
-        let n2 = name.clone();
-        let rec = self.blocking(move |ctl| ctl.nodes.forget(&n2).map_err(node_status)).await?;
-        tracing::warn!(node = %name, "revoked node forgotten; its name is free");
-        Ok(Response::new(self.node_info(&rec)?))
-    }
-
-    async fn plan_cluster(&self, req: Request<PlanClusterRequest>) -> Result<Response<PlanClusterResponse>, Status> {
-        let req = req.into_inner();
-        let resp = self.blocking(move |ctl| Ok(resolve_with_bundle(ctl, req)?.0.response)).await?;
-        Ok(Response::new(resp))
-    }
-
-    async fn create_cluster(&self, req: Request<CreateClusterRequest>) -> Result<Response<ClusterView>, Status> {
-        let req = req.into_inner();
+    async fn create(&self, req: CreateClusterRequest) -> Result<Response<ClusterView>, Status> {
         let plan_req = req.plan.unwrap_or_default();
         let rollouts = self.ctl.rollouts.clone();
         let view = self
@@ -196,6 +121,178 @@ impl Admin for AdminService {
         Ok(Response::new(view))
     }
 
+    /// Run an admin operation and write it to the audit log (flushed) before answering.
+    async fn audited<T>(
+        &self,
+        who: String,
+        action: &str,
+        target: String,
+        cluster: String,
+        op: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let r = op.await;
+        let result = match &r {
+            Ok(_) => "ok".to_string(),
+            Err(st) => format!("error: {}", st.message()),
+        };
+        let e = NewEvent::new(who, action, target).cluster(cluster).result(result);
+        let audit = self.ctl.rollouts.audit().clone();
+        match tokio::task::spawn_blocking(move || audit.record(e, Durability::Flush)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::error!(error = %fleetadm_common::error_chain(&err), "cannot write the audit log"),
+            Err(err) => tracing::error!(error = %err, "cannot write the audit log"),
+        }
+        r
+    }
+
+    fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Controller) -> Result<T, Status> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T, Status>> {
+        let ctl = self.ctl.clone();
+        async move {
+            tokio::task::spawn_blocking(move || f(&ctl))
+                .await
+                .map_err(|e| Status::internal(format!("admin task failed: {e}")))?
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<TokenInfo>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let made = self
+            .blocking(move |ctl| {
+                ctl.tokens.create(Duration::from_secs(r.ttl_secs), r.uses, &r.description).map_err(token_status)
+            })
+            .await;
+        let target = made.as_ref().map(|(_, rec)| rec.id.clone()).unwrap_or_else(|_| "(new token)".into());
+        let (tok, rec) = self.audited(who, "token.create", target, String::new(), async { made }).await?;
+        let mut info = self.token_info(&rec);
+        info.token = tok.expose();
+        info.command = format!(
+            "node-agent enroll --controller {} --token {} --ca-hash {}",
+            self.ctl.settings.enroll_endpoint, info.token, info.ca_hash
+        );
+        tracing::info!(token = %rec.id, uses = rec.uses_left, "bootstrap token created");
+        Ok(Response::new(info))
+    }
+
+    async fn list_tokens(&self, _req: Request<Empty>) -> Result<Response<TokenList>, Status> {
+        let recs = self.blocking(|ctl| ctl.tokens.list().map_err(token_status)).await?;
+        Ok(Response::new(TokenList { tokens: recs.iter().map(|r| self.token_info(r)).collect() }))
+    }
+
+    async fn delete_token(&self, req: Request<TokenRef>) -> Result<Response<Empty>, Status> {
+        let who = who(&req);
+        let id = req.into_inner().id;
+        self.audited(who, "token.delete", id.clone(), String::new(), async {
+            let id2 = id.clone();
+            let existed = self.blocking(move |ctl| ctl.tokens.delete(&id2).map_err(token_status)).await?;
+            if !existed {
+                return Err(Status::not_found(format!("no token with id {id:?} (see `controller token list`)")));
+            }
+            tracing::info!(token = %id, "bootstrap token deleted");
+            Ok(Response::new(Empty {}))
+        })
+        .await
+    }
+
+    async fn list_nodes(&self, _req: Request<Empty>) -> Result<Response<NodeList>, Status> {
+        let recs = self.blocking(|ctl| ctl.nodes.list().map_err(|e| Status::internal(e.to_string()))).await?;
+        let nodes = recs.iter().map(|r| self.node_info(r)).collect::<Result<_, _>>()?;
+        Ok(Response::new(NodeList { nodes }))
+    }
+
+    async fn get_node(&self, req: Request<NodeRef>) -> Result<Response<NodeInfo>, Status> {
+        let name = req.into_inner().name;
+        let rec = self.ctl.nodes.get(&name).map_err(|e| Status::internal(e.to_string()))?;
+        let rec = rec.ok_or_else(|| node_status(crate::nodes::NodeError::Unknown(name)))?;
+        Ok(Response::new(self.node_info(&rec)?))
+    }
+
+    async fn revoke_node(&self, req: Request<NodeRef>) -> Result<Response<NodeInfo>, Status> {
+        let who = who(&req);
+        let name = req.into_inner().name;
+        self.audited(who, "node.revoke", name.clone(), String::new(), self.revoke(name)).await
+    }
+
+    async fn forget_node(&self, req: Request<NodeRef>) -> Result<Response<NodeInfo>, Status> {
+        let who = who(&req);
+        let name = req.into_inner().name;
+        self.audited(who, "node.forget", name.clone(), String::new(), async {
+            let n2 = name.clone();
+            let rec = self.blocking(move |ctl| ctl.nodes.forget(&n2).map_err(node_status)).await?;
+            tracing::warn!(node = %name, "revoked node forgotten; its name is free");
+            Ok(Response::new(self.node_info(&rec)?))
+        })
+        .await
+    }
+
+    async fn plan_cluster(&self, req: Request<PlanClusterRequest>) -> Result<Response<PlanClusterResponse>, Status> {
+        let req = req.into_inner();
+        let resp = self.blocking(move |ctl| Ok(resolve_with_bundle(ctl, req)?.0.response)).await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn create_cluster(&self, req: Request<CreateClusterRequest>) -> Result<Response<ClusterView>, Status> {
+        let who = who(&req);
+        let req = req.into_inner();
+        let name = req.plan.as_ref().map(|p| p.name.clone()).unwrap_or_default();
+        self.audited(who, "cluster.create", name.clone(), name, self.create(req)).await
+    }
+
+    async fn delete_cluster(&self, req: Request<DeleteClusterRequest>) -> Result<Response<ClusterView>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let action = if r.force { "cluster.delete --force" } else { "cluster.delete" };
+        let rollouts = self.ctl.rollouts.clone();
+        self.audited(who, action, r.name.clone(), r.name.clone(), async {
+            let view = self
+                .blocking(move |ctl| match rollouts.delete(&r.name, r.force).map_err(rollout_status)? {
+                    Some(rec) => cluster_view(ctl, &rec, false),
+                    None => Ok(ClusterView::default()),
+                })
+                .await?;
+            Ok(Response::new(view))
+        })
+        .await
+    }
+
+    async fn list_events(
+        &self,
+        req: Request<fleetadm_proto::ListEventsRequest>,
+    ) -> Result<Response<fleetadm_proto::EventList>, Status> {
+        let r = req.into_inner();
+        let q = crate::audit::Query {
+            cluster: (!r.cluster.is_empty()).then_some(r.cluster),
+            since_ms: r.since_unix_ms,
+            limit: if r.limit == 0 { 200 } else { r.limit as usize },
+        };
+        let audit = self.ctl.rollouts.audit().clone();
+        let events = tokio::task::spawn_blocking(move || audit.query(&q))
+            .await
+            .map_err(|e| Status::internal(format!("admin task failed: {e}")))?
+            .map_err(|e| Status::internal(fleetadm_common::error_chain(&e)))?;
+        let events = events
+            .into_iter()
+            .map(|e| fleetadm_proto::AuditEvent {
+                seq: e.seq,
+                time_unix_ms: e.time_ms,
+                actor: e.actor,
+                action: e.action,
+                target: e.target,
+                cluster: e.cluster,
+                result: e.result,
+                detail: e.detail,
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(fleetadm_proto::EventList { events, ..Default::default() }))
+    }
+
     async fn get_cluster(&self, req: Request<ClusterRef>) -> Result<Response<ClusterView>, Status> {
         let r = req.into_inner();
         let view = self
@@ -218,13 +315,18 @@ impl Admin for AdminService {
     }
 
     async fn import_bundle(&self, req: Request<BundlePath>) -> Result<Response<BundleView>, Status> {
+        let who = who(&req);
         let path = std::path::PathBuf::from(req.into_inner().path);
-        if !path.is_absolute() {
-            return Err(Status::invalid_argument("bundle path must be absolute (the daemon resolves it)"));
-        }
-        let view =
-            self.blocking(move |ctl| ctl.bundles.import(&path).map(|r| bundle_view(&r)).map_err(bundle_status)).await?;
-        Ok(Response::new(view))
+        self.audited(who, "bundle.import", path.display().to_string(), String::new(), async {
+            if !path.is_absolute() {
+                return Err(Status::invalid_argument("bundle path must be absolute (the daemon resolves it)"));
+            }
+            let view = self
+                .blocking(move |ctl| ctl.bundles.import(&path).map(|r| bundle_view(&r)).map_err(bundle_status))
+                .await?;
+            Ok(Response::new(view))
+        })
+        .await
     }
 
     async fn list_bundles(&self, _: Request<Empty>) -> Result<Response<BundleViews>, Status> {
@@ -235,7 +337,32 @@ impl Admin for AdminService {
     }
 
     async fn remove_bundle(&self, req: Request<BundleRef>) -> Result<Response<BundleView>, Status> {
+        let who = who(&req);
         let name = req.into_inner().name;
+        self.audited(who, "bundle.remove", name.clone(), String::new(), self.remove_bundle_named(name)).await
+    }
+
+    async fn get_kubeconfig(&self, req: Request<ClusterRef>) -> Result<Response<Kubeconfig>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let name = r.name.clone();
+        self.audited(who, "cluster.kubeconfig admin", name.clone(), name, self.admin_kubeconfig(r)).await
+    }
+
+    async fn issue_kubeconfig(
+        &self,
+        req: Request<fleetadm_proto::IssueKubeconfigRequest>,
+    ) -> Result<Response<Kubeconfig>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let target = format!("user {} groups [{}] ttl {}s", r.user, r.groups.join(","), r.ttl_secs);
+        let cluster = r.cluster.clone();
+        self.audited(who, "cluster.kubeconfig user", target, cluster, self.user_kubeconfig(r)).await
+    }
+}
+
+impl AdminService {
+    async fn remove_bundle_named(&self, name: String) -> Result<Response<BundleView>, Status> {
         let view = self
             .blocking(move |ctl| {
                 if let Some(cluster) = ctl.rollouts.cluster_using(&name).map_err(rollout_status)? {
@@ -247,20 +374,7 @@ impl Admin for AdminService {
         Ok(Response::new(view))
     }
 
-    async fn delete_cluster(&self, req: Request<DeleteClusterRequest>) -> Result<Response<ClusterView>, Status> {
-        let r = req.into_inner();
-        let rollouts = self.ctl.rollouts.clone();
-        let view = self
-            .blocking(move |ctl| match rollouts.delete(&r.name, r.force).map_err(rollout_status)? {
-                Some(rec) => cluster_view(ctl, &rec, false),
-                None => Ok(ClusterView::default()),
-            })
-            .await?;
-        Ok(Response::new(view))
-    }
-
-    async fn get_kubeconfig(&self, req: Request<ClusterRef>) -> Result<Response<Kubeconfig>, Status> {
-        let r = req.into_inner();
+    async fn admin_kubeconfig(&self, r: ClusterRef) -> Result<Response<Kubeconfig>, Status> {
         tracing::info!(cluster = %r.name, "admin kubeconfig handed out");
         let yaml = self
             .blocking(move |ctl| {
@@ -278,11 +392,7 @@ impl Admin for AdminService {
         Ok(Response::new(Kubeconfig { yaml, ..Default::default() }))
     }
 
-    async fn issue_kubeconfig(
-        &self,
-        req: Request<fleetadm_proto::IssueKubeconfigRequest>,
-    ) -> Result<Response<Kubeconfig>, Status> {
-        let r = req.into_inner();
+    async fn user_kubeconfig(&self, r: fleetadm_proto::IssueKubeconfigRequest) -> Result<Response<Kubeconfig>, Status> {
         let ttl = Duration::from_secs(r.ttl_secs);
         let (cluster, user, groups) = (r.cluster.clone(), r.user.clone(), r.groups.clone());
         let (yaml, serial) = self
@@ -301,6 +411,15 @@ impl Admin for AdminService {
         tracing::warn!(cluster = %r.cluster, user = %r.user, groups = ?r.groups, ttl = ?ttl, %serial, "kubeconfig issued");
         Ok(Response::new(Kubeconfig { yaml, serial, not_after_unix }))
     }
+}
+
+/// Who is calling: the admin socket peer's uid (the kernel's SO_PEERCRED, not the caller's word).
+fn who<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map(|c| format!("uid:{}", c.uid()))
+        .unwrap_or_else(|| "uid:unknown".into())
 }
 
 /// Resolve a request, with its bundle (if any): the bundle must exist, its Kubernetes version

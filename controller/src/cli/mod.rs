@@ -3,6 +3,7 @@
 pub mod bundle;
 pub mod cluster;
 pub mod cluster_view;
+pub mod events;
 pub mod nodes;
 pub mod serve;
 pub mod token;
@@ -37,6 +38,9 @@ pub enum Command {
     /// Plan and create clusters.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// The audit log: who did what (admin operations, by the admin socket peer's uid) and every
+    /// task outcome, newest last.
+    Events(events::EventsArgs),
     /// Write shell completions and man pages into a directory (used to build packages).
     #[command(hide = true)]
     GenerateDocs { out: PathBuf },
@@ -70,6 +74,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Nodes(c) => nodes::run(c).await,
         Command::Cluster(c) => cluster::run(c).await,
         Command::Bundle(c) => bundle::run(c).await,
+        Command::Events(a) => events::run(a).await,
         Command::GenerateDocs { out } => {
             fleetadm_common::docs::generate(<Cli as clap::CommandFactory>::command(), &out)?;
             Ok(())

@@ -16,6 +16,7 @@ use super::engine::RolloutSettings;
 use super::record::{self, ClusterRecord, ClusterState, TaskRecord, TaskState};
 use super::report::{self, Applied};
 use super::specs::{self, SpecError};
+use crate::audit::Audit;
 use crate::dispatch::{ReportRejected, Sessions};
 use crate::plan::phases::{CountError, StepKind, Task, TaskId};
 use crate::store::{self, get_json, list_prefix_json, put_json, Durability, Store, StoreError, Table};
@@ -69,6 +70,7 @@ pub(super) struct Actor {
     /// Since when a task has waited for its disconnected host.
     offline_since: HashMap<TaskId, Instant>,
     rx: mpsc::UnboundedReceiver<Msg>,
+    audit: Audit,
 }
 
 impl Actor {
@@ -77,6 +79,7 @@ impl Actor {
         store: Arc<dyn Store>,
         sessions: Sessions,
         settings: RolloutSettings,
+        audit: Audit,
         rx: mpsc::UnboundedReceiver<Msg>,
     ) -> Result<Self, StoreError> {
         let (s, n) = (store.clone(), name.to_string());
@@ -91,7 +94,17 @@ impl Actor {
             source: format!("cluster {name} disappeared before its rollout started").into(),
         })?;
         let tasks = tasks.into_iter().filter(|t| t.cluster == name).map(|t| (t.id.clone(), t)).collect();
-        Ok(Self { store, sessions, settings, rec, tasks, sent_on: HashMap::new(), offline_since: HashMap::new(), rx })
+        Ok(Self {
+            store,
+            sessions,
+            settings,
+            rec,
+            tasks,
+            sent_on: HashMap::new(),
+            offline_since: HashMap::new(),
+            rx,
+            audit,
+        })
     }
 
     /// Walk the plan. `Ok(summary)` when every phase completed.
@@ -190,6 +203,9 @@ impl Actor {
             Applied::Outcome => Durability::Flush,
         };
         self.save_task_with(&t, durability).await.map_err(|e| ReportRejected::Internal(Box::new(e)))?;
+        if durability == Durability::Flush {
+            self.log_outcome(&t, &format!("node:{node}")).await;
+        }
         self.tasks.insert(id, t);
         Ok(())
     }
@@ -295,6 +311,7 @@ impl Actor {
                 tr.state = TaskState::Failed;
                 tr.finished_ms = now;
                 tr.output = format!("no report from {} within {}s", tr.host, facts.limit_ms / 1000);
+                self.log_outcome(&tr, "controller").await;
                 self.save_task(tr).await?;
                 Ok(true)
             }
@@ -307,6 +324,7 @@ impl Actor {
                     tr.host,
                     self.settings.offline_grace.as_secs()
                 );
+                self.log_outcome(&tr, "controller").await;
                 self.save_task(tr).await?;
                 Ok(true)
             }
@@ -355,6 +373,15 @@ impl Actor {
             None => tracing::debug!(task = %t.id, "host not reachable now; will re-send"),
         }
         Ok(())
+    }
+
+    /// Log a task's outcome in the audit log. A failure to log is reported, not fatal: the task
+    /// record itself is already stored.
+    async fn log_outcome(&self, t: &TaskRecord, actor: &str) {
+        let (audit, e) = (self.audit.clone(), super::engine::task_event(t, actor));
+        if let Err(err) = store::off_thread(move || audit.record(e, Durability::Lazy)).await {
+            tracing::error!(task = %t.id, error = %fleetadm_common::error_chain(&err), "cannot write the audit log");
+        }
     }
 
     async fn save_task(&mut self, t: TaskRecord) -> Result<(), StoreError> {

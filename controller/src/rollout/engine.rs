@@ -16,6 +16,7 @@ use super::actor::{Actor, Msg};
 use super::record::{self, ClusterRecord, ClusterSecrets, ClusterSpec, ClusterState, TaskRecord, TaskState};
 use super::report::{self, Applied};
 use super::token;
+use crate::audit::{Audit, NewEvent};
 use crate::dispatch::events::BoxError;
 use crate::dispatch::{ReportRejected, Sessions, TaskEvents};
 use crate::pki::kube::{KubePki, MasterIdentity, PkiSpec};
@@ -83,11 +84,19 @@ pub struct Rollouts {
     settings: RolloutSettings,
     /// The running clusters' actors.
     actors: Actors,
+    /// Where task outcomes (and, through [`Rollouts::audit`], admin operations) are logged.
+    audit: Audit,
 }
 
 impl Rollouts {
     pub fn new(store: Arc<dyn Store>, sessions: Sessions, settings: RolloutSettings) -> Arc<Self> {
-        Arc::new(Self { store, sessions, settings, actors: Arc::default() })
+        let audit = Audit::new(store.clone());
+        Arc::new(Self { store, sessions, settings, actors: Arc::default(), audit })
+    }
+
+    /// The audit log of this store.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
     }
 
     pub fn get(&self, name: &str) -> Result<ClusterRecord, RolloutError> {
@@ -312,11 +321,11 @@ impl Rollouts {
             }
             actors.insert(name.to_string(), tx);
         }
-        let (store, sessions, settings, actors) =
-            (self.store.clone(), self.sessions.clone(), self.settings.clone(), self.actors.clone());
+        let (store, sessions, settings, actors, audit) =
+            (self.store.clone(), self.sessions.clone(), self.settings.clone(), self.actors.clone(), self.audit.clone());
         let name = name.to_string();
         tokio::spawn(async move {
-            let leftovers = match Actor::load(&name, store.clone(), sessions, settings, rx).await {
+            let leftovers = match Actor::load(&name, store.clone(), sessions, settings, audit.clone(), rx).await {
                 Ok(mut actor) => {
                     run_to_end(&mut actor, &store).await;
                     // Unregister first, then answer what was queued from the store: everything
@@ -333,7 +342,7 @@ impl Rollouts {
             if let Some(mut rx) = leftovers {
                 while let Some(m) = rx.recv().await {
                     if let Msg::Report { id, node, report, reply } = m {
-                        let _ = reply.send(report_to_store(store.clone(), id, node, report).await);
+                        let _ = reply.send(report_to_store(store.clone(), &audit, id, node, report).await);
                     }
                 }
             }
@@ -385,21 +394,36 @@ fn forget(store: &dyn Store, name: &str) -> Result<(), RolloutError> {
 
 /// A report for a cluster without a running actor: applied to the stored task (a late outcome of
 /// an attempt that was still running when its rollout stopped), or refused.
-async fn report_to_store(store: Arc<dyn Store>, id: TaskId, node: String, r: TaskReport) -> Result<(), ReportRejected> {
+async fn report_to_store(
+    store: Arc<dyn Store>,
+    audit: &Audit,
+    id: TaskId,
+    node: String,
+    r: TaskReport,
+) -> Result<(), ReportRejected> {
+    let audit = audit.clone();
     store::off_thread(move || {
         let key = id.to_string();
         // Progress is cheap to lose (the next report repeats it); outcomes are flushed.
         let progress = r.state == fleetadm_proto::TaskState::Running as i32;
         let durability = if progress { Durability::Lazy } else { Durability::Flush };
-        update_json(&*store, Table::Tasks, &key, durability, |cur: Option<TaskRecord>| {
+        let mut outcome = None;
+        let updated = update_json(&*store, Table::Tasks, &key, durability, |cur: Option<TaskRecord>| {
             let mut t = cur.ok_or_else(|| ReportRejected::UnknownTask(key.clone()))?;
             Ok(match report::apply(&mut t, &node, &r, now_unix_ms())? {
                 Applied::Ignored => Update::Keep,
-                Applied::Progress | Applied::Outcome => Update::Put(t),
+                Applied::Progress => Update::Put(t),
+                Applied::Outcome => {
+                    outcome = Some(task_event(&t, &format!("node:{node}")));
+                    Update::Put(t)
+                }
             })
         })
-        .map_err(|e| ReportRejected::Internal(Box::new(e)))?
-        .map(|_| ())
+        .map_err(|e| ReportRejected::Internal(Box::new(e)))?;
+        if let Some(e) = outcome {
+            audit.record(e, Durability::Lazy)?;
+        }
+        updated.map(|_| ())
     })
     .await
 }
@@ -431,7 +455,7 @@ impl TaskEvents for Rollouts {
                 }
             }
         }
-        report_to_store(self.store.clone(), id, node.to_string(), report).await
+        report_to_store(self.store.clone(), &self.audit, id, node.to_string(), report).await
     }
 
     fn session_opened(&self, _node: &str) {
@@ -447,6 +471,15 @@ impl TaskEvents for Rollouts {
                 && c.shape.masters.iter().chain(c.shape.workers.iter()).any(|h| h.node == node)
         }))
     }
+}
+
+/// The audit event for a task that reached an outcome.
+pub(super) fn task_event(t: &TaskRecord, actor: &str) -> NewEvent {
+    let last = t.output.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    NewEvent::new(actor, "task", t.id.to_string())
+        .cluster(t.cluster.clone())
+        .result(format!("{} (attempt {})", t.state, t.attempt))
+        .detail(last.chars().take(300).collect::<String>())
 }
 
 fn ca_pin(pem: &str) -> Result<String, RolloutError> {

@@ -25,6 +25,8 @@ pub enum Table {
     Tasks,
     /// Imported bundles, by name.
     Bundles,
+    /// The audit log, keyed by a zero-padded sequence number (time order).
+    Events,
 }
 
 impl Table {
@@ -37,6 +39,7 @@ impl Table {
             Table::Clusters => "clusters",
             Table::Tasks => "tasks",
             Table::Bundles => "bundles",
+            Table::Events => "events",
         }
     }
 }
@@ -95,6 +98,14 @@ pub trait Store: Send + Sync + 'static {
     fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Entries whose key starts with `prefix`, in key order.
     fn list_prefix(&self, table: Table, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Up to `limit` entries whose key is at or after `from`, in key order.
+    fn range_from(&self, table: Table, from: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// The last `n` entries in key order (oldest of them first).
+    fn last(&self, table: Table, n: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// How many entries the table holds (a full scan: call rarely).
+    fn count(&self, table: Table) -> Result<usize, StoreError>;
+    /// Remove and return the entry with the smallest key.
+    fn pop_first(&self, table: Table) -> Result<Option<String>, StoreError>;
     /// Replace `expected` with `new` atomically; `Ok(false)` when the current value differs.
     fn compare_and_swap(
         &self,

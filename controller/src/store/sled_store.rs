@@ -80,6 +80,37 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn range_from(&self, table: Table, from: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(table)?.range(from.as_bytes()..).take(limit) {
+            let (k, v) = item.map_err(|e| io(table, e))?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn last(&self, table: Table, n: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(table)?.iter().rev().take(n) {
+            let (k, v) = item.map_err(|e| io(table, e))?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    fn count(&self, table: Table) -> Result<usize, StoreError> {
+        Ok(self.tree(table)?.len())
+    }
+
+    fn pop_first(&self, table: Table) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tree(table)?
+            .pop_min()
+            .map_err(|e| io(table, e))?
+            .map(|(k, _)| String::from_utf8_lossy(&k).into_owned()))
+    }
+
     fn compare_and_swap(
         &self,
         table: Table,
