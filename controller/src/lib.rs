@@ -7,6 +7,7 @@
 //! - [`nodes`]: the inventory of enrolled nodes and their facts.
 //! - [`plan`]: operator input -> hosts matched to nodes -> phases of per-host tasks.
 //! - [`rollout`]: executes a plan: persisted task state, dispatch over sessions, reports, resume.
+//! - [`ops`]: fleet-wide operations besides rollouts (`controller exec`).
 //! - [`admin`]: the operator API on the local admin socket; [`cli`] is its client.
 //! - [`audit`]: who did what, and every task outcome (`controller events`).
 //! - [`store`]: all durable state (sled), behind a small interface.
@@ -25,6 +26,7 @@ pub mod dispatch;
 pub mod enroll;
 pub mod listen;
 pub mod nodes;
+pub mod ops;
 pub mod pki;
 pub mod plan;
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub enum TaskKind {
     LbClean,
     BundleAddons,
     KubeadmToken,
+    Exec,
 }
 
 /// A `TaskAssignment` without a task this build knows (from a newer controller).
@@ -27,7 +28,7 @@ pub enum TaskKind {
 pub struct UnknownTask;
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 14] = [
+    pub const ALL: [TaskKind; 15] = [
         TaskKind::Preflight,
         TaskKind::Hosts,
         TaskKind::Files,
@@ -42,6 +43,7 @@ impl TaskKind {
         TaskKind::LbClean,
         TaskKind::BundleAddons,
         TaskKind::KubeadmToken,
+        TaskKind::Exec,
     ];
 
     pub fn of(task: &Task) -> TaskKind {
@@ -60,6 +62,7 @@ impl TaskKind {
             Task::LbClean(_) => TaskKind::LbClean,
             Task::BundleAddons(_) => TaskKind::BundleAddons,
             Task::KubeadmToken(_) => TaskKind::KubeadmToken,
+            Task::Exec(_) => TaskKind::Exec,
         }
     }
 
@@ -84,6 +87,7 @@ impl TaskKind {
             TaskKind::LbClean => "lb-clean",
             TaskKind::BundleAddons => "bundle-addons",
             TaskKind::KubeadmToken => "kubeadm-token",
+            TaskKind::Exec => "exec",
         }
     }
 

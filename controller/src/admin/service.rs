@@ -136,12 +136,7 @@ impl AdminService {
             Err(st) => format!("error: {}", st.message()),
         };
         let e = NewEvent::new(who, action, target).cluster(cluster).result(result);
-        let audit = self.ctl.rollouts.audit().clone();
-        match tokio::task::spawn_blocking(move || audit.record(e, Durability::Flush)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => tracing::error!(error = %fleetadm_common::error_chain(&err), "cannot write the audit log"),
-            Err(err) => tracing::error!(error = %err, "cannot write the audit log"),
-        }
+        audit_write(self.ctl.rollouts.audit().clone(), e).await;
         r
     }
 
@@ -160,6 +155,44 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    type ExecStream = tokio_stream::wrappers::ReceiverStream<Result<fleetadm_proto::ExecEvent, Status>>;
+
+    async fn exec(&self, req: Request<fleetadm_proto::ExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let what = r.argv.join(" ");
+        let cluster = r.cluster.clone();
+        let spec = match self.exec_spec(r).await {
+            Ok(s) => s,
+            Err(st) => {
+                let e = NewEvent::new(who, "exec", what).cluster(cluster).result(format!("error: {}", st.message()));
+                audit_write(self.ctl.rollouts.audit().clone(), e).await;
+                return Err(st);
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(256);
+        // Hand events on to the client; a client that went away does not stop the exec.
+        tokio::spawn(async move {
+            while let Some(e) = events_rx.recv().await {
+                let _ = tx.send(Ok(e)).await;
+            }
+        });
+        let (execs, audit) = (self.ctl.rollouts.execs().clone(), self.ctl.rollouts.audit().clone());
+        let hosts = spec.hosts.join(",");
+        tracing::info!(who = %who, command = %what, hosts = %hosts, "exec");
+        tokio::spawn(async move {
+            let summary = execs.run(spec, events_tx).await;
+            let mut detail = format!("on {hosts}");
+            for (h, why) in &summary.failed {
+                detail.push_str(&format!("; {h}: {why}"));
+            }
+            let e = NewEvent::new(who, "exec", what).cluster(cluster).result(summary.line()).detail(detail);
+            audit_write(audit, e).await;
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
     async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<TokenInfo>, Status> {
         let who = who(&req);
         let r = req.into_inner();
@@ -361,7 +394,90 @@ impl Admin for AdminService {
     }
 }
 
+/// Append to the audit log (flushed) off the async threads. A failure is logged: the operation
+/// it describes has already happened.
+async fn audit_write(audit: crate::audit::Audit, e: NewEvent) {
+    match tokio::task::spawn_blocking(move || audit.record(e, Durability::Flush)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => tracing::error!(error = %fleetadm_common::error_chain(&err), "cannot write the audit log"),
+        Err(err) => tracing::error!(error = %err, "cannot write the audit log"),
+    }
+}
+
+/// Exec ids: unique within the process, ordered.
+static EXEC_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl AdminService {
+    /// Check an exec request and choose its hosts: a cluster's (one role of it), or named nodes.
+    async fn exec_spec(&self, r: fleetadm_proto::ExecRequest) -> Result<crate::ops::exec::ExecSpec, Status> {
+        if r.argv.first().is_none_or(|p| p.is_empty()) {
+            return Err(Status::invalid_argument("no command given: controller exec ... -- CMD ARGS"));
+        }
+        if r.argv.len() > 1024 || r.argv.iter().map(String::len).sum::<usize>() > 64 * 1024 {
+            return Err(Status::invalid_argument("the command is too long (at most 1024 arguments, 64 KiB)"));
+        }
+        let timeout = match r.timeout_secs {
+            0 => Duration::from_secs(600),
+            s if s <= 24 * 3600 => Duration::from_secs(u64::from(s)),
+            _ => return Err(Status::invalid_argument("--timeout must be at most 24h")),
+        };
+        let max_parallel = match r.max_parallel {
+            0 => 10,
+            n if n <= 10_000 => n as usize,
+            _ => return Err(Status::invalid_argument("--max-parallel must be 1-10000")),
+        };
+        let hosts = match (r.cluster.is_empty(), r.nodes.is_empty()) {
+            (false, true) => {
+                let (name, role) = (r.cluster.clone(), r.role.clone());
+                self.blocking(move |ctl| {
+                    let rec = ctl.rollouts.get(&name).map_err(rollout_status)?;
+                    let pick =
+                        |hs: &[crate::plan::phases::PlannedHost]| hs.iter().map(|h| h.node.clone()).collect::<Vec<_>>();
+                    Ok(match role.as_str() {
+                        "" => [pick(&rec.shape.masters), pick(&rec.shape.workers)].concat(),
+                        "master" => pick(&rec.shape.masters),
+                        "node" => pick(&rec.shape.workers),
+                        other => {
+                            return Err(Status::invalid_argument(format!("--role {other:?}: expected master or node")))
+                        }
+                    })
+                })
+                .await?
+            }
+            (true, false) => {
+                if !r.role.is_empty() {
+                    return Err(Status::invalid_argument("--role goes with --cluster"));
+                }
+                let names = r.nodes.clone();
+                self.blocking(move |ctl| {
+                    let mut unknown = Vec::new();
+                    for n in &names {
+                        if ctl.nodes.get(n).map_err(|e| Status::internal(e.to_string()))?.is_none() {
+                            unknown.push(n.clone());
+                        }
+                    }
+                    if !unknown.is_empty() {
+                        return Err(Status::not_found(format!(
+                            "unknown nodes: {} (see `controller nodes list`)",
+                            unknown.join(", ")
+                        )));
+                    }
+                    Ok(names)
+                })
+                .await?
+            }
+            _ => return Err(Status::invalid_argument("choose the hosts with either --cluster NAME or --nodes H,...")),
+        };
+        let mut hosts = hosts;
+        hosts.dedup();
+        if hosts.is_empty() {
+            return Err(Status::failed_precondition("no hosts match"));
+        }
+        let n = EXEC_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{:x}-{n}", fleetadm_common::clock::now_unix_ms());
+        Ok(crate::ops::exec::ExecSpec { id, hosts, argv: r.argv, timeout, max_parallel })
+    }
+
     async fn remove_bundle_named(&self, name: String) -> Result<Response<BundleView>, Status> {
         let view = self
             .blocking(move |ctl| {

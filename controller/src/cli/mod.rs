@@ -4,6 +4,7 @@ pub mod bundle;
 pub mod cluster;
 pub mod cluster_view;
 pub mod events;
+pub mod exec;
 pub mod nodes;
 pub mod serve;
 pub mod token;
@@ -38,6 +39,9 @@ pub enum Command {
     /// Plan and create clusters.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// Run a command on hosts through their agents (`--cluster NAME [--role master|node]` or
+    /// `--nodes H,...`), output streamed per host; exit status 1 if any host failed.
+    Exec(exec::ExecArgs),
     /// The audit log: who did what (admin operations, by the admin socket peer's uid) and every
     /// task outcome, newest last.
     Events(events::EventsArgs),
@@ -75,6 +79,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster(c) => cluster::run(c).await,
         Command::Bundle(c) => bundle::run(c).await,
         Command::Events(a) => events::run(a).await,
+        Command::Exec(a) => exec::run(a).await,
         Command::GenerateDocs { out } => {
             fleetadm_common::docs::generate(<Cli as clap::CommandFactory>::command(), &out)?;
             Ok(())

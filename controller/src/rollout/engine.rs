@@ -19,6 +19,7 @@ use super::token;
 use crate::audit::{Audit, NewEvent};
 use crate::dispatch::events::BoxError;
 use crate::dispatch::{ReportRejected, Sessions, TaskEvents};
+use crate::ops::exec::Execs;
 use crate::pki::kube::{KubePki, MasterIdentity, PkiSpec};
 use crate::plan::phases::{self, ClusterShape, CountError, PhaseName, TaskId};
 use crate::store::{
@@ -86,12 +87,20 @@ pub struct Rollouts {
     actors: Actors,
     /// Where task outcomes (and, through [`Rollouts::audit`], admin operations) are logged.
     audit: Audit,
+    /// `controller exec` runs; their reports arrive here with the rollouts'.
+    execs: Arc<Execs>,
 }
 
 impl Rollouts {
     pub fn new(store: Arc<dyn Store>, sessions: Sessions, settings: RolloutSettings) -> Arc<Self> {
         let audit = Audit::new(store.clone());
-        Arc::new(Self { store, sessions, settings, actors: Arc::default(), audit })
+        let execs = Execs::new(sessions.clone());
+        Arc::new(Self { store, sessions, settings, actors: Arc::default(), audit, execs })
+    }
+
+    /// Where `controller exec` runs.
+    pub fn execs(&self) -> &Arc<Execs> {
+        &self.execs
     }
 
     /// The audit log of this store.
@@ -437,6 +446,9 @@ impl From<StoreError> for ReportRejected {
 #[tonic::async_trait]
 impl TaskEvents for Rollouts {
     async fn task_report(&self, node: &str, report: TaskReport) -> Result<(), ReportRejected> {
+        if let Some(r) = self.execs.route(node, &report) {
+            return r;
+        }
         let id: TaskId = report.task_id.parse().map_err(|_| ReportRejected::UnknownTask(report.task_id.clone()))?;
         if id.host != node {
             return Err(ReportRejected::NotYours {

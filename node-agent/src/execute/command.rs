@@ -171,9 +171,13 @@ impl Tail {
     }
 }
 
+/// Where a command's output goes as it comes, besides the kept tail.
+pub type OutputSink = tokio::sync::mpsc::UnboundedSender<Vec<u8>>;
+
 fn reader(
     mut r: impl tokio::io::AsyncRead + Unpin + Send + 'static,
     tail: Arc<Mutex<Tail>>,
+    sink: Option<OutputSink>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut chunk = vec![0u8; 8192];
@@ -183,6 +187,9 @@ fn reader(
                 Ok(n) => {
                     if let Ok(mut t) = tail.lock() {
                         t.push(&chunk[..n]);
+                    }
+                    if let Some(s) = &sink {
+                        let _ = s.send(chunk[..n].to_vec());
                     }
                 }
             }
@@ -197,6 +204,11 @@ fn kill_group(pgid: u32) {
 
 /// Run `cmd` to its end.
 pub async fn run(cmd: &Cmd, cancel: &Cancel) -> Result<Ran, CommandError> {
+    run_streaming(cmd, cancel, None).await
+}
+
+/// [`run`], also sending the output to `sink` as it comes.
+pub async fn run_streaming(cmd: &Cmd, cancel: &Cancel, sink: Option<OutputSink>) -> Result<Ran, CommandError> {
     let program = cmd.program.clone();
     let path = which(&program).ok_or_else(|| CommandError::NotFound {
         program: program.clone(),
@@ -216,11 +228,14 @@ pub async fn run(cmd: &Cmd, cancel: &Cancel) -> Result<Ran, CommandError> {
     let mut child = c.spawn().map_err(|source| CommandError::Spawn { program: program.clone(), source })?;
     let pgid = child.id().unwrap_or(0);
     let tail = Arc::new(Mutex::new(Tail::default()));
-    let readers: Vec<_> =
-        [child.stdout.take().map(|o| reader(o, tail.clone())), child.stderr.take().map(|e| reader(e, tail.clone()))]
-            .into_iter()
-            .flatten()
-            .collect();
+    let readers: Vec<_> = [
+        child.stdout.take().map(|o| reader(o, tail.clone(), sink.clone())),
+        child.stderr.take().map(|e| reader(e, tail.clone(), sink.clone())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    drop(sink);
     let mut stopped = None;
     let status = tokio::select! {
         s = child.wait() => s,

@@ -10,7 +10,7 @@ use fleetadm_proto::{self as pb};
 
 use super::command::{self, Cmd};
 use super::handler::{blocking, Ctx, Done, Handler, TaskError};
-use super::{bootstrap, fetch, files, hosts, kubeadm, lb, preflight};
+use super::{bootstrap, exec, fetch, files, hosts, kubeadm, lb, preflight};
 
 /// Run `task` with the handler of its kind.
 pub async fn run(task: Task, cx: Ctx) -> Result<Done, TaskError> {
@@ -29,6 +29,7 @@ pub async fn run(task: Task, cx: Ctx) -> Result<Done, TaskError> {
         Task::Bootstrap(t) => Bootstrap.run(t, cx).await,
         Task::BootstrapReset(t) => BootstrapReset.run(t, cx).await,
         Task::KubeadmToken(t) => KubeadmToken.run(t, cx).await,
+        Task::Exec(t) => Exec.run(t, cx).await,
     }
 }
 
@@ -127,6 +128,19 @@ impl Handler for KubeadmJoin {
     async fn run(&self, t: pb::KubeadmJoinTask, cx: Ctx) -> Result<Done, TaskError> {
         let o = kubeadm::join(&cx.paths.kube_dir, &t.config, t.control_plane, cx.timeout, &cx.cancel).await?;
         Ok(Done::new(o.changed, o.output))
+    }
+}
+
+pub struct Exec;
+
+impl Handler for Exec {
+    type Task = pb::ExecTask;
+    async fn run(&self, t: pb::ExecTask, cx: Ctx) -> Result<Done, TaskError> {
+        if t.argv.is_empty() || t.argv[0].is_empty() {
+            return Err(TaskError::Refused("exec: no command given".into()));
+        }
+        let output = exec::run(&t.argv, cx.timeout, &cx.cancel, cx.progress.clone()).await?;
+        Ok(Done::new(true, output))
     }
 }
 

@@ -3,6 +3,7 @@
 //! duplicates from the [`journal`], runs new ones in the background and hands reports back.
 pub mod bootstrap;
 pub mod command;
+pub mod exec;
 pub mod fetch;
 pub mod files;
 pub mod handler;

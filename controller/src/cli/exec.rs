@@ -1,0 +1,85 @@
+//! `controller exec`: run a command on hosts through their agents; each host's output streamed
+//! with the host name in front; exit status 1 if any host failed.
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Args;
+use fleetadm_common::clock::parse_duration;
+use fleetadm_common::output::term;
+use fleetadm_proto::ExecRequest;
+
+use super::{rpc_error, DataDir};
+use crate::admin::client;
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    data: DataDir,
+    /// Every host of this cluster (or, with --role, the masters or the workers).
+    #[arg(long, conflicts_with = "nodes", required_unless_present = "nodes")]
+    cluster: Option<String>,
+    /// With --cluster: only `master` or only `node` hosts.
+    #[arg(long, requires = "cluster", value_parser = ["master", "node"])]
+    role: Option<String>,
+    /// Enrolled nodes by name, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
+    /// Per host: stop the command after this long.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Hosts running the command at once.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    max_parallel: u32,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true, num_args = 1..)]
+    command: Vec<String>,
+}
+
+pub async fn run(a: ExecArgs) -> anyhow::Result<()> {
+    let mut c = client::connect(&a.data.data_dir).await?;
+    let mut stream = c
+        .exec(ExecRequest {
+            cluster: a.cluster.unwrap_or_default(),
+            role: a.role.unwrap_or_default(),
+            nodes: a.nodes,
+            argv: a.command,
+            timeout_secs: a.timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
+            max_parallel: a.max_parallel,
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    // Output arrives in pieces; each host's lines are printed whole, with the host in front.
+    let mut partial: BTreeMap<String, String> = BTreeMap::new();
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    let mut out = std::io::stdout();
+    while let Some(ev) = stream.message().await.map_err(rpc_error)? {
+        let buf = partial.entry(ev.host.clone()).or_default();
+        buf.push_str(&ev.output);
+        while let Some(i) = buf.find('\n') {
+            let line: String = buf.drain(..=i).collect();
+            writeln!(out, "{} | {}", ev.host, term(line.trim_end_matches('\n')))?;
+        }
+        if ev.done {
+            if !buf.is_empty() {
+                writeln!(out, "{} | {}", ev.host, term(buf))?;
+                buf.clear();
+            }
+            if ev.success {
+                ok.push(ev.host);
+            } else {
+                writeln!(out, "{} | ! {}", ev.host, term(&ev.error))?;
+                failed.push(ev.host);
+            }
+        }
+        out.flush()?;
+    }
+    eprintln!("exec: {} hosts, {} succeeded, {} failed", ok.len() + failed.len(), ok.len(), failed.len());
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        failed.sort();
+        anyhow::bail!("the command failed on {}", failed.join(", "))
+    }
+}

@@ -1,0 +1,2 @@
+//! Fleet-wide operations besides cluster rollouts. [`exec`]: `controller exec`.
+pub mod exec;
