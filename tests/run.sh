@@ -14,9 +14,15 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 # the admin API test runs a Python grpcio client in a virtualenv
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+# The bastion lab test runs Debian's tinyproxy in a namespace (its own service is not wanted).
+command -v tinyproxy >/dev/null || need_apt+=(tinyproxy)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  if [[ " ${need_apt[*]} " == *" tinyproxy "* ]]; then
+    systemctl disable --now tinyproxy >/dev/null 2>&1 || service tinyproxy stop >/dev/null 2>&1 || true
+  fi
 fi
 if ! command -v cargo >/dev/null; then
   echo "cargo is required (https://rustup.rs)" >&2

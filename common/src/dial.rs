@@ -51,6 +51,8 @@ pub struct DialOptions {
     pub connect_timeout: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// An HTTP CONNECT proxy to go through (see [`crate::proxy::Proxy::choose`]).
+    pub proxy: Option<crate::proxy::Proxy>,
 }
 
 impl Default for DialOptions {
@@ -59,6 +61,7 @@ impl Default for DialOptions {
             connect_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            proxy: None,
         }
     }
 }
@@ -209,12 +212,18 @@ pub async fn connect(addr: &str, config: ClientConfig, opts: &DialOptions) -> Re
     let target = format!("{}:{}", if host.contains(':') { format!("[{host}]") } else { host.clone() }, port);
     let uri: Uri = format!("http://{target}").parse().map_err(|_| DialError::BadAddress(addr.to_string()))?;
     let dial_target = target.clone();
+    let (proxy, proxy_timeout) = (opts.proxy.clone(), opts.connect_timeout);
     let service = tower::service_fn(move |_uri: Uri| {
         let connector = connector.clone();
         let name = name.clone();
         let dial_target = dial_target.clone();
+        let proxy = proxy.clone();
         async move {
-            let tcp = tokio::net::TcpStream::connect(&dial_target).await?;
+            // TLS runs end to end: through a proxy, only the TCP leg changes.
+            let tcp = match &proxy {
+                Some(p) => p.tunnel(&dial_target, proxy_timeout).await.map_err(std::io::Error::other)?,
+                None => tokio::net::TcpStream::connect(&dial_target).await?,
+            };
             tcp.set_nodelay(true)?;
             let tls = connector.connect(name, tcp).await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))

@@ -4,6 +4,7 @@
 //! - [`token`]: kubeadm-format bootstrap tokens.
 //! - [`dial`]: the agent's TLS dialer (pinned or trusted CA, optional client certificate) and the
 //!   translation of TLS/transport failures into one-line, actionable messages.
+//! - [`proxy`]: HTTP CONNECT proxies (a bastion's), with `HTTPS_PROXY`/`NO_PROXY`.
 //! - [`fsutil`]: atomic and private (0600) file writes.
 //! - [`logging`]: journald under systemd, stderr otherwise.
 //! - [`output`]: table / json / yaml rendering for CLIs.
@@ -21,6 +22,7 @@ pub mod output;
 pub mod pin;
 #[cfg(test)]
 mod props;
+pub mod proxy;
 pub mod redact;
 pub mod tasks;
 pub mod token;

@@ -105,6 +105,11 @@ pub struct EnrollArgs {
     /// Do not start the node-agent service afterwards (when running `node-agent run` yourself).
     #[arg(long)]
     no_start: bool,
+    /// Reach the controller through this HTTP CONNECT proxy, http://[USER:PASSWORD@]HOST:PORT
+    /// (TLS stays end to end). Default: the config file's `proxy`, else HTTPS_PROXY/NO_PROXY.
+    /// Recorded for `node-agent run`.
+    #[arg(long)]
+    proxy: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -145,7 +150,11 @@ struct StatusView {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Enroll(a) => {
-            let (dir, _) = a.state.resolve()?;
+            let (dir, file_cfg) = a.state.resolve()?;
+            let proxy = a.proxy.or(file_cfg.proxy);
+            if let Some(p) = proxy.as_deref().filter(|p| !p.is_empty()) {
+                fleetadm_common::proxy::Proxy::parse(p)?;
+            }
             let node_name = a.node_name.unwrap_or_else(default_node_name);
             let opts = EnrollOptions {
                 controller: a.controller,
@@ -154,6 +163,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 node_name,
                 force: a.force,
                 timeout: a.timeout,
+                proxy,
             };
             let cfg = enroll::enroll(&dir, &opts).await?;
             println!("enrolled as {} with controller {}", cfg.node_name, cfg.controller);
@@ -172,8 +182,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 backoff_initial: a.backoff_initial.or(cfg.backoff_initial).unwrap_or(d.backoff_initial),
                 backoff_max: a.backoff_max.or(cfg.backoff_max).unwrap_or(d.backoff_max),
                 inventory_interval: a.inventory_interval.or(cfg.inventory_interval).unwrap_or(d.inventory_interval),
+                proxy: cfg.proxy.clone(),
                 ..d
             };
+            if let Some(p) = opts.proxy.as_deref().filter(|p| !p.is_empty()) {
+                fleetadm_common::proxy::Proxy::parse(p).context("proxy in the config file")?;
+            }
             fleetadm_common::notify_ready();
             session::run(&dir, &opts, shutdown_signal()).await.context("node-agent run")?;
             Ok(())

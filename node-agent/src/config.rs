@@ -14,6 +14,9 @@ pub struct AgentFileConfig {
     pub backoff_max: Option<Duration>,
     #[serde(default, with = "opt_duration")]
     pub inventory_interval: Option<Duration>,
+    /// HTTP CONNECT proxy to the controller: "http://[USER:PASSWORD@]HOST:PORT" ("": none, even if
+    /// HTTPS_PROXY is set). Unset: the one given at enrollment, else HTTPS_PROXY/NO_PROXY.
+    pub proxy: Option<String>,
 }
 
 impl AgentFileConfig {
@@ -42,6 +45,8 @@ mod tests {
         let c: AgentFileConfig = toml::from_str("state_dir = \"/x\"\nbackoff_max = \"30s\"\n").unwrap();
         assert_eq!(c.state_dir, Some(PathBuf::from("/x")));
         assert_eq!(c.backoff_max, Some(Duration::from_secs(30)));
+        let c: AgentFileConfig = toml::from_str("proxy = \"http://bastion:3128\"\n").unwrap();
+        assert_eq!(c.proxy.as_deref(), Some("http://bastion:3128"));
         assert!(toml::from_str::<AgentFileConfig>("stat_dir = \"/x\"").is_err());
         assert!(toml::from_str::<AgentFileConfig>("backoff_max = \"soon\"").is_err());
         assert_eq!(AgentFileConfig::load(Path::new("/nonexistent/x.toml")).unwrap(), AgentFileConfig::default());

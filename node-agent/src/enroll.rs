@@ -40,6 +40,8 @@ pub struct EnrollOptions {
     pub node_name: String,
     pub force: bool,
     pub timeout: Duration,
+    /// `--proxy` (or the config file's `proxy`); `None`: `HTTPS_PROXY`/`NO_PROXY` decide.
+    pub proxy: Option<String>,
 }
 
 pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<AgentConfig, EnrollError> {
@@ -66,7 +68,11 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<AgentConfig,
     let connect_err = |reason: String| EnrollError::Connect { addr: opts.controller.clone(), reason };
     let config = dial::client_config(&Trust::Pinned(pin.clone()), proof, report.clone())
         .map_err(|e| connect_err(e.to_string()))?;
-    let dial_opts = DialOptions { connect_timeout: opts.timeout, ..DialOptions::default() };
+    let (host, _) = dial::split_host_port(&opts.controller)
+        .map_err(|e| EnrollError::Connect { addr: opts.controller.clone(), reason: e.to_string() })?;
+    let proxy =
+        fleetadm_common::proxy::Proxy::choose(opts.proxy.as_deref(), &host).map_err(|e| connect_err(e.to_string()))?;
+    let dial_opts = DialOptions { connect_timeout: opts.timeout, proxy, ..DialOptions::default() };
     let channel = match dial::connect(&opts.controller, config, &dial_opts).await {
         Ok(c) => c,
         Err(e) => {
@@ -108,8 +114,12 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<AgentConfig,
     if !cert_matches_key(&resp.certificate_pem, &kc.key) {
         return Err(EnrollError::BadAnswer("the certificate is not for this node's key".into()));
     }
-    let config =
-        AgentConfig { controller: opts.controller.clone(), node_name: resp.node_name, enrolled_at: now_unix() };
+    let config = AgentConfig {
+        controller: opts.controller.clone(),
+        node_name: resp.node_name,
+        enrolled_at: now_unix(),
+        proxy: opts.proxy.clone().filter(|p| !p.is_empty()),
+    };
     Identity::save(dir, &config, &kc.key.serialize_pem(), &resp.certificate_pem, &resp.ca_pem)?;
     let _ = std::fs::remove_file(dir.session());
     Ok(config)

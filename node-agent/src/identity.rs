@@ -45,6 +45,10 @@ pub struct AgentConfig {
     pub controller: String,
     pub node_name: String,
     pub enrolled_at: u64,
+    /// The HTTP CONNECT proxy given at enrollment (`--proxy`), used by `run` unless the config
+    /// file names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
 }
 
 /// Paths inside a state directory.
@@ -329,7 +333,7 @@ mod tests {
     }
 
     fn cfg(name: &str) -> AgentConfig {
-        AgentConfig { controller: "127.0.0.1:1".into(), node_name: name.into(), enrolled_at: 1 }
+        AgentConfig { controller: "127.0.0.1:1".into(), node_name: name.into(), enrolled_at: 1, proxy: None }
     }
 
     fn names(dir: &Path) -> Vec<String> {

@@ -8,7 +8,7 @@
 #        tests/lab/lab.sh down      stop everything, remove namespaces and the lab directory
 #        tests/lab/lab.sh ctl ARGS  run `controller ARGS` against the lab controller
 #        tests/lab/lab.sh on HOST CMD...   run a command inside a lab host
-#        tests/lab/lab.sh start-agent|stop-agent HOST, kill-controller, start-controller
+#        tests/lab/lab.sh start-agent|stop-agent HOST, kill-controller, start-controller, restart-proxy
 # env:   LAB_HOSTS (5)  LAB_DIR (/tmp/fleetadm-lab)  FLEETADM_BIN_DIR (target/debug)
 #        LAB_BUNDLE=1: hosts start without kubeadm (it comes from a bundle); otherwise kubeadm is
 #        preinstalled on every host. Each host has its own /usr/local/bin, /etc/systemd/system,
@@ -23,6 +23,12 @@ n=${LAB_HOSTS:-5}
 br=flab0
 net=10.78.0
 ctl_addr=$net.1:9443
+# LAB_BASTION=proxy: the hosts reach only a bastion namespace ($net.254, IP forwarding off) that
+# runs tinyproxy; the controller listens on the far side of the bastion (10.79.0.1), which the
+# hosts have no route to. Agents enroll with --proxy and run with HTTPS_PROXY.
+bastion=${LAB_BASTION:-}
+proxy_url=http://$net.254:3128
+[ -n "$bastion" ] && ctl_addr=10.79.0.1:9443
 
 host_dir() { echo "$lab/hosts/$1"; }
 ctl() { "$bin/controller" "$@" --data-dir "$lab/controller"; }
@@ -69,8 +75,9 @@ up() {
   [ "${LAB_BUNDLE:-0}" = 1 ] || ln -sf "$bin/kubeadm-sim" "$lab/bin/kubeadm"
   modprobe bridge 2>/dev/null || true; modprobe veth 2>/dev/null || true
   ip link add $br type bridge
-  ip addr add $net.1/24 dev $br
+  [ -n "$bastion" ] || ip addr add $net.1/24 dev $br
   ip link set $br up
+  [ -z "$bastion" ] || up_bastion
   for i in $(seq 1 "$n"); do
     local h=h$i d; d=$(host_dir h$i)
     mkdir -p "$d"/{etc-kubernetes,var-lib-kubelet,var-lib-etcd,state,usr-local-bin,etc-systemd-system,etc-modules-load.d,etc-sysctl.d}
@@ -83,7 +90,7 @@ up() {
     ip -n "flab-$h" addr add $net.$((10 + i))/24 dev eth0
     ip -n "flab-$h" link set eth0 up
     ip -n "flab-$h" link set lo up
-    ip -n "flab-$h" route add default via $net.1
+    ip -n "flab-$h" route add default via $net.$([ -n "$bastion" ] && echo 254 || echo 1)
   done
   start_controller
   local tok; tok=$(ctl token create --uses "$n" --ttl 1h --description lab -o json)
@@ -93,7 +100,7 @@ up() {
   for i in $(seq 1 "$n"); do
     local h=h$i d; d=$(host_dir h$i)
     on "$h" "$bin/node-agent" enroll --controller $ctl_addr --token "$token" --ca-hash "$hash" \
-      --state-dir "$d/state" --node-name "$h" --no-start >"$d/enroll.log" 2>&1 \
+      --state-dir "$d/state" --node-name "$h" --no-start ${bastion:+--proxy $proxy_url} >"$d/enroll.log" 2>&1 \
       || { cat "$d/enroll.log" >&2; exit 1; }
     start_agent "$h"
   done
@@ -101,9 +108,41 @@ up() {
   echo "lab: controller on $ctl_addr, $n hosts enrolled and connected (h1..h$n = $net.11..$net.$((10 + n)))"
 }
 
+# The bastion: one leg on the hosts' bridge, one towards the controller, no forwarding between
+# them; tinyproxy on the hosts' side allows CONNECT to the controller's port only.
+up_bastion() {
+  ip netns add flab-bastion
+  ip link add flab-bst type veth peer name lan0 netns flab-bastion
+  ip link set flab-bst master $br up
+  ip -n flab-bastion addr add $net.254/24 dev lan0
+  ip -n flab-bastion link set lan0 up
+  ip -n flab-bastion link set lo up
+  ip link add flab-up type veth peer name up0 netns flab-bastion
+  ip addr add 10.79.0.1/24 dev flab-up
+  ip link set flab-up up
+  ip -n flab-bastion addr add 10.79.0.2/24 dev up0
+  ip -n flab-bastion link set up0 up
+  ip netns exec flab-bastion sysctl -qw net.ipv4.ip_forward=0
+  printf '%s\n' "User nobody" "Group nogroup" "Port 3128" "Listen $net.254" "Timeout 600" \
+    "Allow $net.0/24" "ConnectPort 9443" "MaxClients 200" "LogLevel Connect" > "$lab/tinyproxy.conf"
+  start_proxy
+}
+
+start_proxy() {
+  ip netns exec flab-bastion tinyproxy -d -c "$lab/tinyproxy.conf" >>"$lab/tinyproxy.log" 2>&1 &
+  echo $! > "$lab/tinyproxy.pid"
+  wait_for 10 "tinyproxy on $net.254:3128" ip netns exec flab-bastion sh -c "ss -ltn | grep -q '$net.254:3128'"
+}
+
+stop_proxy() {
+  [ -f "$lab/tinyproxy.pid" ] && kill "$(cat "$lab/tinyproxy.pid")" 2>/dev/null || true
+  pkill -f "tinyproxy -d -c $lab/tinyproxy.conf" 2>/dev/null || true
+  for _ in $(seq 50); do pgrep -f "tinyproxy -d -c $lab/tinyproxy.conf" >/dev/null || break; sleep 0.1; done
+}
+
 start_controller() {
   rm -f "$lab/controller/admin.sock"
-  "$bin/controller" serve --data-dir "$lab/controller" --listen $ctl_addr --advertise-address $net.1 \
+  "$bin/controller" serve --data-dir "$lab/controller" --listen $ctl_addr --advertise-address "${ctl_addr%:*}" \
     >>"$lab/controller.log" 2>&1 &
   echo $! > "$lab/controller.pid"
   wait_for 30 "controller admin socket" test -S "$lab/controller/admin.sock"
@@ -111,7 +150,7 @@ start_controller() {
 
 start_agent() {
   local h=$1 d; d=$(host_dir "$1")
-  on "$h" "$bin/node-agent" run --state-dir "$d/state" --backoff-initial 200ms --backoff-max 2s \
+  on "$h" env ${bastion:+HTTPS_PROXY=$proxy_url} "$bin/node-agent" run --state-dir "$d/state" --backoff-initial 200ms --backoff-max 2s \
     >>"$d/agent.log" 2>&1 &
   echo $! > "$d/agent.pid"
 }
@@ -130,6 +169,7 @@ down() {
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
   pkill -9 -f "serve --data-dir $lab/controller" 2>/dev/null || true
+  stop_proxy
   for d in "$lab"/hosts/*; do
     [ -d "$d" ] || continue
     pkill -9 -f "node-agent run --state-dir $d/state" 2>/dev/null || true
@@ -154,5 +194,6 @@ case "$cmd" in
   kill-controller) kill -9 "$(cat "$lab/controller.pid")"; while kill -0 "$(cat "$lab/controller.pid")" 2>/dev/null; do sleep 0.1; done ;;
   start-controller) start_controller ;;
   stop-agent) stop_agent "$1" ;;
+  restart-proxy) stop_proxy; start_proxy ;;
   *) sed -n '2,14p' "$0"; exit 2 ;;
 esac

@@ -12,16 +12,24 @@ pub struct Lab {
     pub dir: PathBuf,
     hosts: usize,
     bin_dir: PathBuf,
+    /// Extra environment for `lab.sh` (`LAB_BASTION`, `LAB_BUNDLE`).
+    env: Vec<(String, String)>,
 }
 
 impl Lab {
     /// A fresh lab of `hosts` hosts under a private directory, running the binaries of `bin_dir`
     /// (`controller`, `node-agent`, `kubeadm-sim`).
     pub fn up_with(tag: &str, hosts: usize, bin_dir: &Path) -> Self {
+        Self::up_env(tag, hosts, bin_dir, &[])
+    }
+
+    /// [`Lab::up_with`] with extra `lab.sh` settings, e.g. `("LAB_BASTION", "proxy")`.
+    pub fn up_env(tag: &str, hosts: usize, bin_dir: &Path, env: &[(&str, &str)]) -> Self {
         let lab = Lab {
             dir: std::env::temp_dir().join(format!("fleetadm-lab-{tag}-{}", std::process::id())),
             hosts,
             bin_dir: bin_dir.to_path_buf(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         let up = lab.run(&["up"]);
         assert!(
@@ -44,6 +52,7 @@ impl Lab {
             .env("LAB_DIR", &self.dir)
             .env("LAB_HOSTS", self.hosts.to_string())
             .env("FLEETADM_BIN_DIR", &self.bin_dir)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .expect("run lab.sh")
     }

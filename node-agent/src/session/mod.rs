@@ -36,6 +36,8 @@ pub struct RunOptions {
     pub backoff_max: Duration,
     pub inventory_interval: Duration,
     pub dial: DialOptions,
+    /// The config file's `proxy` (wins over the one recorded at enrollment, then the environment).
+    pub proxy: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -45,6 +47,7 @@ impl Default for RunOptions {
             backoff_max: Duration::from_secs(60),
             inventory_interval: Duration::from_secs(60),
             dial: DialOptions::default(),
+            proxy: None,
         }
     }
 }
@@ -172,7 +175,11 @@ pub(crate) async fn connect(identity: &Identity, opts: &RunOptions) -> Result<Ag
         PinReport::default(),
     )
     .map_err(|e| e.to_string())?;
-    let channel = dial::connect(&identity.config.controller, config, &opts.dial).await.map_err(|e| e.to_string())?;
+    let (host, _) = dial::split_host_port(&identity.config.controller).map_err(|e| e.to_string())?;
+    let setting = opts.proxy.as_deref().or(identity.config.proxy.as_deref());
+    let mut dial_opts = opts.dial.clone();
+    dial_opts.proxy = fleetadm_common::proxy::Proxy::choose(setting, &host).map_err(|e| e.to_string())?;
+    let channel = dial::connect(&identity.config.controller, config, &dial_opts).await.map_err(|e| e.to_string())?;
     Ok(AgentClient::new(channel)
         .max_decoding_message_size(fleetadm_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(fleetadm_proto::MAX_MESSAGE_BYTES))

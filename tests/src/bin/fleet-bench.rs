@@ -108,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
                 node_name: format!("bench-{i}"),
                 force: false,
                 timeout: Duration::from_secs(60),
+                proxy: Some(String::new()),
             };
             enroll(&dir, &opts).await.map(|_| dir)
         }));

@@ -286,6 +286,7 @@ async fn main() -> anyhow::Result<()> {
                 node_name: format!("a{i}"),
                 force: false,
                 timeout: Duration::from_secs(60),
+                proxy: Some(String::new()),
             };
             enroll(&dir, &opts).await?;
             anyhow::Ok(dir)
