@@ -29,6 +29,8 @@ pub struct ServeOptions {
     pub heartbeat_interval: Duration,
     pub server_cert_validity: Duration,
     pub limits: crate::listen::Limits,
+    /// Where to serve Prometheus metrics (none: off).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Names the serving certificate covers: advertised names, the listen address if specific,
@@ -148,6 +150,13 @@ pub async fn serve(
         let _ = rx.wait_for(|v| *v).await;
     };
 
+    if let Some(addr) = opts.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        tracing::info!(listen = %addr, "metrics on GET /metrics");
+        tokio::spawn(crate::metrics::serve(l, ctl.clone()));
+    }
     let listen_stats = Arc::new(crate::listen::ListenStats::default());
     let incoming = crate::listen::incoming(listener, tls, opts.limits.clone(), listen_stats);
     let agent_api = Server::builder()
@@ -160,6 +169,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .concurrency_limit_per_connection(32)
+        .layer(crate::metrics::CountErrors)
         .add_service(
             // Served without a client certificate: bodies are small (a token and a CSR).
             EnrollmentServer::new(EnrollmentService::new(ctl.clone()))

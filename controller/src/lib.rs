@@ -10,6 +10,7 @@
 //! - [`ops`]: fleet-wide operations besides rollouts (`controller exec`).
 //! - [`admin`]: the operator API on the local admin socket; [`cli`] is its client.
 //! - [`audit`]: who did what, and every task outcome (`controller events`).
+//! - [`metrics`]: Prometheus text metrics (`serve --metrics-listen`).
 //! - [`store`]: all durable state (sled), behind a small interface.
 #![forbid(unsafe_code)]
 // Protocol messages are built with `..Default::default()` even when every field is named: a
@@ -25,6 +26,7 @@ pub mod daemon;
 pub mod dispatch;
 pub mod enroll;
 pub mod listen;
+pub mod metrics;
 pub mod nodes;
 pub mod ops;
 pub mod pki;

@@ -39,6 +39,9 @@ pub struct ServeArgs {
     /// Open agent connections at most (over it, new ones are closed at once) [default: 16384].
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9464 [default: off].
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `/etc/fleetadm/controller.toml`: every key optional.
@@ -53,6 +56,7 @@ pub struct ControllerFileConfig {
     pub heartbeat_interval: Option<String>,
     pub server_cert_validity: Option<String>,
     pub max_connections: Option<usize>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn file_duration(v: &Option<String>, key: &str, path: &Path) -> anyhow::Result<Option<Duration>> {
@@ -98,6 +102,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         heartbeat_interval,
         server_cert_validity,
         limits,
+        metrics_listen: a.metrics_listen.or(cfg.metrics_listen),
     };
     daemon::serve(opts, shutdown_signal()).await
 }

@@ -211,6 +211,7 @@ impl Agent for AgentService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        crate::metrics::metrics().blob_bytes(data.len() as u64);
         Ok(Response::new(BlobChunk { data, size }))
     }
 

@@ -50,6 +50,7 @@ impl Enrollment for EnrollmentService {
         let source = req.remote_addr().map(|a| a.ip());
         if let Some(ip) = source {
             if let Err(wait) = self.failures.check(ip, std::time::Instant::now()) {
+                crate::metrics::metrics().enrollment("rate_limited");
                 return Err(Status::resource_exhausted(format!(
                     "too many failed enrollment attempts from {ip}; retry in {}s",
                     wait.as_secs().max(1)
@@ -66,8 +67,12 @@ impl Enrollment for EnrollmentService {
             .await
             .map_err(|e| Status::internal(format!("enrollment task failed: {e}")))?;
         match &result {
-            Ok(resp) => tracing::info!(node = %resp.node_name, %peer, "node enrolled"),
+            Ok(resp) => {
+                crate::metrics::metrics().enrollment("ok");
+                tracing::info!(node = %resp.node_name, %peer, "node enrolled")
+            }
             Err(st) => {
+                crate::metrics::metrics().enrollment("refused");
                 tracing::warn!(%peer, error = %st.message(), "enrollment refused");
                 if let (Some(ip), false) = (source, st.code() == tonic::Code::Internal) {
                     self.failures.failed(ip, std::time::Instant::now());

@@ -95,6 +95,7 @@ impl Execs {
             runs.spawn(async move {
                 let _slot = sem.acquire_owned().await;
                 let outcome = me.on_host(&spec, &host, &events).await;
+                crate::metrics::metrics().task_outcome("exec", if outcome.is_ok() { "succeeded" } else { "failed" });
                 let (success, error) = match &outcome {
                     Ok(()) => (true, String::new()),
                     Err(e) => (false, e.clone()),

@@ -378,6 +378,7 @@ impl Actor {
     /// Log a task's outcome in the audit log. A failure to log is reported, not fatal: the task
     /// record itself is already stored.
     async fn log_outcome(&self, t: &TaskRecord, actor: &str) {
+        crate::metrics::metrics().task_outcome(t.kind.as_str(), &t.state.to_string());
         let (audit, e) = (self.audit.clone(), super::engine::task_event(t, actor));
         if let Err(err) = store::off_thread(move || audit.record(e, Durability::Lazy)).await {
             tracing::error!(task = %t.id, error = %fleetadm_common::error_chain(&err), "cannot write the audit log");

@@ -376,6 +376,8 @@ async fn run_to_end(actor: &mut Actor, store: &Arc<dyn Store>) {
         Ok(summary) => (ClusterState::Succeeded, summary),
         Err(stop) => (ClusterState::Failed, stop.chain()),
     };
+    let took = fleetadm_common::clock::now_unix_ms().saturating_sub(actor.rec.created_ms) as f64 / 1000.0;
+    crate::metrics::metrics().rollout_finished(&name, &state.to_string(), took);
     match actor.finish(state, &message).await {
         Ok(()) if state == ClusterState::Succeeded => tracing::info!(cluster = %name, "{message}"),
         Ok(()) => tracing::error!(cluster = %name, "rollout failed: {message}"),
