@@ -42,6 +42,9 @@ pub struct NodeRecord {
     pub clock_skew_ms: i64,
     #[serde(default)]
     pub peer_address: String,
+    /// Labels for selecting hosts (`controller nodes label`, `node-agent enroll --labels`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Who asks to (re-)enroll a name: a newcomer with only a token, or the holder of one of the
@@ -64,6 +67,8 @@ pub enum NodeError {
     NotRevoked { name: String },
     #[error("no node named {0:?} is enrolled (see `controller nodes list`)")]
     Unknown(String),
+    #[error("node {name:?} would have {count} labels; at most 64")]
+    TooManyLabels { name: String, count: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -119,10 +124,14 @@ impl Nodes {
         claim: Claim<'_>,
         serial: &str,
         not_after: u64,
+        labels: &std::collections::BTreeMap<String, String>,
     ) -> Result<NodeRecord, NodeError> {
         let out =
             store::update_json(&*self.store, Table::Nodes, name, Durability::Flush, |cur: Option<NodeRecord>| {
                 judge_claim(cur.as_ref(), name, claim)?;
+                // A re-enrollment keeps the operator's labels; the host's own are added.
+                let mut all = cur.as_ref().map(|c| c.labels.clone()).unwrap_or_default();
+                all.extend(labels.iter().map(|(k, v)| (k.clone(), v.clone())));
                 Ok::<_, NodeError>(Update::Put(NodeRecord {
                     name: name.into(),
                     machine_id: machine_id.into(),
@@ -135,7 +144,30 @@ impl Nodes {
                     last_seen_ms: cur.as_ref().map(|c| c.last_seen_ms).unwrap_or(0),
                     clock_skew_ms: 0,
                     peer_address: String::new(),
+                    labels: all,
                 }))
+            })?;
+        out?.ok_or_else(|| NodeError::Unknown(name.into()))
+    }
+
+    /// Set and remove labels of an enrolled node. Flushed.
+    pub fn label(
+        &self,
+        name: &str,
+        set: &std::collections::BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<NodeRecord, NodeError> {
+        let out =
+            store::update_json(&*self.store, Table::Nodes, name, Durability::Flush, |cur: Option<NodeRecord>| {
+                let mut rec = cur.ok_or_else(|| NodeError::Unknown(name.into()))?;
+                for k in remove {
+                    rec.labels.remove(k);
+                }
+                rec.labels.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+                if rec.labels.len() > 64 {
+                    return Err(NodeError::TooManyLabels { name: name.into(), count: rec.labels.len() });
+                }
+                Ok::<_, NodeError>(Update::Put(rec))
             })?;
         out?.ok_or_else(|| NodeError::Unknown(name.into()))
     }
@@ -276,6 +308,24 @@ impl Nodes {
 mod tests {
     use super::*;
 
+    #[test]
+    fn labels_are_set_removed_bounded_and_kept_across_a_re_enrollment() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = Nodes::new(Arc::new(crate::store::SledStore::open(dir.path()).unwrap()));
+        let asked: std::collections::BTreeMap<String, String> = [("zone".to_string(), "a".to_string())].into();
+        nodes.record_enrollment("n1", "m1", Claim::Newcomer, "aa", 9, &asked).unwrap();
+        let set = [("rack".to_string(), "r1".to_string())].into();
+        let r = nodes.label("n1", &set, &["zone".to_string()]).unwrap();
+        assert_eq!(r.labels, set);
+        let again: std::collections::BTreeMap<String, String> = [("zone".to_string(), "b".to_string())].into();
+        let r = nodes.record_enrollment("n1", "m1", Claim::Holder("aa"), "bb", 9, &again).unwrap();
+        assert_eq!(r.labels.len(), 2, "the operator's label stays, the host's is added: {:?}", r.labels);
+        let many = (0..70).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(matches!(nodes.label("n1", &many, &[]), Err(NodeError::TooManyLabels { .. })));
+        assert_eq!(nodes.get("n1").unwrap().unwrap().labels.len(), 2, "a refused change writes nothing");
+        assert!(matches!(nodes.label("nope", &set, &[]), Err(NodeError::Unknown(_))));
+    }
+
     fn rec(serial: &str, previous: Option<&str>, revoked: bool) -> NodeRecord {
         NodeRecord {
             name: "n1".into(),
@@ -289,6 +339,7 @@ mod tests {
             last_seen_ms: 0,
             clock_skew_ms: 0,
             peer_address: String::new(),
+            labels: Default::default(),
         }
     }
 
@@ -325,19 +376,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(&dir.path().join("s")).unwrap());
         let nodes = Nodes::new(store);
-        nodes.record_enrollment("n1", "m1", Claim::Newcomer, "aa", 9).unwrap();
+        nodes.record_enrollment("n1", "m1", Claim::Newcomer, "aa", 9, &Default::default()).unwrap();
         nodes.set_facts("n1", &Inventory { hostname: "h".into(), ..Default::default() }).unwrap();
         assert!(matches!(nodes.forget("n1"), Err(NodeError::NotRevoked { .. })));
         assert!(matches!(nodes.forget("nope"), Err(NodeError::Unknown(_))));
         nodes.revoke("n1").unwrap();
         assert!(matches!(
-            nodes.record_enrollment("n1", "m1", Claim::Holder("aa"), "cc", 9),
+            nodes.record_enrollment("n1", "m1", Claim::Holder("aa"), "cc", 9, &Default::default()),
             Err(NodeError::Revoked { .. })
         ));
         nodes.forget("n1").unwrap();
         assert!(nodes.get("n1").unwrap().is_none());
         assert!(nodes.facts("n1").unwrap().is_none());
-        nodes.record_enrollment("n1", "m2", Claim::Newcomer, "dd", 9).unwrap();
+        nodes.record_enrollment("n1", "m2", Claim::Newcomer, "dd", 9, &Default::default()).unwrap();
     }
 
     #[test]
@@ -345,7 +396,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(&dir.path().join("s")).unwrap());
         let nodes = Nodes::new(store);
-        nodes.record_enrollment("n1", "m1", Claim::Newcomer, "a", 9).unwrap();
+        nodes.record_enrollment("n1", "m1", Claim::Newcomer, "a", 9, &Default::default()).unwrap();
         // The agent asks with A; B is issued but the reply is lost; it asks again with A.
         nodes.record_renewal("n1", "a", "b", 9).unwrap();
         let rec = nodes.record_renewal("n1", "a", "c", 9).unwrap();

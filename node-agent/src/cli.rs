@@ -110,6 +110,16 @@ pub struct EnrollArgs {
     /// Recorded for `node-agent run`.
     #[arg(long)]
     proxy: Option<String>,
+    /// Labels for selecting this host (`controller exec -l`, `nodes list -l`): KEY=VALUE,...
+    #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
 }
 
 #[derive(Debug, Args)]
@@ -164,6 +174,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 force: a.force,
                 timeout: a.timeout,
                 proxy,
+                labels: a.labels.into_iter().collect(),
             };
             let cfg = enroll::enroll(&dir, &opts).await?;
             println!("enrolled as {} with controller {}", cfg.node_name, cfg.controller);

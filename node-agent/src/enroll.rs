@@ -42,6 +42,8 @@ pub struct EnrollOptions {
     pub timeout: Duration,
     /// `--proxy` (or the config file's `proxy`); `None`: `HTTPS_PROXY`/`NO_PROXY` decide.
     pub proxy: Option<String>,
+    /// `--labels`: asked for; the controller checks them.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<AgentConfig, EnrollError> {
@@ -94,6 +96,7 @@ pub async fn enroll(dir: &StateDir, opts: &EnrollOptions) -> Result<AgentConfig,
         csr_der: kc.csr_der.clone(),
         node_name: opts.node_name.clone(),
         machine_id,
+        labels: opts.labels.clone().into_iter().collect(),
     });
     req.set_timeout(opts.timeout);
     let resp = client.enroll(req).await.map_err(|st| match report.take() {

@@ -93,6 +93,8 @@ up() {
     ip -n "flab-$h" route add default via $net.$([ -n "$bastion" ] && echo 254 || echo 1)
   done
   start_controller
+  # Labels at enrollment, when this agent build has them (the version-skew test runs older ones).
+  local labels=""; "$bin/node-agent" enroll --help 2>/dev/null | grep -q -- '--labels' && labels=1
   local tok; tok=$(ctl token create --uses "$n" --ttl 1h --description lab -o json)
   local token hash
   token=$(sed -n 's/.*"token": *"\([^"]*\)".*/\1/p' <<<"$tok")
@@ -100,7 +102,8 @@ up() {
   for i in $(seq 1 "$n"); do
     local h=h$i d; d=$(host_dir h$i)
     on "$h" "$bin/node-agent" enroll --controller $ctl_addr --token "$token" --ca-hash "$hash" \
-      --state-dir "$d/state" --node-name "$h" --no-start ${bastion:+--proxy $proxy_url} >"$d/enroll.log" 2>&1 \
+      --state-dir "$d/state" --node-name "$h" --no-start ${labels:+--labels "lab=yes,index=$i"} ${bastion:+--proxy $proxy_url} \
+      >"$d/enroll.log" 2>&1 \
       || { cat "$d/enroll.log" >&2; exit 1; }
     start_agent "$h"
   done

@@ -80,6 +80,7 @@ fn calls_are_authenticated_before_their_bodies_are_read() {
                 csr_der: vec![0x30; 64 * 1024],
                 node_name: "big".into(),
                 machine_id: "m".into(),
+                ..Default::default()
             })
             .await
             .expect_err("oversized enrollment");
@@ -99,6 +100,7 @@ fn failed_enrollments_from_one_source_are_told_to_wait() {
             csr_der: vec![1],
             node_name: "g1".into(),
             machine_id: "m".into(),
+            ..Default::default()
         };
         let mut limited = None;
         for i in 0..40 {

@@ -113,6 +113,7 @@ fn hostile_enrollment_requests_are_refused_without_spending_the_token() {
             csr_der,
             node_name: name.into(),
             machine_id: mid.into(),
+            ..Default::default()
         };
         let cases: Vec<(EnrollRequest, tonic::Code, &str)> = vec![
             (req(b"garbage".to_vec(), "h1", "m1"), tonic::Code::InvalidArgument, "not a valid PKCS#10"),
@@ -130,6 +131,14 @@ fn hostile_enrollment_requests_are_refused_without_spending_the_token() {
             (req(csr(Some("h1"), vec![], false), "Bad_Name", "m1"), tonic::Code::InvalidArgument, "not valid"),
             (req(csr(Some("h1"), vec![], false), "h1", ""), tonic::Code::InvalidArgument, "machine_id"),
             (req(vec![0x30; 2 * 1024 * 1024], "h1", "m1"), tonic::Code::OutOfRange, "too large"),
+            (
+                EnrollRequest {
+                    labels: [("bad key".to_string(), "x".to_string())].into_iter().collect(),
+                    ..req(csr(Some("h1"), vec![], false), "h1", "m1")
+                },
+                tonic::Code::InvalidArgument,
+                "label key",
+            ),
         ];
         for (r, code, msg) in cases {
             let st = c.enroll(r).await.expect_err("must be refused");
@@ -148,6 +157,7 @@ fn hostile_enrollment_requests_are_refused_without_spending_the_token() {
                     csr_der: csr(Some("h1"), vec![], false),
                     node_name: "h1".into(),
                     machine_id: mid.into(),
+                    ..Default::default()
                 })
                 .await
                 .expect_err("name clash");

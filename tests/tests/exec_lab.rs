@@ -76,6 +76,33 @@ fn exec_runs_on_the_chosen_hosts_streams_their_output_and_fails_if_any_host_fail
     assert!(gap > Duration::from_secs(2), "the first line came {gap:?} before the second: streamed");
     assert!(child.wait().expect("wait").success());
 
+    // Labels: from enrollment (lab.sh enrolls with --labels lab=yes,index=N) and set by the
+    // operator; selectors choose hosts for exec and nodes list.
+    let (ok, out) = lab.ctl(&["nodes", "list", "-l", "lab=yes,index!=4", "-o", "json"]);
+    assert!(ok, "{out}");
+    let names: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&out)
+        .expect("json")
+        .iter()
+        .filter_map(|n| n["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(names, ["h1", "h2", "h3"], "labels given at enrollment select: {out}");
+    for (h, l) in [("h1", "zone=a"), ("h2", "zone=b"), ("h3", "zone=b")] {
+        let (ok, out) = lab.ctl(&["nodes", "label", h, l]);
+        assert!(ok, "{out}");
+    }
+    let (ok, out) = lab.ctl(&["nodes", "label", "h2", "role=gpu", "index-"]);
+    assert!(ok && out.contains("node h2 labels: lab=yes,role=gpu,zone=b"), "set and removed: {out}");
+    let (ok, out, err) = exec(&lab, &["-l", "zone=b,role!=gpu", "--", "hostname"]);
+    assert!(ok && out == "h3 | h3\n", "only h3 matches: {out}{err}");
+    let (ok, out, err) = exec(&lab, &["--nodes", "h1,h2,h3", "-l", "zone=b", "--", "hostname"]);
+    assert!(ok && out.contains("h2 | h2") && out.contains("h3 | h3") && !out.contains("h1 |"), "{out}{err}");
+    let (ok, _, err) = exec(&lab, &["-l", "zone=b;rm -rf", "--", "hostname"]);
+    assert!(!ok && err.contains("selector"), "{err}");
+    let (ok, out) = lab.ctl(&["nodes", "label", "h1", "bad key=x"]);
+    assert!(!ok && out.contains("label key"), "{out}");
+    let (ok, out) = lab.ctl(&["nodes", "label", "nosuch", "a=b"]);
+    assert!(!ok && out.contains("no node named"), "{out}");
+
     // A cluster's hosts, by role.
     let (ok, out) = lab.ctl(&["cluster", "create", "c", "--masters", "h4"]);
     assert!(ok, "{out}");

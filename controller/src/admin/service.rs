@@ -62,6 +62,7 @@ impl AdminService {
             agent_version: session.as_ref().map(|s| s.meta.agent_version.clone()).unwrap_or_default(),
             protocol: session.as_ref().map(|s| s.meta.protocol).unwrap_or_default(),
             capabilities: session.as_ref().map(|s| s.meta.capabilities.iter().cloned().collect()).unwrap_or_default(),
+            labels: rec.labels.clone().into_iter().collect(),
         })
     }
 
@@ -252,6 +253,21 @@ impl Admin for AdminService {
         self.audited(who, "node.revoke", name.clone(), String::new(), self.revoke(name)).await
     }
 
+    async fn label_node(&self, req: Request<fleetadm_proto::LabelNodeRequest>) -> Result<Response<NodeInfo>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let mut change: Vec<String> = r.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        change.extend(r.remove.iter().map(|k| format!("{k}-")));
+        self.audited(who, "node.label", format!("{} {}", r.name, change.join(" ")), String::new(), async {
+            let (set, remove) =
+                crate::plan::select::parse_changes(&change).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let name = r.name.clone();
+            let rec = self.blocking(move |ctl| ctl.nodes.label(&name, &set, &remove).map_err(node_status)).await?;
+            Ok(Response::new(self.node_info(&rec)?))
+        })
+        .await
+    }
+
     async fn forget_node(&self, req: Request<NodeRef>) -> Result<Response<NodeInfo>, Status> {
         let who = who(&req);
         let name = req.into_inner().name;
@@ -426,7 +442,11 @@ impl AdminService {
             n if n <= 10_000 => n as usize,
             _ => return Err(Status::invalid_argument("--max-parallel must be 1-10000")),
         };
+        let selector =
+            crate::plan::select::Selector::parse(&r.selector).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let by_label = r.cluster.is_empty() && r.nodes.is_empty() && !r.selector.is_empty();
         let hosts = match (r.cluster.is_empty(), r.nodes.is_empty()) {
+            (true, true) if by_label => Vec::new(),
             (false, true) => {
                 let (name, role) = (r.cluster.clone(), r.role.clone());
                 self.blocking(move |ctl| {
@@ -467,6 +487,22 @@ impl AdminService {
                 .await?
             }
             _ => return Err(Status::invalid_argument("choose the hosts with either --cluster NAME or --nodes H,...")),
+        };
+        // Narrow by labels: every enrolled node when no other choice was made.
+        let hosts = if r.selector.is_empty() {
+            hosts
+        } else {
+            let chosen = hosts;
+            self.blocking(move |ctl| {
+                let all = ctl.nodes.list().map_err(|e| Status::internal(e.to_string()))?;
+                Ok(all
+                    .into_iter()
+                    .filter(|n| !n.revoked && selector.matches(&n.labels))
+                    .map(|n| n.name)
+                    .filter(|n| by_label || chosen.contains(n))
+                    .collect::<Vec<_>>())
+            })
+            .await?
         };
         let mut hosts = hosts;
         hosts.dedup();

@@ -17,8 +17,12 @@ pub struct ExecArgs {
     #[command(flatten)]
     data: DataDir,
     /// Every host of this cluster (or, with --role, the masters or the workers).
-    #[arg(long, conflicts_with = "nodes", required_unless_present = "nodes")]
+    #[arg(long, conflicts_with = "nodes", required_unless_present_any = ["nodes", "selector"])]
     cluster: Option<String>,
+    /// Only hosts whose labels match (`zone=b,role!=gpu`, `ssd`, `!gpu`); alone: every enrolled
+    /// node that matches.
+    #[arg(short = 'l', long = "selector")]
+    selector: Option<String>,
     /// With --cluster: only `master` or only `node` hosts.
     #[arg(long, requires = "cluster", value_parser = ["master", "node"])]
     role: Option<String>,
@@ -46,6 +50,7 @@ pub async fn run(a: ExecArgs) -> anyhow::Result<()> {
             argv: a.command,
             timeout_secs: a.timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
             max_parallel: a.max_parallel,
+            selector: a.selector.unwrap_or_default(),
         })
         .await
         .map_err(rpc_error)?

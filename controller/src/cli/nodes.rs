@@ -16,6 +16,17 @@ pub enum NodesCmd {
         data: DataDir,
         #[command(flatten)]
         out: Output,
+        /// Only nodes whose labels match (`zone=b,role!=gpu`, `ssd`, `!gpu`).
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
+    },
+    /// Set (`KEY=VALUE`) or remove (`KEY-`) labels of a node, for selecting hosts with `-l`.
+    Label {
+        name: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+        #[command(flatten)]
+        data: DataDir,
     },
     /// Show one node with all its facts.
     Show {
@@ -87,6 +98,7 @@ pub struct NodeView {
     pub agent_version: String,
     pub protocol: u32,
     pub capabilities: Vec<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
     pub facts: Option<FactsView>,
     /// The node's apiserver load balancer, as its guard last reported it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -153,6 +165,7 @@ pub fn node_view(n: &NodeInfo) -> NodeView {
         agent_version: n.agent_version.clone(),
         protocol: n.protocol,
         capabilities: n.capabilities.clone(),
+        labels: n.labels.clone().into_iter().collect(),
         facts: n.facts.as_ref().map(facts_view),
         load_balancer: n.lb.as_ref().filter(|l| !l.vip.is_empty()).map(|l| LbView {
             vip: l.vip.clone(),
@@ -185,10 +198,12 @@ fn status_word(v: &NodeView) -> &'static str {
 
 pub async fn run(cmd: NodesCmd) -> anyhow::Result<()> {
     match cmd {
-        NodesCmd::List { data, out } => {
+        NodesCmd::List { data, out, selector } => {
+            let selector = crate::plan::select::Selector::parse(selector.as_deref().unwrap_or(""))?;
             let mut c = client::connect(&data.data_dir).await?;
             let list = c.list_nodes(Empty {}).await.map_err(rpc_error)?.into_inner();
-            let views: Vec<NodeView> = list.nodes.iter().map(node_view).collect();
+            let views: Vec<NodeView> =
+                list.nodes.iter().map(node_view).filter(|v| selector.matches(&v.labels)).collect();
             match render_structured(&views, out.output) {
                 // JSON and YAML escape control characters themselves (and must stay parseable).
                 Some(s) => println!("{s}"),
@@ -204,11 +219,15 @@ pub async fn run(cmd: NodesCmd) -> anyhow::Result<()> {
                                 f.map(|f| f.os_pretty_name.clone()).unwrap_or_default(),
                                 f.map(|f| f.kernel.clone()).unwrap_or_default(),
                                 v.agent_version.clone(),
+                                v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
                                 v.last_seen.clone(),
                             ]
                         })
                         .collect();
-                    print!("{}", table(&["NAME", "STATUS", "ADDRESSES", "OS", "KERNEL", "AGENT", "LAST SEEN"], &rows));
+                    print!(
+                        "{}",
+                        table(&["NAME", "STATUS", "ADDRESSES", "OS", "KERNEL", "AGENT", "LABELS", "LAST SEEN"], &rows)
+                    );
                 }
             }
         }
@@ -230,6 +249,22 @@ pub async fn run(cmd: NodesCmd) -> anyhow::Result<()> {
             c.revoke_node(NodeRef { name: name.clone() }).await.map_err(rpc_error)?;
             println!("node {name} revoked; its certificate is refused from now on");
             println!("the name stays taken; `controller nodes forget {name}` frees it for a new enrollment");
+        }
+        NodesCmd::Label { name, changes, data } => {
+            let (set, remove) = crate::plan::select::parse_changes(&changes)?;
+            let mut c = client::connect(&data.data_dir).await?;
+            let n = c
+                .label_node(fleetadm_proto::LabelNodeRequest {
+                    name: name.clone(),
+                    set: set.into_iter().collect(),
+                    remove,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let sorted: std::collections::BTreeMap<String, String> = n.labels.into_iter().collect();
+            let now: Vec<String> = sorted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("node {name} labels: {}", if now.is_empty() { "(none)".to_string() } else { now.join(",") });
         }
         NodesCmd::Forget { name, data } => {
             let mut c = client::connect(&data.data_dir).await?;

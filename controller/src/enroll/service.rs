@@ -39,6 +39,7 @@ pub fn node_status(e: NodeError) -> Status {
         NodeError::NameTaken { .. } => Status::already_exists(e.to_string()),
         NodeError::Revoked { .. } | NodeError::NotRevoked { .. } => Status::failed_precondition(e.to_string()),
         NodeError::Unknown(_) => Status::not_found(e.to_string()),
+        NodeError::TooManyLabels { .. } => Status::invalid_argument(e.to_string()),
         NodeError::Store(_) => Status::internal(format!("state store: {e}")),
     }
 }
@@ -92,6 +93,8 @@ fn cert_name_and_serial(der: &[u8]) -> Option<(String, String)> {
 
 fn enroll(ctl: &Controller, r: EnrollRequest, holder: Option<(String, String)>) -> Result<EnrollResponse, Status> {
     validate_node_name(&r.node_name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let labels: std::collections::BTreeMap<String, String> = r.labels.clone().into_iter().collect();
+    crate::plan::select::check_all(&labels).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if r.machine_id.is_empty() || r.machine_id.len() > 128 {
         return Err(Status::invalid_argument("machine_id must be 1-128 characters"));
     }
@@ -109,7 +112,7 @@ fn enroll(ctl: &Controller, r: EnrollRequest, holder: Option<(String, String)>) 
         .map_err(|e| Status::internal(format!("signing failed: {e}")))?;
     ctl.tokens.consume(&r.token).map_err(token_status)?;
     ctl.nodes
-        .record_enrollment(&r.node_name, &r.machine_id, claim, &issued.serial, issued.not_after_unix)
+        .record_enrollment(&r.node_name, &r.machine_id, claim, &issued.serial, issued.not_after_unix, &labels)
         .map_err(node_status)?;
     // A re-enrollment supersedes the old certificate: end any session it still holds.
     ctl.sessions.terminate(&r.node_name, None);

@@ -217,6 +217,7 @@ mod tests {
                 last_seen_ms: 0,
                 clock_skew_ms: 0,
                 peer_address: String::new(),
+                labels: Default::default(),
             },
             facts: Some(Inventory {
                 interfaces: vec![NetInterface {

@@ -109,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
                 force: false,
                 timeout: Duration::from_secs(60),
                 proxy: Some(String::new()),
+                labels: Default::default(),
             };
             enroll(&dir, &opts).await.map(|_| dir)
         }));

@@ -287,6 +287,7 @@ async fn main() -> anyhow::Result<()> {
                 force: false,
                 timeout: Duration::from_secs(60),
                 proxy: Some(String::new()),
+                labels: Default::default(),
             };
             enroll(&dir, &opts).await?;
             anyhow::Ok(dir)
