@@ -71,6 +71,13 @@ pub fn clear_started(kube_dir: &Path, step: &str) -> std::io::Result<()> {
     }
 }
 
+/// Does `step` run over files the controller sent (the PKI and kubeconfigs of a control-plane
+/// host)? A worker's join gets none: what a failed worker join left in `pki/` (the CA from
+/// discovery) is kubeadm's own and must go, or kubeadm's preflight refuses the retry.
+pub fn keeps_controller_files(step: &str) -> bool {
+    step != "join"
+}
+
 /// The kubeconfigs the controller may send (kubeadm uses existing ones instead of writing its own).
 const SENT_KUBECONFIGS: [&str; 4] = ["admin.conf", "super-admin.conf", "controller-manager.conf", "scheduler.conf"];
 
@@ -81,6 +88,11 @@ pub struct Kept {
 }
 
 impl Kept {
+    /// Nothing to keep.
+    pub fn none() -> Kept {
+        Kept { files: Vec::new() }
+    }
+
     pub fn take(kube_dir: &Path) -> std::io::Result<Kept> {
         let mut files = Vec::new();
         let mut dirs = vec![kube_dir.join("pki")];
@@ -158,6 +170,12 @@ mod tests {
         std::fs::remove_dir_all(d.path().join("manifests")).unwrap();
         std::fs::write(d.path().join("kubelet.conf"), "x").unwrap();
         assert!(leftovers(d.path(), "join").unwrap().contains("kubelet.conf"));
+    }
+
+    #[test]
+    fn only_control_plane_steps_keep_the_controllers_files() {
+        assert!(keeps_controller_files("init") && keeps_controller_files("join-control-plane"));
+        assert!(!keeps_controller_files("join"));
     }
 
     #[test]

@@ -143,8 +143,14 @@ async fn clean_failed_attempt(
     cancel: &Cancel,
 ) -> Result<String, KubeadmError> {
     let dir = kube_dir.to_path_buf();
-    let kept =
-        off_thread(move || attempt::Kept::take(&dir).map_err(|source| KubeadmError::Keep { step, source })).await?;
+    let kept = off_thread(move || {
+        if attempt::keeps_controller_files(step) {
+            attempt::Kept::take(&dir).map_err(|source| KubeadmError::Keep { step, source })
+        } else {
+            Ok(attempt::Kept::none())
+        }
+    })
+    .await?;
     let out = if command::which("kubeadm").is_some() {
         kubeadm(&["reset", "--force"], timeout, cancel).await
     } else {
