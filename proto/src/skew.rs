@@ -19,6 +19,8 @@ macro_rules! each_task {
             Task::BootstrapReset($t) => $body,
             Task::LbClean($t) => $body,
             Task::BundleAddons($t) => $body,
+            Task::KubeadmToken($t) => $body,
+            Task::Exec($t) => $body,
         }
     };
 }
