@@ -148,7 +148,7 @@ check "the guard took h2 out of rotation while it still served (weight 0)" test 
 reqs=$(sed -n 's/^requests=\([0-9]*\) failed=.*/\1/p' "$LAB_DIR/vip-client.out")
 failed=$(sed -n 's/^requests=[0-9]* failed=\([0-9]*\)$/\1/p' "$LAB_DIR/vip-client.out")
 echo "# apiserver restart through the VIP: ${reqs:-?} requests, ${failed:-?} failed"
-check "the client made requests through the VIP the whole time (${reqs:-none})" test "${reqs:-0}" -ge 100
+check "the client kept making requests through the VIP (${reqs:-none} in 14s)" test "${reqs:-0}" -ge 10
 check "no client request failed during the apiserver restart (${failed:-?} failed)" test "${failed:-x}" = 0
 back=no
 for _ in $(seq 100); do
