@@ -138,14 +138,25 @@ pub fn render(ctl: &Controller) -> String {
 /// Serve `GET /metrics` on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, ctl: Arc<Controller>) {
     use hyper::service::service_fn;
+    // A few scrapes at once; each reads the store. More wait instead of piling up threads.
+    let renders = Arc::new(tokio::sync::Semaphore::new(4));
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
-        let ctl = ctl.clone();
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of file descriptors or similar: do not spin; the agent port matters more.
+                tracing::warn!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let (ctl, renders) = (ctl.clone(), renders.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let ctl = ctl.clone();
+                let (ctl, renders) = (ctl.clone(), renders.clone());
                 async move {
                     let (code, body) = if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+                        let _slot = renders.acquire_owned().await;
                         match tokio::task::spawn_blocking(move || render(&ctl)).await {
                             Ok(text) => (200, text),
                             Err(e) => (500, format!("metrics: {e}\n")),
