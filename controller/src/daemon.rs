@@ -158,7 +158,7 @@ pub async fn serve(
         tokio::spawn(crate::metrics::serve(l, ctl.clone()));
     }
     let listen_stats = Arc::new(crate::listen::ListenStats::default());
-    let incoming = crate::listen::incoming(listener, tls, opts.limits.clone(), listen_stats);
+    let incoming = crate::listen::incoming(listener, tls, opts.limits.clone(), listen_stats, ctl.relays.clone());
     let agent_api = Server::builder()
         // Per connection: streams, header size; the listener bounds connections and handshakes.
         .max_concurrent_streams(Some(64))

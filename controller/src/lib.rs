@@ -2,6 +2,7 @@
 //!
 //! The flow through the modules:
 //! - [`listen`]: the agent port: connection limits, TLS handshake deadline, serving certificate.
+//! - [`relay`]: relays on bastions, and the signed source addresses they vouch for.
 //! - [`enroll`]: bootstrap tokens + CSR policy -> node certificates signed by the [`pki`] fleet CA.
 //! - [`dispatch`]: authenticated agent sessions (work stream down, reports up).
 //! - [`nodes`]: the inventory of enrolled nodes and their facts.
@@ -33,6 +34,7 @@ pub mod pki;
 pub mod plan;
 #[cfg(test)]
 mod props;
+pub mod relay;
 pub mod rollout;
 pub mod state;
 pub mod store;

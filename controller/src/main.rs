@@ -4,7 +4,10 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     fleetadm_common::install_crypto_provider();
     let cli = fleetadm_controller::cli::Cli::parse();
-    let daemon = matches!(cli.command, fleetadm_controller::cli::Command::Serve(_));
+    let daemon = matches!(
+        cli.command,
+        fleetadm_controller::cli::Command::Serve(_) | fleetadm_controller::cli::Command::Relay(_)
+    );
     if !daemon {
         restore_sigpipe();
     }

@@ -20,6 +20,7 @@ pub struct Metrics {
     rpc_errors: Mutex<BTreeMap<String, u64>>,
     rollout_seconds: Mutex<BTreeMap<(String, String), f64>>,
     blob_bytes: AtomicU64,
+    relayed: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// The process-wide registry.
@@ -48,6 +49,11 @@ impl Metrics {
     /// An agent-port call ended with this gRPC status code (not OK).
     pub fn rpc_error(&self, code: &str) {
         bump(&self.rpc_errors, code.to_string(), 1);
+    }
+
+    /// A relayed connection: `vouched` or `refused`.
+    pub fn relayed(&self, result: &'static str) {
+        bump(&self.relayed, result, 1);
     }
 
     pub fn blob_bytes(&self, n: u64) {
@@ -132,13 +138,27 @@ pub fn render(ctl: &Controller) -> String {
     }
     family(&mut out, "fleetadm_blob_bytes_sent_total", "counter", "Bundle blob bytes sent to agents.");
     let _ = writeln!(out, "fleetadm_blob_bytes_sent_total {}", m.blob_bytes.load(Ordering::Relaxed));
+    family(
+        &mut out,
+        "fleetadm_relayed_connections_total",
+        "counter",
+        "Connections through relays, by whether a registered relay vouched for them.",
+    );
+    for (k, v) in m.relayed.lock().map(|g| g.clone()).unwrap_or_default() {
+        let _ = writeln!(out, "fleetadm_relayed_connections_total{{result=\"{k}\"}} {v}");
+    }
     out
 }
 
 /// Serve `GET /metrics` on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, ctl: Arc<Controller>) {
+    serve_text(listener, Arc::new(move || render(&ctl))).await
+}
+
+/// Serve `GET /metrics` on `listener` with the text `render` makes (called on a blocking thread).
+pub async fn serve_text(listener: tokio::net::TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
     use hyper::service::service_fn;
-    // A few scrapes at once; each reads the store. More wait instead of piling up threads.
+    // A few scrapes at once; each may read the store. More wait instead of piling up threads.
     let renders = Arc::new(tokio::sync::Semaphore::new(4));
     loop {
         let tcp = match listener.accept().await {
@@ -150,14 +170,14 @@ pub async fn serve(listener: tokio::net::TcpListener, ctl: Arc<Controller>) {
                 continue;
             }
         };
-        let (ctl, renders) = (ctl.clone(), renders.clone());
+        let (render, renders) = (render.clone(), renders.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (ctl, renders) = (ctl.clone(), renders.clone());
+                let (render, renders) = (render.clone(), renders.clone());
                 async move {
                     let (code, body) = if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
                         let _slot = renders.acquire_owned().await;
-                        match tokio::task::spawn_blocking(move || render(&ctl)).await {
+                        match tokio::task::spawn_blocking(move || render()).await {
                             Ok(text) => (200, text),
                             Err(e) => (500, format!("metrics: {e}\n")),
                         }

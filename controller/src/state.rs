@@ -34,6 +34,8 @@ pub struct Controller {
     pub sessions: Sessions,
     pub rollouts: Arc<Rollouts>,
     pub bundles: Arc<crate::bundle::Bundles>,
+    /// Registered relays, whose signed headers say where relayed agents really connect from.
+    pub relays: Arc<crate::relay::Relays>,
     /// Bounds the blob chunks served at once (transfers to many agents share the disk and link).
     pub transfers: Arc<tokio::sync::Semaphore>,
     /// Each node's own share of those slots.
@@ -53,6 +55,7 @@ impl Controller {
         let bundles = Arc::new(crate::bundle::Bundles::new(store.clone(), &settings.data_dir));
         Arc::new(Self {
             tokens: Tokens::new(store.clone()),
+            relays: Arc::new(crate::relay::Relays::new(store.clone())),
             nodes,
             store,
             ca,

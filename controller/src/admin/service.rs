@@ -310,6 +310,46 @@ impl Admin for AdminService {
         .await
     }
 
+    async fn add_relay(
+        &self,
+        req: Request<fleetadm_proto::AddRelayRequest>,
+    ) -> Result<Response<fleetadm_proto::RelayInfo>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        self.audited(who, "relay.add", r.name.clone(), String::new(), async {
+            let rec = self
+                .blocking(move |ctl| {
+                    ctl.relays.add(&r.name, &r.public_key, fleetadm_common::clock::now_unix_ms()).map_err(relay_status)
+                })
+                .await?;
+            tracing::info!(relay = %rec.name, key = %rec.public_key, "relay registered");
+            Ok(Response::new(relay_info(&rec)))
+        })
+        .await
+    }
+
+    async fn list_relays(&self, _req: Request<Empty>) -> Result<Response<fleetadm_proto::RelayList>, Status> {
+        let recs = self.blocking(|ctl| ctl.relays.list().map_err(|e| Status::internal(e.to_string()))).await?;
+        Ok(Response::new(fleetadm_proto::RelayList {
+            relays: recs.iter().map(relay_info).collect(),
+            ..Default::default()
+        }))
+    }
+
+    async fn remove_relay(
+        &self,
+        req: Request<fleetadm_proto::RelayRef>,
+    ) -> Result<Response<fleetadm_proto::RelayInfo>, Status> {
+        let who = who(&req);
+        let name = req.into_inner().name;
+        self.audited(who, "relay.remove", name.clone(), String::new(), async {
+            let rec = self.blocking(move |ctl| ctl.relays.remove(&name).map_err(relay_status)).await?;
+            tracing::warn!(relay = %rec.name, "relay removed; its connections are refused from now on");
+            Ok(Response::new(relay_info(&rec)))
+        })
+        .await
+    }
+
     async fn list_events(
         &self,
         req: Request<fleetadm_proto::ListEventsRequest>,
@@ -566,6 +606,26 @@ impl AdminService {
 }
 
 /// Who is calling: the admin socket peer's uid (the kernel's SO_PEERCRED, not the caller's word).
+fn relay_info(r: &crate::relay::RelayRecord) -> fleetadm_proto::RelayInfo {
+    fleetadm_proto::RelayInfo {
+        name: r.name.clone(),
+        public_key: r.public_key.clone(),
+        added_unix_ms: r.added_ms,
+        ..Default::default()
+    }
+}
+
+fn relay_status(e: crate::relay::RelayError) -> Status {
+    use crate::relay::RelayError as E;
+    match e {
+        E::BadPublicKey(_) | E::BadName(_) => Status::invalid_argument(e.to_string()),
+        E::UnknownRelay(_) => Status::not_found(e.to_string()),
+        E::Store(_) | E::KeyFile { .. } | E::BadKey { .. } | E::Random => {
+            Status::internal(fleetadm_common::error_chain(&e))
+        }
+    }
+}
+
 fn who<T>(req: &Request<T>) -> String {
     req.extensions()
         .get::<tonic::transport::server::UdsConnectInfo>()

@@ -6,6 +6,7 @@ pub mod cluster_view;
 pub mod events;
 pub mod exec;
 pub mod nodes;
+pub mod relay;
 pub mod serve;
 pub mod token;
 
@@ -45,6 +46,12 @@ pub enum Command {
     /// The audit log: who did what (admin operations, by the admin socket peer's uid) and every
     /// task outcome, newest last.
     Events(events::EventsArgs),
+    /// Run a relay on a bastion: forward agents' connections to the controller, vouching for
+    /// their source addresses with a signed header (TLS passes through untouched).
+    Relay(relay::RelayArgs),
+    /// Register, list and remove relays.
+    #[command(subcommand)]
+    Relays(relay::RelaysCmd),
     /// Write shell completions and man pages into a directory (used to build packages).
     #[command(hide = true)]
     GenerateDocs { out: PathBuf },
@@ -80,6 +87,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bundle(c) => bundle::run(c).await,
         Command::Events(a) => events::run(a).await,
         Command::Exec(a) => exec::run(a).await,
+        Command::Relay(a) => relay::run_relay(a).await,
+        Command::Relays(c) => relay::run(c).await,
         Command::GenerateDocs { out } => {
             fleetadm_common::docs::generate(<Cli as clap::CommandFactory>::command(), &out)?;
             Ok(())

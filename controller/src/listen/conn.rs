@@ -1,6 +1,7 @@
 //! One accepted agent connection: the TLS stream, the slot it holds in the connection limit
 //! (given back when it closes), and an idle deadline (a connection that sends nothing, not even
-//! an answer to the HTTP/2 keepalive ping, is closed).
+//! an answer to the HTTP/2 keepalive ping, is closed). Behind a relay, the address the handlers
+//! see is the one the relay vouched for.
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -14,14 +15,21 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 pub struct Conn {
     inner: TlsStream<TcpStream>,
+    /// The agent's address as a registered relay vouched for it (the TCP peer is the relay).
+    source: Option<std::net::SocketAddr>,
     idle: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Conn {
-    pub fn new(inner: TlsStream<TcpStream>, idle: Duration, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
-        Self { inner, idle, deadline: Box::pin(tokio::time::sleep(idle)), _slot: slot }
+    pub fn new(
+        inner: TlsStream<TcpStream>,
+        source: Option<std::net::SocketAddr>,
+        idle: Duration,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> Self {
+        Self { inner, source, idle, deadline: Box::pin(tokio::time::sleep(idle)), _slot: slot }
     }
 }
 
@@ -29,7 +37,11 @@ impl Connected for Conn {
     type ConnectInfo = TlsConnectInfo<TcpConnectInfo>;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        let mut info = self.inner.connect_info();
+        if let Some(s) = self.source {
+            info.get_mut().remote_addr = Some(s);
+        }
+        info
     }
 }
 

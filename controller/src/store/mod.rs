@@ -27,6 +27,8 @@ pub enum Table {
     Bundles,
     /// The audit log, keyed by a zero-padded sequence number (time order).
     Events,
+    /// Registered relays (their public keys), by name.
+    Relays,
 }
 
 impl Table {
@@ -40,6 +42,7 @@ impl Table {
             Table::Tasks => "tasks",
             Table::Bundles => "bundles",
             Table::Events => "events",
+            Table::Relays => "relays",
         }
     }
 }
