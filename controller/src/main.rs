@@ -3,16 +3,15 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     fleetadm_common::install_crypto_provider();
-    let cli = fleetadm_controller::cli::Cli::parse();
-    let daemon = matches!(
-        cli.command,
-        fleetadm_controller::cli::Command::Serve(_) | fleetadm_controller::cli::Command::Relay(_)
-    );
+    let cli = fleetadm_controller::cli::Cli::parse_from(fleetadm_controller::cli::expand_alias(std::env::args_os()));
+    let relay = matches!(cli.command, fleetadm_controller::cli::Command::Relay(_));
+    let daemon = relay || matches!(cli.command, fleetadm_controller::cli::Command::Serve(_));
     if !daemon {
         restore_sigpipe();
     }
     let level = if daemon { "info" } else { "warn" };
-    fleetadm_common::logging::init(level, "controller");
+    // The relay logs under its package's name (SYSLOG_IDENTIFIER=fleetadm-relay in the journal).
+    fleetadm_common::logging::init(level, if relay { fleetadm_controller::cli::RELAY_ALIAS } else { "controller" });
     match fleetadm_controller::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -8,7 +8,8 @@
 #        tests/lab/lab.sh down      stop everything, remove namespaces and the lab directory
 #        tests/lab/lab.sh ctl ARGS  run `controller ARGS` against the lab controller
 #        tests/lab/lab.sh on HOST CMD...   run a command inside a lab host
-#        tests/lab/lab.sh start-agent|stop-agent HOST, kill-controller, start-controller, restart-proxy
+#        tests/lab/lab.sh start-agent|stop-agent HOST, kill-controller, start-controller,
+#                         restart-proxy, restart-relay
 # env:   LAB_HOSTS (5)  LAB_DIR (/tmp/fleetadm-lab)  FLEETADM_BIN_DIR (target/debug)
 #        LAB_BUNDLE=1: hosts start without kubeadm (it comes from a bundle); otherwise kubeadm is
 #        preinstalled on every host. Each host has its own /usr/local/bin, /etc/systemd/system,
@@ -23,12 +24,19 @@ n=${LAB_HOSTS:-5}
 br=flab0
 net=10.78.0
 ctl_addr=$net.1:9443
-# LAB_BASTION=proxy: the hosts reach only a bastion namespace ($net.254, IP forwarding off) that
-# runs tinyproxy; the controller listens on the far side of the bastion (10.79.0.1), which the
-# hosts have no route to. Agents enroll with --proxy and run with HTTPS_PROXY.
+# LAB_BASTION=proxy|relay: the hosts reach only a bastion namespace ($net.254, IP forwarding off);
+# the controller listens on the far side of the bastion (10.79.0.1), which the hosts have no
+# route to. proxy: the bastion runs tinyproxy; agents enroll with --proxy and run with
+# HTTPS_PROXY. relay: the bastion runs `controller relay` (registered with the controller before
+# anyone enrolls); agents dial the relay's address, $net.254:9443.
 bastion=${LAB_BASTION:-}
-proxy_url=http://$net.254:3128
+case "$bastion" in ""|proxy|relay) ;; *) echo "lab: LAB_BASTION must be proxy or relay" >&2; exit 2 ;; esac
+proxy=; [ "$bastion" = proxy ] && proxy=http://$net.254:3128
 [ -n "$bastion" ] && ctl_addr=10.79.0.1:9443
+# The address agents dial: the controller's, or the relay's.
+agent_addr=$ctl_addr
+[ "$bastion" = relay ] && agent_addr=$net.254:9443
+relay_metrics=10.79.0.2:9101
 
 host_dir() { echo "$lab/hosts/$1"; }
 ctl() { "$bin/controller" "$@" --data-dir "$lab/controller"; }
@@ -93,6 +101,7 @@ up() {
     ip -n "flab-$h" route add default via $net.$([ -n "$bastion" ] && echo 254 || echo 1)
   done
   start_controller
+  [ "$bastion" != relay ] || register_and_start_relay
   # Labels at enrollment, when this agent build has them (the version-skew test runs older ones).
   local labels=""; "$bin/node-agent" enroll --help 2>/dev/null | grep -q -- '--labels' && labels=1
   local tok; tok=$(ctl token create --uses "$n" --ttl 1h --description lab -o json)
@@ -101,18 +110,19 @@ up() {
   hash=$(sed -n 's/.*"ca_hash": *"\([^"]*\)".*/\1/p' <<<"$tok")
   for i in $(seq 1 "$n"); do
     local h=h$i d; d=$(host_dir h$i)
-    on "$h" "$bin/node-agent" enroll --controller $ctl_addr --token "$token" --ca-hash "$hash" \
-      --state-dir "$d/state" --node-name "$h" --no-start ${labels:+--labels "lab=yes,index=$i"} ${bastion:+--proxy $proxy_url} \
+    on "$h" "$bin/node-agent" enroll --controller $agent_addr --token "$token" --ca-hash "$hash" \
+      --state-dir "$d/state" --node-name "$h" --no-start ${labels:+--labels "lab=yes,index=$i"} ${proxy:+--proxy $proxy} \
       >"$d/enroll.log" 2>&1 \
       || { cat "$d/enroll.log" >&2; exit 1; }
     start_agent "$h"
   done
   wait_for 60 "$n connected agents" sh -c "[ \$('$bin/controller' nodes list -o json --data-dir '$lab/controller' | grep -c '\"connected\": true') -eq $n ]"
-  echo "lab: controller on $ctl_addr, $n hosts enrolled and connected (h1..h$n = $net.11..$net.$((10 + n)))"
+  echo "lab: controller on $ctl_addr${bastion:+ (agents dial $agent_addr through the $bastion)}, $n hosts enrolled and connected (h1..h$n = $net.11..$net.$((10 + n)))"
 }
 
 # The bastion: one leg on the hosts' bridge, one towards the controller, no forwarding between
-# them; tinyproxy on the hosts' side allows CONNECT to the controller's port only.
+# them; tinyproxy on the hosts' side allows CONNECT to the controller's port only, or the relay
+# (started once the controller runs) forwards its port to the controller's.
 up_bastion() {
   ip netns add flab-bastion
   ip link add flab-bst type veth peer name lan0 netns flab-bastion
@@ -128,7 +138,29 @@ up_bastion() {
   ip netns exec flab-bastion sysctl -qw net.ipv4.ip_forward=0
   printf '%s\n' "User nobody" "Group nogroup" "Port 3128" "Listen $net.254" "Timeout 600" \
     "Allow $net.0/24" "ConnectPort 9443" "MaxClients 200" "LogLevel Connect" > "$lab/tinyproxy.conf"
-  start_proxy
+  [ "$bastion" != proxy ] || start_proxy
+}
+
+# The operator's steps: make the relay's key on the bastion, register it with the controller,
+# start the relay.
+register_and_start_relay() {
+  local pub
+  pub=$(ip netns exec flab-bastion "$bin/controller" relay --print-public-key --key-file "$lab/relay.key" --name bastion 2>/dev/null)
+  ctl relays add bastion --public-key "$pub" >/dev/null
+  start_relay
+}
+
+start_relay() {
+  ip netns exec flab-bastion "$bin/controller" relay --listen $agent_addr --upstream $ctl_addr --name bastion \
+    --key-file "$lab/relay.key" --metrics-listen $relay_metrics >>"$lab/relay.log" 2>&1 &
+  echo $! > "$lab/relay.pid"
+  wait_for 10 "the relay on $agent_addr" ip netns exec flab-bastion sh -c "ss -ltn | grep -q '$agent_addr'"
+}
+
+stop_relay() {
+  [ -f "$lab/relay.pid" ] && kill -9 "$(cat "$lab/relay.pid")" 2>/dev/null || true
+  pkill -9 -f "relay --listen $agent_addr --upstream $ctl_addr" 2>/dev/null || true
+  for _ in $(seq 50); do pgrep -f "relay --listen $agent_addr --upstream $ctl_addr" >/dev/null || break; sleep 0.1; done
 }
 
 start_proxy() {
@@ -146,6 +178,7 @@ stop_proxy() {
 start_controller() {
   rm -f "$lab/controller/admin.sock"
   "$bin/controller" serve --data-dir "$lab/controller" --listen $ctl_addr --advertise-address "${ctl_addr%:*}" \
+    ${bastion:+--advertise-address "${agent_addr%:*}"} \
     >>"$lab/controller.log" 2>&1 &
   echo $! > "$lab/controller.pid"
   wait_for 30 "controller admin socket" test -S "$lab/controller/admin.sock"
@@ -153,7 +186,7 @@ start_controller() {
 
 start_agent() {
   local h=$1 d; d=$(host_dir "$1")
-  on "$h" env ${bastion:+HTTPS_PROXY=$proxy_url} "$bin/node-agent" run --state-dir "$d/state" --backoff-initial 200ms --backoff-max 2s \
+  on "$h" env ${proxy:+HTTPS_PROXY=$proxy} "$bin/node-agent" run --state-dir "$d/state" --backoff-initial 200ms --backoff-max 2s \
     >>"$d/agent.log" 2>&1 &
   echo $! > "$d/agent.pid"
 }
@@ -173,6 +206,7 @@ down() {
   fi
   pkill -9 -f "serve --data-dir $lab/controller" 2>/dev/null || true
   stop_proxy
+  stop_relay
   for d in "$lab"/hosts/*; do
     [ -d "$d" ] || continue
     pkill -9 -f "node-agent run --state-dir $d/state" 2>/dev/null || true
@@ -198,5 +232,6 @@ case "$cmd" in
   start-controller) start_controller ;;
   stop-agent) stop_agent "$1" ;;
   restart-proxy) stop_proxy; start_proxy ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+  restart-relay) stop_relay; start_relay ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

@@ -75,11 +75,7 @@ impl Relay {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
     fn scrape(&self) -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", self.metrics)).expect("metrics");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
+        fleetadm_tests::http_get(&format!("127.0.0.1:{}", self.metrics), "/metrics")
     }
 }
 
@@ -194,12 +190,8 @@ fn a_registered_relay_vouches_for_agents_addresses_and_nothing_else_is_believed(
     relay.spawn();
     wait_connected(&ctl, "r1", true, T);
     let m = relay.scrape();
-    let count = m
-        .lines()
-        .find(|l| l.starts_with("fleetadm_relay_connections{"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<u64>().ok());
-    assert_eq!(count, Some(1), "the relay reports the one agent it forwards now: {m}");
+    let count = fleetadm_tests::metric(&m, "fleetadm_relay_connections{");
+    assert_eq!(count, Some(1.0), "the relay reports the one agent it forwards now: {m}");
 
     // Removed: the next connection is refused, for good.
     let rm = ctl.admin(&["relays", "remove", "bst"]);

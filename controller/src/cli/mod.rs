@@ -17,6 +17,22 @@ use fleetadm_common::output::OutputFormat;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/fleetadm";
 
+/// The name the relay package installs this binary under: invoked as `fleetadm-relay ARGS`, it
+/// runs `controller relay ARGS` (the relay package cannot ship `/usr/bin/controller`, which the
+/// controller package owns).
+pub const RELAY_ALIAS: &str = "fleetadm-relay";
+
+/// The command line as clap should see it: `fleetadm-relay ARGS` becomes `fleetadm-relay relay
+/// ARGS`; any other name is left alone.
+pub fn expand_alias(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<_> = args.into_iter().collect();
+    let relay = args.first().and_then(|a0| std::path::Path::new(a0).file_name()).is_some_and(|n| n == RELAY_ALIAS);
+    if relay {
+        args.insert(1, "relay".into());
+    }
+    args
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "controller", version = crate::VERSION, about = "fleetadm controller: enrolls node agents and drives them", propagate_version = true)]
 pub struct Cli {
@@ -101,5 +117,38 @@ mod tests {
     #[test]
     fn command_line_definition_is_consistent() {
         <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}
+
+#[cfg(test)]
+mod alias_tests {
+    use super::*;
+
+    fn os(v: &[&str]) -> Vec<std::ffi::OsString> {
+        v.iter().map(|s| s.into()).collect()
+    }
+
+    #[test]
+    fn the_relay_alias_runs_the_relay_subcommand() {
+        assert_eq!(
+            expand_alias(os(&["/usr/bin/fleetadm-relay", "--print-public-key"])),
+            os(&["/usr/bin/fleetadm-relay", "relay", "--print-public-key"])
+        );
+        assert_eq!(expand_alias(os(&["fleetadm-relay"])), os(&["fleetadm-relay", "relay"]));
+        let cli = Cli::try_parse_from(expand_alias(os(&[
+            "fleetadm-relay",
+            "--listen",
+            "0.0.0.0:7443",
+            "--upstream",
+            "c:9443",
+        ])));
+        assert!(matches!(cli.map(|c| c.command), Ok(Command::Relay(_))));
+    }
+
+    #[test]
+    fn other_names_are_left_alone() {
+        assert_eq!(expand_alias(os(&["/usr/bin/controller", "serve"])), os(&["/usr/bin/controller", "serve"]));
+        assert_eq!(expand_alias(os(&["fleetadm-relay-x", "serve"])), os(&["fleetadm-relay-x", "serve"]));
+        assert!(expand_alias(os(&[])).is_empty());
     }
 }

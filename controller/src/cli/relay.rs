@@ -52,22 +52,24 @@ fn default_name() -> String {
 
 pub async fn run_relay(a: RelayArgs) -> anyhow::Result<()> {
     let name = a.name.clone().unwrap_or_else(default_name);
-    crate::enroll::csr::validate_node_name(&name)
-        .ok()
-        .filter(|_| name.len() <= crate::relay::header::MAX_NAME)
-        .with_context(|| {
-            format!("relay name {name:?} is not valid (lowercase letters, digits, '-', '.'); set --name")
-        })?;
+    let name_ok = crate::enroll::csr::validate_node_name(&name).is_ok() && name.len() <= crate::relay::header::MAX_NAME;
+    let bad_name = || format!("relay name {name:?} is not valid (lowercase letters, digits, '-', '.'); set --name");
     let path = a.key_file.clone();
-    let (key, created) = tokio::task::spawn_blocking(move || SigningKey::load_or_create(&path)).await??;
     if a.print_public_key {
+        let (key, _) = tokio::task::spawn_blocking(move || SigningKey::load_or_create(&path)).await??;
         println!("{}", key.public());
-        eprintln!(
-            "register it on the controller host with:\n  controller relays add {name} --public-key {}",
-            key.public()
-        );
+        if name_ok {
+            eprintln!(
+                "register it on the controller host with:\n  controller relays add {name} --public-key {}",
+                key.public()
+            );
+        } else {
+            eprintln!("{}, then register it with `controller relays add NAME --public-key ...`", bad_name());
+        }
         return Ok(());
     }
+    anyhow::ensure!(name_ok, bad_name());
+    let (key, created) = tokio::task::spawn_blocking(move || SigningKey::load_or_create(&path)).await??;
     let (Some(listen), Some(upstream)) = (a.listen, a.upstream) else {
         anyhow::bail!("--listen and --upstream are required");
     };
