@@ -1,6 +1,6 @@
 //! Property tests for the controller's parsers of untrusted input: CSRs, bundle manifests and
 //! archives (with the import budget), Clusterfiles and the kubeadm configs rendered from them,
-//! and peer addresses. They run under `cargo test`; failures proptest finds are saved in
+//! peer addresses, and relays' PROXY v2 headers. They run under `cargo test`; failures proptest finds are saved in
 //! `proptest-regressions/` and replayed first on every run.
 use std::io::Write;
 
@@ -11,6 +11,7 @@ use crate::bundle::manifest::{Manifest, MANIFEST};
 use crate::enroll::csr;
 use crate::plan::clusterfile;
 use crate::plan::kubeadm::{self, ClusterInputs, HostInputs, HostRole};
+use crate::relay::header as relay_header;
 
 fn cluster_inputs() -> ClusterInputs {
     ClusterInputs {
@@ -168,4 +169,59 @@ proptest! {
     fn peer_addresses_never_panic(s in "\\PC{0,60}") {
         let _ = crate::plan::resolve::peer_ip(&s);
     }
+
+    #[test]
+    fn relay_headers_never_panic(prefix in proptest::array::uniform16(any::<u8>()), body in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = relay_header::body_len(&prefix);
+        let _ = relay_header::decode(&prefix, &body);
+    }
+
+    #[test]
+    fn relay_headers_round_trip_and_any_changed_byte_is_caught(
+        src in any::<std::net::SocketAddr>(),
+        dst in any::<std::net::SocketAddr>(),
+        name in "[a-z0-9][a-z0-9.-]{0,62}",
+        time_ms in any::<u64>(),
+        nonce in proptest::array::uniform16(any::<u8>()),
+        flip in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+    ) {
+        let key = relay_key();
+        let bytes = relay_header::encode(src, dst, &name, time_ms, nonce, |m| key.sign(m)).unwrap();
+        let split = |b: &[u8]| {
+            let mut p = [0u8; relay_header::PREFIX_LEN];
+            p.copy_from_slice(&b[..relay_header::PREFIX_LEN]);
+            (p, b[relay_header::PREFIX_LEN..].to_vec())
+        };
+        let (p, body) = split(&bytes);
+        prop_assert_eq!(relay_header::body_len(&p).unwrap(), body.len());
+        let h = relay_header::decode(&p, &body).unwrap();
+        let canon = |a: std::net::SocketAddr| std::net::SocketAddr::new(a.ip().to_canonical(), a.port());
+        prop_assert_eq!(h.source, canon(src));
+        prop_assert_eq!(h.destination, canon(dst));
+        prop_assert_eq!(&h.relay, &name);
+        prop_assert_eq!((h.time_ms, h.nonce), (time_ms, nonce));
+        prop_assert!(public_key(&key).verify(&h.signed, &h.signature));
+        // One flipped bit anywhere: refused as a header, or its signature no longer verifies
+        // for what it now says.
+        let mut bad = bytes.clone();
+        bad[flip.index(bytes.len())] ^= 1 << bit;
+        let (p, body) = split(&bad);
+        if let Ok(h2) = relay_header::decode(&p, &body) {
+            let pk = public_key(&key);
+            prop_assert!(!pk.verify(&h2.signed, &h2.signature) || h2 == h, "a changed header still verifies: {:?}", h2);
+        }
+    }
+}
+
+fn relay_key() -> &'static crate::relay::keys::SigningKey {
+    static KEY: std::sync::OnceLock<crate::relay::keys::SigningKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        crate::relay::keys::SigningKey::load_or_create(&dir.path().join("k")).unwrap().0
+    })
+}
+
+fn public_key(k: &crate::relay::keys::SigningKey) -> crate::relay::keys::PublicKey {
+    crate::relay::keys::PublicKey::parse(&k.public()).unwrap()
 }

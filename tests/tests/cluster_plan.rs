@@ -63,3 +63,76 @@ fn dry_run_prints_the_plan_and_preflight_catches_problems() {
     let out = ctl.admin(&["cluster", "create", "-f", cf.to_str().unwrap(), "--dry-run"]);
     assert!(!out.status.success() && text(&out).contains("unsupported apiVersion/kind v1/Pod"), "{}", text(&out));
 }
+
+#[test]
+fn hosts_can_be_chosen_by_label_selectors() {
+    let ctl = Controller::start(&["--heartbeat-interval", "1s"]);
+    let mut agents: Vec<Agent> = ["m1", "m2", "w1"].iter().map(|n| Agent::new(n)).collect();
+    for a in &mut agents {
+        a.enroll(&ctl);
+        a.run();
+    }
+    for a in &agents {
+        wait_connected(&ctl, &a.name, true, Duration::from_secs(30));
+    }
+    for (node, labels) in [("m1", &["role=cp", "zone=a"][..]), ("m2", &["role=cp", "gpu=yes"]), ("w1", &["role=worker"])] {
+        let mut args = vec!["nodes", "label", node];
+        args.extend_from_slice(labels);
+        let out = ctl.admin(&args);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let hosts = |plan: &serde_json::Value| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = plan["phases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["name"] == "init-master0" || p["name"] == "join-workers" || p["name"] == "join-masters")
+            .flat_map(|p| p["steps"].as_array().into_iter().flatten().flat_map(|s| s.as_array().into_iter().flatten()))
+            .map(|t| (t["host"].as_str().unwrap_or_default().to_string(), t["kind"].as_str().unwrap_or_default().to_string()))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+
+    // One master chosen by label; the plan names it, and only it.
+    let out = ctl.admin(&["cluster", "create", "sel", "--master-selector", "role=cp,!gpu", "--dry-run", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json plan");
+    let chosen = hosts(&plan);
+    assert!(!chosen.is_empty() && chosen.iter().all(|(h, _)| h == "m1"), "{chosen:?}");
+
+    // Masters and workers by label: a master is never also a worker. These agents share one
+    // machine's hostname, so preflight names exactly the chosen hosts when it refuses them.
+    let out =
+        ctl.admin(&["cluster", "create", "sel", "--master-selector", "zone=a", "--node-selector", "role", "--dry-run"]);
+    let t = text(&out);
+    assert!(!out.status.success() && t.contains("m1,m2,w1: hosts share the hostname"), "{t}");
+    let out = ctl.admin(&[
+        "cluster",
+        "create",
+        "sel",
+        "--master-selector",
+        "zone=a",
+        "--node-selector",
+        "role=worker",
+        "--dry-run",
+    ]);
+    let t = text(&out);
+    assert!(!out.status.success() && t.contains("m1,w1: hosts share the hostname"), "{t}");
+
+    // Selectors that match nothing, are malformed, or clash with a host list are refused.
+    let out = ctl.admin(&["cluster", "create", "sel", "--master-selector", "zone=nowhere", "--dry-run"]);
+    assert!(text(&out).contains("matches no enrolled node"), "{}", text(&out));
+    let out = ctl.admin(&["cluster", "create", "sel", "--master-selector", "role=cp", "--node-selector", "role=cp", "--dry-run"]);
+    assert!(text(&out).contains("matches no enrolled node that is not a master"), "{}", text(&out));
+    let out = ctl.admin(&["cluster", "create", "sel", "--master-selector", "a=b=c", "--dry-run"]);
+    assert!(!out.status.success() && text(&out).contains("--master-selector"), "{}", text(&out));
+    let out = ctl.admin(&["cluster", "create", "sel", "--masters", "m1", "--master-selector", "role=cp", "--dry-run"]);
+    assert!(!out.status.success() && text(&out).contains("cannot be used with"), "{}", text(&out));
+    // A revoked node is never chosen.
+    let out = ctl.admin(&["nodes", "revoke", "m2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = ctl.admin(&["cluster", "create", "sel", "--master-selector", "gpu=yes", "--dry-run"]);
+    assert!(text(&out).contains("matches no enrolled node"), "{}", text(&out));
+}

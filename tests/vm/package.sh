@@ -4,7 +4,10 @@
 #   under qemu on a private network inside a network namespace, `apt-get install ./node-agent*.deb`
 #   there, enroll against a controller on the host side, and check: service enabled but idle
 #   before enrollment, active and connected after, survives a reboot, survives an upgrade without
-#   re-enrolling, stops on remove, state gone on purge. Also inspects the .rpm with rpm(8).
+#   re-enrolling, stops on remove, state gone on purge. The relay package (fleetadm-relay) is
+#   installed there too: idle until configured, runs as its own user, and the agent enrolls and
+#   runs through it (the controller records the agent's address as the relay vouched for it).
+#   Also inspects the .rpm files with rpm(8).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -25,9 +28,11 @@ mkdir -p "$lab"
 
 # --- packages: a first build and a newer build of the same code
 DEB_REVISION=1 packaging/build.sh > "$work/build1.log" 2>&1 || die "packaging/build.sh (see $work/build1.log)"
-cp dist/node-agent_*-1_amd64.deb "$lab/" && cp dist/node-agent-*-1.x86_64.rpm "$work/"
+cp dist/node-agent_*-1_amd64.deb dist/fleetadm-relay_*-1_amd64.deb "$lab/" && cp dist/node-agent-*-1.x86_64.rpm dist/fleetadm-relay-*-1.x86_64.rpm "$work/"
 DEB_REVISION=2 packaging/build.sh > "$work/build2.log" 2>&1 || die "packaging/build.sh revision 2"
-cp dist/node-agent_*-2_amd64.deb "$lab/"
+cp dist/node-agent_*-2_amd64.deb dist/fleetadm-relay_*-2_amd64.deb "$lab/"
+rdeb1=$(basename "$lab"/fleetadm-relay_*-1_amd64.deb)
+rdeb2=$(basename "$lab"/fleetadm-relay_*-2_amd64.deb)
 deb1=$(basename "$lab"/node-agent_*-1_amd64.deb)
 deb2=$(basename "$lab"/node-agent_*-2_amd64.deb)
 
@@ -39,6 +44,10 @@ check "rpm ships the unit" grep -qx /usr/lib/systemd/system/node-agent.service <
 check "rpm marks config.toml as config" grep -qx /etc/node-agent/config.toml <(rpm -qpc "$rpmf" 2>/dev/null)
 check "rpm ships man pages and completions" test "$(rpm -qpl "$rpmf" 2>/dev/null | grep -c -e man1/node-agent -e completions)" -ge 3
 check "rpm scriptlets enable/start and stop the unit" bash -c "rpm -qp --scripts '$rpmf' 2>/dev/null | grep -q 'systemctl enable node-agent.service' && rpm -qp --scripts '$rpmf' 2>/dev/null | grep -q 'disable --now node-agent.service'"
+rrpm=$(ls "$work"/fleetadm-relay-*.rpm)
+check "relay rpm ships the binary and its unit" bash -c "rpm -qpl '$rrpm' 2>/dev/null | grep -qx /usr/bin/fleetadm-relay && rpm -qpl '$rrpm' 2>/dev/null | grep -qx /usr/lib/systemd/system/fleetadm-relay.service"
+check "relay rpm does not ship /usr/bin/controller" bash -c "! rpm -qpl '$rrpm' 2>/dev/null | grep -q /usr/bin/controller"
+check "relay rpm scriptlets make its user and enable the unit" bash -c "rpm -qp --scripts '$rrpm' 2>/dev/null | grep -q 'useradd --system' && rpm -qp --scripts '$rrpm' 2>/dev/null | grep -q 'systemctl enable fleetadm-relay.service'"
 
 # --- private network: bridge + tap in a namespace; controller on the host side of it
 ns=fleetadm-pkg-$$
@@ -109,13 +118,33 @@ check "config is a conffile" gx "grep -qx /etc/node-agent/config.toml /var/lib/d
 check "man page and completions installed" gx "test -f /usr/share/man/man1/node-agent.1.gz && test -f /usr/share/bash-completion/completions/node-agent"
 check "--version carries the git revision" gx "node-agent --version | grep -q '$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)'"
 
+# --- the relay package: installed, registered with the controller, configured; the agent then
+# reaches the controller through it (agent -> 127.0.0.1:7443 -> relay -> 10.77.0.1:9443).
+out=$(gx "cd /lab && DEBIAN_FRONTEND=noninteractive apt-get install -y ./$rdeb1 2>&1")
+check "apt-get install ./$rdeb1" test $? -eq 0 || echo "$out"
+check "relay install prints the command that registers its key" grep -q "controller relays add fleetadm-vm --public-key ed25519:" <<<"$out"
+check "relay unit enabled, idle until /etc/fleetadm/relay.env exists" gx "systemctl is-enabled -q fleetadm-relay && ! systemctl is-active -q fleetadm-relay && systemctl show -p ConditionResult fleetadm-relay | grep -q no"
+check "relay key is 0600 and owned by the relay's own user" gx "test \"\$(stat -c '%a %U' /var/lib/fleetadm-relay/relay.key)\" = '600 fleetadm-relay' && test \$(stat -c %a /var/lib/fleetadm-relay) = 700"
+relay_pub=$(gx "fleetadm-relay --print-public-key 2>/dev/null")
+out=$(admin relays add fleetadm-vm --public-key "$relay_pub" 2>&1)
+check "relay registered with the controller" test $? -eq 0 || echo "$out"
+out=$(gx "printf 'FLEETADM_RELAY_LISTEN=127.0.0.1:7443\nFLEETADM_RELAY_UPSTREAM=10.77.0.1:9443\n' > /etc/fleetadm/relay.env && systemctl restart fleetadm-relay && systemctl is-active fleetadm-relay" 2>&1)
+check "relay active once configured" test $? -eq 0 || echo "$out"
+check "relay runs as fleetadm-relay, not root" gx "test \"\$(ps -o user= -p \$(systemctl show -p MainPID --value fleetadm-relay))\" = fleetadm-relay"
+check "relay logs to journald under its own name" wait_until 30 gx "journalctl -t fleetadm-relay --no-pager -o cat | grep -q 'relay forwarding'"
+relay_key=$(gx "sha256sum /var/lib/fleetadm-relay/relay.key")
+
 tok=$(admin token create -o json --description pkgtest)
 token=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])' <<<"$tok")
 hash=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["ca_hash"])' <<<"$tok")
-out=$(gx "node-agent enroll --controller 10.77.0.1:9443 --token $token --ca-hash $hash")
-check "enroll succeeds and starts the service" grep -q "started node-agent.service" <<<"$out" || echo "$out"
+out=$(gx "node-agent enroll --controller 127.0.0.1:7443 --token $token --ca-hash $hash")
+check "enroll through the relay succeeds and starts the service" grep -q "started node-agent.service" <<<"$out" || echo "$out"
 check "service active after enrollment" gx "systemctl is-active -q node-agent"
 check "controller lists the node as connected" wait_until 60 connected
+# Directly, the controller would see 10.77.0.11; through the relay, the agent's own side of its
+# connection to the relay, which only the relay's signed header can tell it.
+via_relay() { node_json | grep -q '"peer_address": "127.0.0.1:'; }
+check "the session runs through the relay, which vouched for the agent's address" via_relay
 check "agent logs to journald" gx "journalctl -u node-agent --no-pager -o cat | grep -q 'session established'"
 jv="journalctl -u node-agent --no-pager -o verbose"
 check "journal entries name the program, the node and the session as fields" \
@@ -135,6 +164,8 @@ wait_boot "$prev" || die "guest did not come back from reboot"
 ok "guest rebooted"
 check "service active after reboot" wait_until 60 gx "systemctl is-active -q node-agent"
 check "node connected again after reboot" wait_until 90 connected
+relay_back() { via_relay && gx "systemctl is-active -q fleetadm-relay" >/dev/null; }
+check "relay active after reboot, and the session runs through it again" wait_until 60 relay_back
 
 pid_before=$(gx "systemctl show -p MainPID --value node-agent")
 out=$(gx "cd /lab && DEBIAN_FRONTEND=noninteractive apt-get install -y ./$deb2 2>&1")
@@ -144,9 +175,19 @@ check "service restarted by the upgrade" gx "systemctl is-active -q node-agent &
 check "identity kept across upgrade" test "$ident" = "$(gx "sha256sum /var/lib/node-agent/identity/node.key /var/lib/node-agent/identity/agent.json")"
 check "node connected after upgrade without re-enrolling" wait_until 60 bash -c "$(declare -f admin node_json connected); ctl='$ctl'; connected && node_json | grep -q '$serial'"
 
+out=$(gx "cd /lab && DEBIAN_FRONTEND=noninteractive apt-get install -y ./$rdeb2 2>&1")
+relay_upgraded() {
+  [ "$relay_key" = "$(gx "sha256sum /var/lib/fleetadm-relay/relay.key")" ] &&
+    gx "systemctl is-active -q fleetadm-relay && dpkg-query -W -f '\${Version}' fleetadm-relay | grep -q -- '-2\$'" >/dev/null
+}
+check "relay upgrade to $rdeb2 keeps its key and the service" relay_upgraded || echo "$out"
+connected_via_relay() { connected && via_relay; }
+check "node reconnects through the upgraded relay" wait_until 60 connected_via_relay
+
 check "remove stops the service and keeps state" gx "DEBIAN_FRONTEND=noninteractive apt-get remove -y node-agent >/dev/null 2>&1; ! systemctl is-active -q node-agent && test -f /var/lib/node-agent/identity/agent.json"
 check "controller sees the node disconnect" wait_until 60 bash -c "$(declare -f admin node_json); ctl='$ctl'; node_json | grep -q '\"connected\": false'"
 check "purge deletes the state" gx "DEBIAN_FRONTEND=noninteractive apt-get purge -y node-agent >/dev/null 2>&1; test ! -e /var/lib/node-agent"
+check "relay purge stops it and deletes its key, config and user" gx "DEBIAN_FRONTEND=noninteractive apt-get purge -y fleetadm-relay >/dev/null 2>&1; ! systemctl is-active -q fleetadm-relay && test ! -e /var/lib/fleetadm-relay && test ! -e /etc/fleetadm/relay.env && ! getent passwd fleetadm-relay"
 gx "systemctl poweroff" 10 >/dev/null
 wait "$qpid" 2>/dev/null; qpid=
 echo "package-vm: $passes passed, $fails failed"

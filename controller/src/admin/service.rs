@@ -681,6 +681,7 @@ fn resolve_with_bundle(
         }
     }
     let nodes = candidates(ctl)?;
+    errors.extend(expand_selectors(&mut req, &nodes));
     let mut resolved = crate::plan::resolve::resolve_request(&req, &nodes);
     resolved.response.warnings.splice(0..0, warnings);
     if let (Some(b), Some(shape)) = (&bundle, &resolved.shape) {
@@ -748,6 +749,58 @@ fn bundle_status(e: crate::bundle::BundleError) -> Status {
         E::Store(_) => Status::internal(e.to_string()),
         _ => Status::invalid_argument(e.to_string()),
     }
+}
+
+/// Replace `--master-selector` / `--node-selector` by the names of the enrolled, unrevoked nodes
+/// they match (sorted; a chosen master is never also a worker). Returns the errors: a bad
+/// selector, one that matches nothing, or selectors next to a Clusterfile or a host list.
+fn expand_selectors(req: &mut PlanClusterRequest, nodes: &[crate::plan::resolve::Candidate]) -> Vec<String> {
+    use crate::plan::select::Selector;
+    let mut errors = Vec::new();
+    let (ms, ns) = (std::mem::take(&mut req.master_selector), std::mem::take(&mut req.node_selector));
+    if ms.is_empty() && ns.is_empty() {
+        return errors;
+    }
+    if !req.clusterfile.trim().is_empty() {
+        errors.push("host selectors cannot be combined with a Clusterfile (it lists its hosts)".into());
+        return errors;
+    }
+    let mut pick = |flag: &str, text: &str, listed: &[String]| -> Option<Vec<String>> {
+        if !listed.is_empty() {
+            errors.push(format!("--{flag}-selector and --{flag}s both choose the {flag}s: give one"));
+            return None;
+        }
+        let sel = match Selector::parse(text) {
+            Ok(s) => s,
+            Err(e) => {
+                errors.push(format!("--{flag}-selector: {e}"));
+                return None;
+            }
+        };
+        let mut names: Vec<String> = nodes
+            .iter()
+            .filter(|c| !c.record.revoked && sel.matches(&c.record.labels))
+            .map(|c| c.record.name.clone())
+            .collect();
+        names.sort();
+        Some(names)
+    };
+    let masters = if ms.is_empty() { None } else { pick("master", &ms, &req.masters) };
+    let workers = if ns.is_empty() { None } else { pick("node", &ns, &req.nodes) };
+    if let Some(m) = masters {
+        if m.is_empty() {
+            errors.push(format!("--master-selector {ms:?} matches no enrolled node (see `controller nodes list -l {ms}`)"));
+        }
+        req.masters = m;
+    }
+    if let Some(mut w) = workers {
+        w.retain(|n| !req.masters.contains(n));
+        if w.is_empty() {
+            errors.push(format!("--node-selector {ns:?} matches no enrolled node that is not a master"));
+        }
+        req.nodes = w;
+    }
+    errors
 }
 
 fn candidates(ctl: &Controller) -> Result<Vec<crate::plan::resolve::Candidate>, Status> {

@@ -102,6 +102,12 @@ pub struct CreateArgs {
     /// Workers: IP addresses or node names, comma separated.
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<String>,
+    /// Choose the masters by label instead (`role=cp,zone=a`; see `controller nodes label`).
+    #[arg(long, conflicts_with = "masters", value_name = "SELECTOR")]
+    master_selector: Option<String>,
+    /// Choose the workers by label instead (`pool=web,!gpu`); a chosen master is never a worker.
+    #[arg(long, conflicts_with = "nodes", value_name = "SELECTOR")]
+    node_selector: Option<String>,
     /// A sealos Clusterfile (apps.sealos.io/v1beta1 Cluster, plus kubeadm documents).
     #[arg(short = 'f', long = "file")]
     clusterfile: Option<PathBuf>,
@@ -301,6 +307,8 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
         service_cidr: a.service_cidr.clone(),
         max_parallel: a.max_parallel.clone(),
         clusterfile,
+        master_selector: a.master_selector.clone().unwrap_or_default(),
+        node_selector: a.node_selector.clone().unwrap_or_default(),
     };
     let deadline = a.wait_for_agents.map(|d| Instant::now() + d);
     let resp = loop {
