@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '\n== %s\n' "$*"; }
+# Each step is stamped with the seconds since the start, so a slow step shows in the CI log.
+log() { printf '\n== [%4ds] %s\n' "$SECONDS" "$*"; }
 
 need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
@@ -50,3 +51,4 @@ log "unit, property, integration and VM tests"
 # (256 in a plain `cargo test`); a failing case proptest finds is saved under
 # */proptest-regressions/ and replayed first on every later run.
 PROPTEST_CASES=${PROPTEST_CASES:-2000} cargo test --workspace --locked --no-fail-fast
+log "all tests passed"

@@ -201,14 +201,14 @@ proptest! {
         prop_assert_eq!(h.destination, canon(dst));
         prop_assert_eq!(&h.relay, &name);
         prop_assert_eq!((h.time_ms, h.nonce), (time_ms, nonce));
-        prop_assert!(public_key(&key).verify(&h.signed, &h.signature));
+        prop_assert!(public_key(key).verify(&h.signed, &h.signature));
         // One flipped bit anywhere: refused as a header, or its signature no longer verifies
         // for what it now says.
         let mut bad = bytes.clone();
         bad[flip.index(bytes.len())] ^= 1 << bit;
         let (p, body) = split(&bad);
         if let Ok(h2) = relay_header::decode(&p, &body) {
-            let pk = public_key(&key);
+            let pk = public_key(key);
             prop_assert!(!pk.verify(&h2.signed, &h2.signature) || h2 == h, "a changed header still verifies: {:?}", h2);
         }
     }

@@ -75,7 +75,9 @@ fn hosts_can_be_chosen_by_label_selectors() {
     for a in &agents {
         wait_connected(&ctl, &a.name, true, Duration::from_secs(30));
     }
-    for (node, labels) in [("m1", &["role=cp", "zone=a"][..]), ("m2", &["role=cp", "gpu=yes"]), ("w1", &["role=worker"])] {
+    for (node, labels) in
+        [("m1", &["role=cp", "zone=a"][..]), ("m2", &["role=cp", "gpu=yes"]), ("w1", &["role=worker"])]
+    {
         let mut args = vec!["nodes", "label", node];
         args.extend_from_slice(labels);
         let out = ctl.admin(&args);
@@ -88,7 +90,9 @@ fn hosts_can_be_chosen_by_label_selectors() {
             .flatten()
             .filter(|p| p["name"] == "init-master0" || p["name"] == "join-workers" || p["name"] == "join-masters")
             .flat_map(|p| p["steps"].as_array().into_iter().flatten().flat_map(|s| s.as_array().into_iter().flatten()))
-            .map(|t| (t["host"].as_str().unwrap_or_default().to_string(), t["kind"].as_str().unwrap_or_default().to_string()))
+            .map(|t| {
+                (t["host"].as_str().unwrap_or_default().to_string(), t["kind"].as_str().unwrap_or_default().to_string())
+            })
             .collect();
         v.sort();
         v.dedup();
@@ -124,7 +128,16 @@ fn hosts_can_be_chosen_by_label_selectors() {
     // Selectors that match nothing, are malformed, or clash with a host list are refused.
     let out = ctl.admin(&["cluster", "create", "sel", "--master-selector", "zone=nowhere", "--dry-run"]);
     assert!(text(&out).contains("matches no enrolled node"), "{}", text(&out));
-    let out = ctl.admin(&["cluster", "create", "sel", "--master-selector", "role=cp", "--node-selector", "role=cp", "--dry-run"]);
+    let out = ctl.admin(&[
+        "cluster",
+        "create",
+        "sel",
+        "--master-selector",
+        "role=cp",
+        "--node-selector",
+        "role=cp",
+        "--dry-run",
+    ]);
     assert!(text(&out).contains("matches no enrolled node that is not a master"), "{}", text(&out));
     let out = ctl.admin(&["cluster", "create", "sel", "--master-selector", "a=b=c", "--dry-run"]);
     assert!(!out.status.success() && text(&out).contains("--master-selector"), "{}", text(&out));

@@ -789,7 +789,9 @@ fn expand_selectors(req: &mut PlanClusterRequest, nodes: &[crate::plan::resolve:
     let workers = if ns.is_empty() { None } else { pick("node", &ns, &req.nodes) };
     if let Some(m) = masters {
         if m.is_empty() {
-            errors.push(format!("--master-selector {ms:?} matches no enrolled node (see `controller nodes list -l {ms}`)"));
+            errors.push(format!(
+                "--master-selector {ms:?} matches no enrolled node (see `controller nodes list -l {ms}`)"
+            ));
         }
         req.masters = m;
     }

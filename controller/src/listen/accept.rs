@@ -20,6 +20,12 @@ use super::conn::Conn;
 use crate::relay::header;
 use crate::relay::Relays;
 
+use super::log_budget::{LogBudget, Verdict};
+
+/// Refused relay headers are logged at most 50 times a minute (anyone can send one); the count
+/// of those left out rides on the next line, and every refusal is counted in the metrics.
+static REFUSED_LOG: LogBudget = LogBudget::new(50, Duration::from_secs(60));
+
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Open connections, established or handshaking (10,000 agents and headroom by default).
@@ -138,7 +144,9 @@ pub fn incoming(
                         Err(e) => {
                             stats.relay_refused.fetch_add(1, Ordering::Relaxed);
                             crate::metrics::metrics().relayed("refused");
-                            tracing::warn!(%peer, error = %fleetadm_common::error_chain(&e), "relayed connection refused");
+                            if let Verdict::Log { suppressed } = REFUSED_LOG.check() {
+                                tracing::warn!(%peer, error = %fleetadm_common::error_chain(&e), suppressed, "relayed connection refused");
+                            }
                             return None;
                         }
                     };

@@ -4,6 +4,7 @@
 pub mod accept;
 pub mod cert;
 pub mod conn;
+pub mod log_budget;
 
 pub use accept::{incoming, Limits, ListenStats};
 pub use cert::{keep_fresh, ServingCert};
