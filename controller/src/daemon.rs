@@ -177,7 +177,7 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            AgentServer::new(AgentService::new(ctl.clone(), ctl.rollouts.clone()))
+            AgentServer::new(AgentService::with_session_rate(ctl.clone(), ctl.rollouts.clone(), opts.limits.session_rate))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             // Every Agent call is authenticated here, before its body is decoded.

@@ -21,6 +21,7 @@ pub struct Metrics {
     rollout_seconds: Mutex<BTreeMap<(String, String), f64>>,
     blob_bytes: AtomicU64,
     relayed: Mutex<BTreeMap<&'static str, u64>>,
+    sessions_shed: AtomicU64,
 }
 
 /// The process-wide registry.
@@ -54,6 +55,11 @@ impl Metrics {
     /// A relayed connection: `vouched` or `refused`.
     pub fn relayed(&self, result: &'static str) {
         bump(&self.relayed, result, 1);
+    }
+
+    /// A session open refused because the controller was busy (the agent was told when to retry).
+    pub fn session_shed(&self) {
+        self.sessions_shed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn blob_bytes(&self, n: u64) {
@@ -147,6 +153,13 @@ pub fn render(ctl: &Controller) -> String {
     for (k, v) in m.relayed.lock().map(|g| g.clone()).unwrap_or_default() {
         let _ = writeln!(out, "fleetadm_relayed_connections_total{{result=\"{k}\"}} {v}");
     }
+    family(
+        &mut out,
+        "fleetadm_sessions_shed_total",
+        "counter",
+        "Session opens refused while busy, each told when to retry (RESOURCE_EXHAUSTED).",
+    );
+    let _ = writeln!(out, "fleetadm_sessions_shed_total {}", m.sessions_shed.load(Ordering::Relaxed));
     out
 }
 

@@ -19,15 +19,18 @@ pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// Largest enrollment request (token, node name, machine-id, CSR: a few hundred bytes).
 pub const MAX_ENROLL_BYTES: usize = 16 * 1024;
 
-/// The wire protocol generation this build speaks. It changes only for a break that field
-/// additions and capabilities cannot express (docs/compatibility.md); both sides refuse a
-/// generation they do not speak, with an error that names both.
 /// Response metadata key the controller sets on a refusal that is for good.
 pub const REFUSAL_METADATA: &str = "fleetadm-refusal";
 /// Its value for a revoked node: the only refusal that ends an agent (over mTLS to the fleet CA,
 /// so it is the controller's word, not the network's).
 pub const REFUSAL_REVOKED: &str = "revoked";
+/// Response metadata key on a `RESOURCE_EXHAUSTED` refusal of a busy controller: milliseconds
+/// until the agent should try again (the controller spreads the herd over future slots).
+pub const RETRY_AFTER_METADATA: &str = "fleetadm-retry-after-ms";
 
+/// The wire protocol generation this build speaks. It changes only for a break that field
+/// additions and capabilities cannot express (docs/compatibility.md); both sides refuse a
+/// generation they do not speak, with an error that names both.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The oldest generation this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;

@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9464 [default: off].
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Agent sessions opened per second at most (bursts of as many); over it, agents are told
+    /// when to come back, spread out at this rate [default: 2000].
+    #[arg(long)]
+    pub session_rate: Option<u32>,
 }
 
 /// `/etc/fleetadm/controller.toml`: every key optional.
@@ -57,6 +61,7 @@ pub struct ControllerFileConfig {
     pub server_cert_validity: Option<String>,
     pub max_connections: Option<usize>,
     pub metrics_listen: Option<SocketAddr>,
+    pub session_rate: Option<u32>,
 }
 
 fn file_duration(v: &Option<String>, key: &str, path: &Path) -> anyhow::Result<Option<Duration>> {
@@ -93,6 +98,12 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
             anyhow::bail!("--max-connections must be at least 1");
         }
         limits.max_connections = n;
+    }
+    if let Some(n) = a.session_rate.or(cfg.session_rate) {
+        if n == 0 {
+            anyhow::bail!("--session-rate must be at least 1");
+        }
+        limits.session_rate = n;
     }
     let opts = ServeOptions {
         data_dir: a.data_dir.or(cfg.data_dir).unwrap_or_else(|| PathBuf::from(super::DEFAULT_DATA_DIR)),

@@ -1,5 +1,6 @@
 //! Dispatch: the agents' side of the controller. Authenticates every call from the client
 //! certificate, keeps one work stream per connected node, and takes their reports.
+pub mod admission;
 pub mod auth;
 pub mod events;
 pub mod service;

@@ -10,7 +10,9 @@ use fleetadm_proto::{
 };
 use tonic::{Request, Response, Status};
 
+use super::admission::Admission;
 use super::auth::caller;
+use crate::listen::log_budget::{LogBudget, Verdict};
 use super::events::{ReportRejected, TaskEvents};
 use super::sessions::{SessionMeta, SessionStream};
 use crate::enroll::csr;
@@ -29,13 +31,41 @@ pub struct AgentService {
     /// of chunks; the check (cluster records, bundle manifest) runs once per blob every
     /// [`GRANT_TTL`]. Identity and revocation are still checked on every call.
     grants: std::sync::Mutex<std::collections::HashMap<(String, String, String), std::time::Instant>>,
+    /// Session opens admitted at a steady rate; the rest are told when to come back.
+    admission: Admission,
 }
+
+/// Session opens admitted per second unless the operator chooses (`serve --session-rate`).
+pub const DEFAULT_SESSION_RATE: u32 = 2000;
+
+/// Shedding is logged at most once every 10 s (with the count), not once per refused agent.
+static SHED_LOG: LogBudget = LogBudget::new(1, std::time::Duration::from_secs(10));
 
 const GRANT_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl AgentService {
     pub fn new(ctl: Arc<Controller>, events: Arc<dyn TaskEvents>) -> Self {
-        Self { ctl, events, grants: Default::default() }
+        Self::with_session_rate(ctl, events, DEFAULT_SESSION_RATE)
+    }
+
+    pub fn with_session_rate(ctl: Arc<Controller>, events: Arc<dyn TaskEvents>, per_sec: u32) -> Self {
+        Self { ctl, events, grants: Default::default(), admission: Admission::new(per_sec) }
+    }
+
+    /// Admit a session open now, or refuse it politely: `RESOURCE_EXHAUSTED` with the time to
+    /// come back in `fleetadm-retry-after-ms`.
+    fn admit(&self, node: &str) -> Result<(), Status> {
+        let Err(wait) = self.admission.admit() else { return Ok(()) };
+        crate::metrics::metrics().session_shed();
+        let ms = wait.as_millis().max(1) as u64;
+        if let Verdict::Log { suppressed } = SHED_LOG.check() {
+            tracing::warn!(%node, retry_in_ms = ms, also_shed = suppressed, "busy: shedding session opens; agents are told when to retry");
+        }
+        let mut st = Status::resource_exhausted(format!("the controller is busy opening sessions; retry in {ms} ms"));
+        if let Ok(v) = ms.to_string().parse() {
+            st.metadata_mut().insert(fleetadm_proto::RETRY_AFTER_METADATA, v);
+        }
+        Err(st)
     }
 
     fn granted(&self, key: &(String, String, String)) -> bool {
@@ -75,6 +105,7 @@ impl Agent for AgentService {
 
     async fn open_session(&self, req: Request<ConnectRequest>) -> Result<Response<SessionStream>, Status> {
         let id = caller(&req)?;
+        self.admit(&id.name)?;
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let body = req.into_inner();
         let protocol = negotiate(body.protocol, &body.agent_version)?;

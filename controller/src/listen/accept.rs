@@ -34,6 +34,8 @@ pub struct Limits {
     /// Close a connection that has sent nothing for this long (agents answer the server's
     /// HTTP/2 keepalive ping every 30 s, so a live agent never comes near it).
     pub idle_timeout: Duration,
+    /// Session opens admitted per second; over it, agents are told when to retry.
+    pub session_rate: u32,
 }
 
 impl Default for Limits {
@@ -42,6 +44,7 @@ impl Default for Limits {
             max_connections: 16_384,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
+            session_rate: crate::dispatch::service::DEFAULT_SESSION_RATE,
         }
     }
 }

@@ -56,6 +56,9 @@ impl Default for RunOptions {
 enum Ended {
     /// Reconnect after a backoff.
     Retry(String),
+    /// The controller is busy and said when to come back: wait that long (its own spread),
+    /// without stepping the backoff.
+    Busy(String, Duration),
     /// Reconnect at once (certificate renewed).
     Renewed,
     /// Stop for good.
@@ -104,7 +107,7 @@ pub async fn run(
             e = session(dir, &identity, opts, &mut last_inventory, &executor, &mut reports) => e,
             _ = &mut stop => Ended::Stop,
         };
-        match ended {
+        let (reason, delay) = match ended {
             Ended::Stop => {
                 status::write(dir, &SessionStatus::new(SessionState::Stopped, &identity.config.controller, None));
                 return Ok(());
@@ -121,6 +124,10 @@ pub async fn run(
                 backoff.reset();
                 continue;
             }
+            Ended::Busy(reason, delay) => {
+                tracing::info!(retry_in_ms = delay.as_millis() as u64, "the controller is busy; retrying when it asked");
+                (reason, delay)
+            }
             Ended::Retry(reason) => {
                 // A session that lasted a while was healthy: start the backoff afresh.
                 if started.elapsed() > Duration::from_secs(30) {
@@ -128,16 +135,17 @@ pub async fn run(
                 }
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %reason, retry_in = ?delay, "session ended");
-                let mut st = SessionStatus::new(SessionState::Backoff, &identity.config.controller, Some(reason));
-                st.retry_at_ms = now_unix_ms() + delay.as_millis() as u64;
-                status::write(dir, &st);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = &mut stop => {
-                        status::write(dir, &SessionStatus::new(SessionState::Stopped, &identity.config.controller, None));
-                        return Ok(());
-                    }
-                }
+                (reason, delay)
+            }
+        };
+        let mut st = SessionStatus::new(SessionState::Backoff, &identity.config.controller, Some(reason));
+        st.retry_at_ms = now_unix_ms() + delay.as_millis() as u64;
+        status::write(dir, &st);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut stop => {
+                status::write(dir, &SessionStatus::new(SessionState::Stopped, &identity.config.controller, None));
+                return Ok(());
             }
         }
     }
@@ -154,7 +162,22 @@ fn classify(st: &tonic::Status) -> Ended {
     if matches!(st.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) {
         tracing::error!(code = ?st.code(), error = %st.message(), "the controller refuses this node; retrying (only a revocation stops the agent)");
     }
+    if let Some(wait) = retry_after(st) {
+        return Ended::Busy(dial::explain_status(st), wait);
+    }
     Ended::Retry(dial::explain_status(st))
+}
+
+/// The longest wait a busy controller's hint is followed for (a bad hint must not park a host).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// A busy controller's hint: `RESOURCE_EXHAUSTED` with `fleetadm-retry-after-ms`.
+pub(crate) fn retry_after(st: &tonic::Status) -> Option<Duration> {
+    if st.code() != tonic::Code::ResourceExhausted {
+        return None;
+    }
+    let ms: u64 = st.metadata().get(fleetadm_proto::RETRY_AFTER_METADATA)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_millis(ms).min(MAX_RETRY_AFTER))
 }
 
 pub(crate) fn is_revocation(st: &tonic::Status) -> bool {
@@ -388,6 +411,23 @@ async fn renew_certificate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_controllers_hint_is_followed_and_bounded() {
+        let busy = |code: tonic::Code, v: &str| {
+            let mut st = tonic::Status::new(code, "busy");
+            st.metadata_mut().insert(fleetadm_proto::RETRY_AFTER_METADATA, v.parse().unwrap());
+            st
+        };
+        assert_eq!(retry_after(&busy(tonic::Code::ResourceExhausted, "1500")), Some(Duration::from_millis(1500)));
+        assert!(matches!(classify(&busy(tonic::Code::ResourceExhausted, "1500")), Ended::Busy(_, d) if d == Duration::from_millis(1500)));
+        // Capped; ignored when malformed, absent, or on another code.
+        assert_eq!(retry_after(&busy(tonic::Code::ResourceExhausted, "99999999999")), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after(&busy(tonic::Code::ResourceExhausted, "soon")), None);
+        assert_eq!(retry_after(&tonic::Status::resource_exhausted("busy")), None);
+        assert_eq!(retry_after(&busy(tonic::Code::Unavailable, "1500")), None);
+        assert!(matches!(classify(&busy(tonic::Code::Unavailable, "1500")), Ended::Retry(_)));
+    }
 
     #[tokio::test]
     async fn a_renewal_nobody_answers_times_out() {
