@@ -177,9 +177,13 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            AgentServer::new(AgentService::with_session_rate(ctl.clone(), ctl.rollouts.clone(), opts.limits.session_rate))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            AgentServer::new(AgentService::with_session_rate(
+                ctl.clone(),
+                ctl.rollouts.clone(),
+                opts.limits.session_rate,
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
             // Every Agent call is authenticated here, before its body is decoded.
             crate::dispatch::auth::layer(ctl.nodes.clone()),
         ))

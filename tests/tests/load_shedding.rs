@@ -63,5 +63,8 @@ fn a_reconnect_storm_is_shed_with_retry_hints_and_everyone_gets_in() {
     ctl.restart();
     all_connected(&ctl, &agents);
     let again = shed(mport);
-    assert!(again >= 1.0 && again <= (2 * AGENTS) as f64, "the reconnect storm after a restart was shed politely: {again}");
+    assert!(
+        again >= 1.0 && again <= (2 * AGENTS) as f64,
+        "the reconnect storm after a restart was shed politely: {again}"
+    );
 }

@@ -12,11 +12,11 @@ use tonic::{Request, Response, Status};
 
 use super::admission::Admission;
 use super::auth::caller;
-use crate::listen::log_budget::{LogBudget, Verdict};
 use super::events::{ReportRejected, TaskEvents};
 use super::sessions::{SessionMeta, SessionStream};
 use crate::enroll::csr;
 use crate::enroll::service::node_status;
+use crate::listen::log_budget::{LogBudget, Verdict};
 use crate::state::Controller;
 use crate::store;
 

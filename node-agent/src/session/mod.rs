@@ -125,7 +125,10 @@ pub async fn run(
                 continue;
             }
             Ended::Busy(reason, delay) => {
-                tracing::info!(retry_in_ms = delay.as_millis() as u64, "the controller is busy; retrying when it asked");
+                tracing::info!(
+                    retry_in_ms = delay.as_millis() as u64,
+                    "the controller is busy; retrying when it asked"
+                );
                 (reason, delay)
             }
             Ended::Retry(reason) => {
@@ -420,7 +423,9 @@ mod tests {
             st
         };
         assert_eq!(retry_after(&busy(tonic::Code::ResourceExhausted, "1500")), Some(Duration::from_millis(1500)));
-        assert!(matches!(classify(&busy(tonic::Code::ResourceExhausted, "1500")), Ended::Busy(_, d) if d == Duration::from_millis(1500)));
+        assert!(
+            matches!(classify(&busy(tonic::Code::ResourceExhausted, "1500")), Ended::Busy(_, d) if d == Duration::from_millis(1500))
+        );
         // Capped; ignored when malformed, absent, or on another code.
         assert_eq!(retry_after(&busy(tonic::Code::ResourceExhausted, "99999999999")), Some(MAX_RETRY_AFTER));
         assert_eq!(retry_after(&busy(tonic::Code::ResourceExhausted, "soon")), None);
