@@ -52,7 +52,7 @@ impl Admission {
         let slot = Duration::from_secs_f64(1.0 / self.per_sec);
         let start = s.next_slot.filter(|t| *t > now).unwrap_or(now) + slot;
         let wait = start.saturating_duration_since(now);
-        if wait > MAX_RETRY_AFTER {
+        if wait + slot > MAX_RETRY_AFTER {
             // The schedule is full: spread the rest at random over the longest wait.
             return Err(MAX_RETRY_AFTER.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0));
         }
