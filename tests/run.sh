@@ -46,6 +46,10 @@ tests/vm/prepare.sh >/dev/null
 log "packages: build .deb/.rpm, install and run them on a real Debian with systemd"
 tests/vm/package.sh
 
+log "version-skew binaries (the pinned commit and a probe build, sharing target/'s dependencies)"
+tests/skew/prebuild.sh >/dev/null 2>&1 || tests/skew/prebuild.sh
+export FLEETADM_SKEW_PREBUILT=$PWD/target/skew/prebuilt
+
 log "unit, property, integration and VM tests"
 # Property tests of every untrusted-input parser (*/src/props.rs) run 2,000 cases each here
 # (256 in a plain `cargo test`); a failing case proptest finds is saved under

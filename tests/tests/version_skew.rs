@@ -79,6 +79,22 @@ fn build_pinned(pin: &str, out: &Path) {
     );
 }
 
+/// The binaries `tests/skew/prebuild.sh` made (tests/run.sh runs it and sets
+/// FLEETADM_SKEW_PREBUILT), if they are of this pin and this commit.
+fn prebuilt(pin: &str) -> Option<(PathBuf, PathBuf)> {
+    let dir = PathBuf::from(std::env::var_os("FLEETADM_SKEW_PREBUILT")?);
+    let (old, probe) = (dir.join("pinned"), dir.join("probe"));
+    let read = |p: PathBuf| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+    let head = Command::new("git").arg("-C").arg(repo_root()).args(["rev-parse", "HEAD"]).output().ok()?;
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    assert!(
+        read(old.join(".pin")) == pin && read(probe.join(".rev")) == head,
+        "FLEETADM_SKEW_PREBUILT={} is not of pin {pin} and HEAD {head}: run tests/skew/prebuild.sh again",
+        dir.display()
+    );
+    Some((old, probe))
+}
+
 /// A bin dir for the lab: this controller, this agent, and this tree's kubeadm simulator.
 fn mix(dir: &Path, controller: &Path, agent: &Path) -> PathBuf {
     let _ = std::fs::remove_dir_all(dir);
@@ -117,9 +133,15 @@ fn pinned_and_current_builds_work_together_both_ways() {
     let pin = pin();
     let root = repo_root();
     let work = root.join("target/skew");
-    let (old, probe) = (work.join("bin-pinned"), work.join("bin-probe"));
-    build_pinned(&pin, &old);
-    build(&root, &["controller/skew-probe", "node-agent/skew-probe"], &probe);
+    let (old, probe) = match prebuilt(&pin) {
+        Some(dirs) => dirs,
+        None => {
+            let (old, probe) = (work.join("bin-pinned"), work.join("bin-probe"));
+            build_pinned(&pin, &old);
+            build(&root, &["controller/skew-probe", "node-agent/skew-probe"], &probe);
+            (old, probe)
+        }
+    };
     let current = fleetadm_tests::bin("controller").parent().expect("bin dir").to_path_buf();
     let probe_seen = |logs: &str, value: &str| logs.contains(&format!("skew-probe: the task carried \"{value}\""));
 
