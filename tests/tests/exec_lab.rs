@@ -40,6 +40,27 @@ fn exec_runs_on_the_chosen_hosts_streams_their_output_and_fails_if_any_host_fail
     assert!(err.contains("exec: 3 hosts, 2 succeeded, 1 failed") && err.contains("failed on h2"), "{err}");
     assert!(!out.contains("h4 |"), "only the chosen hosts: {out}");
 
+    // A failure budget: one at a time, none tolerated; h1 fails, so h2 and h3 never start.
+    let (ok, out, err) = exec(
+        &lab,
+        &[
+            "--nodes",
+            "h1,h2,h3",
+            "--max-parallel",
+            "1",
+            "--max-failures",
+            "0",
+            "--",
+            "sh",
+            "-c",
+            "echo ran-$(hostname); false",
+        ],
+    );
+    assert!(!ok && out.contains("h1 | ran-h1") && !out.contains("ran-h2") && !out.contains("ran-h3"), "{out}{err}");
+    assert!(err.contains("1 failed, 2 skipped") && err.contains("not started on h2, h3"), "{err}");
+    let (ok, _, err) = exec(&lab, &["--nodes", "h1", "--max-failures", "lots", "--", "true"]);
+    assert!(!ok && err.contains("--max-failures"), "{err}");
+
     let (ok, out, err) = exec(&lab, &["--nodes", "h1,nosuch", "--", "true"]);
     assert!(!ok && err.contains("unknown nodes: nosuch"), "{out}{err}");
     let (ok, _, err) = exec(&lab, &["--nodes", "h1"]);

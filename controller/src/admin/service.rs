@@ -188,6 +188,9 @@ impl Admin for AdminService {
             for (h, why) in &summary.failed {
                 detail.push_str(&format!("; {h}: {why}"));
             }
+            if !summary.skipped.is_empty() {
+                detail.push_str(&format!("; skipped over the failure budget: {}", summary.skipped.join(",")));
+            }
             let e = NewEvent::new(who, "exec", what).cluster(cluster).result(summary.line()).detail(detail);
             audit_write(audit, e).await;
         });
@@ -549,9 +552,17 @@ impl AdminService {
         if hosts.is_empty() {
             return Err(Status::failed_precondition("no hosts match"));
         }
+        let max_failures = if r.max_failures.trim().is_empty() {
+            None
+        } else {
+            Some(
+                crate::rollout::record::failure_budget(&r.max_failures, hosts.len())
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            )
+        };
         let n = EXEC_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("{:x}-{n}", fleetadm_common::clock::now_unix_ms());
-        Ok(crate::ops::exec::ExecSpec { id, hosts, argv: r.argv, timeout, max_parallel })
+        Ok(crate::ops::exec::ExecSpec { id, hosts, argv: r.argv, timeout, max_parallel, max_failures })
     }
 
     async fn remove_bundle_named(&self, name: String) -> Result<Response<BundleView>, Status> {

@@ -35,6 +35,10 @@ pub struct ExecArgs {
     /// Hosts running the command at once.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     max_parallel: u32,
+    /// Failures tolerated, N or P% of the hosts: once more hosts have failed, no further host
+    /// starts and the rest are reported as skipped [default: no limit].
+    #[arg(long, value_name = "N|P%")]
+    max_failures: Option<String>,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, num_args = 1..)]
     command: Vec<String>,
@@ -51,13 +55,14 @@ pub async fn run(a: ExecArgs) -> anyhow::Result<()> {
             timeout_secs: a.timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
             max_parallel: a.max_parallel,
             selector: a.selector.unwrap_or_default(),
+            max_failures: a.max_failures.unwrap_or_default(),
         })
         .await
         .map_err(rpc_error)?
         .into_inner();
     // Output arrives in pieces; each host's lines are printed whole, with the host in front.
     let mut partial: BTreeMap<String, String> = BTreeMap::new();
-    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    let (mut ok, mut failed, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     let mut out = std::io::stdout();
     while let Some(ev) = stream.message().await.map_err(rpc_error)? {
         let buf = partial.entry(ev.host.clone()).or_default();
@@ -73,6 +78,8 @@ pub async fn run(a: ExecArgs) -> anyhow::Result<()> {
             }
             if ev.success {
                 ok.push(ev.host);
+            } else if ev.error.starts_with("skipped:") {
+                skipped.push(ev.host);
             } else {
                 writeln!(out, "{} | ! {}", ev.host, term(&ev.error))?;
                 failed.push(ev.host);
@@ -80,11 +87,22 @@ pub async fn run(a: ExecArgs) -> anyhow::Result<()> {
         }
         out.flush()?;
     }
-    eprintln!("exec: {} hosts, {} succeeded, {} failed", ok.len() + failed.len(), ok.len(), failed.len());
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        failed.sort();
-        anyhow::bail!("the command failed on {}", failed.join(", "))
+    eprintln!(
+        "exec: {} hosts, {} succeeded, {} failed, {} skipped",
+        ok.len() + failed.len() + skipped.len(),
+        ok.len(),
+        failed.len(),
+        skipped.len()
+    );
+    failed.sort();
+    skipped.sort();
+    match (failed.is_empty(), skipped.is_empty()) {
+        (true, true) => Ok(()),
+        (false, true) => anyhow::bail!("the command failed on {}", failed.join(", ")),
+        _ => anyhow::bail!(
+            "the command failed on {}; over --max-failures, not started on {}",
+            failed.join(", "),
+            skipped.join(", ")
+        ),
     }
 }

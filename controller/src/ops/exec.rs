@@ -26,6 +26,8 @@ pub struct ExecSpec {
     pub argv: Vec<String>,
     pub timeout: Duration,
     pub max_parallel: usize,
+    /// Failed hosts tolerated; once more have failed, no further host starts (None: no limit).
+    pub max_failures: Option<usize>,
 }
 
 /// How each host did.
@@ -33,19 +35,24 @@ pub struct ExecSpec {
 pub struct Summary {
     pub succeeded: Vec<String>,
     pub failed: Vec<(String, String)>,
+    /// Not started: the failure budget was spent.
+    pub skipped: Vec<String>,
 }
 
 impl Summary {
     pub fn line(&self) -> String {
         let mut s = format!(
             "{} hosts: {} succeeded, {} failed",
-            self.succeeded.len() + self.failed.len(),
+            self.succeeded.len() + self.failed.len() + self.skipped.len(),
             self.succeeded.len(),
             self.failed.len()
         );
         if !self.failed.is_empty() {
             let names: Vec<&str> = self.failed.iter().map(|(h, _)| h.as_str()).collect();
             s.push_str(&format!(" ({})", names.join(", ")));
+        }
+        if !self.skipped.is_empty() {
+            s.push_str(&format!(", {} skipped over the failure budget", self.skipped.len()));
         }
         s
     }
@@ -88,13 +95,30 @@ impl Execs {
 
     /// Run `spec` to its end, sending every host's output and outcome to `events`.
     pub async fn run(self: &Arc<Self>, spec: ExecSpec, events: mpsc::Sender<ExecEvent>) -> Summary {
+        // Hosts start in order (the semaphore is fair); each checks the failures so far first.
         let sem = Arc::new(tokio::sync::Semaphore::new(spec.max_parallel.max(1)));
+        let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut runs = tokio::task::JoinSet::new();
         for host in spec.hosts.clone() {
             let (me, spec, events, sem) = (self.clone(), spec.clone(), events.clone(), sem.clone());
+            let failures = failures.clone();
             runs.spawn(async move {
                 let _slot = sem.acquire_owned().await;
+                let failed_so_far = failures.load(std::sync::atomic::Ordering::SeqCst);
+                if spec.max_failures.is_some_and(|budget| failed_so_far > budget) {
+                    let error = format!(
+                        "skipped: {failed_so_far} hosts failed, over --max-failures {}",
+                        spec.max_failures.unwrap_or_default()
+                    );
+                    let done =
+                        ExecEvent { host: host.clone(), done: true, success: false, error, ..Default::default() };
+                    let _ = events.send(done).await;
+                    return (host, None);
+                }
                 let outcome = me.on_host(&spec, &host, &events).await;
+                if outcome.is_err() {
+                    failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 crate::metrics::metrics().task_outcome("exec", if outcome.is_ok() { "succeeded" } else { "failed" });
                 let (success, error) = match &outcome {
                     Ok(()) => (true, String::new()),
@@ -102,19 +126,21 @@ impl Execs {
                 };
                 let done = ExecEvent { host: host.clone(), done: true, success, error, ..Default::default() };
                 let _ = events.send(done).await;
-                (host, outcome)
+                (host, Some(outcome))
             });
         }
         let mut summary = Summary::default();
         while let Some(r) = runs.join_next().await {
             match r {
-                Ok((host, Ok(()))) => summary.succeeded.push(host),
-                Ok((host, Err(e))) => summary.failed.push((host, e)),
+                Ok((host, Some(Ok(())))) => summary.succeeded.push(host),
+                Ok((host, Some(Err(e)))) => summary.failed.push((host, e)),
+                Ok((host, None)) => summary.skipped.push(host),
                 Err(e) => summary.failed.push(("(internal)".into(), e.to_string())),
             }
         }
         summary.succeeded.sort();
         summary.failed.sort();
+        summary.skipped.sort();
         summary
     }
 
@@ -224,6 +250,7 @@ mod tests {
             argv: vec!["hostname".into()],
             timeout: Duration::from_secs(5),
             max_parallel: 2,
+            max_failures: None,
         };
         let (tx, mut rx) = mpsc::channel(64);
         let run = {
@@ -263,5 +290,30 @@ mod tests {
         assert_eq!(h1_out, "h1\n", "streamed once, not repeated by the final report");
         assert!(got.iter().any(|e| e.host == "h1" && e.done && e.success));
         assert!(execs.route("h1", &report(TaskState::Succeeded, "late")).unwrap().is_ok(), "late reports are accepted");
+    }
+
+    #[tokio::test]
+    async fn no_host_starts_once_the_failure_budget_is_spent() {
+        let execs = Execs::new(Sessions::new(|_| {}));
+        // None of these is connected, so each host that starts fails at once; one at a time.
+        let run = |budget: Option<usize>| {
+            let spec = ExecSpec {
+                id: "b".into(),
+                hosts: ["h1", "h2", "h3", "h4"].map(String::from).to_vec(),
+                argv: vec!["true".into()],
+                timeout: Duration::from_secs(5),
+                max_parallel: 1,
+                max_failures: budget,
+            };
+            let execs = execs.clone();
+            async move { execs.run(spec, mpsc::channel(64).0).await }
+        };
+        let s = run(Some(0)).await;
+        assert_eq!((s.failed.len(), s.skipped.clone()), (1, vec!["h2".to_string(), "h3".into(), "h4".into()]));
+        assert_eq!(s.line(), "4 hosts: 0 succeeded, 1 failed (h1), 3 skipped over the failure budget");
+        let s = run(Some(2)).await;
+        assert_eq!((s.failed.len(), s.skipped.len()), (3, 1), "{s:?}");
+        let s = run(None).await;
+        assert_eq!((s.failed.len(), s.skipped.len()), (4, 0), "no limit: every host runs");
     }
 }
