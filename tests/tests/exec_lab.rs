@@ -152,3 +152,119 @@ fn exec_runs_on_the_chosen_hosts_streams_their_output_and_fails_if_any_host_fail
         "refusals are audited too"
     );
 }
+
+/// `controller exec ARGS` started in the background, its stderr read line by line.
+struct Background {
+    child: std::process::Child,
+    stderr: std::sync::mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Background {
+    fn start(lab: &Lab, args: &[&str]) -> Self {
+        let mut child = Command::new(fleetadm_tests::bin("controller"))
+            .arg("exec")
+            .args(args)
+            .env("FLEETADM_DATA_DIR", lab.dir.join("controller"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("controller exec");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let err = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Background { child, stderr: rx, seen: String::new() }
+    }
+
+    /// Wait for a stderr line containing `what`; returns it.
+    fn wait_line(&mut self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(l) = self.stderr.recv_timeout(Duration::from_millis(200)) {
+                self.seen.push_str(&l);
+                self.seen.push('\n');
+                if l.contains(what) {
+                    return l;
+                }
+            }
+        }
+        panic!("no {what:?} from exec: {}", self.seen)
+    }
+
+    fn finish(mut self) -> (bool, String, String) {
+        let out = self.child.wait_with_output().expect("wait");
+        while let Ok(l) = self.stderr.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push_str(&l);
+            self.seen.push('\n');
+        }
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), self.seen)
+    }
+}
+
+fn op_id(line: &str) -> String {
+    line.split_whitespace().nth(2).expect("exec: operation ID ...").to_string()
+}
+
+#[test]
+fn a_canary_pauses_an_exec_until_it_is_resumed_and_an_abort_skips_the_rest() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("canary");
+    let script = "echo ran-$(hostname)";
+    let ctl = |args: &[&str]| lab.ctl(args);
+
+    // Canary of one: h1 runs, then the exec waits; op list shows it paused; resume runs the rest.
+    let mut bg = Background::start(&lab, &["--nodes", "h1,h2,h3", "--canary", "1", "--", "sh", "-c", script]);
+    let id = op_id(&bg.wait_line("exec: operation"));
+    bg.wait_line("the canary (1 hosts) passed");
+    let (ok, list) = ctl(&["op", "list", "-o", "json"]);
+    assert!(ok, "{list}");
+    let list: serde_json::Value = serde_json::from_str(&list).expect("json");
+    let op = list.as_array().and_then(|a| a.iter().find(|o| o["id"] == id.as_str())).cloned().expect("listed");
+    assert_eq!(
+        (op["state"].as_str(), op["done"].as_u64(), op["hosts"].as_u64()),
+        (Some("paused"), Some(1), Some(3)),
+        "{op}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(bg.child.try_wait().expect("try_wait").is_none(), "still waiting for a resume");
+    let (ok, out) = ctl(&["op", "resume", &id]);
+    assert!(ok && out.contains("running"), "{out}");
+    let (ok, out, err) = bg.finish();
+    assert!(ok, "{out}{err}");
+    for h in ["h1", "h2", "h3"] {
+        assert!(out.contains(&format!("{h} | ran-{h}")), "{out}");
+    }
+    assert!(err.contains("promoted: starting the other 2 hosts"), "{err}");
+    let (_, list) = ctl(&["op", "list", "-o", "json"]);
+    assert!(!list.contains(&id), "a finished exec leaves the list: {list}");
+
+    // Aborted after the canary: the others never start, and exec fails naming them.
+    let mut bg = Background::start(&lab, &["--nodes", "h1,h2,h3", "--canary", "1", "--", "sh", "-c", script]);
+    let id = op_id(&bg.wait_line("exec: operation"));
+    bg.wait_line("passed");
+    let (ok, out) = ctl(&["op", "abort", &id]);
+    assert!(ok, "{out}");
+    let (ok, out, err) = bg.finish();
+    assert!(!ok && out.contains("h1 | ran-h1") && !out.contains("ran-h2") && !out.contains("ran-h3"), "{out}{err}");
+    assert!(err.contains("not started on h2, h3"), "{err}");
+    let (ok, out) = ctl(&["op", "resume", &id]);
+    assert!(!ok && out.contains("no running operation"), "{out}");
+
+    // A failing canary stops the rest; --auto-promote continues by itself.
+    let (ok, out, err) = exec(&lab, &["--nodes", "h2,h1", "--canary", "1", "--", "sh", "-c", "[ $(hostname) != h2 ]"]);
+    assert!(!ok && err.contains("not started on h1"), "{out}{err}");
+    let (ok, out, err) =
+        exec(&lab, &["--nodes", "h1,h2,h3", "--canary", "2", "--auto-promote", "1s", "--", "sh", "-c", script]);
+    assert!(ok && out.contains("h3 | ran-h3") && err.contains("start in 1s"), "{out}{err}");
+    // Bad input.
+    let (ok, _, err) = exec(&lab, &["--nodes", "h1", "--auto-promote", "1s", "--", "true"]);
+    assert!(!ok && err.contains("--canary"), "{err}");
+    let (ok, out) = ctl(&["op", "pause", "cluster/none"]);
+    assert!(!ok && out.contains("cannot be paused"), "{out}");
+    let (ok, out) = ctl(&["op", "pause", "nosuch"]);
+    assert!(!ok && out.contains("no running operation"), "{out}");
+}

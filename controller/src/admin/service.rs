@@ -396,6 +396,48 @@ impl Admin for AdminService {
         Ok(Response::new(view))
     }
 
+    async fn list_ops(&self, _: Request<Empty>) -> Result<Response<fleetadm_proto::OpList>, Status> {
+        let mut ops: Vec<fleetadm_proto::OpInfo> =
+            self.ctl.rollouts.execs().ops().list().iter().map(|op| op_info(op)).collect();
+        let clusters = self.blocking(|ctl| ctl.rollouts.list().map_err(rollout_status)).await?;
+        ops.extend(clusters.iter().map(|rec| fleetadm_proto::OpInfo {
+            id: format!("cluster/{}", rec.name),
+            kind: "cluster-create".into(),
+            description: format!("cluster {} (phase {})", rec.name, rec.phase),
+            state: rec.state.to_string(),
+            reason: rec.message.clone(),
+            hosts: (rec.shape.masters.len() + rec.shape.workers.len()) as u32,
+            started_unix_ms: rec.created_ms,
+            ..Default::default()
+        }));
+        Ok(Response::new(fleetadm_proto::OpList { ops }))
+    }
+
+    async fn control_op(
+        &self,
+        req: Request<fleetadm_proto::OpControlRequest>,
+    ) -> Result<Response<fleetadm_proto::OpInfo>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let action = format!("op.{}", r.action);
+        let ops = self.ctl.rollouts.execs().ops().clone();
+        self.audited(who, &action, r.id.clone(), String::new(), async move {
+            if r.id.starts_with("cluster/") {
+                return Err(Status::unimplemented(
+                    "cluster rollouts cannot be paused or aborted yet; `controller cluster delete` stops one",
+                ));
+            }
+            let op = ops.control(&r.id, &r.action).map_err(|e| match e {
+                crate::ops::control::OpError::Unknown(_) => Status::not_found(e.to_string()),
+                crate::ops::control::OpError::Action(_) => Status::invalid_argument(e.to_string()),
+                crate::ops::control::OpError::Aborted(_) => Status::failed_precondition(e.to_string()),
+            })?;
+            tracing::info!(op = %op.id, action = %r.action, "operation steered");
+            Ok(Response::new(op_info(&op)))
+        })
+        .await
+    }
+
     async fn list_clusters(&self, _: Request<Empty>) -> Result<Response<ClusterViews>, Status> {
         let clusters = self
             .blocking(move |ctl| {
@@ -560,9 +602,25 @@ impl AdminService {
                     .map_err(|e| Status::invalid_argument(e.to_string()))?,
             )
         };
+        if r.auto_promote_secs > 0 && r.canary == 0 {
+            return Err(Status::invalid_argument("--auto-promote goes with --canary N"));
+        }
+        if r.auto_promote_secs > 7 * 24 * 3600 {
+            return Err(Status::invalid_argument("--auto-promote must be at most 168h"));
+        }
+        let auto_promote = (r.auto_promote_secs > 0).then(|| Duration::from_secs(u64::from(r.auto_promote_secs)));
         let n = EXEC_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = format!("{:x}-{n}", fleetadm_common::clock::now_unix_ms());
-        Ok(crate::ops::exec::ExecSpec { id, hosts, argv: r.argv, timeout, max_parallel, max_failures })
+        let id = format!("exec-{:x}-{n}", fleetadm_common::clock::now_unix_ms());
+        Ok(crate::ops::exec::ExecSpec {
+            id,
+            hosts,
+            argv: r.argv,
+            timeout,
+            max_parallel,
+            max_failures,
+            canary: r.canary as usize,
+            auto_promote,
+        })
     }
 
     async fn remove_bundle_named(&self, name: String) -> Result<Response<BundleView>, Status> {
@@ -814,6 +872,25 @@ fn expand_selectors(req: &mut PlanClusterRequest, nodes: &[crate::plan::resolve:
         req.nodes = w;
     }
     errors
+}
+
+fn op_info(op: &crate::ops::control::OpControl) -> fleetadm_proto::OpInfo {
+    use std::sync::atomic::Ordering;
+    let gate = op.gate();
+    fleetadm_proto::OpInfo {
+        id: op.id.clone(),
+        kind: op.kind.into(),
+        description: op.description.clone(),
+        state: gate.name().into(),
+        reason: match gate {
+            crate::ops::control::Gate::Paused(why) => why,
+            _ => String::new(),
+        },
+        hosts: op.hosts as u32,
+        done: op.done.load(Ordering::Relaxed) as u32,
+        failed: op.failed.load(Ordering::Relaxed) as u32,
+        started_unix_ms: op.started_ms,
+    }
 }
 
 fn candidates(ctl: &Controller) -> Result<Vec<crate::plan::resolve::Candidate>, Status> {

@@ -39,6 +39,13 @@ pub struct ExecArgs {
     /// starts and the rest are reported as skipped [default: no limit].
     #[arg(long, value_name = "N|P%")]
     max_failures: Option<String>,
+    /// Run this many hosts first, then pause until `controller op resume ID` (a failed canary
+    /// host stops the rest).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    canary: Option<u32>,
+    /// After a passed canary, start the rest by themselves after this long.
+    #[arg(long, requires = "canary", value_parser = parse_duration)]
+    auto_promote: Option<Duration>,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, num_args = 1..)]
     command: Vec<String>,
@@ -56,6 +63,8 @@ pub async fn run(a: ExecArgs) -> anyhow::Result<()> {
             max_parallel: a.max_parallel,
             selector: a.selector.unwrap_or_default(),
             max_failures: a.max_failures.unwrap_or_default(),
+            canary: a.canary.unwrap_or(0),
+            auto_promote_secs: a.auto_promote.map(|d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32).unwrap_or(0),
         })
         .await
         .map_err(rpc_error)?
@@ -65,6 +74,15 @@ pub async fn run(a: ExecArgs) -> anyhow::Result<()> {
     let (mut ok, mut failed, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     let mut out = std::io::stdout();
     while let Some(ev) = stream.message().await.map_err(rpc_error)? {
+        if ev.host.is_empty() {
+            // About the operation itself.
+            if ev.notice.is_empty() {
+                eprintln!("exec: operation {} (controller op list | pause | resume | abort {0})", term(&ev.op));
+            } else {
+                eprintln!("exec: {}", term(&ev.notice));
+            }
+            continue;
+        }
         let buf = partial.entry(ev.host.clone()).or_default();
         buf.push_str(&ev.output);
         while let Some(i) = buf.find('\n') {

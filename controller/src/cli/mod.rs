@@ -6,6 +6,7 @@ pub mod cluster_view;
 pub mod events;
 pub mod exec;
 pub mod nodes;
+pub mod op;
 pub mod relay;
 pub mod serve;
 pub mod token;
@@ -59,6 +60,9 @@ pub enum Command {
     /// Run a command on hosts through their agents (`--cluster NAME [--role master|node]` or
     /// `--nodes H,...`), output streamed per host; exit status 1 if any host failed.
     Exec(exec::ExecArgs),
+    /// Running operations: list them; pause, resume or abort an exec.
+    #[command(subcommand)]
+    Op(op::OpCmd),
     /// The audit log: who did what (admin operations, by the admin socket peer's uid) and every
     /// task outcome, newest last.
     Events(events::EventsArgs),
@@ -103,6 +107,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bundle(c) => bundle::run(c).await,
         Command::Events(a) => events::run(a).await,
         Command::Exec(a) => exec::run(a).await,
+        Command::Op(c) => op::run(c).await,
         Command::Relay(a) => relay::run_relay(a).await,
         Command::Relays(c) => relay::run(c).await,
         Command::GenerateDocs { out } => {

@@ -4,6 +4,7 @@
 //! Commands are not idempotent, so an exec is never resumed: if the controller stops while one
 //! runs, the operator sees the stream end, and the audit log has what finished.
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use fleetadm_proto::task_assignment::Task;
 use fleetadm_proto::{server_event, ExecEvent, ExecTask, ServerEvent, TaskAssignment, TaskKind, TaskReport, TaskState};
 use tokio::sync::mpsc;
 
+use super::control::{Ops, Running};
 use crate::dispatch::{ReportRejected, Sessions};
 
 /// Prefix of exec task ids: `exec/OP/HOST`.
@@ -28,6 +30,9 @@ pub struct ExecSpec {
     pub max_parallel: usize,
     /// Failed hosts tolerated; once more have failed, no further host starts (None: no limit).
     pub max_failures: Option<usize>,
+    /// The first this many hosts run first; the rest wait for `op resume` or `auto_promote`.
+    pub canary: usize,
+    pub auto_promote: Option<Duration>,
 }
 
 /// How each host did.
@@ -58,16 +63,26 @@ impl Summary {
     }
 }
 
+enum Outcome {
+    Ran(Result<(), String>),
+    Skipped,
+}
+
+fn skipped_event(host: &str, why: &str) -> ExecEvent {
+    ExecEvent { host: host.to_string(), done: true, success: false, error: why.to_string(), ..Default::default() }
+}
+
 /// Runs execs and takes the reports of their tasks.
 pub struct Execs {
     sessions: Sessions,
+    ops: Arc<Ops>,
     /// Reports for running exec tasks, by task id.
     waiting: Mutex<HashMap<String, mpsc::UnboundedSender<TaskReport>>>,
 }
 
 impl Execs {
     pub fn new(sessions: Sessions) -> Arc<Self> {
-        Arc::new(Self { sessions, waiting: Mutex::default() })
+        Arc::new(Self { sessions, ops: Arc::default(), waiting: Mutex::default() })
     }
 
     /// A report for an exec task (`None`: not an exec task). Only the host the task was sent to
@@ -93,31 +108,101 @@ impl Execs {
         })
     }
 
-    /// Run `spec` to its end, sending every host's output and outcome to `events`.
+    /// The running execs, for `controller op list|pause|resume|abort`.
+    pub fn ops(&self) -> &Arc<Ops> {
+        &self.ops
+    }
+
+    /// Run `spec` to its end, sending every host's output and outcome to `events`. With a
+    /// canary, its hosts run first; the rest wait for `op resume` (or `--auto-promote`), and are
+    /// skipped if a canary host failed or the operation is aborted.
     pub async fn run(self: &Arc<Self>, spec: ExecSpec, events: mpsc::Sender<ExecEvent>) -> Summary {
-        // Hosts start in order (the semaphore is fair); each checks the failures so far first.
+        let running = self.ops.start(&spec.id, "exec", spec.argv.join(" "), spec.hosts.len());
+        let notice = |text: String| ExecEvent { op: spec.id.clone(), notice: text, ..Default::default() };
+        let _ = events.send(notice(String::new())).await;
+        let failures = Arc::new(AtomicUsize::new(0));
+        // Without a canary, every host is in the first (and only) wave.
+        let canary = if spec.canary == 0 { spec.hosts.len() } else { spec.canary.min(spec.hosts.len()) };
+        let (first, rest) = spec.hosts.split_at(canary);
+        let mut outcomes = self.wave(&spec, first, &running, &events, &failures).await;
+        if !first.is_empty() && !rest.is_empty() {
+            let canary_failed = outcomes.iter().any(|(_, o)| !matches!(o, Outcome::Ran(Ok(()))));
+            let promoted = !canary_failed
+                && {
+                    let id = &spec.id;
+                    let why = match spec.auto_promote {
+                    Some(d) => format!(
+                        "the canary ({canary} hosts) passed; the other {} start in {}s, or now with `controller op resume {id}`",
+                        rest.len(),
+                        d.as_secs()
+                    ),
+                    None => format!(
+                        "the canary ({canary} hosts) passed; start the other {} with `controller op resume {id}`, or stop with `controller op abort {id}`",
+                        rest.len()
+                    ),
+                };
+                    let _ = running.op.pause(&why);
+                    let _ = events.send(notice(why)).await;
+                    running.op.wait_promoted(spec.auto_promote).await
+                };
+            if promoted {
+                let _ = events.send(notice(format!("promoted: starting the other {} hosts", rest.len()))).await;
+                outcomes.extend(self.wave(&spec, rest, &running, &events, &failures).await);
+            } else {
+                let why =
+                    if canary_failed { "skipped: the canary failed" } else { "skipped: the operation was aborted" };
+                for host in rest {
+                    let _ = events.send(skipped_event(host, why)).await;
+                    outcomes.push((host.clone(), Outcome::Skipped));
+                }
+            }
+        }
+        let mut summary = Summary::default();
+        for (host, o) in outcomes {
+            match o {
+                Outcome::Ran(Ok(())) => summary.succeeded.push(host),
+                Outcome::Ran(Err(e)) => summary.failed.push((host, e)),
+                Outcome::Skipped => summary.skipped.push(host),
+            }
+        }
+        summary.succeeded.sort();
+        summary.failed.sort();
+        summary.skipped.sort();
+        summary
+    }
+
+    /// Run `hosts` (in order, at most `max_parallel` at once); each checks the gate and the
+    /// failures so far before it starts.
+    async fn wave(
+        self: &Arc<Self>,
+        spec: &ExecSpec,
+        hosts: &[String],
+        running: &Running,
+        events: &mpsc::Sender<ExecEvent>,
+        failures: &Arc<AtomicUsize>,
+    ) -> Vec<(String, Outcome)> {
+        // A slot is taken before a host's task is spawned, so hosts start in the order given.
         let sem = Arc::new(tokio::sync::Semaphore::new(spec.max_parallel.max(1)));
-        let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut runs = tokio::task::JoinSet::new();
-        for host in spec.hosts.clone() {
-            let (me, spec, events, sem) = (self.clone(), spec.clone(), events.clone(), sem.clone());
-            let failures = failures.clone();
+        for host in hosts.iter().cloned() {
+            let slot = sem.clone().acquire_owned().await;
+            let (me, spec, events) = (self.clone(), spec.clone(), events.clone());
+            let (failures, op) = (failures.clone(), running.op.clone());
             runs.spawn(async move {
-                let _slot = sem.acquire_owned().await;
-                let failed_so_far = failures.load(std::sync::atomic::Ordering::SeqCst);
-                if spec.max_failures.is_some_and(|budget| failed_so_far > budget) {
-                    let error = format!(
-                        "skipped: {failed_so_far} hosts failed, over --max-failures {}",
-                        spec.max_failures.unwrap_or_default()
-                    );
-                    let done =
-                        ExecEvent { host: host.clone(), done: true, success: false, error, ..Default::default() };
-                    let _ = events.send(done).await;
-                    return (host, None);
+                let _slot = slot;
+                if !op.wait_open().await {
+                    let _ = events.send(skipped_event(&host, "skipped: the operation was aborted")).await;
+                    return (host, Outcome::Skipped);
+                }
+                let failed_so_far = failures.load(Ordering::SeqCst);
+                if let Some(budget) = spec.max_failures.filter(|b| failed_so_far > *b) {
+                    let why = format!("skipped: {failed_so_far} hosts failed, over --max-failures {budget}");
+                    let _ = events.send(skipped_event(&host, &why)).await;
+                    return (host, Outcome::Skipped);
                 }
                 let outcome = me.on_host(&spec, &host, &events).await;
                 if outcome.is_err() {
-                    failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    failures.fetch_add(1, Ordering::SeqCst);
                 }
                 crate::metrics::metrics().task_outcome("exec", if outcome.is_ok() { "succeeded" } else { "failed" });
                 let (success, error) = match &outcome {
@@ -126,22 +211,20 @@ impl Execs {
                 };
                 let done = ExecEvent { host: host.clone(), done: true, success, error, ..Default::default() };
                 let _ = events.send(done).await;
-                (host, Some(outcome))
+                (host, Outcome::Ran(outcome))
             });
         }
-        let mut summary = Summary::default();
+        let mut out = Vec::new();
         while let Some(r) = runs.join_next().await {
             match r {
-                Ok((host, Some(Ok(())))) => summary.succeeded.push(host),
-                Ok((host, Some(Err(e)))) => summary.failed.push((host, e)),
-                Ok((host, None)) => summary.skipped.push(host),
-                Err(e) => summary.failed.push(("(internal)".into(), e.to_string())),
+                Ok((host, o)) => {
+                    running.finished_host(matches!(o, Outcome::Ran(Ok(()))));
+                    out.push((host, o));
+                }
+                Err(e) => out.push(("(internal)".into(), Outcome::Ran(Err(e.to_string())))),
             }
         }
-        summary.succeeded.sort();
-        summary.failed.sort();
-        summary.skipped.sort();
-        summary
+        out
     }
 
     /// One host: `Err(why)` when it did not run the command to a successful end.
@@ -251,6 +334,8 @@ mod tests {
             timeout: Duration::from_secs(5),
             max_parallel: 2,
             max_failures: None,
+            canary: 0,
+            auto_promote: None,
         };
         let (tx, mut rx) = mpsc::channel(64);
         let run = {
@@ -304,6 +389,8 @@ mod tests {
                 timeout: Duration::from_secs(5),
                 max_parallel: 1,
                 max_failures: budget,
+                canary: 0,
+                auto_promote: None,
             };
             let execs = execs.clone();
             async move { execs.run(spec, mpsc::channel(64).0).await }
