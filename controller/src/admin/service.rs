@@ -419,7 +419,11 @@ impl Admin for AdminService {
     ) -> Result<Response<fleetadm_proto::OpInfo>, Status> {
         let who = who(&req);
         let r = req.into_inner();
-        let action = format!("op.{}", r.action);
+        // Only the known actions name the audit entry (the request is the caller's text).
+        let action = match r.action.as_str() {
+            a @ ("pause" | "resume" | "abort") => format!("op.{a}"),
+            _ => "op.unknown-action".to_string(),
+        };
         let ops = self.ctl.rollouts.execs().ops().clone();
         self.audited(who, &action, r.id.clone(), String::new(), async move {
             if r.id.starts_with("cluster/") {
