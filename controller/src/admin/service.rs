@@ -313,6 +313,35 @@ impl Admin for AdminService {
         .await
     }
 
+    async fn add_cluster_hosts(
+        &self,
+        req: Request<fleetadm_proto::ChangeClusterRequest>,
+    ) -> Result<Response<fleetadm_proto::ChangeClusterResponse>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let dry_run = r.dry_run;
+        let target = match (r.nodes.is_empty(), r.node_selector.is_empty()) {
+            (false, _) => format!("{} +{}", r.cluster, r.nodes.join(",")),
+            (true, false) => format!("{} +{}", r.cluster, r.node_selector),
+            (true, true) => r.cluster.clone(),
+        };
+        let cluster = r.cluster.clone();
+        let rollouts = self.ctl.rollouts.clone();
+        let op = async {
+            let resp = self.blocking(move |ctl| add_hosts(ctl, &rollouts, r)).await?;
+            let errors = resp.plan.as_ref().map(|p| p.errors.clone()).unwrap_or_default();
+            if !dry_run && !errors.is_empty() {
+                return Err(Status::failed_precondition(errors.join("\n")));
+            }
+            Ok(Response::new(resp))
+        };
+        if dry_run {
+            // A dry run changes nothing: not an admin operation for the log.
+            return op.await;
+        }
+        self.audited(who, "cluster.add", target, cluster, op).await
+    }
+
     async fn add_relay(
         &self,
         req: Request<fleetadm_proto::AddRelayRequest>,
@@ -827,6 +856,80 @@ fn bundle_status(e: crate::bundle::BundleError) -> Status {
 /// Replace `--master-selector` / `--node-selector` by the names of the enrolled, unrevoked nodes
 /// they match (sorted; a chosen master is never also a worker). Returns the errors: a bad
 /// selector, one that matches nothing, or selectors next to a Clusterfile or a host list.
+/// `cluster add`: resolve the new workers, plan, and (unless a dry run) start the operation.
+fn add_hosts(
+    ctl: &Controller,
+    rollouts: &crate::rollout::Rollouts,
+    mut r: fleetadm_proto::ChangeClusterRequest,
+) -> Result<fleetadm_proto::ChangeClusterResponse, Status> {
+    use crate::plan::select::Selector;
+    let rec = rollouts.get(&r.cluster).map_err(rollout_status)?;
+    let nodes = candidates(ctl)?;
+    let mut plan = PlanClusterResponse::default();
+    if !r.node_selector.is_empty() {
+        if !r.nodes.is_empty() {
+            plan.errors.push("--node-selector and --nodes both choose the workers: give one".into());
+        }
+        match Selector::parse(&r.node_selector) {
+            Err(e) => plan.errors.push(format!("--node-selector: {e}")),
+            Ok(sel) => {
+                let clusters = rollouts.list().map_err(rollout_status)?;
+                let in_a_cluster = |n: &str| {
+                    clusters.iter().any(|c| c.shape.masters.iter().chain(c.shape.workers.iter()).any(|h| h.node == n))
+                };
+                let mut names: Vec<String> = nodes
+                    .iter()
+                    .filter(|c| !c.record.revoked && sel.matches(&c.record.labels) && !in_a_cluster(&c.record.name))
+                    .map(|c| c.record.name.clone())
+                    .collect();
+                names.sort();
+                if names.is_empty() {
+                    plan.errors.push(format!(
+                        "--node-selector {:?} matches no enrolled node outside a cluster",
+                        r.node_selector
+                    ));
+                }
+                r.nodes = names;
+            }
+        }
+    }
+    let (hosts, errors, warnings) = crate::plan::resolve::resolve_additions(
+        &r.nodes,
+        &nodes,
+        &rec.shape,
+        &rec.spec.pod_cidr,
+        &rec.spec.service_cidr,
+    );
+    plan.errors.extend(errors);
+    plan.warnings.extend(warnings);
+    let spec = if r.max_parallel.is_empty() { "10" } else { r.max_parallel.as_str() };
+    let wave = match crate::plan::phases::wave_size(spec, hosts.len()) {
+        Ok(w) => w,
+        Err(e) => {
+            plan.errors.push(e.to_string());
+            1
+        }
+    };
+    if !plan.errors.is_empty() {
+        return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
+    }
+    let (p, started) = match rollouts.add_workers(&r.cluster, hosts, wave, r.dry_run) {
+        Ok(x) => x,
+        Err(e @ crate::rollout::RolloutError::Invalid(_)) => {
+            plan.errors.push(fleetadm_common::error_chain(&e));
+            return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
+        }
+        Err(e) => return Err(rollout_status(e)),
+    };
+    plan.plan_text = p.render();
+    plan.plan = Some(p.view());
+    let cluster = match started {
+        Some(rec) => Some(cluster_view(ctl, &rec, false)?),
+        None => None,
+    };
+    Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster })
+}
+
 fn expand_selectors(req: &mut PlanClusterRequest, nodes: &[crate::plan::resolve::Candidate]) -> Vec<String> {
     use crate::plan::select::Selector;
     let mut errors = Vec::new();

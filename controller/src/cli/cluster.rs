@@ -58,6 +58,10 @@ pub enum ClusterCmd {
         #[arg(short = 'o', long = "output", default_value = "yaml")]
         output: OutputFormat,
     },
+    /// Join more workers to a cluster that is up: preflight, bundle and bootstrap on the new
+    /// hosts, a fresh join token, the joins in waves behind their IPVS load balancer. The other
+    /// hosts are not touched. Run it again after a failure to resume.
+    Add(AddArgs),
     /// Take a cluster apart: kubeadm reset on every host, the workers' load balancers, the
     /// /etc/hosts blocks and what bootstrap installed; then forget it.
     Delete {
@@ -88,6 +92,29 @@ pub enum ClusterCmd {
         #[command(flatten)]
         data: DataDir,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// The cluster.
+    name: String,
+    #[command(flatten)]
+    data: DataDir,
+    /// Workers to add: IP addresses or node names, comma separated.
+    #[arg(long, value_delimiter = ',', required_unless_present = "node_selector")]
+    nodes: Vec<String>,
+    /// Choose them by label instead, among enrolled nodes in no cluster (`pool=web`).
+    #[arg(long, conflicts_with = "nodes", value_name = "SELECTOR")]
+    node_selector: Option<String>,
+    /// Workers joined at once: N or P%.
+    #[arg(long, default_value = "10")]
+    max_parallel: String,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Start the operation and return; follow it with `controller cluster status NAME --watch`.
+    #[arg(long)]
+    detach: bool,
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +176,7 @@ pub struct CreateArgs {
 pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
     match cmd {
         ClusterCmd::Create(a) => create(*a).await,
+        ClusterCmd::Add(a) => add(a).await,
         ClusterCmd::Status { name, data, output, watch } => {
             let mut c = client::connect(&data.data_dir).await?;
             if watch {
@@ -362,6 +390,60 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
     }
     let view = follow(&mut c, &view.name).await?;
     outcome(&view)
+}
+
+async fn add(a: AddArgs) -> anyhow::Result<()> {
+    let mut c = client::connect(&a.data.data_dir).await?;
+    let resp = c
+        .add_cluster_hosts(fleetadm_proto::ChangeClusterRequest {
+            cluster: a.name.clone(),
+            nodes: a.nodes.clone(),
+            node_selector: a.node_selector.clone().unwrap_or_default(),
+            max_parallel: a.max_parallel.clone(),
+            dry_run: a.dry_run,
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let plan = resp.plan.unwrap_or_default();
+    for w in &plan.warnings {
+        eprintln!("warning: {}", term(w));
+    }
+    if !plan.errors.is_empty() {
+        for e in &plan.errors {
+            eprintln!("error: {}", term(e));
+        }
+        anyhow::bail!("cluster add refused with {} error(s); nothing was changed", plan.errors.len());
+    }
+    if a.dry_run {
+        print!("{}", plan.plan_text);
+        return Ok(());
+    }
+    let Some(started) = resp.cluster else {
+        anyhow::bail!("the controller recorded no operation (a controller older than this CLI?)");
+    };
+    let view = parse_view(&started)?;
+    eprintln!(
+        "cluster {}: {} recorded ({} tasks); running in the controller",
+        view.name, view.operation, view.counts.total
+    );
+    if a.detach {
+        println!("follow it with: controller cluster status {} --watch", view.name);
+        return Ok(());
+    }
+    let view = follow(&mut c, &view.name).await?;
+    match view.state {
+        ClusterState::Succeeded => {
+            println!("{}", term(&view.message));
+            Ok(())
+        }
+        ClusterState::Failed => anyhow::bail!(
+            "{}\nsee `controller cluster logs {}`; run the same add again to retry (finished work is kept)",
+            view.message,
+            view.name
+        ),
+        ClusterState::Running => anyhow::bail!("cluster {} is still running", view.name),
+    }
 }
 
 fn outcome(view: &ClusterView) -> anyhow::Result<()> {

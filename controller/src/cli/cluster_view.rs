@@ -43,6 +43,9 @@ pub struct ClusterView {
     pub name: String,
     pub state: ClusterState,
     pub phase: String,
+    /// What the current plan does ("create", "add workers h6", "delete").
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub operation: String,
     pub message: String,
     pub version: String,
     pub vip: String,
@@ -129,6 +132,7 @@ impl TryFrom<&pb::ClusterView> for ClusterView {
             name: v.name.clone(),
             state: cluster_state(v.state)?,
             phase: v.phase.clone(),
+            operation: v.operation.clone(),
             message: v.message.clone(),
             version: v.version.clone(),
             vip: v.vip.clone(),

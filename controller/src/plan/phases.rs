@@ -278,6 +278,95 @@ pub fn build(shape: &ClusterShape) -> Plan {
     Plan { cluster: c.to_string(), phases }
 }
 
+/// The plan that joins the workers `added` (already in `shape.workers`) to a running cluster:
+/// preflight, bundle and bootstrap, /etc/hosts and the load balancer on the new hosts only, a
+/// fresh join token on master0, the joins in waves, their IPVS guard, and the token deleted.
+/// The other hosts are not touched: their masters are unchanged.
+pub fn add_workers(shape: &ClusterShape, added: &[String]) -> Plan {
+    let c = shape.name.as_str();
+    let master0 = &shape.masters[0];
+    let new: Vec<&PlannedHost> = shape.workers.iter().filter(|w| added.contains(&w.node)).collect();
+    let each = |phase: PhaseName, kind: StepKind, desc: &dyn Fn(&PlannedHost) -> String| -> Vec<Task> {
+        new.iter().map(|h| task(c, phase, &h.node, kind, desc(h))).collect()
+    };
+    let mut phases = vec![Phase {
+        name: PhaseName::Preflight,
+        steps: vec![each(PhaseName::Preflight, StepKind::Preflight, &|_| "host checks: ports free, swap off".into())],
+        note: None,
+    }];
+    match &shape.bundle {
+        Some(b) => {
+            phases.push(Phase {
+                name: PhaseName::Distribute,
+                steps: vec![each(PhaseName::Distribute, StepKind::FetchBundle, &|_| format!("fetch bundle {b}"))],
+                note: None,
+            });
+            phases.push(Phase {
+                name: PhaseName::Bootstrap,
+                steps: vec![each(PhaseName::Bootstrap, StepKind::Bootstrap, &|_| {
+                    "install binaries, units, modules, sysctls, images".into()
+                })],
+                note: None,
+            });
+        }
+        None => {
+            let note = Some("no bundle: the hosts already carry kubeadm, kubelet and a runtime".to_string());
+            phases.push(Phase { name: PhaseName::Distribute, steps: vec![], note: note.clone() });
+            phases.push(Phase { name: PhaseName::Bootstrap, steps: vec![], note });
+        }
+    }
+    phases.push(Phase {
+        name: PhaseName::Hosts,
+        steps: vec![each(PhaseName::Hosts, StepKind::Hosts, &|_| {
+            format!("/etc/hosts: apiserver.cluster.local -> {} (VIP)", shape.vip)
+        })],
+        note: Some("the new hosts only".into()),
+    });
+    phases.push(Phase {
+        name: PhaseName::JoinToken,
+        steps: vec![vec![task(
+            c,
+            PhaseName::JoinToken,
+            &master0.node,
+            StepKind::JoinToken,
+            "kubeadm token create: this operation's join token (short-lived)".into(),
+        )]],
+        note: None,
+    });
+    let rs: Vec<String> = shape.masters.iter().map(|m| format!("{}:6443", m.ip)).collect();
+    let mut waves = Vec::new();
+    for wave in new.chunks(shape.wave_size.max(1)) {
+        waves.push(
+            wave.iter()
+                .map(|w| {
+                    let desc = format!("IPVS {}:6443 -> {}", shape.vip, rs.join(", "));
+                    task(c, PhaseName::JoinWorkers, &w.node, StepKind::Lb, desc)
+                })
+                .collect(),
+        );
+        waves.push(
+            wave.iter()
+                .map(|w| task(c, PhaseName::JoinWorkers, &w.node, StepKind::KubeadmJoin, "kubeadm join".into()))
+                .collect(),
+        );
+    }
+    phases.push(Phase { name: PhaseName::JoinWorkers, steps: waves, note: None });
+    let sync = each(PhaseName::SyncIpvs, StepKind::Lb, &|_| format!("guard IPVS real servers {}", rs.join(", ")));
+    phases.push(Phase { name: PhaseName::SyncIpvs, steps: vec![sync], note: None });
+    phases.push(Phase {
+        name: PhaseName::Record,
+        steps: vec![vec![task(
+            c,
+            PhaseName::Record,
+            &master0.node,
+            StepKind::DropToken,
+            "kubeadm token delete: this operation's join tokens".into(),
+        )]],
+        note: Some("record the cluster".into()),
+    });
+    Plan { cluster: c.to_string(), phases }
+}
+
 /// The plan that takes a cluster apart again: kubeadm reset everywhere (workers first, then the
 /// masters), the workers' load balancers, the /etc/hosts blocks, and (with a bundle) what
 /// bootstrap installed.
@@ -453,6 +542,28 @@ mod tests {
         assert!(hosts.iter().find(|t| t.host() == "m2").unwrap().description.contains("10.77.0.11"));
         assert!(hosts.iter().find(|t| t.host() == "w11").unwrap().description.contains("10.103.97.2"));
         assert!(plan.render().contains("kubeadm join --control-plane"));
+    }
+
+    #[test]
+    fn adding_workers_touches_only_them_and_master0s_token() {
+        let mut s = shape(3, 2, 1);
+        let before = build(&s);
+        s.workers.push(PlannedHost { node: "w21".into(), ip: "10.77.0.31".parse().unwrap() });
+        s.workers.push(PlannedHost { node: "w22".into(), ip: "10.77.0.32".parse().unwrap() });
+        let plan = add_workers(&s, &["w21".into(), "w22".into()]);
+        let hosts: std::collections::BTreeSet<&str> = plan.tasks().map(|t| t.host()).collect();
+        assert_eq!(hosts.into_iter().collect::<Vec<_>>(), ["m1", "w21", "w22"]);
+        let on_m1: Vec<StepKind> = plan.tasks().filter(|t| t.host() == "m1").map(|t| t.kind()).collect();
+        assert_eq!(on_m1, [StepKind::JoinToken, StepKind::DropToken], "master0 only makes and drops the token");
+        let jw = plan.phases.iter().find(|p| p.name == PhaseName::JoinWorkers).unwrap();
+        // waves of one: lb, join, lb, join
+        assert_eq!(jw.steps.len(), 4);
+        assert!(jw.steps[0][0].kind() == StepKind::Lb && jw.steps[1][0].kind() == StepKind::KubeadmJoin);
+        assert!(jw.steps[0][0].description.contains("10.77.0.11:6443, 10.77.0.12:6443, 10.77.0.13:6443"));
+        // The token tasks are the create's (same ids, run again); the new hosts' are new ids.
+        let old: std::collections::BTreeSet<String> = before.tasks().map(|t| t.id.to_string()).collect();
+        let reused: Vec<String> = plan.tasks().map(|t| t.id.to_string()).filter(|id| old.contains(id)).collect();
+        assert_eq!(reused, ["lab/join-token/m1/join-token", "lab/record/m1/drop-token"]);
     }
 
     #[test]

@@ -77,6 +77,81 @@ fn resolve<'a>(r: &str, nodes: &'a [Candidate]) -> Resolution<'a> {
     }
 }
 
+/// Resolves host references, collecting what is wrong with them: unknown and disconnected
+/// hosts are listed together (one line each), a host named twice is refused.
+#[derive(Default)]
+pub struct Picker {
+    seen: std::collections::BTreeSet<String>,
+    unknown: Vec<String>,
+    offline: Vec<String>,
+    errors: Vec<String>,
+}
+
+impl Picker {
+    pub fn pick<'a>(&mut self, refs: &[String], nodes: &'a [Candidate]) -> Vec<(PlannedHost, &'a Candidate)> {
+        let mut out = Vec::new();
+        for r in refs {
+            match resolve(r, nodes) {
+                Resolution::Unknown => self.unknown.push(r.clone()),
+                Resolution::Refused(why) => self.errors.push(why),
+                Resolution::Found(c, ip) => {
+                    if !self.seen.insert(c.record.name.clone()) {
+                        self.errors.push(format!("host {r} ({}) is listed twice", c.record.name));
+                        continue;
+                    }
+                    if !c.connected || c.record.revoked {
+                        self.offline.push(format!("{r} ({})", c.record.name));
+                    }
+                    out.push((PlannedHost { node: c.record.name.clone(), ip }, c));
+                }
+            }
+        }
+        out
+    }
+
+    /// The errors found (empty when every reference resolved to a connected node).
+    pub fn finish(mut self) -> Vec<String> {
+        if !self.unknown.is_empty() {
+            self.errors.push(format!(
+                "unknown hosts (not enrolled; see `controller nodes list`): {}",
+                self.unknown.join(", ")
+            ));
+        }
+        if !self.offline.is_empty() {
+            self.errors.push(format!("disconnected hosts (is node-agent running there?): {}", self.offline.join(", ")));
+        }
+        self.errors
+    }
+}
+
+/// Workers to add to the cluster `shape`: resolved, connected, checked like a create's hosts
+/// (inventory preflight as workers of this cluster's VIP and CIDRs).
+pub fn resolve_additions(
+    refs: &[String],
+    nodes: &[Candidate],
+    shape: &ClusterShape,
+    pod_cidr: &str,
+    service_cidr: &str,
+) -> (Vec<PlannedHost>, Vec<String>, Vec<String>) {
+    let mut picker = Picker::default();
+    let picked = picker.pick(refs, nodes);
+    let mut errors = picker.finish();
+    let mut warnings = Vec::new();
+    if refs.is_empty() {
+        errors.push("name the workers to add (--nodes or --node-selector)".into());
+    }
+    let facts: Vec<(String, Option<Inventory>, i64)> =
+        picked.iter().map(|(h, c)| (h.node.clone(), c.facts.clone(), c.record.clock_skew_ms)).collect();
+    for f in preflight::check(&facts, 0, shape.vip, pod_cidr, service_cidr) {
+        let line = format!("{}: {}", f.host, f.message);
+        match f.severity {
+            Severity::Error => errors.push(line),
+            Severity::Warning => warnings.push(line),
+        }
+    }
+    (picked.into_iter().map(|(h, _)| h).collect(), errors, warnings)
+}
+
 /// The outcome of resolving a request: what `--dry-run` prints, and (when there are no errors)
 /// what the rollout is built from.
 pub struct Resolved {
@@ -134,37 +209,10 @@ pub fn resolve_request(req: &PlanClusterRequest, nodes: &[Candidate]) -> Resolve
             1
         }
     };
-    let mut unknown = Vec::new();
-    let mut offline = Vec::new();
-    let mut seen = std::collections::BTreeSet::new();
-    let mut pick = |refs: &[String]| -> Vec<(PlannedHost, &Candidate)> {
-        let mut out = Vec::new();
-        for r in refs {
-            match resolve(r, nodes) {
-                Resolution::Unknown => unknown.push(r.clone()),
-                Resolution::Refused(why) => resp.errors.push(why),
-                Resolution::Found(c, ip) => {
-                    if !seen.insert(c.record.name.clone()) {
-                        resp.errors.push(format!("host {r} ({}) is listed twice", c.record.name));
-                        continue;
-                    }
-                    if !c.connected || c.record.revoked {
-                        offline.push(format!("{r} ({})", c.record.name));
-                    }
-                    out.push((PlannedHost { node: c.record.name.clone(), ip }, c));
-                }
-            }
-        }
-        out
-    };
-    let m = pick(&masters);
-    let w = pick(&workers);
-    if !unknown.is_empty() {
-        resp.errors.push(format!("unknown hosts (not enrolled; see `controller nodes list`): {}", unknown.join(", ")));
-    }
-    if !offline.is_empty() {
-        resp.errors.push(format!("disconnected hosts (is node-agent running there?): {}", offline.join(", ")));
-    }
+    let mut picker = Picker::default();
+    let m = picker.pick(&masters, nodes);
+    let w = picker.pick(&workers, nodes);
+    resp.errors.extend(picker.finish());
     let mut planned = None;
     if let Some(vip) = vip {
         let facts: Vec<(String, Option<Inventory>, i64)> =

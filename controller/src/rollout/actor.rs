@@ -124,13 +124,24 @@ impl Actor {
             self.save_cluster().await?;
         }
         let failed = &self.rec.failed_workers;
-        let mut summary = format!(
-            "cluster {} is ready: {} masters, {} workers in {:.0}s",
-            self.rec.name,
-            self.rec.shape.masters.len(),
-            self.rec.shape.workers.len() - failed.len(),
-            started.elapsed().as_secs_f64()
-        );
+        let mut summary = match &self.rec.operation {
+            record::Operation::AddWorkers { hosts } => format!(
+                "cluster {}: {} of {} new workers joined in {:.0}s ({} masters, {} workers now)",
+                self.rec.name,
+                hosts.len() - hosts.iter().filter(|h| failed.contains(h)).count(),
+                hosts.len(),
+                started.elapsed().as_secs_f64(),
+                self.rec.shape.masters.len(),
+                self.rec.shape.workers.len() - failed.len(),
+            ),
+            _ => format!(
+                "cluster {} is ready: {} masters, {} workers in {:.0}s",
+                self.rec.name,
+                self.rec.shape.masters.len(),
+                self.rec.shape.workers.len() - failed.len(),
+                started.elapsed().as_secs_f64()
+            ),
+        };
         if !failed.is_empty() {
             summary.push_str(&format!(" ({} workers failed: {})", failed.len(), failed.join(", ")));
         }
@@ -234,7 +245,7 @@ impl Actor {
         let now = now_unix_ms();
         let facts = Facts {
             state: tr.state,
-            attempt: tr.attempt,
+            attempt: tr.attempts_made(),
             max_attempts: t.kind().max_attempts(),
             since_finished_ms: now.saturating_sub(tr.finished_ms),
             since_dispatched_ms: now.saturating_sub(tr.dispatched_ms),
@@ -317,7 +328,7 @@ impl Actor {
             }
             Next::HostGone => {
                 tr.state = TaskState::Failed;
-                tr.attempt = tr.attempt.max(t.kind().max_attempts());
+                tr.attempt = tr.attempt.max(tr.first_attempt + t.kind().max_attempts());
                 tr.finished_ms = now;
                 tr.output = format!(
                     "host {} has not been connected for {}s; is node-agent running there?",
@@ -330,7 +341,7 @@ impl Actor {
             }
             Next::Exhausted => {
                 let last = tr.output.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
-                let why = format!("{}: {} failed after {} attempt(s): {last}", tr.host, tr.kind, tr.attempt);
+                let why = format!("{}: {} failed after {} attempt(s): {last}", tr.host, tr.kind, tr.attempts_made());
                 let Some(allowed) = budget else { return Err(Stop::Failed(why)) };
                 if !self.rec.failed_workers.contains(&tr.host) {
                     self.rec.failed_workers.push(tr.host.clone());

@@ -13,7 +13,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
 use super::actor::{Actor, Msg};
-use super::record::{self, ClusterRecord, ClusterSecrets, ClusterSpec, ClusterState, TaskRecord, TaskState};
+use super::record::{self, ClusterRecord, ClusterSecrets, ClusterSpec, ClusterState, Operation, TaskRecord, TaskState};
 use super::report::{self, Applied};
 use super::token;
 use crate::audit::{Audit, NewEvent};
@@ -77,7 +77,14 @@ pub struct NewCluster {
     pub validity: Duration,
 }
 
-type Actors = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Msg>>>>;
+/// A running actor's inbox, and whether a new operation was recorded while it was finishing
+/// (then the same task starts a fresh actor for it once the old one is done).
+struct Slot {
+    tx: mpsc::UnboundedSender<Msg>,
+    again: bool,
+}
+
+type Actors = Arc<Mutex<HashMap<String, Slot>>>;
 
 pub struct Rollouts {
     store: Arc<dyn Store>,
@@ -141,6 +148,12 @@ impl Rollouts {
             if old.state != ClusterState::Failed {
                 return Err(RolloutError::Exists { name, state: old.state });
             }
+            if old.operation != Operation::Create {
+                return Err(RolloutError::Invalid(format!(
+                    "cluster {name} exists; its last operation ({}) failed: run that again (see `controller cluster status {name}`)",
+                    old.operation
+                )));
+            }
             if old.shape.masters != new.shape.masters || old.shape.workers != new.shape.workers {
                 return Err(RolloutError::Invalid(format!(
                     "cluster {name} failed earlier with different hosts; a retry must name the same hosts"
@@ -181,6 +194,7 @@ impl Rollouts {
         let ca_cert_hash = ca_pin(&pki.ca_cert_pem)?;
         let plan = phases::build(&new.shape);
         let now = now_unix_ms();
+        let attempt_floor = get_json::<u32>(&*self.store, Table::Meta, &floor_key(&name))?.unwrap_or(0);
         let rec = ClusterRecord {
             name: name.clone(),
             created_ms: now,
@@ -203,9 +217,11 @@ impl Rollouts {
             conditions: vec![],
             bundle_files: new.bundle_files,
             deleting: false,
+            operation: Operation::Create,
+            attempt_floor,
         };
         // Tasks first, the cluster record last: a crash in between leaves no half-recorded cluster.
-        self.record_tasks(&rec.plan)?;
+        self.record_tasks(&rec.plan, rec.attempt_floor)?;
         put_json(&*self.store, Table::Clusters, &name, &rec, Durability::Flush)?;
         tracing::info!(cluster = %name, tasks = rec.plan.tasks().count(), "cluster recorded; rollout starting");
         self.spawn(&name);
@@ -225,16 +241,20 @@ impl Rollouts {
             tracing::warn!(cluster = name, "cluster forgotten without resetting its hosts (--force)");
             return Ok(None);
         }
-        if busy || (rec.state == ClusterState::Running && !rec.deleting) {
-            return Err(RolloutError::Invalid(format!(
-                "cluster {name} is still rolling out; wait for it to finish (cluster status {name} --watch)"
-            )));
+        // Busy while its record says so (an actor that has recorded the end is only finishing).
+        if rec.state == ClusterState::Running {
+            return Err(RolloutError::Invalid(if rec.deleting {
+                format!("cluster {name} is being deleted already (cluster status {name} --watch)")
+            } else {
+                format!("cluster {name} is still rolling out; wait for it to finish (cluster status {name} --watch)")
+            }));
         }
         if !rec.deleting {
             let plan = phases::teardown(&rec.shape);
-            self.record_tasks(&plan)?;
+            self.record_tasks(&plan, rec.attempt_floor)?;
             rec.plan = plan;
             rec.deleting = true;
+            rec.operation = Operation::Delete;
             rec.conditions.clear();
         }
         for mut t in self.tasks(name)? {
@@ -255,12 +275,104 @@ impl Rollouts {
     }
 
     /// Store every task of `plan` as pending (flushed by the cluster record written after them).
-    fn record_tasks(&self, plan: &phases::Plan) -> Result<(), RolloutError> {
+    /// A task an earlier operation ran keeps its attempt counter ([`TaskRecord::again`]); a new
+    /// one starts above `floor`.
+    fn record_tasks(&self, plan: &phases::Plan, floor: u32) -> Result<(), RolloutError> {
         for t in plan.tasks() {
-            let tr = TaskRecord::new(t.id.clone());
+            let tr = match get_json::<TaskRecord>(&*self.store, Table::Tasks, &t.id.to_string())? {
+                Some(old) => old.again(),
+                None => TaskRecord::above(t.id.clone(), floor),
+            };
             put_json(&*self.store, Table::Tasks, &tr.key(), &tr, Durability::Lazy)?;
         }
         Ok(())
+    }
+
+    /// `cluster add --nodes`: plan (and unless `dry_run`, start) the join of `new` workers to a
+    /// cluster that is up. A failed earlier add of the same workers is resumed.
+    pub fn add_workers(
+        &self,
+        name: &str,
+        new: Vec<phases::PlannedHost>,
+        wave_size: usize,
+        dry_run: bool,
+    ) -> Result<(phases::Plan, Option<ClusterRecord>), RolloutError> {
+        let mut rec = self.get(name)?;
+        if new.is_empty() {
+            return Err(RolloutError::Invalid("name at least one host to add (--nodes)".into()));
+        }
+        let names: Vec<String> = new.iter().map(|h| h.node.clone()).collect();
+        let retry =
+            rec.state == ClusterState::Failed && rec.operation == Operation::AddWorkers { hosts: names.clone() };
+        // Busy while its record says so (an actor that has recorded the end is only finishing).
+        if rec.state == ClusterState::Running {
+            return Err(RolloutError::Invalid(format!(
+                "cluster {name} is busy ({}); wait for it to finish (cluster status {name} --watch)",
+                rec.operation
+            )));
+        }
+        if rec.deleting {
+            return Err(RolloutError::Invalid(format!("cluster {name} is being deleted")));
+        }
+        if rec.state == ClusterState::Failed && !retry {
+            return Err(RolloutError::Invalid(format!(
+                "cluster {name}: its last operation ({}) failed: {}; retry that first",
+                rec.operation, rec.message
+            )));
+        }
+        {
+            for other in self.list()? {
+                let taken: Vec<&str> = other
+                    .shape
+                    .masters
+                    .iter()
+                    .chain(other.shape.workers.iter())
+                    .map(|h| h.node.as_str())
+                    .filter(|n| names.iter().any(|m| m == n))
+                    .collect();
+                if !taken.is_empty() {
+                    let whose =
+                        if other.name == name { "this cluster".to_string() } else { format!("cluster {}", other.name) };
+                    return Err(RolloutError::Invalid(format!(
+                        "hosts already belong to {whose}: {}",
+                        taken.join(", ")
+                    )));
+                }
+            }
+        }
+        if retry {
+            if dry_run {
+                return Ok((rec.plan.clone(), None));
+            }
+            let plan = rec.plan.clone();
+            return Ok((plan, Some(self.resume_failed(rec)?)));
+        }
+        let mut shape = rec.shape.clone();
+        shape.workers.extend(new.iter().cloned());
+        shape.wave_size = wave_size.max(1);
+        let plan = phases::add_workers(&shape, &names);
+        if dry_run {
+            return Ok((plan, None));
+        }
+        record::failure_budget(&rec.spec.max_failures, shape.workers.len())?;
+        self.record_tasks(&plan, rec.attempt_floor)?;
+        rec.shape = shape;
+        rec.plan = plan.clone();
+        rec.operation = Operation::AddWorkers { hosts: names };
+        // Only this operation's workers may be left out.
+        rec.failed_workers.clear();
+        rec.conditions.retain(|c| c.kind == "Ready");
+        // The join token of this operation (the create's is long gone).
+        self.new_join_token(&mut rec)?;
+        rec.state = ClusterState::Running;
+        rec.phase = plan.phases.first().map(|p| p.name).unwrap_or(PhaseName::Preflight);
+        rec.message = format!("{}", rec.operation);
+        rec.finished_ms = 0;
+        rec.updated_ms = now_unix_ms();
+        put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
+        tracing::info!(cluster = name, operation = %rec.operation, "operation recorded; rollout starting");
+        self.spawn(name);
+        Ok((plan, Some(rec)))
     }
 
     fn resume_failed(&self, mut rec: ClusterRecord) -> Result<ClusterRecord, RolloutError> {
@@ -320,39 +432,60 @@ impl Rollouts {
         Ok(n)
     }
 
-    /// Start the cluster's actor unless it runs already. Call within the tokio runtime.
+    /// Start the cluster's actor unless it runs already (an actor that is finishing starts a new
+    /// one for the newly recorded operation when it is done). Call within the tokio runtime.
     fn spawn(&self, name: &str) {
         let (tx, rx) = mpsc::unbounded_channel();
         {
             let Ok(mut actors) = self.actors.lock() else { return };
-            if actors.contains_key(name) {
+            if let Some(slot) = actors.get_mut(name) {
+                slot.again = true;
                 return;
             }
-            actors.insert(name.to_string(), tx);
+            actors.insert(name.to_string(), Slot { tx, again: false });
         }
         let (store, sessions, settings, actors, audit) =
             (self.store.clone(), self.sessions.clone(), self.settings.clone(), self.actors.clone(), self.audit.clone());
         let name = name.to_string();
         tokio::spawn(async move {
-            let leftovers = match Actor::load(&name, store.clone(), sessions, settings, audit.clone(), rx).await {
-                Ok(mut actor) => {
-                    run_to_end(&mut actor, &store).await;
-                    // Unregister first, then answer what was queued from the store: everything
-                    // this actor wrote is there, and new reports no longer reach it.
-                    unregister(&actors, &name);
-                    Some(actor.close())
-                }
-                Err(e) => {
-                    tracing::error!(cluster = %name, error = %fleetadm_common::error_chain(&e), "cannot start the rollout");
-                    unregister(&actors, &name);
-                    None
-                }
-            };
-            if let Some(mut rx) = leftovers {
-                while let Some(m) = rx.recv().await {
-                    if let Msg::Report { id, node, report, reply } = m {
-                        let _ = reply.send(report_to_store(store.clone(), &audit, id, node, report).await);
+            let mut rx = rx;
+            loop {
+                let (leftovers, next) = match Actor::load(
+                    &name,
+                    store.clone(),
+                    sessions.clone(),
+                    settings.clone(),
+                    audit.clone(),
+                    rx,
+                )
+                .await
+                {
+                    Ok(mut actor) => {
+                        run_to_end(&mut actor, &store).await;
+                        // Unregister first, then answer what was queued from the store: everything
+                        // this actor wrote is there, and new reports no longer reach it.
+                        let next = unregister(&actors, &name);
+                        (Some(actor.close()), next)
                     }
+                    Err(e) => {
+                        tracing::error!(cluster = %name, error = %fleetadm_common::error_chain(&e), "cannot start the rollout");
+                        (None, unregister(&actors, &name))
+                    }
+                };
+                if let Some(mut old) = leftovers {
+                    old.close();
+                    while let Some(m) = old.recv().await {
+                        if let Msg::Report { id, node, report, reply } = m {
+                            let _ = reply.send(report_to_store(store.clone(), &audit, id, node, report).await);
+                        }
+                    }
+                }
+                match next {
+                    Some(new_rx) => {
+                        tracing::info!(cluster = %name, "starting the next operation's rollout");
+                        rx = new_rx;
+                    }
+                    None => break,
                 }
             }
         });
@@ -387,16 +520,39 @@ async fn run_to_end(actor: &mut Actor, store: &Arc<dyn Store>) {
     }
 }
 
-fn unregister(actors: &Actors, name: &str) {
-    if let Ok(mut a) = actors.lock() {
-        a.remove(name);
+/// Remove a finished actor's slot; when a new operation was recorded meanwhile, give the slot a
+/// new inbox instead and return it (the caller runs the next actor on it).
+fn unregister(actors: &Actors, name: &str) -> Option<mpsc::UnboundedReceiver<Msg>> {
+    let mut a = actors.lock().ok()?;
+    match a.get_mut(name) {
+        Some(slot) if slot.again => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            *slot = Slot { tx, again: false };
+            Some(rx)
+        }
+        _ => {
+            a.remove(name);
+            None
+        }
     }
 }
 
-/// Remove a cluster's record and tasks.
+/// Where the highest attempt number of a forgotten cluster's tasks is kept (see
+/// [`ClusterRecord::attempt_floor`]).
+fn floor_key(cluster: &str) -> String {
+    format!("attempt-floor/{cluster}")
+}
+
+/// Remove a cluster's record and tasks, keeping the attempt numbers they used: a new cluster of
+/// this name numbers its attempts above them (the agents' journals still hold the old ones).
 fn forget(store: &dyn Store, name: &str) -> Result<(), RolloutError> {
     let tasks: Vec<TaskRecord> = list_prefix_json(store, Table::Tasks, &TaskId::cluster_prefix(name))?;
-    for t in tasks.iter().filter(|t| t.cluster == name) {
+    let tasks: Vec<TaskRecord> = tasks.into_iter().filter(|t| t.cluster == name).collect();
+    let old = get_json::<u32>(store, Table::Meta, &floor_key(name))?.unwrap_or(0);
+    let rec_floor = get_json::<ClusterRecord>(store, Table::Clusters, name)?.map(|r| r.attempt_floor).unwrap_or(0);
+    let floor = tasks.iter().map(|t| t.attempt).chain([old, rec_floor]).max().unwrap_or(0);
+    put_json(store, Table::Meta, &floor_key(name), &floor, Durability::Flush)?;
+    for t in &tasks {
         store.remove(Table::Tasks, &t.key(), Durability::Lazy)?;
     }
     store.remove(Table::Clusters, name, Durability::Flush)?;
@@ -459,7 +615,7 @@ impl TaskEvents for Rollouts {
                 caller: node.to_string(),
             });
         }
-        let actor = self.actors.lock().ok().and_then(|a| a.get(&id.cluster).cloned());
+        let actor = self.actors.lock().ok().and_then(|a| a.get(&id.cluster).map(|s| s.tx.clone()));
         if let Some(tx) = actor {
             let (reply, answer) = oneshot::channel();
             let msg = Msg::Report { id: id.clone(), node: node.to_string(), report: report.clone(), reply };
@@ -473,7 +629,7 @@ impl TaskEvents for Rollouts {
     }
 
     fn session_opened(&self, _node: &str) {
-        let actors: Vec<_> = self.actors.lock().map(|a| a.values().cloned().collect()).unwrap_or_default();
+        let actors: Vec<_> = self.actors.lock().map(|a| a.values().map(|s| s.tx.clone()).collect()).unwrap_or_default();
         for tx in actors {
             let _ = tx.send(Msg::HostChanged);
         }
@@ -705,6 +861,64 @@ mod tests {
         assert_eq!((jt.state, jt.attempt), (TaskState::Skipped, 0), "never sent to an agent that cannot run it");
         assert!(jt.output.contains("cannot run kubeadm-token-v1") && jt.output.contains("init configuration"));
         assert_eq!(stored(&store, "lab/join-workers/w1/kubeadm-join").state, TaskState::Succeeded);
+    }
+
+    #[tokio::test]
+    async fn workers_added_later_join_with_a_fresh_token_and_attempts_never_repeat() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let sessions = Sessions::new(|_| {});
+        let r = Rollouts::new(store.clone(), sessions.clone(), fast());
+        let created = r.create(new_cluster()).unwrap();
+        let all = TaskKind::all_capabilities();
+        let _m1 = obliging_agent(&r, &sessions, "m1", all.clone());
+        let _w1 = obliging_agent(&r, &sessions, "w1", all.clone());
+        wait_for("the create to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let jt = "lab/join-token/m1/join-token";
+        assert_eq!(stored(&store, jt).attempt, 1);
+        let w2 = PlannedHost { node: "w2".into(), ip: "10.0.0.3".parse().unwrap() };
+
+        // Refused: a host already in the cluster; nothing is recorded.
+        let w1 = PlannedHost { node: "w1".into(), ip: "10.0.0.2".parse().unwrap() };
+        assert!(
+            matches!(r.add_workers("lab", vec![w1], 1, false), Err(RolloutError::Invalid(m)) if m.contains("this cluster"))
+        );
+        assert!(matches!(r.add_workers("nosuch", vec![w2.clone()], 1, false), Err(RolloutError::NotFound(_))));
+        // A dry run only plans.
+        let (plan, none) = r.add_workers("lab", vec![w2.clone()], 1, true).unwrap();
+        assert!(none.is_none() && plan.tasks().any(|t| t.host() == "w2"));
+        assert_eq!(r.get("lab").unwrap().shape.workers.len(), 1);
+
+        let (_, rec) = r.add_workers("lab", vec![w2.clone()], 1, false).unwrap();
+        let rec = rec.unwrap();
+        assert_eq!(rec.operation, Operation::AddWorkers { hosts: vec!["w2".into()] });
+        assert_ne!(rec.secrets.bootstrap_token, created.secrets.bootstrap_token, "a token of its own");
+        assert!(
+            matches!(r.add_workers("lab", vec![w2.clone()], 1, false), Err(RolloutError::Invalid(m)) if m.contains("busy"))
+        );
+        let _w2 = obliging_agent(&r, &sessions, "w2", all.clone());
+        wait_for("the add to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let done = r.get("lab").unwrap();
+        assert_eq!(done.state, ClusterState::Succeeded, "{}", done.message);
+        assert!(done.message.contains("1 of 1 new workers joined"), "{}", done.message);
+        assert_eq!(done.shape.workers.iter().map(|w| w.node.as_str()).collect::<Vec<_>>(), ["w1", "w2"]);
+        let t = stored(&store, jt);
+        assert_eq!((t.state, t.attempt, t.first_attempt), (TaskState::Succeeded, 2, 1), "ran again as attempt 2");
+        assert_eq!(stored(&store, "lab/join-workers/w2/kubeadm-join").state, TaskState::Succeeded);
+        let w1_join = stored(&store, "lab/join-workers/w1/kubeadm-join");
+        assert_eq!((w1_join.state, w1_join.attempt), (TaskState::Succeeded, 1), "the existing worker was not touched");
+        let view = super::super::view::build(&done, &r.tasks("lab").unwrap(), false);
+        assert_eq!(view.operation, "add workers w2");
+        assert!(view.hosts.iter().find(|h| h.name == "w1").unwrap().tasks.is_empty(), "the plan is the add's");
+
+        // Deleted and created again under the same name: the new tasks' attempts start above
+        // every attempt the agents may still have in their journals.
+        let _ = r.delete("lab", false).unwrap();
+        wait_for("the delete to finish", || matches!(r.get("lab"), Err(RolloutError::NotFound(_)))).await;
+        let again = r.create(new_cluster()).unwrap();
+        assert_eq!(again.attempt_floor, 2);
+        let t = stored(&store, jt);
+        assert_eq!((t.state, t.attempt, t.first_attempt), (TaskState::Pending, 2, 2));
     }
 
     #[tokio::test]

@@ -39,6 +39,30 @@ pub struct ClusterSpec {
     pub image_repository: String,
 }
 
+/// What the cluster's current plan does. Day-2 operations replace the plan; finished work of an
+/// earlier operation stays in the store (its tasks keep their attempt counters).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Operation {
+    /// `cluster create` (and a retry of it).
+    #[default]
+    Create,
+    /// `cluster add --nodes`: these workers join the running cluster.
+    AddWorkers { hosts: Vec<String> },
+    /// `cluster delete`: the teardown.
+    Delete,
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Operation::Create => f.write_str("create"),
+            Operation::AddWorkers { hosts } => write!(f, "add workers {}", hosts.join(",")),
+            Operation::Delete => f.write_str("delete"),
+        }
+    }
+}
+
 /// Cluster secrets. Never leave the controller except inside a task for a host that needs them.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct ClusterSecrets {
@@ -98,6 +122,14 @@ pub struct ClusterRecord {
     /// Being taken apart (`cluster delete`): the plan is the teardown; on success the record goes.
     #[serde(default)]
     pub deleting: bool,
+    /// What the current plan does.
+    #[serde(default)]
+    pub operation: Operation,
+    /// Attempt numbers up to this one may sit in agents' task journals under ids whose records
+    /// are gone (a deleted cluster of this name): new task records start above it, so an agent
+    /// never answers a new task from an old journal entry.
+    #[serde(default)]
+    pub attempt_floor: u32,
 }
 
 impl ClusterRecord {
@@ -152,6 +184,10 @@ pub struct TaskRecord {
     pub state: TaskState,
     /// 0 until first sent; incremented on every retry.
     pub attempt: u32,
+    /// The attempt counter when the current operation recorded this task (attempts are counted
+    /// from here against the task's limit; numbers are never reused for one id).
+    #[serde(default)]
+    pub first_attempt: u32,
     #[serde(default)]
     pub dispatched_ms: u64,
     #[serde(default)]
@@ -175,12 +211,36 @@ impl TaskRecord {
             id,
             state: TaskState::Pending,
             attempt: 0,
+            first_attempt: 0,
             dispatched_ms: 0,
             finished_ms: 0,
             changed: false,
             output: String::new(),
             waiting: String::new(),
         }
+    }
+
+    /// A new record whose attempts start above `floor`.
+    pub fn above(id: TaskId, floor: u32) -> Self {
+        Self { attempt: floor, first_attempt: floor, ..Self::new(id) }
+    }
+
+    /// This task again, for a new operation: pending, its attempt counter kept (so the agent's
+    /// journal never mistakes the new attempts for the old ones), its attempt budget renewed.
+    pub fn again(mut self) -> Self {
+        self.state = TaskState::Pending;
+        self.first_attempt = self.attempt;
+        self.dispatched_ms = 0;
+        self.finished_ms = 0;
+        self.changed = false;
+        self.output.clear();
+        self.waiting.clear();
+        self
+    }
+
+    /// Attempts made in the current operation.
+    pub fn attempts_made(&self) -> u32 {
+        self.attempt.saturating_sub(self.first_attempt)
     }
 
     /// The store key.

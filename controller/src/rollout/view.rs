@@ -102,5 +102,6 @@ pub fn build(rec: &ClusterRecord, tasks: &[TaskRecord], with_output: bool) -> pb
         hosts,
         clusterfile: rec.spec.clusterfile.clone(),
         deleting: rec.deleting,
+        operation: rec.operation.to_string(),
     }
 }
