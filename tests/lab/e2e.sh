@@ -1,11 +1,12 @@
 #!/bin/bash
-# End-to-end: `controller cluster create` turns a 5-host lab fleet (3 masters, 2 workers) into a
-# cluster, with the controller killed mid-rollout. Needs a kernel with IPVS: run inside the VM
+# End-to-end: `controller cluster create` turns 5 hosts of a 6-host lab fleet (3 masters, 2
+# workers) into a cluster, with the controller killed mid-rollout; `cluster add` joins the sixth
+# as a worker later. Needs a kernel with IPVS: run inside the VM
 # (tests/vm/run.sh tests/lab/e2e.sh OUT) or on a Debian host as root. Prints TAP-ish lines and
 # "cluster-e2e: N passed, M failed"; exit code = failures.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-export LAB_DIR=${LAB_DIR:-/tmp/fleetadm-e2e} LAB_HOSTS=5 LAB_BUNDLE=1
+export LAB_DIR=${LAB_DIR:-/tmp/fleetadm-e2e} LAB_HOSTS=6 LAB_BUNDLE=1
 lab() { "$here/lab.sh" "$@"; }
 ctl() { "$here/lab.sh" ctl "$@"; }
 H() { echo "$LAB_DIR/hosts/$1"; }
@@ -26,7 +27,7 @@ trap finish EXIT
 
 modprobe ip_vs 2>/dev/null || true
 lab up || { not_ok "lab fleet comes up"; exit; }
-ok "lab fleet of 5 hosts enrolled and connected"
+ok "lab fleet of 6 hosts enrolled and connected"
 
 # --- the bundle: built from the kubeadm simulator, imported, bad ones refused
 bdir=$LAB_DIR/bundles
@@ -94,7 +95,7 @@ joined=$(cat "$(H h1)"/etc-kubernetes/sim/nodes "$(H h2)"/etc-kubernetes/sim/nod
 joined=$(sort -u <<<"$joined")
 check "masters h2, h3 joined the control plane" test "$(grep -c '^h[23] control-plane' <<<"$joined")" -eq 2
 check "workers h4, h5 joined through the VIP" test "$(grep -c '^h[45] worker' <<<"$joined")" -eq 2
-check "every host has a kubelet.conf" test "$(ls "$LAB_DIR"/hosts/h*/etc-kubernetes/kubelet.conf | wc -l)" -eq 5
+check "every cluster host has a kubelet.conf" test "$(ls "$LAB_DIR"/hosts/h*/etc-kubernetes/kubelet.conf | wc -l)" -eq 5
 ipvs_h4=$(ip netns exec flab-h4 ipvsadm -Ln)
 check "worker h4 has the IPVS VIP 10.103.97.2:6443" grep -q "TCP  10.103.97.2:6443 rr" <<<"$ipvs_h4"
 check "worker h4 balances to all 3 masters" test "$(grep -c -- '-> 10.78.0.1[123]:6443' <<<"$ipvs_h4")" -eq 3
@@ -103,7 +104,7 @@ check "local connections to the VIP leave from the worker's own address" grep -q
 check "masters have no IPVS rules" test -z "$(ip netns exec flab-h1 ipvsadm -Ln | grep '^TCP')"
 
 # --- the bundle on the hosts
-check "bootstrap installed kubeadm on every host" test "$(ls "$LAB_DIR"/hosts/h*/usr-local-bin/kubeadm | wc -l)" -eq 5
+check "bootstrap installed kubeadm on every cluster host" test "$(ls "$LAB_DIR"/hosts/h*/usr-local-bin/kubeadm | wc -l)" -eq 5
 check "bootstrap installed the kubelet unit" test -s "$(H h4)/etc-systemd-system/kubelet.service.d/10-kubeadm.conf"
 check "bootstrap persisted modules and sysctls" test -s "$(H h4)/etc-modules-load.d/fleetadm-kubernetes.conf" -a -s "$(H h4)/etc-sysctl.d/99-fleetadm-kubernetes.conf"
 check "the bundle's post-bootstrap hook ran" grep -q "post-bootstrap hook for k8s-lab" <(ctl cluster logs lab --host h4)
@@ -126,6 +127,38 @@ check "cluster get carries the status" grep -q "phase: succeeded" <<<"$got"
 check "cluster kubeconfig is the admin kubeconfig" grep -q "server: https://apiserver.cluster.local:6443" <(ctl cluster kubeconfig lab)
 again=$(ctl cluster create lab --masters h1,h2,h3 --nodes h4,h5 2>&1); rc=$?
 check "creating it again is refused (already exists)" test $rc -ne 0 -a -n "$(grep 'already exists' <<<"$again")"
+
+# --- day 2: a worker added to the running cluster; the other hosts are not touched
+out=$(ctl cluster add lab --nodes h4 2>&1); rc=$?
+check "adding a host of the cluster is refused" test $rc -ne 0 -a -n "$(grep 'already belong to this cluster: h4' <<<"$out")"
+out=$(ctl cluster add lab --nodes h6,nosuch 2>&1); rc=$?
+check "adding an unknown host is refused" test $rc -ne 0 -a -n "$(grep 'unknown hosts.*nosuch' <<<"$out")"
+out=$(ctl cluster add nosuch --nodes h6 2>&1); rc=$?
+check "adding to an unknown cluster is refused" test $rc -ne 0 -a -n "$(grep -i 'nosuch.*not found\|no cluster.*nosuch\|unknown cluster' <<<"$out")"
+plan=$(ctl cluster add lab --nodes h6 --dry-run 2>&1); rc=$?
+echo "$plan" | sed 's/^/#   /'
+check "add --dry-run plans the join of h6" test $rc -eq 0 -a -n "$(grep 'h6' <<<"$plan" | grep 'kubeadm join')"
+check "add --dry-run touches no other worker" test -z "$(grep -w 'h4\|h5' <<<"$plan")"
+check "add --dry-run records nothing" grep -q '"operation": "create"' <(status_json)
+h4_hosts=$(md5sum < "$(H h4)/hosts"); h4_kubelet=$(stat -c %Y "$(H h4)/etc-kubernetes/kubelet.conf")
+out=$(ctl cluster add lab --nodes h6 2>&1); rc=$?
+echo "$out" | tail -n 3 | sed 's/^/#   /'
+check "cluster add joins h6 (exit 0)" test $rc -eq 0 -a -n "$(grep '1 of 1 new workers joined' <<<"$out")"
+joined=$(sort -u "$(H h1)"/etc-kubernetes/sim/nodes "$(H h2)"/etc-kubernetes/sim/nodes "$(H h3)"/etc-kubernetes/sim/nodes 2>/dev/null)
+check "h6 joined the cluster as a worker" grep -q '^h6 worker' <<<"$joined"
+check "h6 has a kubelet.conf" test -s "$(H h6)/etc-kubernetes/kubelet.conf"
+check "h6 was bootstrapped from the bundle" test -x "$(H h6)/usr-local-bin/kubeadm"
+check "h6 resolves apiserver.cluster.local to the VIP" grep -q "^10.103.97.2 apiserver.cluster.local" "$(H h6)/hosts"
+check "h6 balances to all 3 masters" test "$(ip netns exec flab-h6 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[123]:6443')" -eq 3
+check "h6 got no private keys" test -z "$(find "$(H h6)/etc-kubernetes" -name '*.key')"
+check "h4's /etc/hosts not rewritten" test "$(md5sum < "$(H h4)/hosts")" = "$h4_hosts"
+check "h4 not joined again" test "$(stat -c %Y "$(H h4)/etc-kubernetes/kubelet.conf")" = "$h4_kubelet"
+check "cluster status names the operation" grep -q '"operation": "add workers h6"' <(status_json)
+tok() { sed -n 's/^ *token: *"\{0,1\}\([a-z0-9]\{6\}\.[a-z0-9]\{16\}\)"\{0,1\}$/\1/p' "$(H "$1")/etc-kubernetes/fleetadm/kubeadm-join.yaml" | head -n 1; }
+t4=$(tok h4); t6=$(tok h6)
+check "h6 joined with a token of its own (not the create's)" test -n "$t4" -a -n "$t6" -a "$t4" != "$t6"
+check "the add's token is deleted once it is done" test -n "$t6" -a -e "$(H h1)/etc-kubernetes/sim/tokens" -a -z "$(grep -F "${t6:-none}" "$(H h1)/etc-kubernetes/sim/tokens")"
+check "cluster list still shows it succeeded" grep -q "^lab .*succeeded" <(ctl cluster list)
 
 # --- an apiserver restart, measured through the VIP: on SIGTERM it fails /readyz and keeps serving
 #     for --shutdown-delay-duration; the workers' guards (probing /readyz) take it out of rotation
@@ -196,6 +229,7 @@ check "an agent restart keeps the rules (no flap; $(wc -w <<<"$samples") samples
 out=$(ctl cluster delete lab 2>&1); rc=$?
 check "cluster delete succeeds" test $rc -eq 0 -a -n "$(grep 'cluster lab deleted' <<<"$out")"
 check "workers' IPVS service removed" test -z "$(ip netns exec flab-h4 ipvsadm -Ln | grep '^TCP')"
+check "the added worker was reset too" test -z "$(ip netns exec flab-h6 ipvsadm -Ln | grep '^TCP')" -a ! -e "$(H h6)/etc-kubernetes/kubelet.conf"
 check "bootstrap undone (kubeadm removed from every host)" test -z "$(ls "$LAB_DIR"/hosts/h*/usr-local-bin/kubeadm 2>/dev/null)"
 check "kubeadm reset ran on the masters" test ! -e "$(H h2)/etc-kubernetes/manifests/kube-apiserver.yaml"
 check "managed /etc/hosts blocks removed" test -z "$(grep -l 'fleetadm managed block' "$LAB_DIR"/hosts/h*/hosts)"

@@ -1,10 +1,11 @@
-//! The main job end to end on a real kernel: tests/lab/e2e.sh inside the VM builds a 5-host lab
-//! fleet (network + mount + UTS namespaces, node-agent per host, kubeadm simulator), runs
-//! imports an offline bundle (and refuses bad ones), runs `controller cluster create --bundle`
-//! with 3 masters and 2 workers, kills the controller mid-rollout, and checks the bootstrap on
-//! every host (and that a second run changes nothing), hosts files, PKI modes, joins through the
-//! workers' IPVS VIP, the CLI views, the agent's guard, and an apiserver restart measured through
-//! the VIP (no client request may fail).
+//! The main job end to end on a real kernel: tests/lab/e2e.sh inside the VM builds a 6-host lab
+//! fleet (network + mount + UTS namespaces, node-agent per host, kubeadm simulator), imports an
+//! offline bundle (and refuses bad ones), runs `controller cluster create --bundle` with 3
+//! masters and 2 workers, kills the controller mid-rollout, and checks the bootstrap on every
+//! host (and that a second run changes nothing), hosts files, PKI modes, joins through the
+//! workers' IPVS VIP, the CLI views, a day-2 `cluster add` of the sixth host as a worker (with a
+//! token of its own, the other hosts untouched), the agent's guard, and an apiserver restart
+//! measured through the VIP (no client request may fail).
 use fleetadm_tests::vm;
 
 #[test]
@@ -15,6 +16,7 @@ fn cluster_create_end_to_end_on_a_real_kernel() {
     assert!(failed.is_empty(), "failed checks:\n{}", failed.join("\n"));
     assert!(console.contains("ok - workers h4, h5 joined through the VIP"), "join checks did not run");
     assert!(console.contains("ok - an agent restart keeps the rules"), "script did not reach its end");
+    assert!(console.contains("ok - cluster add joins h6 (exit 0)"), "day-2 add checks did not run");
     assert!(
         console.contains("ok - no client request failed during the apiserver restart"),
         "the restart measurement did not run"

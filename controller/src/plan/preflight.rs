@@ -88,7 +88,8 @@ pub fn check(
             });
         }
     }
-    if masters.is_multiple_of(2) {
+    // (0: the hosts are added to a cluster whose masters are not changing.)
+    if masters > 0 && masters.is_multiple_of(2) {
         out.push(Finding {
             severity: Severity::Warning,
             host: "-".into(),

@@ -149,6 +149,25 @@ pub fn resolve_additions(
             Severity::Warning => warnings.push(line),
         }
     }
+    // Kubernetes node names must stay unique across the whole cluster, not only among the new.
+    let members: Vec<&str> = shape.masters.iter().chain(shape.workers.iter()).map(|h| h.node.as_str()).collect();
+    for (h, c) in &picked {
+        let Some(hostname) = c.facts.as_ref().map(|f| f.hostname.as_str()).filter(|n| !n.is_empty()) else {
+            continue;
+        };
+        let clash = nodes.iter().find(|o| {
+            o.record.name != h.node
+                && members.contains(&o.record.name.as_str())
+                && o.facts.as_ref().is_some_and(|f| f.hostname == hostname)
+        });
+        if let Some(o) = clash {
+            errors.push(format!(
+                "{}: its hostname {hostname:?} is already the node name of {} in cluster {}; \
+                 Kubernetes node names must be unique (hostnamectl set-hostname)",
+                h.node, o.record.name, shape.name
+            ));
+        }
+    }
     (picked.into_iter().map(|(h, _)| h).collect(), errors, warnings)
 }
 
@@ -286,6 +305,48 @@ mod tests {
             Resolution::Unknown => Err("unknown".into()),
             Resolution::Refused(why) => Err(why),
         }
+    }
+
+    #[test]
+    fn additions_are_checked_against_the_cluster_they_join() {
+        let named = |name: &str, ip: &str, hostname: &str| {
+            let mut c = node(name, &[ip], Some(ip));
+            if let Some(f) = c.facts.as_mut() {
+                f.hostname = hostname.into();
+            }
+            c
+        };
+        let nodes = [
+            named("m1", "10.0.0.1", "m1"),
+            named("w1", "10.0.0.2", "w1"),
+            named("w2", "10.0.0.3", "w2"),
+            named("w3", "10.0.0.4", "w1"),
+        ];
+        let host = |n: &str, ip: &str| PlannedHost { node: n.into(), ip: ip.parse().unwrap() };
+        let shape = ClusterShape {
+            name: "lab".into(),
+            version: "v1.29.9".into(),
+            vip: "10.103.97.2".parse().unwrap(),
+            masters: vec![host("m1", "10.0.0.1")],
+            workers: vec![host("w1", "10.0.0.2")],
+            wave_size: 1,
+            bundle: None,
+        };
+        let add = |refs: &[&str]| {
+            let refs: Vec<String> = refs.iter().map(|r| r.to_string()).collect();
+            resolve_additions(&refs, &nodes, &shape, "100.64.0.0/10", "10.96.0.0/22")
+        };
+        let (hosts, errors, warnings) = add(&["10.0.0.3"]);
+        assert_eq!((hosts, errors, warnings), (vec![host("w2", "10.0.0.3")], vec![], vec![]), "no quorum warning");
+        let (_, errors, _) = add(&["w2", "nosuch"]);
+        assert!(errors.iter().any(|e| e.contains("unknown hosts") && e.contains("nosuch")), "{errors:?}");
+        let (_, errors, _) = add(&["w3"]);
+        assert!(errors.iter().any(|e| e.contains("w3") && e.contains("node name of w1")), "{errors:?}");
+        // A member named again is refused by the rollout ("already belong"), not as a clash.
+        let (_, errors, _) = add(&["w1"]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let (_, errors, _) = add(&[]);
+        assert!(errors.iter().any(|e| e.contains("name the workers")), "{errors:?}");
     }
 
     #[test]

@@ -321,7 +321,8 @@ impl Rollouts {
             )));
         }
         {
-            for other in self.list()? {
+            // A retry names the hosts its failed attempt already recorded in this cluster.
+            for other in self.list()?.into_iter().filter(|o| !(retry && o.name == name)) {
                 let taken: Vec<&str> = other
                     .shape
                     .masters
@@ -919,6 +920,43 @@ mod tests {
         assert_eq!(again.attempt_floor, 2);
         let t = stored(&store, jt);
         assert_eq!((t.state, t.attempt, t.first_attempt), (TaskState::Pending, 2, 2));
+    }
+
+    #[tokio::test]
+    async fn a_failed_add_is_retried_by_naming_the_same_hosts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let sessions = Sessions::new(|_| {});
+        let settings = RolloutSettings { offline_grace: Duration::from_secs(1), ..fast() };
+        let r = Rollouts::new(store.clone(), sessions.clone(), settings);
+        r.create(new_cluster()).unwrap();
+        let all = TaskKind::all_capabilities();
+        let _m1 = obliging_agent(&r, &sessions, "m1", all.clone());
+        let _w1 = obliging_agent(&r, &sessions, "w1", all.clone());
+        wait_for("the create to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let w2 = PlannedHost { node: "w2".into(), ip: "10.0.0.3".parse().unwrap() };
+        let w3 = PlannedHost { node: "w3".into(), ip: "10.0.0.4".parse().unwrap() };
+
+        // w2 never connects: the add fails (no failure budget).
+        let (_, first) = r.add_workers("lab", vec![w2.clone()], 1, false).unwrap();
+        let first = first.unwrap();
+        wait_for("the add to fail", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let failed = r.get("lab").unwrap();
+        assert_eq!(failed.state, ClusterState::Failed, "{}", failed.message);
+        // Another operation is refused until that one is retried.
+        assert!(
+            matches!(r.add_workers("lab", vec![w3], 1, false), Err(RolloutError::Invalid(m)) if m.contains("retry that first"))
+        );
+        // Naming the same hosts retries it, with a token of its own.
+        let _w2 = obliging_agent(&r, &sessions, "w2", all.clone());
+        let (_, again) = r.add_workers("lab", vec![w2], 1, false).unwrap();
+        let again = again.unwrap();
+        assert_ne!(again.secrets.bootstrap_token, first.secrets.bootstrap_token);
+        wait_for("the retry to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let done = r.get("lab").unwrap();
+        assert_eq!(done.state, ClusterState::Succeeded, "{}", done.message);
+        assert_eq!(done.shape.workers.iter().map(|w| w.node.as_str()).collect::<Vec<_>>(), ["w1", "w2"]);
+        assert_eq!(stored(&store, "lab/join-workers/w2/kubeadm-join").state, TaskState::Succeeded);
     }
 
     #[tokio::test]
