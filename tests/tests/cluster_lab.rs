@@ -292,3 +292,63 @@ fn a_failed_kubeadm_attempt_is_reset_and_retried_not_taken_for_success() {
             .any(|e| e.map(|e| e.file_name().to_string_lossy().ends_with(".done")).unwrap_or(false)));
     }
 }
+
+#[test]
+fn a_paused_rollout_stays_paused_across_a_controller_restart_and_resumes() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("pause");
+    let (ok, out) = lab.ctl(&["cluster", "create", "p", "--masters", "h1,h2", "--detach"]);
+    assert!(ok, "{out}");
+    let (ok, out) = lab.ctl(&["op", "pause", "cluster/p"]);
+    assert!(ok && out.contains("paused"), "{out}");
+    let (ok, out) = lab.ctl(&["op", "pause", "cluster/p"]);
+    assert!(!ok && out.contains("paused already"), "{out}");
+    // Whatever was running finishes; the next task waits, unsent.
+    let held = |st: &serde_json::Value| -> Option<String> {
+        st["hosts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|h| h["tasks"].as_array().into_iter().flatten())
+            .find(|t| {
+                t["state"] == "pending" && t["waiting"].as_str().is_some_and(|w| w.contains("op resume cluster/p"))
+            })
+            .and_then(|t| t["id"].as_str().map(str::to_string))
+    };
+    wait("a task held by the pause", 60, || held(&lab.status("p")).is_some());
+    let id = held(&lab.status("p")).expect("held task");
+    let st = lab.status("p");
+    assert_eq!(st["paused"], true, "{st}");
+    assert_eq!(st["state"], "running");
+    let (_, text) = lab.ctl(&["cluster", "status", "p"]);
+    assert!(text.contains("state running (paused)"), "{text}");
+    let (_, ops) = lab.ctl(&["op", "list"]);
+    assert!(ops.lines().any(|l| l.contains("cluster/p") && l.contains("paused")), "{ops}");
+
+    // The controller is killed and started again: the rollout is resumed, still paused.
+    let _ = lab.run(&["kill-controller"]);
+    let _ = lab.run(&["start-controller"]);
+    let connected = |h: &str| {
+        let (_, v) = lab.ctl(&["nodes", "show", h, "-o", "json"]);
+        v.contains("\"connected\": true")
+    };
+    wait("the agents to reconnect", 60, || connected("h1") && connected("h2"));
+    // Several of the rollout's rounds (a second each) with both hosts connected.
+    std::thread::sleep(Duration::from_secs(3));
+    let st = lab.status("p");
+    assert_eq!(st["paused"], true, "paused across the restart: {st}");
+    let t = task(&st, &id);
+    assert_eq!((t["state"].as_str(), t["attempt"].as_u64()), (Some("pending"), Some(0)), "{t}");
+
+    let (ok, out) = lab.ctl(&["op", "resume", "cluster/p"]);
+    assert!(ok, "{out}");
+    let (ok, out) = lab.ctl(&["cluster", "status", "p", "--watch"]);
+    assert!(ok, "the rollout finishes once resumed: {out}");
+    let st = lab.status("p");
+    assert_eq!(st["state"], "succeeded", "{st}");
+    assert!(st.get("paused").is_none_or(|p| p == false), "{st}");
+    let (ok, out) = lab.ctl(&["op", "resume", "cluster/p"]);
+    assert!(!ok && out.contains("not running"), "{out}");
+    let (ok, out) = lab.ctl(&["events", "-o", "json"]);
+    assert!(ok && out.contains("op.pause") && out.contains("op.resume"), "audited: {out}");
+}

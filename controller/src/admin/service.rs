@@ -429,16 +429,7 @@ impl Admin for AdminService {
         let mut ops: Vec<fleetadm_proto::OpInfo> =
             self.ctl.rollouts.execs().ops().list().iter().map(|op| op_info(op)).collect();
         let clusters = self.blocking(|ctl| ctl.rollouts.list().map_err(rollout_status)).await?;
-        ops.extend(clusters.iter().map(|rec| fleetadm_proto::OpInfo {
-            id: format!("cluster/{}", rec.name),
-            kind: "cluster-create".into(),
-            description: format!("cluster {} (phase {})", rec.name, rec.phase),
-            state: rec.state.to_string(),
-            reason: rec.message.clone(),
-            hosts: (rec.shape.masters.len() + rec.shape.workers.len()) as u32,
-            started_unix_ms: rec.created_ms,
-            ..Default::default()
-        }));
+        ops.extend(clusters.iter().map(cluster_op_info));
         Ok(Response::new(fleetadm_proto::OpList { ops }))
     }
 
@@ -454,11 +445,28 @@ impl Admin for AdminService {
             _ => "op.unknown-action".to_string(),
         };
         let ops = self.ctl.rollouts.execs().ops().clone();
+        let rollouts = self.ctl.rollouts.clone();
         self.audited(who, &action, r.id.clone(), String::new(), async move {
-            if r.id.starts_with("cluster/") {
-                return Err(Status::unimplemented(
-                    "cluster rollouts cannot be paused or aborted yet; `controller cluster delete` stops one",
-                ));
+            if let Some(name) = r.id.strip_prefix("cluster/") {
+                use crate::rollout::actor::Control;
+                let control = match r.action.as_str() {
+                    "pause" => Control::Pause,
+                    "resume" => Control::Resume,
+                    "abort" => Control::Abort,
+                    other => {
+                        return Err(Status::invalid_argument(format!(
+                            "unknown action {other:?}: pause, resume or abort"
+                        )))
+                    }
+                };
+                let rec = rollouts.control(name, control).await.map_err(rollout_status)?;
+                tracing::info!(op = %r.id, action = %r.action, "cluster rollout steered");
+                let mut info = cluster_op_info(&rec);
+                if control == Control::Abort {
+                    info.state = "aborting".into();
+                    info.reason = "stops at its next turn; tasks already running finish".into();
+                }
+                return Ok(Response::new(info));
             }
             let op = ops.control(&r.id, &r.action).map_err(|e| match e {
                 crate::ops::control::OpError::Unknown(_) => Status::not_found(e.to_string()),
@@ -979,6 +987,31 @@ fn expand_selectors(req: &mut PlanClusterRequest, nodes: &[crate::plan::resolve:
         req.nodes = w;
     }
     errors
+}
+
+/// A cluster's current operation as `controller op list` shows it.
+fn cluster_op_info(rec: &crate::rollout::record::ClusterRecord) -> fleetadm_proto::OpInfo {
+    use crate::rollout::record::{ClusterState, Operation};
+    let kind = match rec.operation {
+        Operation::Create => "cluster-create",
+        Operation::AddWorkers { .. } => "cluster-add",
+        Operation::Delete => "cluster-delete",
+    };
+    let paused = rec.paused && rec.state == ClusterState::Running;
+    fleetadm_proto::OpInfo {
+        id: format!("cluster/{}", rec.name),
+        kind: kind.into(),
+        description: format!("cluster {}: {} (phase {})", rec.name, rec.operation, rec.phase),
+        state: if paused { "paused".into() } else { rec.state.to_string() },
+        reason: if paused {
+            format!("paused by the operator; controller op resume cluster/{}", rec.name)
+        } else {
+            rec.message.clone()
+        },
+        hosts: (rec.shape.masters.len() + rec.shape.workers.len()) as u32,
+        started_unix_ms: rec.created_ms,
+        ..Default::default()
+    }
 }
 
 fn op_info(op: &crate::ops::control::OpControl) -> fleetadm_proto::OpInfo {

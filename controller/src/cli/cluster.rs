@@ -565,8 +565,9 @@ fn waiting(v: &ClusterView) -> Vec<String> {
 }
 
 fn render_status(v: &ClusterView) -> String {
+    let state = if v.paused { format!("{} (paused)", v.state) } else { v.state.to_string() };
     let mut out =
-        format!("cluster {}  state {}  phase {}  version {}  vip {}\n", v.name, v.state, v.phase, v.version, v.vip);
+        format!("cluster {}  state {state}  phase {}  version {}  vip {}\n", v.name, v.phase, v.version, v.vip);
     if !v.message.is_empty() {
         out.push_str(&format!("  {}\n", v.message));
     }

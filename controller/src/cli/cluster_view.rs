@@ -46,6 +46,9 @@ pub struct ClusterView {
     /// What the current plan does ("create", "add workers h6", "delete").
     #[serde(skip_serializing_if = "String::is_empty")]
     pub operation: String,
+    /// Paused by the operator: no new task goes out until `controller op resume cluster/NAME`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
     pub message: String,
     pub version: String,
     pub vip: String,
@@ -133,6 +136,7 @@ impl TryFrom<&pb::ClusterView> for ClusterView {
             state: cluster_state(v.state)?,
             phase: v.phase.clone(),
             operation: v.operation.clone(),
+            paused: v.paused,
             message: v.message.clone(),
             version: v.version.clone(),
             vip: v.vip.clone(),

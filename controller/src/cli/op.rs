@@ -19,7 +19,9 @@ pub enum OpCmd {
         #[command(flatten)]
         out: Output,
     },
-    /// Start no further host until `op resume ID`.
+    /// Start no further host (an exec) or task (a cluster rollout, ID cluster/NAME) until
+    /// `op resume ID`; what is running finishes. A paused rollout stays paused across a
+    /// controller restart.
     Pause {
         id: String,
         #[command(flatten)]
@@ -31,7 +33,8 @@ pub enum OpCmd {
         #[command(flatten)]
         data: DataDir,
     },
-    /// Start no further host, for good; those not started are reported as skipped.
+    /// Start no further host, for good; those not started are reported as skipped. A cluster
+    /// rollout (cluster/NAME) fails as aborted; running the same command again resumes it.
     Abort {
         id: String,
         #[command(flatten)]

@@ -31,6 +31,22 @@ pub(super) enum Msg {
     },
     /// A host's session opened: pending work may go out now.
     HostChanged,
+    /// The operator steers the rollout; answered with the record as it is afterwards.
+    Control {
+        action: Control,
+        reply: oneshot::Sender<Result<ClusterRecord, String>>,
+    },
+}
+
+/// What the operator can do to a running rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// No new task goes out (running ones finish); recorded, so it holds across a restart.
+    Pause,
+    Resume,
+    /// Stop now: the operation fails with this reason; running tasks finish on their hosts, and
+    /// running the same command again resumes it.
+    Abort,
 }
 
 /// Why a rollout stopped before its plan was done.
@@ -71,7 +87,13 @@ pub(super) struct Actor {
     offline_since: HashMap<TaskId, Instant>,
     rx: mpsc::UnboundedReceiver<Msg>,
     audit: Audit,
+    /// `controller op abort`: the rollout stops at its next turn.
+    aborted: bool,
 }
+
+/// The reason an aborted operation records.
+pub(super) const ABORTED: &str =
+    "aborted by the operator (controller op abort); tasks already running were left to finish; run the same command again to resume";
 
 impl Actor {
     pub async fn load(
@@ -104,6 +126,7 @@ impl Actor {
             offline_since: HashMap::new(),
             rx,
             audit,
+            aborted: false,
         })
     }
 
@@ -169,6 +192,9 @@ impl Actor {
     /// workers are recorded and skipped until more than `budget` have failed.
     async fn run_step(&mut self, step: &[Task], budget: Option<usize>) -> Result<(), Stop> {
         loop {
+            if self.aborted {
+                return Err(Stop::Failed(ABORTED.into()));
+            }
             let mut open = 0usize;
             for t in step {
                 if self.advance(t, budget).await? {
@@ -200,7 +226,28 @@ impl Actor {
                 let _ = reply.send(r);
             }
             Msg::HostChanged => {}
+            Msg::Control { action, reply } => {
+                let r = self.control(action).await;
+                let _ = reply.send(r);
+            }
         }
+    }
+
+    async fn control(&mut self, action: Control) -> Result<ClusterRecord, String> {
+        let name = self.rec.name.clone();
+        match action {
+            Control::Pause if self.rec.paused => return Err(format!("cluster/{name} is paused already")),
+            Control::Resume if !self.rec.paused => return Err(format!("cluster/{name} is not paused")),
+            Control::Pause | Control::Resume => {
+                self.rec.paused = action == Control::Pause;
+                self.rec.updated_ms = now_unix_ms();
+                // Flushed before it is acknowledged: a restarted controller keeps it paused.
+                self.save_cluster().await.map_err(|e| fleetadm_common::error_chain(&e))?;
+            }
+            Control::Abort => self.aborted = true,
+        }
+        tracing::info!(cluster = %name, ?action, "rollout steered by the operator");
+        Ok(self.rec.clone())
     }
 
     async fn on_report(&mut self, id: TaskId, node: &str, r: &TaskReport) -> Result<(), ReportRejected> {
@@ -267,6 +314,15 @@ impl Actor {
                 tr.output = format!("skipped: host {} failed earlier", tr.host);
                 self.save_task(tr).await?;
                 Ok(false)
+            }
+            Next::Dispatch if self.rec.paused || self.aborted => {
+                let why = format!("paused by the operator (controller op resume cluster/{})", self.rec.name);
+                if tr.waiting != why {
+                    tr.waiting = why;
+                    self.save_task_with(&tr, Durability::Lazy).await?;
+                    self.tasks.insert(tr.id.clone(), tr);
+                }
+                Ok(true)
             }
             Next::Dispatch => {
                 if tr.state == TaskState::Failed {

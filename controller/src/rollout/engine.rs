@@ -12,7 +12,7 @@ use fleetadm_proto::TaskReport;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
-use super::actor::{Actor, Msg};
+use super::actor::{Actor, Control, Msg};
 use super::record::{self, ClusterRecord, ClusterSecrets, ClusterSpec, ClusterState, Operation, TaskRecord, TaskState};
 use super::report::{self, Applied};
 use super::token;
@@ -219,6 +219,7 @@ impl Rollouts {
             deleting: false,
             operation: Operation::Create,
             attempt_floor,
+            paused: false,
         };
         // Tasks first, the cluster record last: a crash in between leaves no half-recorded cluster.
         self.record_tasks(&rec.plan, rec.attempt_floor)?;
@@ -264,6 +265,7 @@ impl Rollouts {
             }
         }
         rec.state = ClusterState::Running;
+        rec.paused = false;
         rec.phase = PhaseName::Reset;
         rec.message = "deleting".into();
         rec.failed_workers.clear();
@@ -366,6 +368,7 @@ impl Rollouts {
         // The join token of this operation (the create's is long gone).
         self.new_join_token(&mut rec)?;
         rec.state = ClusterState::Running;
+        rec.paused = false;
         rec.phase = plan.phases.first().map(|p| p.name).unwrap_or(PhaseName::Preflight);
         rec.message = format!("{}", rec.operation);
         rec.finished_ms = 0;
@@ -374,6 +377,27 @@ impl Rollouts {
         tracing::info!(cluster = name, operation = %rec.operation, "operation recorded; rollout starting");
         self.spawn(name);
         Ok((plan, Some(rec)))
+    }
+
+    /// Pause, resume or abort the cluster's running rollout (`controller op ... cluster/NAME`).
+    pub async fn control(&self, name: &str, action: Control) -> Result<ClusterRecord, RolloutError> {
+        let rec = self.get(name)?;
+        let tx = self.actors.lock().ok().and_then(|a| a.get(name).map(|s| s.tx.clone()));
+        let not_running = || {
+            RolloutError::Invalid(format!(
+                "cluster/{name} is not running ({}: {}); nothing to {}",
+                rec.state,
+                rec.operation,
+                format!("{action:?}").to_lowercase()
+            ))
+        };
+        if rec.state != ClusterState::Running {
+            return Err(not_running());
+        }
+        let tx = tx.ok_or_else(not_running)?;
+        let (reply, answer) = oneshot::channel();
+        tx.send(Msg::Control { action, reply }).map_err(|_| not_running())?;
+        answer.await.map_err(|_| not_running())?.map_err(RolloutError::Invalid)
     }
 
     fn resume_failed(&self, mut rec: ClusterRecord) -> Result<ClusterRecord, RolloutError> {
@@ -386,6 +410,7 @@ impl Rollouts {
         // A retry is a new operation: its own join token (the failed one's may have expired).
         self.new_join_token(&mut rec)?;
         rec.state = ClusterState::Running;
+        rec.paused = false;
         rec.failed_workers.clear();
         rec.message = "retrying after a failure".into();
         rec.updated_ms = now_unix_ms();
@@ -476,8 +501,14 @@ impl Rollouts {
                 if let Some(mut old) = leftovers {
                     old.close();
                     while let Some(m) = old.recv().await {
-                        if let Msg::Report { id, node, report, reply } = m {
-                            let _ = reply.send(report_to_store(store.clone(), &audit, id, node, report).await);
+                        match m {
+                            Msg::Report { id, node, report, reply } => {
+                                let _ = reply.send(report_to_store(store.clone(), &audit, id, node, report).await);
+                            }
+                            Msg::Control { reply, .. } => {
+                                let _ = reply.send(Err(format!("cluster/{name}: its rollout has just finished")));
+                            }
+                            Msg::HostChanged => {}
                         }
                     }
                 }
@@ -957,6 +988,62 @@ mod tests {
         assert_eq!(done.state, ClusterState::Succeeded, "{}", done.message);
         assert_eq!(done.shape.workers.iter().map(|w| w.node.as_str()).collect::<Vec<_>>(), ["w1", "w2"]);
         assert_eq!(stored(&store, "lab/join-workers/w2/kubeadm-join").state, TaskState::Succeeded);
+    }
+
+    #[tokio::test]
+    async fn the_operator_pauses_resumes_and_aborts_a_rollout() {
+        use super::super::actor::Control;
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let sessions = Sessions::new(|_| {});
+        let r = Rollouts::new(store.clone(), sessions.clone(), fast());
+        r.create(new_cluster()).unwrap();
+        // Paused before any host is connected: nothing goes out once they are.
+        let rec = r.control("lab", Control::Pause).await.unwrap();
+        assert!(rec.paused);
+        assert!(get_json::<ClusterRecord>(&*store, Table::Clusters, "lab").unwrap().unwrap().paused, "flushed");
+        assert!(
+            matches!(r.control("lab", Control::Pause).await, Err(RolloutError::Invalid(m)) if m.contains("paused already"))
+        );
+        let all = TaskKind::all_capabilities();
+        let _m1 = obliging_agent(&r, &sessions, "m1", all.clone());
+        let _w1 = obliging_agent(&r, &sessions, "w1", all.clone());
+        let first = "lab/preflight/m1/preflight";
+        wait_for("the task to say it is paused", || stored(&store, first).waiting.contains("op resume cluster/lab"))
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = stored(&store, first);
+        assert_eq!((t.state, t.attempt), (TaskState::Pending, 0), "not sent while paused");
+        let view = super::super::view::build(&r.get("lab").unwrap(), &r.tasks("lab").unwrap(), false);
+        assert!(view.paused);
+
+        // Resumed: it runs to the end.
+        assert!(!r.control("lab", Control::Resume).await.unwrap().paused);
+        wait_for("the create to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let done = r.get("lab").unwrap();
+        assert_eq!(done.state, ClusterState::Succeeded, "{}", done.message);
+        assert!(stored(&store, first).waiting.is_empty());
+        // Nothing runs now: there is nothing to steer.
+        assert!(
+            matches!(r.control("lab", Control::Abort).await, Err(RolloutError::Invalid(m)) if m.contains("not running"))
+        );
+        assert!(matches!(r.control("nosuch", Control::Pause).await, Err(RolloutError::NotFound(_))));
+
+        // An add aborted while paused fails as aborted, with its task unsent; naming the same
+        // hosts again resumes it (unpaused).
+        let w2 = PlannedHost { node: "w2".into(), ip: "10.0.0.3".parse().unwrap() };
+        r.add_workers("lab", vec![w2.clone()], 1, false).unwrap();
+        r.control("lab", Control::Pause).await.unwrap();
+        r.control("lab", Control::Abort).await.unwrap();
+        wait_for("the abort", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let aborted = r.get("lab").unwrap();
+        assert_eq!(aborted.state, ClusterState::Failed);
+        assert!(aborted.message.contains("aborted by the operator"), "{}", aborted.message);
+        let _w2 = obliging_agent(&r, &sessions, "w2", all.clone());
+        let (_, again) = r.add_workers("lab", vec![w2], 1, false).unwrap();
+        assert!(!again.unwrap().paused);
+        wait_for("the add to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        assert_eq!(r.get("lab").unwrap().state, ClusterState::Succeeded);
     }
 
     #[tokio::test]

@@ -130,6 +130,10 @@ pub struct ClusterRecord {
     /// never answers a new task from an old journal entry.
     #[serde(default)]
     pub attempt_floor: u32,
+    /// Paused by the operator (`controller op pause cluster/NAME`): no new task goes out until
+    /// it is resumed; tasks already running finish. Survives a controller restart.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl ClusterRecord {

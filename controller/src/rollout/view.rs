@@ -103,5 +103,6 @@ pub fn build(rec: &ClusterRecord, tasks: &[TaskRecord], with_output: bool) -> pb
         clusterfile: rec.spec.clusterfile.clone(),
         deleting: rec.deleting,
         operation: rec.operation.to_string(),
+        paused: rec.paused && rec.state == ClusterState::Running,
     }
 }
