@@ -20,6 +20,7 @@ pub enum TaskKind {
     BundleAddons,
     KubeadmToken,
     Exec,
+    NodeObjects,
 }
 
 /// A `TaskAssignment` without a task this build knows (from a newer controller).
@@ -28,7 +29,7 @@ pub enum TaskKind {
 pub struct UnknownTask;
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 15] = [
+    pub const ALL: [TaskKind; 16] = [
         TaskKind::Preflight,
         TaskKind::Hosts,
         TaskKind::Files,
@@ -44,6 +45,7 @@ impl TaskKind {
         TaskKind::BundleAddons,
         TaskKind::KubeadmToken,
         TaskKind::Exec,
+        TaskKind::NodeObjects,
     ];
 
     pub fn of(task: &Task) -> TaskKind {
@@ -63,6 +65,7 @@ impl TaskKind {
             Task::BundleAddons(_) => TaskKind::BundleAddons,
             Task::KubeadmToken(_) => TaskKind::KubeadmToken,
             Task::Exec(_) => TaskKind::Exec,
+            Task::NodeObjects(_) => TaskKind::NodeObjects,
         }
     }
 
@@ -88,6 +91,7 @@ impl TaskKind {
             TaskKind::BundleAddons => "bundle-addons",
             TaskKind::KubeadmToken => "kubeadm-token",
             TaskKind::Exec => "exec",
+            TaskKind::NodeObjects => "node-objects",
         }
     }
 

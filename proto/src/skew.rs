@@ -21,6 +21,7 @@ macro_rules! each_task {
             Task::BundleAddons($t) => $body,
             Task::KubeadmToken($t) => $body,
             Task::Exec($t) => $body,
+            Task::NodeObjects($t) => $body,
         }
     };
 }

@@ -1,7 +1,7 @@
 #!/bin/bash
 # End-to-end: `controller cluster create` turns 5 hosts of a 6-host lab fleet (3 masters, 2
 # workers) into a cluster, with the controller killed mid-rollout; `cluster add` joins the sixth
-# as a worker later. Needs a kernel with IPVS: run inside the VM
+# as a worker later, `cluster remove --drain` takes it out again, and it is added back. Needs a kernel with IPVS: run inside the VM
 # (tests/vm/run.sh tests/lab/e2e.sh OUT) or on a Debian host as root. Prints TAP-ish lines and
 # "cluster-e2e: N passed, M failed"; exit code = failures.
 set -uo pipefail
@@ -159,6 +159,33 @@ t4=$(tok h4); t6=$(tok h6)
 check "h6 joined with a token of its own (not the create's)" test -n "$t4" -a -n "$t6" -a "$t4" != "$t6"
 check "the add's token is deleted once it is done" test -n "$t6" -a -e "$(H h1)/etc-kubernetes/sim/tokens" -a -z "$(grep -F "${t6:-none}" "$(H h1)/etc-kubernetes/sim/tokens")"
 check "cluster list still shows it succeeded" grep -q "^lab .*succeeded" <(ctl cluster list)
+
+# --- day 2: a worker removed (drained, reset, its Node object deleted), then added back
+out=$(ctl cluster remove lab --nodes h1 2>&1); rc=$?
+check "removing a master is refused (workers only)" test $rc -ne 0 -a -n "$(grep 'h1 is a master of cluster lab' <<<"$out")"
+out=$(ctl cluster remove lab --nodes nosuch 2>&1); rc=$?
+check "removing a host outside the cluster is refused" test $rc -ne 0 -a -n "$(grep 'not workers of cluster lab: nosuch' <<<"$out")"
+plan=$(ctl cluster remove lab --nodes 10.78.0.16 --drain --dry-run 2>&1); rc=$?
+echo "$plan" | sed 's/^/#   /'
+check "remove --dry-run drains, resets and deletes h6 only" test $rc -eq 0 -a -n "$(grep 'kubectl drain h6' <<<"$plan")" -a -n "$(grep 'h6 .*kubeadm-reset' <<<"$plan")" -a -n "$(grep 'kubectl delete node h6' <<<"$plan")" -a -z "$(grep -w 'h4\|h5' <<<"$plan")"
+check "remove --dry-run changes nothing" grep -q '"operation": "add workers h6"' <(status_json)
+h4_hosts=$(md5sum < "$(H h4)/hosts"); h4_kubelet=$(stat -c %Y "$(H h4)/etc-kubernetes/kubelet.conf")
+out=$(ctl cluster remove lab --nodes h6 --drain 2>&1); rc=$?
+echo "$out" | tail -n 2 | sed 's/^/#   /'
+check "cluster remove takes h6 out (exit 0)" test $rc -eq 0 -a -n "$(grep 'workers h6 removed' <<<"$out")"
+check "h6 was drained first" grep -q "node h6 drained" <(ctl cluster logs lab --host h1)
+check "h6's Node object is gone from every member" test -z "$(grep -l '^h6 ' "$(H h1)"/etc-kubernetes/sim/nodes "$(H h2)"/etc-kubernetes/sim/nodes "$(H h3)"/etc-kubernetes/sim/nodes)"
+check "the other workers' Node objects stay" test "$(grep -c '^h[45] worker' "$(H h1)/etc-kubernetes/sim/nodes")" -eq 2
+check "h6 was reset (no kubelet.conf)" test ! -e "$(H h6)/etc-kubernetes/kubelet.conf"
+check "h6's IPVS service removed" test -z "$(ip netns exec flab-h6 ipvsadm -Ln | grep '^TCP')"
+check "h6's /etc/hosts block and bootstrap undone" test -z "$(grep 'fleetadm managed block' "$(H h6)/hosts")" -a ! -e "$(H h6)/usr-local-bin/kubeadm"
+check "h4 untouched by the removal" test "$(md5sum < "$(H h4)/hosts")" = "$h4_hosts" -a "$(stat -c %Y "$(H h4)/etc-kubernetes/kubelet.conf")" = "$h4_kubelet"
+check "h4 still balances to all 3 masters" test "$(ip netns exec flab-h4 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[123]:6443')" -eq 3
+check "the cluster no longer lists h6" test -z "$(ctl cluster get lab | grep '10.78.0.16')"
+out=$(ctl cluster add lab --nodes h6 2>&1); rc=$?
+check "h6 added back after its removal (exit 0)" test $rc -eq 0 -a -n "$(grep '1 of 1 new workers joined' <<<"$out")"
+check "h6 joined again" grep -q '^h6 worker' "$(H h1)/etc-kubernetes/sim/nodes"
+check "h6 balances to all 3 masters again" test "$(ip netns exec flab-h6 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[123]:6443')" -eq 3
 
 # --- an apiserver restart, measured through the VIP: on SIGTERM it fails /readyz and keeps serving
 #     for --shutdown-delay-duration; the workers' guards (probing /readyz) take it out of rotation

@@ -4,7 +4,8 @@
 //! masters and 2 workers, kills the controller mid-rollout, and checks the bootstrap on every
 //! host (and that a second run changes nothing), hosts files, PKI modes, joins through the
 //! workers' IPVS VIP, the CLI views, a day-2 `cluster add` of the sixth host as a worker (with a
-//! token of its own, the other hosts untouched), the agent's guard, and an apiserver restart
+//! token of its own, the other hosts untouched), its `cluster remove --drain` (Node object
+//! deleted on every member, host reset) and re-add, the agent's guard, and an apiserver restart
 //! measured through the VIP (no client request may fail).
 use fleetadm_tests::vm;
 
@@ -17,6 +18,7 @@ fn cluster_create_end_to_end_on_a_real_kernel() {
     assert!(console.contains("ok - workers h4, h5 joined through the VIP"), "join checks did not run");
     assert!(console.contains("ok - an agent restart keeps the rules"), "script did not reach its end");
     assert!(console.contains("ok - cluster add joins h6 (exit 0)"), "day-2 add checks did not run");
+    assert!(console.contains("ok - cluster remove takes h6 out (exit 0)"), "day-2 remove checks did not run");
     assert!(
         console.contains("ok - no client request failed during the apiserver restart"),
         "the restart measurement did not run"

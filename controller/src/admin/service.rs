@@ -342,6 +342,30 @@ impl Admin for AdminService {
         self.audited(who, "cluster.add", target, cluster, op).await
     }
 
+    async fn remove_cluster_hosts(
+        &self,
+        req: Request<fleetadm_proto::ChangeClusterRequest>,
+    ) -> Result<Response<fleetadm_proto::ChangeClusterResponse>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let dry_run = r.dry_run;
+        let target = format!("{} -{}", r.cluster, r.nodes.join(","));
+        let cluster = r.cluster.clone();
+        let rollouts = self.ctl.rollouts.clone();
+        let op = async {
+            let resp = self.blocking(move |ctl| remove_hosts(ctl, &rollouts, r)).await?;
+            let errors = resp.plan.as_ref().map(|p| p.errors.clone()).unwrap_or_default();
+            if !dry_run && !errors.is_empty() {
+                return Err(Status::failed_precondition(errors.join("\n")));
+            }
+            Ok(Response::new(resp))
+        };
+        if dry_run {
+            return op.await;
+        }
+        self.audited(who, "cluster.remove", target, cluster, op).await
+    }
+
     async fn add_relay(
         &self,
         req: Request<fleetadm_proto::AddRelayRequest>,
@@ -938,6 +962,37 @@ fn add_hosts(
     Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster })
 }
 
+fn remove_hosts(
+    ctl: &Controller,
+    rollouts: &crate::rollout::Rollouts,
+    r: fleetadm_proto::ChangeClusterRequest,
+) -> Result<fleetadm_proto::ChangeClusterResponse, Status> {
+    let mut plan = PlanClusterResponse::default();
+    if !r.node_selector.is_empty() {
+        plan.errors.push("cluster remove takes --nodes (names or addresses), not a selector".into());
+        return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
+    }
+    let (p, started) = match rollouts.remove_workers(&r.cluster, &r.nodes, r.drain, r.force, r.dry_run) {
+        Ok(x) => x,
+        Err(e @ crate::rollout::RolloutError::Invalid(_)) => {
+            plan.errors.push(fleetadm_common::error_chain(&e));
+            return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
+        }
+        Err(e) => return Err(rollout_status(e)),
+    };
+    if r.force {
+        plan.warnings
+            .push("--force: the hosts are not reset; clean them up by hand (kubeadm reset) before reuse".into());
+    }
+    plan.plan_text = p.render();
+    plan.plan = Some(p.view());
+    let cluster = match started {
+        Some(rec) => Some(cluster_view(ctl, &rec, false)?),
+        None => None,
+    };
+    Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster })
+}
+
 fn expand_selectors(req: &mut PlanClusterRequest, nodes: &[crate::plan::resolve::Candidate]) -> Vec<String> {
     use crate::plan::select::Selector;
     let mut errors = Vec::new();
@@ -996,6 +1051,7 @@ fn cluster_op_info(rec: &crate::rollout::record::ClusterRecord) -> fleetadm_prot
         Operation::Create => "cluster-create",
         Operation::AddWorkers { .. } => "cluster-add",
         Operation::Delete => "cluster-delete",
+        Operation::RemoveWorkers { .. } => "cluster-remove",
     };
     let paused = rec.paused && rec.state == ClusterState::Running;
     fleetadm_proto::OpInfo {

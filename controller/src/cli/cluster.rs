@@ -62,6 +62,11 @@ pub enum ClusterCmd {
     /// hosts, a fresh join token, the joins in waves behind their IPVS load balancer. The other
     /// hosts are not touched. Run it again after a failure to resume.
     Add(AddArgs),
+    /// Take workers out of a cluster that is up: drained first with --drain, reset like a
+    /// delete (kubeadm reset, load balancer, /etc/hosts block, bootstrap), then their Node
+    /// objects deleted. The other hosts are not touched. Run it again after a failure to resume;
+    /// --force for hosts that are gone (only their Node objects are deleted).
+    Remove(RemoveArgs),
     /// Take a cluster apart: kubeadm reset on every host, the workers' load balancers, the
     /// /etc/hosts blocks and what bootstrap installed; then forget it.
     Delete {
@@ -109,6 +114,29 @@ pub struct AddArgs {
     /// Workers joined at once: N or P%.
     #[arg(long, default_value = "10")]
     max_parallel: String,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Start the operation and return; follow it with `controller cluster status NAME --watch`.
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// The cluster.
+    name: String,
+    #[command(flatten)]
+    data: DataDir,
+    /// Workers to remove: IP addresses or node names, comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    nodes: Vec<String>,
+    /// Drain them first (kubectl drain --ignore-daemonsets --delete-emptydir-data).
+    #[arg(long)]
+    drain: bool,
+    /// The hosts are gone: do not touch them, only delete their Node objects.
+    #[arg(long)]
+    force: bool,
     /// Print the plan and change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -177,6 +205,7 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
     match cmd {
         ClusterCmd::Create(a) => create(*a).await,
         ClusterCmd::Add(a) => add(a).await,
+        ClusterCmd::Remove(a) => remove(a).await,
         ClusterCmd::Status { name, data, output, watch } => {
             let mut c = client::connect(&data.data_dir).await?;
             if watch {
@@ -401,10 +430,40 @@ async fn add(a: AddArgs) -> anyhow::Result<()> {
             node_selector: a.node_selector.clone().unwrap_or_default(),
             max_parallel: a.max_parallel.clone(),
             dry_run: a.dry_run,
+            drain: false,
+            force: false,
         })
         .await
         .map_err(rpc_error)?
         .into_inner();
+    change(&mut c, resp, "add", a.dry_run, a.detach).await
+}
+
+async fn remove(a: RemoveArgs) -> anyhow::Result<()> {
+    let mut c = client::connect(&a.data.data_dir).await?;
+    let resp = c
+        .remove_cluster_hosts(fleetadm_proto::ChangeClusterRequest {
+            cluster: a.name.clone(),
+            nodes: a.nodes.clone(),
+            dry_run: a.dry_run,
+            drain: a.drain,
+            force: a.force,
+            ..Default::default()
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    change(&mut c, resp, "remove", a.dry_run, a.detach).await
+}
+
+/// The rest of `cluster add|remove`: the plan's errors, the dry run, or the operation followed.
+async fn change(
+    c: &mut AdminClient<Channel>,
+    resp: fleetadm_proto::ChangeClusterResponse,
+    verb: &str,
+    dry_run: bool,
+    detach: bool,
+) -> anyhow::Result<()> {
     let plan = resp.plan.unwrap_or_default();
     for w in &plan.warnings {
         eprintln!("warning: {}", term(w));
@@ -413,9 +472,9 @@ async fn add(a: AddArgs) -> anyhow::Result<()> {
         for e in &plan.errors {
             eprintln!("error: {}", term(e));
         }
-        anyhow::bail!("cluster add refused with {} error(s); nothing was changed", plan.errors.len());
+        anyhow::bail!("cluster {verb} refused with {} error(s); nothing was changed", plan.errors.len());
     }
-    if a.dry_run {
+    if dry_run {
         print!("{}", plan.plan_text);
         return Ok(());
     }
@@ -427,18 +486,18 @@ async fn add(a: AddArgs) -> anyhow::Result<()> {
         "cluster {}: {} recorded ({} tasks); running in the controller",
         view.name, view.operation, view.counts.total
     );
-    if a.detach {
+    if detach {
         println!("follow it with: controller cluster status {} --watch", view.name);
         return Ok(());
     }
-    let view = follow(&mut c, &view.name).await?;
+    let view = follow(c, &view.name).await?;
     match view.state {
         ClusterState::Succeeded => {
             println!("{}", term(&view.message));
             Ok(())
         }
         ClusterState::Failed => anyhow::bail!(
-            "{}\nsee `controller cluster logs {}`; run the same add again to retry (finished work is kept)",
+            "{}\nsee `controller cluster logs {}`; run the same {verb} again to retry (finished work is kept)",
             view.message,
             view.name
         ),

@@ -23,10 +23,14 @@ pub enum PhaseName {
     Addons,
     Record,
     Reset,
+    /// `cluster remove --drain`: the leaving workers' pods evicted.
+    Drain,
+    /// `cluster remove`: the leaving workers' Node objects deleted (after their reset).
+    RemoveNodes,
 }
 
 impl PhaseName {
-    pub const ALL: [PhaseName; 12] = [
+    pub const ALL: [PhaseName; 14] = [
         PhaseName::Preflight,
         PhaseName::Distribute,
         PhaseName::Bootstrap,
@@ -39,6 +43,8 @@ impl PhaseName {
         PhaseName::Addons,
         PhaseName::Record,
         PhaseName::Reset,
+        PhaseName::Drain,
+        PhaseName::RemoveNodes,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +61,8 @@ impl PhaseName {
             PhaseName::Addons => "addons",
             PhaseName::Record => "record",
             PhaseName::Reset => "reset",
+            PhaseName::Drain => "drain",
+            PhaseName::RemoveNodes => "remove-nodes",
         }
     }
 
@@ -98,10 +106,14 @@ pub enum StepKind {
     BootstrapReset,
     JoinToken,
     DropToken,
+    /// On master0: `kubectl drain` the leaving workers.
+    DrainNodes,
+    /// On master0: `kubectl delete node` the leaving workers.
+    DeleteNodes,
 }
 
 impl StepKind {
-    pub const ALL: [StepKind; 15] = [
+    pub const ALL: [StepKind; 17] = [
         StepKind::Preflight,
         StepKind::FetchBundle,
         StepKind::Bootstrap,
@@ -117,6 +129,8 @@ impl StepKind {
         StepKind::BootstrapReset,
         StepKind::JoinToken,
         StepKind::DropToken,
+        StepKind::DrainNodes,
+        StepKind::DeleteNodes,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -136,6 +150,8 @@ impl StepKind {
             StepKind::BootstrapReset => "bootstrap-reset",
             StepKind::JoinToken => "join-token",
             StepKind::DropToken => "drop-token",
+            StepKind::DrainNodes => "drain-nodes",
+            StepKind::DeleteNodes => "delete-nodes",
         }
     }
 
@@ -155,13 +171,14 @@ impl StepKind {
             StepKind::LbClean => TaskKind::LbClean,
             StepKind::BootstrapReset => TaskKind::BootstrapReset,
             StepKind::JoinToken | StepKind::DropToken => TaskKind::KubeadmToken,
+            StepKind::DrainNodes | StepKind::DeleteNodes => TaskKind::NodeObjects,
         }
     }
 
     /// How long the agent may take (the controller adds a grace period on top).
     pub fn timeout_secs(self) -> u32 {
         match self {
-            StepKind::KubeadmInit | StepKind::KubeadmJoin | StepKind::KubeadmReset => 900,
+            StepKind::KubeadmInit | StepKind::KubeadmJoin | StepKind::KubeadmReset | StepKind::DrainNodes => 900,
             StepKind::FetchBundle => 3600,
             StepKind::Bootstrap | StepKind::Addons => 600,
             StepKind::Lb => 180,
@@ -172,7 +189,8 @@ impl StepKind {
             | StepKind::HostsClean
             | StepKind::BootstrapReset
             | StepKind::JoinToken
-            | StepKind::DropToken => 120,
+            | StepKind::DropToken
+            | StepKind::DeleteNodes => 120,
         }
     }
 

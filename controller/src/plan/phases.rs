@@ -367,6 +367,63 @@ pub fn add_workers(shape: &ClusterShape, added: &[String]) -> Plan {
     Plan { cluster: c.to_string(), phases }
 }
 
+/// The plan that takes `leaving` workers out of a running cluster: with `drain`, their pods
+/// evicted first (on master0); then each host reset like a teardown (kubeadm reset, its load
+/// balancer, its /etc/hosts block, what bootstrap installed); then their Node objects deleted
+/// (after the reset, so a still-running kubelet cannot register the node again). With `force`
+/// the hosts are gone: only the Node objects are deleted.
+pub fn remove_workers(shape: &ClusterShape, leaving: &[PlannedHost], drain: bool, force: bool) -> Plan {
+    let c = shape.name.as_str();
+    let master0 = &shape.masters[0];
+    let mut phases = Vec::new();
+    let names: Vec<&str> = leaving.iter().map(|h| h.node.as_str()).collect();
+    if drain {
+        phases.push(Phase {
+            name: PhaseName::Drain,
+            steps: vec![vec![task(
+                c,
+                PhaseName::Drain,
+                &master0.node,
+                StepKind::DrainNodes,
+                format!("kubectl drain {} --ignore-daemonsets --delete-emptydir-data", names.join(" ")),
+            )]],
+            note: None,
+        });
+    }
+    let each = |kind: StepKind, desc: &str| -> Vec<Task> {
+        leaving.iter().map(|h| task(c, PhaseName::Reset, &h.node, kind, desc.to_string())).collect()
+    };
+    if force {
+        phases.push(Phase {
+            name: PhaseName::Reset,
+            steps: vec![],
+            note: Some("--force: the hosts are not touched".into()),
+        });
+    } else {
+        let mut steps = vec![
+            each(StepKind::KubeadmReset, "kubeadm reset --force"),
+            each(StepKind::LbClean, "remove the IPVS service and VIP"),
+            each(StepKind::HostsClean, "remove the managed /etc/hosts block"),
+        ];
+        if shape.bundle.is_some() {
+            steps.push(each(StepKind::BootstrapReset, "undo what bootstrap installed"));
+        }
+        phases.push(Phase { name: PhaseName::Reset, steps, note: None });
+    }
+    phases.push(Phase {
+        name: PhaseName::RemoveNodes,
+        steps: vec![vec![task(
+            c,
+            PhaseName::RemoveNodes,
+            &master0.node,
+            StepKind::DeleteNodes,
+            format!("kubectl delete node {}", names.join(" ")),
+        )]],
+        note: None,
+    });
+    Plan { cluster: c.to_string(), phases }
+}
+
 /// The plan that takes a cluster apart again: kubeadm reset everywhere (workers first, then the
 /// masters), the workers' load balancers, the /etc/hosts blocks, and (with a bundle) what
 /// bootstrap installed.

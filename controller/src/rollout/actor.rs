@@ -146,8 +146,22 @@ impl Actor {
             self.rec.set_condition(phase.name.as_str(), true, msg, now_unix_ms());
             self.save_cluster().await?;
         }
+        if let record::Operation::RemoveWorkers { hosts } = &self.rec.operation {
+            // They are gone: out of the cluster's shape (recorded with the outcome).
+            let hosts = hosts.clone();
+            self.rec.shape.workers.retain(|w| !hosts.contains(&w.node));
+            self.rec.failed_workers.retain(|w| !hosts.contains(w));
+        }
         let failed = &self.rec.failed_workers;
         let mut summary = match &self.rec.operation {
+            record::Operation::RemoveWorkers { hosts } => format!(
+                "cluster {}: workers {} removed in {:.0}s ({} masters, {} workers now)",
+                self.rec.name,
+                hosts.join(", "),
+                started.elapsed().as_secs_f64(),
+                self.rec.shape.masters.len(),
+                self.rec.shape.workers.len() - failed.len(),
+            ),
             record::Operation::AddWorkers { hosts } => format!(
                 "cluster {}: {} of {} new workers joined in {:.0}s ({} masters, {} workers now)",
                 self.rec.name,

@@ -400,6 +400,106 @@ impl Rollouts {
         answer.await.map_err(|_| not_running())?.map_err(RolloutError::Invalid)
     }
 
+    /// `cluster remove --nodes`: plan (and unless `dry_run`, start) taking workers out of a
+    /// cluster that is up. `refs` are node names or addresses of the cluster's hosts. A failed
+    /// earlier removal of the same workers is resumed.
+    pub fn remove_workers(
+        &self,
+        name: &str,
+        refs: &[String],
+        drain: bool,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<(phases::Plan, Option<ClusterRecord>), RolloutError> {
+        let mut rec = self.get(name)?;
+        if refs.is_empty() {
+            return Err(RolloutError::Invalid("name at least one worker to remove (--nodes)".into()));
+        }
+        let of = |h: &phases::PlannedHost, r: &str| h.node == r || h.ip.to_string() == r;
+        let mut leaving: Vec<phases::PlannedHost> = Vec::new();
+        let (mut masters, mut unknown) = (Vec::new(), Vec::new());
+        for r in refs {
+            if let Some(m) = rec.shape.masters.iter().find(|m| of(m, r)) {
+                masters.push(m.node.clone());
+            } else if let Some(w) = rec.shape.workers.iter().find(|w| of(w, r)) {
+                if !leaving.contains(w) {
+                    leaving.push(w.clone());
+                }
+            } else {
+                unknown.push(r.clone());
+            }
+        }
+        if !masters.is_empty() {
+            return Err(RolloutError::Invalid(format!(
+                "{} {} of cluster {name}: removing masters is not supported yet (workers only)",
+                masters.join(", "),
+                if masters.len() == 1 { "is a master" } else { "are masters" }
+            )));
+        }
+        if !unknown.is_empty() {
+            let elsewhere: Vec<String> = self
+                .list()?
+                .iter()
+                .filter(|o| o.name != name)
+                .flat_map(|o| {
+                    o.shape
+                        .masters
+                        .iter()
+                        .chain(o.shape.workers.iter())
+                        .filter(|h| unknown.iter().any(|u| of(h, u)))
+                        .map(|h| format!("{} (cluster {})", h.node, o.name))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let mut msg = format!("not workers of cluster {name}: {}", unknown.join(", "));
+            if !elsewhere.is_empty() {
+                msg.push_str(&format!("; they belong to {}", elsewhere.join(", ")));
+            }
+            return Err(RolloutError::Invalid(msg));
+        }
+        let names: Vec<String> = leaving.iter().map(|h| h.node.clone()).collect();
+        let op = Operation::RemoveWorkers { hosts: names.clone() };
+        let retry = rec.state == ClusterState::Failed && rec.operation == op;
+        if rec.state == ClusterState::Running {
+            return Err(RolloutError::Invalid(format!(
+                "cluster {name} is busy ({}); wait for it to finish (cluster status {name} --watch)",
+                rec.operation
+            )));
+        }
+        if rec.deleting {
+            return Err(RolloutError::Invalid(format!("cluster {name} is being deleted")));
+        }
+        if rec.state == ClusterState::Failed && !retry {
+            return Err(RolloutError::Invalid(format!(
+                "cluster {name}: its last operation ({}) failed: {}; retry that first",
+                rec.operation, rec.message
+            )));
+        }
+        let plan = phases::remove_workers(&rec.shape, &leaving, drain, force);
+        if dry_run {
+            return Ok((plan, None));
+        }
+        if retry && !force && rec.plan == plan {
+            let plan = rec.plan.clone();
+            return Ok((plan, Some(self.resume_failed(rec)?)));
+        }
+        self.record_tasks(&plan, rec.attempt_floor)?;
+        rec.plan = plan.clone();
+        rec.operation = op;
+        rec.failed_workers.retain(|w| !names.contains(w));
+        rec.conditions.retain(|c| c.kind == "Ready");
+        rec.state = ClusterState::Running;
+        rec.paused = false;
+        rec.phase = plan.phases.first().map(|p| p.name).unwrap_or(PhaseName::Reset);
+        rec.message = format!("{}", rec.operation);
+        rec.finished_ms = 0;
+        rec.updated_ms = now_unix_ms();
+        put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
+        tracing::info!(cluster = name, operation = %rec.operation, drain, force, "operation recorded; rollout starting");
+        self.spawn(name);
+        Ok((plan, Some(rec)))
+    }
+
     fn resume_failed(&self, mut rec: ClusterRecord) -> Result<ClusterRecord, RolloutError> {
         for mut t in self.tasks(&rec.name)? {
             if matches!(t.state, TaskState::Failed | TaskState::Skipped) {
@@ -1044,6 +1144,67 @@ mod tests {
         assert!(!again.unwrap().paused);
         wait_for("the add to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
         assert_eq!(r.get("lab").unwrap().state, ClusterState::Succeeded);
+    }
+
+    #[tokio::test]
+    async fn workers_are_removed_refusals_first_and_can_be_added_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let sessions = Sessions::new(|_| {});
+        let r = Rollouts::new(store.clone(), sessions.clone(), fast());
+        r.create(new_cluster()).unwrap();
+        let all = TaskKind::all_capabilities();
+        let _m1 = obliging_agent(&r, &sessions, "m1", all.clone());
+        let _w1 = obliging_agent(&r, &sessions, "w1", all.clone());
+        wait_for("the create to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let refs = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let refused = |res: Result<(phases::Plan, Option<ClusterRecord>), RolloutError>, what: &str| match res {
+            Err(RolloutError::Invalid(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("expected a refusal ({what}), got {:?}", other.map(|(p, _)| p.render())),
+        };
+        refused(r.remove_workers("lab", &refs(&["m1"]), false, false, false), "is a master of cluster lab");
+        refused(r.remove_workers("lab", &refs(&["nosuch"]), false, false, false), "not workers of cluster lab: nosuch");
+        refused(r.remove_workers("lab", &[], false, false, false), "at least one worker");
+        assert!(matches!(
+            r.remove_workers("nosuch", &refs(&["w1"]), false, false, false),
+            Err(RolloutError::NotFound(_))
+        ));
+        // A dry run (by address) plans the drain, the reset on w1 and the Node object's deletion.
+        let (plan, none) = r.remove_workers("lab", &refs(&["10.0.0.2"]), true, false, true).unwrap();
+        assert!(none.is_none());
+        let steps: Vec<String> = plan.tasks().map(|t| t.id.to_string()).collect();
+        assert_eq!(
+            steps,
+            [
+                "lab/drain/m1/drain-nodes",
+                "lab/reset/w1/kubeadm-reset",
+                "lab/reset/w1/lb-clean",
+                "lab/reset/w1/hosts-clean",
+                "lab/remove-nodes/m1/delete-nodes"
+            ]
+        );
+        assert_eq!(r.get("lab").unwrap().operation, Operation::Create, "a dry run records nothing");
+
+        let (_, rec) = r.remove_workers("lab", &refs(&["w1"]), true, false, false).unwrap();
+        let rec = rec.unwrap();
+        let spec = super::super::specs::spec_for(&rec, plan.tasks().last().unwrap()).unwrap();
+        let task_assignment::Task::NodeObjects(n) = spec else { panic!("{spec:?}") };
+        assert_eq!((n.nodes, n.drain, n.delete), (vec!["w1".to_string()], false, true));
+        wait_for("the removal to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let done = r.get("lab").unwrap();
+        assert_eq!(done.state, ClusterState::Succeeded, "{}", done.message);
+        assert!(done.message.contains("workers w1 removed"), "{}", done.message);
+        assert!(done.shape.workers.is_empty());
+        assert_eq!(stored(&store, "lab/drain/m1/drain-nodes").state, TaskState::Succeeded);
+        refused(r.remove_workers("lab", &refs(&["w1"]), false, false, false), "not workers of cluster lab: w1");
+
+        // Added back: its join runs again (a new attempt), it does not count as done.
+        let w1 = PlannedHost { node: "w1".into(), ip: "10.0.0.2".parse().unwrap() };
+        r.add_workers("lab", vec![w1], 1, false).unwrap();
+        wait_for("the add to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        assert_eq!(r.get("lab").unwrap().state, ClusterState::Succeeded);
+        let join = stored(&store, "lab/join-workers/w1/kubeadm-join");
+        assert_eq!((join.state, join.attempt, join.first_attempt), (TaskState::Succeeded, 2, 1));
     }
 
     #[tokio::test]

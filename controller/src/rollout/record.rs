@@ -51,6 +51,8 @@ pub enum Operation {
     AddWorkers { hosts: Vec<String> },
     /// `cluster delete`: the teardown.
     Delete,
+    /// `cluster remove --nodes`: these workers leave the running cluster.
+    RemoveWorkers { hosts: Vec<String> },
 }
 
 impl std::fmt::Display for Operation {
@@ -59,6 +61,7 @@ impl std::fmt::Display for Operation {
             Operation::Create => f.write_str("create"),
             Operation::AddWorkers { hosts } => write!(f, "add workers {}", hosts.join(",")),
             Operation::Delete => f.write_str("delete"),
+            Operation::RemoveWorkers { hosts } => write!(f, "remove workers {}", hosts.join(",")),
         }
     }
 }

@@ -9,7 +9,8 @@
 use fleetadm_proto::task_assignment::Task as WireTask;
 use fleetadm_proto::{
     BootstrapResetTask, BootstrapTask, BundleAddonsTask, FetchBundleTask, FileSpec, FilesTask, HostsEntry, HostsTask,
-    KubeadmInitTask, KubeadmJoinTask, KubeadmResetTask, KubeadmTokenTask, LbCleanTask, LbTask, PreflightTask,
+    KubeadmInitTask, KubeadmJoinTask, KubeadmResetTask, KubeadmTokenTask, LbCleanTask, LbTask, NodeObjectsTask,
+    PreflightTask,
 };
 use thiserror::Error;
 
@@ -196,5 +197,23 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<WireTask, SpecError>
         StepKind::DropToken => {
             WireTask::KubeadmToken(KubeadmTokenTask { delete_ids: token::all_ids(&rec.secrets), ..Default::default() })
         }
+        StepKind::DrainNodes | StepKind::DeleteNodes => {
+            let drain = task.id.step == StepKind::DrainNodes;
+            WireTask::NodeObjects(NodeObjectsTask {
+                nodes: leaving(rec),
+                drain,
+                delete: !drain,
+                drain_timeout_secs: 600,
+                ..Default::default()
+            })
+        }
     })
+}
+
+/// The workers the current operation removes.
+fn leaving(rec: &ClusterRecord) -> Vec<String> {
+    match &rec.operation {
+        super::record::Operation::RemoveWorkers { hosts } => hosts.clone(),
+        _ => vec![],
+    }
 }

@@ -30,6 +30,7 @@ pub async fn run(task: Task, cx: Ctx) -> Result<Done, TaskError> {
         Task::BootstrapReset(t) => BootstrapReset.run(t, cx).await,
         Task::KubeadmToken(t) => KubeadmToken.run(t, cx).await,
         Task::Exec(t) => Exec.run(t, cx).await,
+        Task::NodeObjects(t) => NodeObjects.run(t, cx).await,
     }
 }
 
@@ -176,6 +177,23 @@ impl Handler for KubeadmToken {
             &cx.cancel,
         )
         .await?;
+        Ok(Done::new(o.changed, o.output))
+    }
+}
+
+pub struct NodeObjects;
+
+impl Handler for NodeObjects {
+    type Task = pb::NodeObjectsTask;
+    async fn run(&self, t: pb::NodeObjectsTask, cx: Ctx) -> Result<Done, TaskError> {
+        if t.nodes.is_empty() {
+            return Err(TaskError::Refused("node-objects: no node given".into()));
+        }
+        if let Some(bad) = t.nodes.iter().find(|n| !kubeadm::nodes::valid_node_name(n)) {
+            return Err(TaskError::Refused(format!("{bad:?} is not a Kubernetes node name")));
+        }
+        let drain = t.drain.then(|| Duration::from_secs(u64::from(t.drain_timeout_secs.clamp(10, 3600))));
+        let o = kubeadm::nodes::leave(&cx.paths.kube_dir, &t.nodes, drain, t.delete, cx.timeout, &cx.cancel).await?;
         Ok(Done::new(o.changed, o.output))
     }
 }

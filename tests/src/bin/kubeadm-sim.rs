@@ -32,6 +32,9 @@
 //!   ADDR CA SECS` counts client requests that fail (a new connection each, every 20 ms);
 //! - reset: stops the apiserver (and waits for it to exit) and removes what init/join wrote,
 //!   including the certificates directory.
+//! - kubectl: `apply -f`, `drain NODE` (refuses DaemonSet pods without --ignore-daemonsets, an
+//!   unknown node is NotFound) and `delete node NODE [--ignore-not-found]`, through the apiserver;
+//!   Node objects (sim/nodes) are replicated to every member like tokens;
 //! - fault injection: `KUBEADM_SIM_FAIL=wait-control-plane` makes init or a control-plane join
 //!   write its manifests, kubeconfigs and etcd data and then fail the way kubeadm does when the
 //!   control plane never comes up (leaving all of it behind).
@@ -962,6 +965,10 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
                         if let Some(f) = f.as_mut() {
                             let _ = writeln!(f, "{}", parts.iter().take(2).copied().collect::<Vec<_>>().join(" "));
                         }
+                        // The Node object is cluster state: every member learns of it.
+                        if let [name, role, ..] = parts.as_slice() {
+                            replicate(&state, &ca, &format!("/sim/replicate/node/{name}/{role}"));
+                        }
                         if let Some(member) = parts.get(2) {
                             // A new control-plane member: every member learns of it.
                             replicate(&state, &ca, &format!("/sim/replicate/peer/{member}"));
@@ -993,6 +1000,27 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
                             replicate(&state, &ca, &format!("/sim/replicate/{change}"));
                             (200, "ok".to_string())
                         }
+                    }
+                }
+                ("POST", p) if p.starts_with("/sim/nodes/") => {
+                    let change = p.trim_start_matches("/sim/nodes/");
+                    let nodes = std::fs::read_to_string(state.join("nodes")).unwrap_or_default();
+                    match change.split_once('/') {
+                        Some((op @ ("drain" | "delete"), name)) if !name.is_empty() && !name.contains('/') => {
+                            if !nodes.lines().any(|l| l.split(' ').next() == Some(name)) {
+                                (404, format!("Error from server (NotFound): nodes \"{name}\" not found"))
+                            } else {
+                                let change = if op == "drain" {
+                                    format!("drained/{name}")
+                                } else {
+                                    format!("node-delete/{name}")
+                                };
+                                apply(&state, &change);
+                                replicate(&state, &ca, &format!("/sim/replicate/{change}"));
+                                (200, "ok".to_string())
+                            }
+                        }
+                        _ => (400, "bad node change".to_string()),
                     }
                 }
                 ("POST", p) if p.starts_with("/sim/replicate/") => {
@@ -1124,6 +1152,23 @@ fn apply(state: &Path, change: &str) {
             l
         }),
         ["delete", i] => rewrite("tokens", &|l| l.into_iter().filter(|t| !t.starts_with(&format!("{i}."))).collect()),
+        ["node", n, role] => rewrite("nodes", &|mut l| {
+            let line = format!("{n} {role}");
+            if !l.contains(&line) {
+                l.push(line);
+            }
+            l
+        }),
+        ["node-delete", n] => {
+            rewrite("nodes", &|l| l.into_iter().filter(|x| x.split(' ').next() != Some(*n)).collect());
+            rewrite("drained", &|l| l.into_iter().filter(|x| x != n).collect());
+        }
+        ["drained", n] => rewrite("drained", &|mut l| {
+            if !l.iter().any(|x| x == n) {
+                l.push(n.to_string());
+            }
+            l
+        }),
         ["peer", a] => rewrite("peers", &|mut l| {
             if !l.iter().any(|p| p == a) {
                 l.push(a.to_string());
@@ -1165,20 +1210,8 @@ fn token_cmd(args: &[String]) -> Result<()> {
         }
     }
     let _ = description;
-    let text = std::fs::read_to_string(&kubeconfig)
-        .with_context(|| format!("failed to load admin kubeconfig {kubeconfig}"))?;
-    let server = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server: https://"))
-        .ok_or_else(|| anyhow!("{kubeconfig} has no server"))?
-        .to_string();
-    let addr = server
-        .to_socket_addrs()
-        .with_context(|| format!("cannot resolve {server} (check /etc/hosts)"))?
-        .next()
-        .ok_or_else(|| anyhow!("{server} resolves to nothing"))?;
-    let host = server.rsplit_once(':').map(|x| x.0).unwrap_or(&server).to_string();
-    let ca = std::fs::read_to_string(format!("{KUBE}/pki/ca.crt")).context("the cluster CA (pki/ca.crt)")?;
+    let (addr, host, ca) = admin_server(&kubeconfig)?;
+    let server = format!("{host}:{}", addr.port());
     let path = match (args.first().map(String::as_str), positional.as_slice()) {
         (Some("create"), [t]) if token_ok(t) => format!("/sim/tokens/create/{t}/{}", now_secs() + ttl),
         (Some("create"), [t]) => {
@@ -1201,10 +1234,85 @@ fn token_cmd(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The apiserver an admin kubeconfig points at: (address, TLS name, cluster CA).
+fn admin_server(kubeconfig: &str) -> Result<(SocketAddr, String, String)> {
+    let text =
+        std::fs::read_to_string(kubeconfig).with_context(|| format!("failed to load kubeconfig {kubeconfig}"))?;
+    let server = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://"))
+        .ok_or_else(|| anyhow!("{kubeconfig} has no server"))?
+        .to_string();
+    let addr = server
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {server} (check /etc/hosts)"))?
+        .next()
+        .ok_or_else(|| anyhow!("{server} resolves to nothing"))?;
+    let host = server.rsplit_once(':').map(|x| x.0).unwrap_or(&server).to_string();
+    let ca = std::fs::read_to_string(format!("{KUBE}/pki/ca.crt")).context("the cluster CA (pki/ca.crt)")?;
+    Ok((addr, host, ca))
+}
+
+/// `kubectl --kubeconfig F drain NODE [--ignore-daemonsets] [--delete-emptydir-data]
+/// [--timeout D] [--force] [--grace-period N]` and `kubectl --kubeconfig F delete node NODE
+/// [--ignore-not-found]`, through the apiserver like the real one: an unknown node is NotFound;
+/// drain refuses DaemonSet pods (any applied DaemonSet runs on every node) without
+/// --ignore-daemonsets; a drained node is recorded in sim/drained, a deleted one leaves sim/nodes
+/// on every member.
+fn kubectl_node(kubeconfig: &str, rest: &[String]) -> Result<()> {
+    let mut positional = Vec::new();
+    let (mut ignore_ds, mut ignore_missing) = (false, false);
+    let verb = rest.first().map(String::as_str).unwrap_or("");
+    let mut it = rest.iter().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or_else(|| anyhow!("flag needs an argument: {a}"));
+        match (verb, a.as_str()) {
+            ("drain", "--ignore-daemonsets") => ignore_ds = true,
+            ("drain", "--delete-emptydir-data" | "--force") => {}
+            ("drain", "--timeout") => {
+                go_duration(&value()?)?;
+            }
+            ("drain", "--grace-period") => {
+                value()?.parse::<i64>().context("--grace-period")?;
+            }
+            ("delete", "--ignore-not-found") => ignore_missing = true,
+            (_, f) if f.starts_with('-') => bail!("unknown flag: {f}"),
+            (_, p) => positional.push(p.to_string()),
+        }
+    }
+    let name = match (verb, positional.as_slice()) {
+        ("drain", [n]) => n.clone(),
+        ("delete", [kind, n]) if kind == "node" || kind == "nodes" => n.clone(),
+        ("drain", _) => bail!("kubectl drain takes one node name"),
+        _ => bail!("kubectl simulator: only `delete node NAME` is supported among deletes"),
+    };
+    if verb == "drain" && !ignore_ds {
+        let applied = std::fs::read_to_string(sim_dir().join("applied")).unwrap_or_default();
+        if let Some(ds) = applied.lines().find(|l| l.starts_with("DaemonSet/")) {
+            bail!("unable to drain node \"{name}\": cannot delete DaemonSet-managed Pods (use --ignore-daemonsets to ignore): {ds}");
+        }
+    }
+    let (addr, host, ca) = admin_server(kubeconfig)?;
+    let (code, body) = https(&addr, &host, &ca, "POST", &format!("/sim/nodes/{verb}/{name}"), "")
+        .with_context(|| format!("talking to {host}"))?;
+    match code {
+        200 if verb == "drain" => println!("node/{name} cordoned\nnode/{name} drained"),
+        200 => println!("node \"{name}\" deleted"),
+        404 if verb == "delete" && ignore_missing => {}
+        _ => bail!("{body}"),
+    }
+    Ok(())
+}
+
 fn kubectl(args: &[String]) -> Result<()> {
     let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    if let [flag, kc, rest @ ..] = args {
+        if flag == "--kubeconfig" && matches!(rest.first().map(String::as_str), Some("drain" | "delete")) {
+            return kubectl_node(kc, rest);
+        }
+    }
     if !args.iter().any(|a| a == "apply") {
-        bail!("kubectl simulator: only `apply -f` is supported");
+        bail!("kubectl simulator: only `apply -f`, `drain` and `delete node` are supported (after --kubeconfig FILE)");
     }
     let kc = get("--kubeconfig").ok_or_else(|| anyhow!("--kubeconfig is required"))?;
     let text = std::fs::read_to_string(&kc).with_context(|| format!("reading kubeconfig {kc}"))?;

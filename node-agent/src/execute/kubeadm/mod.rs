@@ -2,6 +2,7 @@
 //! finished (see [`attempt`]) reports "no change"; one whose attempt failed or was interrupted is
 //! cleaned up with `kubeadm reset` (keeping the PKI the controller sent) before kubeadm runs again.
 pub mod attempt;
+pub mod nodes;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
