@@ -1184,6 +1184,10 @@ mod tests {
             ]
         );
         assert_eq!(r.get("lab").unwrap().operation, Operation::Create, "a dry run records nothing");
+        // --force (the host is gone): only its Node object is deleted.
+        let (forced, _) = r.remove_workers("lab", &refs(&["w1"]), false, true, true).unwrap();
+        let ids: Vec<String> = forced.tasks().map(|t| t.id.to_string()).collect();
+        assert_eq!(ids, ["lab/remove-nodes/m1/delete-nodes"]);
 
         let (_, rec) = r.remove_workers("lab", &refs(&["w1"]), true, false, false).unwrap();
         let rec = rec.unwrap();
