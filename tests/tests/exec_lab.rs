@@ -264,7 +264,7 @@ fn a_canary_pauses_an_exec_until_it_is_resumed_and_an_abort_skips_the_rest() {
     let (ok, _, err) = exec(&lab, &["--nodes", "h1", "--auto-promote", "1s", "--", "true"]);
     assert!(!ok && err.contains("--canary"), "{err}");
     let (ok, out) = ctl(&["op", "pause", "cluster/none"]);
-    assert!(!ok && out.contains("cannot be paused"), "{out}");
+    assert!(!ok && out.contains("cluster none not found"), "{out}");
     let (ok, out) = ctl(&["op", "pause", "nosuch"]);
     assert!(!ok && out.contains("no running operation"), "{out}");
 }
