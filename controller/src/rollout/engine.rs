@@ -304,24 +304,7 @@ impl Rollouts {
             return Err(RolloutError::Invalid("name at least one host to add (--nodes)".into()));
         }
         let names: Vec<String> = new.iter().map(|h| h.node.clone()).collect();
-        let retry =
-            rec.state == ClusterState::Failed && rec.operation == Operation::AddWorkers { hosts: names.clone() };
-        // Busy while its record says so (an actor that has recorded the end is only finishing).
-        if rec.state == ClusterState::Running {
-            return Err(RolloutError::Invalid(format!(
-                "cluster {name} is busy ({}); wait for it to finish (cluster status {name} --watch)",
-                rec.operation
-            )));
-        }
-        if rec.deleting {
-            return Err(RolloutError::Invalid(format!("cluster {name} is being deleted")));
-        }
-        if rec.state == ClusterState::Failed && !retry {
-            return Err(RolloutError::Invalid(format!(
-                "cluster {name}: its last operation ({}) failed: {}; retry that first",
-                rec.operation, rec.message
-            )));
-        }
+        let retry = may_start(&rec, &Operation::AddWorkers { hosts: names.clone() })?;
         {
             // A retry names the hosts its failed attempt already recorded in this cluster.
             for other in self.list()?.into_iter().filter(|o| !(retry && o.name == name)) {
@@ -459,22 +442,7 @@ impl Rollouts {
         }
         let names: Vec<String> = leaving.iter().map(|h| h.node.clone()).collect();
         let op = Operation::RemoveWorkers { hosts: names.clone() };
-        let retry = rec.state == ClusterState::Failed && rec.operation == op;
-        if rec.state == ClusterState::Running {
-            return Err(RolloutError::Invalid(format!(
-                "cluster {name} is busy ({}); wait for it to finish (cluster status {name} --watch)",
-                rec.operation
-            )));
-        }
-        if rec.deleting {
-            return Err(RolloutError::Invalid(format!("cluster {name} is being deleted")));
-        }
-        if rec.state == ClusterState::Failed && !retry {
-            return Err(RolloutError::Invalid(format!(
-                "cluster {name}: its last operation ({}) failed: {}; retry that first",
-                rec.operation, rec.message
-            )));
-        }
+        let retry = may_start(&rec, &op)?;
         let plan = phases::remove_workers(&rec.shape, &leaving, drain, force);
         if dry_run {
             return Ok((plan, None));
@@ -622,6 +590,31 @@ impl Rollouts {
             }
         });
     }
+}
+
+/// May a day-2 operation `op` start on the cluster now? `Ok(true)` when it retries the same
+/// operation that failed last; refused while another runs, during a delete, or after a different
+/// operation failed (that one is retried first).
+fn may_start(rec: &ClusterRecord, op: &Operation) -> Result<bool, RolloutError> {
+    let name = &rec.name;
+    // Busy while its record says so (an actor that has recorded the end is only finishing).
+    if rec.state == ClusterState::Running {
+        return Err(RolloutError::Invalid(format!(
+            "cluster {name} is busy ({}); wait for it to finish (cluster status {name} --watch)",
+            rec.operation
+        )));
+    }
+    if rec.deleting {
+        return Err(RolloutError::Invalid(format!("cluster {name} is being deleted")));
+    }
+    let retry = rec.state == ClusterState::Failed && &rec.operation == op;
+    if rec.state == ClusterState::Failed && !retry {
+        return Err(RolloutError::Invalid(format!(
+            "cluster {name}: its last operation ({}) failed: {}; retry that first",
+            rec.operation, rec.message
+        )));
+    }
+    Ok(retry)
 }
 
 /// Drive the plan, then record the outcome (or, for a finished teardown, forget the cluster).
