@@ -8,10 +8,12 @@
 //! - [`fsutil`]: atomic and private (0600) file writes.
 //! - [`logging`]: journald under systemd, stderr otherwise.
 //! - [`output`]: table / json / yaml rendering for CLIs.
+//! - [`certs`]: what a host's Kubernetes certificates say (kubeadm names, expiry, SANs).
 //! - [`clock`]: wall-clock helpers.
 //! - [`tasks`]: helpers around the protocol's task messages (bundle files, digests, path checks).
 #![forbid(unsafe_code)]
 
+pub mod certs;
 pub mod clock;
 pub mod config;
 pub mod dial;

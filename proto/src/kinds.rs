@@ -21,6 +21,8 @@ pub enum TaskKind {
     KubeadmToken,
     Exec,
     NodeObjects,
+    CertsCheck,
+    CertsInstall,
 }
 
 /// A `TaskAssignment` without a task this build knows (from a newer controller).
@@ -29,7 +31,7 @@ pub enum TaskKind {
 pub struct UnknownTask;
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 16] = [
+    pub const ALL: [TaskKind; 18] = [
         TaskKind::Preflight,
         TaskKind::Hosts,
         TaskKind::Files,
@@ -46,6 +48,8 @@ impl TaskKind {
         TaskKind::KubeadmToken,
         TaskKind::Exec,
         TaskKind::NodeObjects,
+        TaskKind::CertsCheck,
+        TaskKind::CertsInstall,
     ];
 
     pub fn of(task: &Task) -> TaskKind {
@@ -66,6 +70,8 @@ impl TaskKind {
             Task::KubeadmToken(_) => TaskKind::KubeadmToken,
             Task::Exec(_) => TaskKind::Exec,
             Task::NodeObjects(_) => TaskKind::NodeObjects,
+            Task::CertsCheck(_) => TaskKind::CertsCheck,
+            Task::CertsInstall(_) => TaskKind::CertsInstall,
         }
     }
 
@@ -92,6 +98,8 @@ impl TaskKind {
             TaskKind::KubeadmToken => "kubeadm-token",
             TaskKind::Exec => "exec",
             TaskKind::NodeObjects => "node-objects",
+            TaskKind::CertsCheck => "certs-check",
+            TaskKind::CertsInstall => "certs-install",
         }
     }
 

@@ -22,6 +22,8 @@ macro_rules! each_task {
             Task::KubeadmToken($t) => $body,
             Task::Exec($t) => $body,
             Task::NodeObjects($t) => $body,
+            Task::CertsCheck($t) => $body,
+            Task::CertsInstall($t) => $body,
         }
     };
 }

@@ -39,11 +39,13 @@ pub struct Ctx {
 pub struct Done {
     pub changed: bool,
     pub output: String,
+    /// What a `certs-check` found (sent in the report's typed field).
+    pub certs: Vec<fleetadm_proto::CertInfo>,
 }
 
 impl Done {
     pub fn new(changed: bool, output: impl Into<String>) -> Self {
-        Self { changed, output: output.into() }
+        Self { changed, output: output.into(), certs: vec![] }
     }
 }
 
@@ -67,6 +69,8 @@ pub enum TaskError {
     Kubeadm(#[from] super::kubeadm::KubeadmError),
     #[error(transparent)]
     Lb(#[from] super::lb::LbTaskError),
+    #[error(transparent)]
+    Certs(#[from] super::certs::CertsError),
     #[error("the task's worker thread failed")]
     Worker(#[from] tokio::task::JoinError),
 }

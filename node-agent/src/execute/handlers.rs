@@ -10,7 +10,7 @@ use fleetadm_proto::{self as pb};
 
 use super::command::{self, Cmd};
 use super::handler::{blocking, Ctx, Done, Handler, TaskError};
-use super::{bootstrap, exec, fetch, files, hosts, kubeadm, lb, preflight};
+use super::{bootstrap, certs, exec, fetch, files, hosts, kubeadm, lb, preflight};
 
 /// Run `task` with the handler of its kind.
 pub async fn run(task: Task, cx: Ctx) -> Result<Done, TaskError> {
@@ -31,6 +31,8 @@ pub async fn run(task: Task, cx: Ctx) -> Result<Done, TaskError> {
         Task::KubeadmToken(t) => KubeadmToken.run(t, cx).await,
         Task::Exec(t) => Exec.run(t, cx).await,
         Task::NodeObjects(t) => NodeObjects.run(t, cx).await,
+        Task::CertsCheck(t) => CertsCheck.run(t, cx).await,
+        Task::CertsInstall(t) => CertsInstall.run(t, cx).await,
     }
 }
 
@@ -195,6 +197,47 @@ impl Handler for NodeObjects {
         let drain = t.drain.then(|| Duration::from_secs(u64::from(t.drain_timeout_secs.clamp(10, 3600))));
         let o = kubeadm::nodes::leave(&cx.paths.kube_dir, &t.nodes, drain, t.delete, cx.timeout, &cx.cancel).await?;
         Ok(Done::new(o.changed, o.output))
+    }
+}
+
+pub struct CertsCheck;
+
+impl Handler for CertsCheck {
+    type Task = pb::CertsCheckTask;
+    async fn run(&self, _t: pb::CertsCheckTask, cx: Ctx) -> Result<Done, TaskError> {
+        let (root, kube_dir) = (cx.paths.root.clone(), cx.paths.kube_dir.clone());
+        let found = blocking(move || Ok::<_, TaskError>(fleetadm_common::certs::scan(&root, &kube_dir))).await?;
+        let broken = found.iter().filter(|c| !c.error.is_empty()).count();
+        let mut done = Done::new(false, format!("{} certificates read, {broken} unreadable", found.len()));
+        done.certs = found;
+        Ok(done)
+    }
+}
+
+pub struct CertsInstall;
+
+impl Handler for CertsInstall {
+    type Task = pb::CertsInstallTask;
+    async fn run(&self, t: pb::CertsInstallTask, cx: Ctx) -> Result<Done, TaskError> {
+        let pods =
+            t.restart.iter().map(|p| certs::Pod::parse(&p.name, &p.probe)).collect::<Result<Vec<_>, _>>()?;
+        let root = cx.paths.root.clone();
+        let n = t.files.len();
+        let written = blocking(move || files::install(&root, &t.files)).await?;
+        let mut out = vec![format!("{n} files in place, {} written", written.len())];
+        out.extend(written.iter().cloned());
+        let ca_path = cx.paths.kube_dir.join("pki/ca.crt");
+        let ca = blocking(move || {
+            std::fs::read_to_string(&ca_path)
+                .map_err(|e| TaskError::Refused(format!("{}: {e} (the cluster CA is needed to probe)", ca_path.display())))
+        })
+        .await?;
+        // One at a time: the next pod stops only once the previous one answers again.
+        for pod in &pods {
+            (cx.progress)(format!("restarting {}", pod.name));
+            out.push(certs::restart(&cx.paths.kube_dir, pod, &ca, &cx.cancel).await?);
+        }
+        Ok(Done::new(!written.is_empty() || !pods.is_empty(), out.join("\n")))
     }
 }
 

@@ -2,6 +2,7 @@
 //! whether it changed anything. [`Executor`] receives assignments from the session, answers
 //! duplicates from the [`journal`], runs new ones in the background and hands reports back.
 pub mod bootstrap;
+pub mod certs;
 pub mod command;
 pub mod exec;
 pub mod fetch;
@@ -150,9 +151,9 @@ impl Executor {
             me.report(&a, TaskState::Running, false, String::new());
             tracing::info!(task = %a.task_id, attempt = a.attempt, kind = %kind, "task started");
             let result = me.run_bounded(&a, task).await;
-            let (state, changed, output) = match result {
-                Ok(d) => (TaskState::Succeeded, d.changed, d.output),
-                Err(e) => (TaskState::Failed, false, fleetadm_common::error_chain(&e)),
+            let (state, changed, output, certs) = match result {
+                Ok(d) => (TaskState::Succeeded, d.changed, d.output, d.certs),
+                Err(e) => (TaskState::Failed, false, fleetadm_common::error_chain(&e), vec![]),
             };
             #[cfg(feature = "skew-probe")]
             let output = format!("{output}\nskew-probe: the task carried {:?}", fleetadm_proto::skew::read(&a));
@@ -177,7 +178,10 @@ impl Executor {
                 TaskState::Succeeded => tracing::info!(task = %a.task_id, changed, "task succeeded"),
                 _ => tracing::warn!(task = %a.task_id, output = %output, "task failed"),
             }
-            me.report(&a, state, changed, output);
+            let mut r = report_of(&a, state, changed, output);
+            // (a read-only check's findings; a repeat of it is answered without them)
+            r.certs = certs;
+            let _ = me.reports.send(r);
         });
     }
 
