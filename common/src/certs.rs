@@ -138,12 +138,7 @@ pub fn scan(root: &Path, kube_dir: &Path) -> Vec<CertInfo> {
 }
 
 fn failed(name: &str, path: &str, e: &CertReadError) -> CertInfo {
-    CertInfo {
-        name: name.to_string(),
-        path: path.to_string(),
-        error: crate::error_chain(e),
-        ..Default::default()
-    }
+    CertInfo { name: name.to_string(), path: path.to_string(), error: crate::error_chain(e), ..Default::default() }
 }
 
 #[cfg(test)]
@@ -177,8 +172,11 @@ mod tests {
         )
         .unwrap();
         std::fs::create_dir_all(root.path().join("var/lib/kubelet/pki")).unwrap();
-        std::fs::write(root.path().join("var/lib/kubelet/pki/kubelet-client-current.pem"), cert("system:node:h1", 300, false))
-            .unwrap();
+        std::fs::write(
+            root.path().join("var/lib/kubelet/pki/kubelet-client-current.pem"),
+            cert("system:node:h1", 300, false),
+        )
+        .unwrap();
         std::fs::write(
             kube.join("kubelet.conf"),
             "apiVersion: v1\nusers:\n- name: k\n  user:\n    client-certificate: /var/lib/kubelet/pki/kubelet-client-current.pem\n",
@@ -189,7 +187,9 @@ mod tests {
         assert_eq!(names, ["admin.conf", "kubelet.conf", "apiserver", "etcd-peer", "ca"]);
         let api = &found[2];
         assert!(api.subject.contains("kube-apiserver") && !api.is_ca && api.error.is_empty());
-        assert!(api.sans.contains(&"10.0.0.1".to_string()) && api.sans.contains(&"apiserver.cluster.local".to_string()));
+        assert!(
+            api.sans.contains(&"10.0.0.1".to_string()) && api.sans.contains(&"apiserver.cluster.local".to_string())
+        );
         let left = api.not_after_unix as i64 - time::OffsetDateTime::now_utc().unix_timestamp();
         assert!((9 * 86400..=10 * 86400).contains(&left), "{left}");
         assert!(found[4].is_ca);

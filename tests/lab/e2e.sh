@@ -219,6 +219,8 @@ done
 check "h2 back in rotation after the restart" test $back = yes
 
 # --- the agent's guard keeps the worker's rules healthy
+# (its kubelet stopped first: a kubelet would start the apiserver again)
+kill -9 "$(cat "$(H h1)/etc-kubernetes/sim/kubelet.pid")"
 kill "$(cat "$(H h1)/etc-kubernetes/sim/apiserver.pid")"
 gone=no
 for _ in $(seq 150); do

@@ -210,7 +210,10 @@ down() {
   for d in "$lab"/hosts/*; do
     [ -d "$d" ] || continue
     pkill -9 -f "node-agent run --state-dir $d/state" 2>/dev/null || true
-    [ -f "$d/etc-kubernetes/sim/apiserver.pid" ] && kill "$(cat "$d/etc-kubernetes/sim/apiserver.pid")" 2>/dev/null || true
+    # the stand-in kubelet first (it would start its pods again), then its pods
+    for p in kubelet apiserver etcd kube-controller-manager kube-scheduler; do
+      [ -f "$d/etc-kubernetes/sim/$p.pid" ] && kill -9 "$(cat "$d/etc-kubernetes/sim/$p.pid")" 2>/dev/null || true
+    done
   done
   for l in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep '^flab-'); do
     ip link del "$l" 2>/dev/null || true

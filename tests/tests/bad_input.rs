@@ -268,6 +268,7 @@ fn blobs_and_task_reports_are_only_for_the_nodes_they_belong_to() {
             state: fleetadm_proto::TaskState::Succeeded as i32,
             output: String::new(),
             changed: false,
+            ..Default::default()
         };
         // Another host's task is refused without saying whether it exists.
         let st = c.report_task(report("lab/init/m1/kubeadm-init")).await.expect_err("not its task");

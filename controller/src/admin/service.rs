@@ -107,6 +107,8 @@ impl AdminService {
                     cgroup_driver: "systemd".into(),
                     cri_socket: "unix:///run/containerd/containerd.sock".into(),
                     image_repository: "registry.k8s.io".into(),
+                    cert_validity_secs: validity.as_secs(),
+                    extra_sans: vec![],
                 };
                 let rec = rollouts
                     .create(crate::rollout::NewCluster {
@@ -364,6 +366,95 @@ impl Admin for AdminService {
             return op.await;
         }
         self.audited(who, "cluster.remove", target, cluster, op).await
+    }
+
+    async fn check_cluster_certs(
+        &self,
+        req: Request<fleetadm_proto::ClusterRef>,
+    ) -> Result<Response<fleetadm_proto::ClusterCertsReport>, Status> {
+        use fleetadm_proto::{CertsCheckTask, HostCerts, HostRole};
+        let name = req.into_inner().name;
+        let n2 = name.clone();
+        let rec = self.blocking(move |ctl| ctl.rollouts.get(&n2).map_err(rollout_status)).await?;
+        let hosts: Vec<(String, HostRole)> = rec
+            .shape
+            .masters
+            .iter()
+            .map(|m| (m.node.clone(), HostRole::Master))
+            .chain(rec.shape.workers.iter().map(|w| (w.node.clone(), HostRole::Worker)))
+            .collect();
+        let execs = self.ctl.rollouts.execs().clone();
+        let n = EXEC_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let op = format!("certs-{:x}-{n}", fleetadm_common::clock::now_unix_ms());
+        // Every host at once, up to a bound: a read of a few files each.
+        let sem = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut asks = tokio::task::JoinSet::new();
+        for (i, (host, role)) in hosts.into_iter().enumerate() {
+            let (execs, op, sem) = (execs.clone(), op.clone(), sem.clone());
+            asks.spawn(async move {
+                let _slot = sem.acquire_owned().await;
+                let task = fleetadm_proto::task_assignment::Task::CertsCheck(CertsCheckTask::default());
+                let r = execs.ask(&op, &host, task, Duration::from_secs(60)).await;
+                let (certs, error) = match r {
+                    Ok(rep) => (rep.certs, String::new()),
+                    Err(e) => (vec![], e),
+                };
+                (i, HostCerts { host, role: role as i32, error, certs })
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = asks.join_next().await {
+            out.push(r.map_err(|e| Status::internal(format!("certs check failed: {e}")))?);
+        }
+        out.sort_by_key(|(i, _)| *i);
+        let validity = crate::rollout::certs::validity(&rec);
+        Ok(Response::new(fleetadm_proto::ClusterCertsReport {
+            cluster: name,
+            hosts: out.into_iter().map(|(_, h)| h).collect(),
+            validity_secs: validity.as_secs(),
+        }))
+    }
+
+    async fn renew_cluster_certs(
+        &self,
+        req: Request<fleetadm_proto::RenewCertsRequest>,
+    ) -> Result<Response<fleetadm_proto::ChangeClusterResponse>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let dry_run = r.dry_run;
+        let target = format!("{} renew={} add-san={}", r.cluster, r.renew.join(","), r.add_sans.join(","));
+        let cluster = r.cluster.clone();
+        let op = async {
+            let resp = self
+                .blocking(move |ctl| {
+                    let mut plan = PlanClusterResponse::default();
+                    let (p, started) = match ctl.rollouts.renew_certs(&r.cluster, &r.renew, &r.add_sans, r.dry_run) {
+                        Ok(x) => x,
+                        Err(e @ (crate::rollout::RolloutError::Invalid(_) | crate::rollout::RolloutError::Pki(_))) => {
+                            plan.errors.push(fleetadm_common::error_chain(&e));
+                            return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
+                        }
+                        Err(e) => return Err(rollout_status(e)),
+                    };
+                    plan.plan_text = p.render();
+                    plan.plan = Some(p.view());
+                    let cluster = match started {
+                        Some(rec) => Some(cluster_view(ctl, &rec, false)?),
+                        None => None,
+                    };
+                    Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster })
+                })
+                .await?;
+            let errors = resp.plan.as_ref().map(|p| p.errors.clone()).unwrap_or_default();
+            if !dry_run && !errors.is_empty() {
+                return Err(Status::failed_precondition(errors.join("\n")));
+            }
+            Ok(Response::new(resp))
+        };
+        if dry_run {
+            return op.await;
+        }
+        self.audited(who, "cluster.certs", target, cluster, op).await
     }
 
     async fn add_relay(
@@ -1052,6 +1143,7 @@ fn cluster_op_info(rec: &crate::rollout::record::ClusterRecord) -> fleetadm_prot
         Operation::AddWorkers { .. } => "cluster-add",
         Operation::Delete => "cluster-delete",
         Operation::RemoveWorkers { .. } => "cluster-remove",
+        Operation::Certs { .. } => "cluster-certs",
     };
     let paused = rec.paused && rec.state == ClusterState::Running;
     fleetadm_proto::OpInfo {

@@ -67,6 +67,10 @@ pub enum ClusterCmd {
     /// objects deleted. The other hosts are not touched. Run it again after a failure to resume;
     /// --force for hosts that are gone (only their Node objects are deleted).
     Remove(RemoveArgs),
+    /// Certificates: without options, the expiry of every certificate and kubeconfig on every
+    /// host (like `kubeadm certs check-expiration`). With --renew or --add-san, reissue them from
+    /// the cluster's CAs (same validity) and install them master by master.
+    Certs(super::certs::CertsArgs),
     /// Take a cluster apart: kubeadm reset on every host, the workers' load balancers, the
     /// /etc/hosts blocks and what bootstrap installed; then forget it.
     Delete {
@@ -206,6 +210,7 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
         ClusterCmd::Create(a) => create(*a).await,
         ClusterCmd::Add(a) => add(a).await,
         ClusterCmd::Remove(a) => remove(a).await,
+        ClusterCmd::Certs(a) => super::certs::run(a).await,
         ClusterCmd::Status { name, data, output, watch } => {
             let mut c = client::connect(&data.data_dir).await?;
             if watch {
@@ -456,8 +461,8 @@ async fn remove(a: RemoveArgs) -> anyhow::Result<()> {
     change(&mut c, resp, "remove", a.dry_run, a.detach).await
 }
 
-/// The rest of `cluster add|remove`: the plan's errors, the dry run, or the operation followed.
-async fn change(
+/// The rest of `cluster add|remove|certs`: the plan's errors, the dry run, or the operation followed.
+pub(super) async fn change(
     c: &mut AdminClient<Channel>,
     resp: fleetadm_proto::ChangeClusterResponse,
     verb: &str,

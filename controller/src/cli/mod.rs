@@ -1,6 +1,7 @@
 //! The `controller` command line: `serve` runs the daemon; every other subcommand is an admin
 //! client that talks to the running daemon over `DATA_DIR/admin.sock`.
 pub mod bundle;
+pub mod certs;
 pub mod cluster;
 pub mod cluster_view;
 pub mod events;

@@ -291,6 +291,49 @@ impl Execs {
     }
 }
 
+impl Execs {
+    /// Send one read-only task to `host` and wait for its outcome (its running reports are
+    /// skipped): the final report, or why there was none. The task id is `exec/OP/HOST`, so
+    /// only that host may answer it.
+    pub async fn ask(&self, op: &str, host: &str, task: Task, timeout: Duration) -> Result<TaskReport, String> {
+        let info =
+            self.sessions.info(host).ok_or_else(|| format!("{host} is not connected; is node-agent running?"))?;
+        let capability = TaskKind::of(&task).capability();
+        if !info.meta.capabilities.contains(&capability) {
+            return Err(format!(
+                "agent {} on {host} cannot run {capability}; upgrade node-agent",
+                info.meta.agent_version
+            ));
+        }
+        let task_id = format!("{PREFIX}{op}/{host}");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        if let Ok(mut w) = self.waiting.lock() {
+            w.insert(task_id.clone(), tx);
+        }
+        let _unregister = Unregister { execs: self, task_id: task_id.clone() };
+        let a = TaskAssignment {
+            task_id,
+            attempt: 1,
+            timeout_secs: timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
+            task: Some(task),
+            ..Default::default()
+        };
+        if self.sessions.send(host, ServerEvent { event: Some(server_event::Event::Task(a)) }).is_none() {
+            return Err(format!("{host} could not be reached (session closed or busy)"));
+        }
+        let deadline = tokio::time::Instant::now() + timeout + GRACE;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(r)) if r.state == TaskState::Running as i32 => continue,
+                Ok(Some(r)) if r.state == TaskState::Succeeded as i32 => return Ok(r),
+                Ok(Some(r)) => return Err(r.output.lines().next().unwrap_or("failed").to_string()),
+                Ok(None) => return Err("internal: report channel closed".into()),
+                Err(_) => return Err(format!("no answer from {host} within {}s", (timeout + GRACE).as_secs())),
+            }
+        }
+    }
+}
+
 /// Stops routing a task's reports once its host is done with.
 struct Unregister<'a> {
     execs: &'a Execs,

@@ -107,8 +107,70 @@ pub struct PkiSpec {
     pub dns_domain: String,
     pub extra_sans: Vec<String>,
     pub validity: Duration,
-    /// Group for admin.conf: `kubeadm:cluster-admins` from Kubernetes 1.29, `system:masters` before.
-    pub admin_group: String,
+    /// The Kubernetes version installed: the PKI follows its kubeadm's layout (see [`Layout`]).
+    pub kubernetes_version: String,
+}
+
+/// kubeadm's PKI layout for a Kubernetes version. From 1.29, admin.conf (and the
+/// apiserver-kubelet-client certificate) are in the `kubeadm:cluster-admins` group, which RBAC
+/// binds to cluster-admin and can unbind, and a separate super-admin.conf in `system:masters`
+/// (which nothing can revoke) is kept on master0 only. Before 1.29 admin.conf is in
+/// `system:masters` and there is no super-admin.conf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub admin_group: &'static str,
+    pub kubelet_client_group: &'static str,
+    pub super_admin: bool,
+}
+
+impl Layout {
+    pub fn for_version(version: &str) -> Self {
+        let minor =
+            version.trim_start_matches('v').split('.').nth(1).and_then(|m| m.parse::<u32>().ok()).unwrap_or(u32::MAX);
+        if minor >= 29 {
+            Layout { admin_group: CLUSTER_ADMINS, kubelet_client_group: CLUSTER_ADMINS, super_admin: true }
+        } else {
+            Layout { admin_group: SYSTEM_MASTERS, kubelet_client_group: SYSTEM_MASTERS, super_admin: false }
+        }
+    }
+}
+
+pub const CLUSTER_ADMINS: &str = "kubeadm:cluster-admins";
+pub const SYSTEM_MASTERS: &str = "system:masters";
+
+/// The certificates `cluster certs --renew` can renew, by kubeadm's names (CAs are not renewed:
+/// every node trusts them).
+pub const RENEWABLE: &[&str] = &[
+    "admin.conf",
+    "super-admin.conf",
+    "controller-manager.conf",
+    "scheduler.conf",
+    "apiserver",
+    "apiserver-etcd-client",
+    "apiserver-kubelet-client",
+    "front-proxy-client",
+    "etcd-healthcheck-client",
+    "etcd-peer",
+    "etcd-server",
+];
+
+/// kubeadm's name of the certificate a PKI file belongs to (`pki/apiserver.key` -> apiserver).
+pub fn cert_name(path: &str) -> Option<&'static str> {
+    let stem = path.strip_suffix(".crt").or_else(|| path.strip_suffix(".key")).unwrap_or(path);
+    Some(match stem {
+        "admin.conf" => "admin.conf",
+        "super-admin.conf" => "super-admin.conf",
+        "controller-manager.conf" => "controller-manager.conf",
+        "scheduler.conf" => "scheduler.conf",
+        "pki/apiserver" => "apiserver",
+        "pki/apiserver-etcd-client" => "apiserver-etcd-client",
+        "pki/apiserver-kubelet-client" => "apiserver-kubelet-client",
+        "pki/front-proxy-client" => "front-proxy-client",
+        "pki/etcd/healthcheck-client" => "etcd-healthcheck-client",
+        "pki/etcd/peer" => "etcd-peer",
+        "pki/etcd/server" => "etcd-server",
+        _ => return None,
+    })
 }
 
 /// One file to install: path relative to /etc/kubernetes, contents, mode.
@@ -238,13 +300,90 @@ pub fn kubeconfig(cluster: &str, server: &str, ca_pem: &str, user: &str, cert_pe
     )
 }
 
+/// The signing material of an existing PKI: its three CAs and the service-account key.
+struct Roots {
+    ca: Ca,
+    fp_ca: Ca,
+    etcd_ca: Ca,
+    sa: KeyPair,
+}
+
+fn existing_ca(pki: &KubePki, base: &'static str) -> Result<Ca, KubePkiError> {
+    let find = |path: String| {
+        pki.shared.iter().find(|f| f.path == path).map(|f| f.contents.clone()).ok_or(KubePkiError::Missing(base))
+    };
+    let (cert_pem, key_pem) = (find(format!("{base}.crt"))?, find(format!("{base}.key"))?);
+    let key = KeyPair::from_pem(&key_pem).map_err(rc(format!("{base}.key")))?;
+    let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(rc(format!("{base}.crt")))?;
+    Ok(Ca { issuer, cert_pem, key_pem })
+}
+
 impl KubePki {
+    /// A new PKI: new CAs, every certificate signed by them.
     pub fn generate(spec: &PkiSpec) -> Result<Self, KubePkiError> {
+        let v = spec.validity;
+        let sa = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(rc("service-account key"))?;
+        let roots = Roots {
+            ca: new_ca("kubernetes", v)?,
+            fp_ca: new_ca("front-proxy-ca", v)?,
+            etcd_ca: new_ca("etcd-ca", v)?,
+            sa,
+        };
+        Self::issue(spec, roots)
+    }
+
+    /// This PKI with the certificates named (kubeadm's names, see [`RENEWABLE`]) issued again
+    /// from `spec` by the same CAs, valid for `spec.validity` from now; every other file is kept
+    /// as it is. New masters in `spec` get their own etcd certificates whatever is named.
+    pub fn reissue(&self, spec: &PkiSpec, names: &[&str]) -> Result<Self, KubePkiError> {
+        if let Some(bad) = names.iter().find(|n| !RENEWABLE.contains(n)) {
+            return Err(KubePkiError::BadRequest(format!(
+                "{bad:?} is not a certificate that can be renewed (one of: all, {})",
+                RENEWABLE.join(", ")
+            )));
+        }
+        let sa_pem = self
+            .shared
+            .iter()
+            .find(|f| f.path == "pki/sa.key")
+            .map(|f| f.contents.clone())
+            .ok_or(KubePkiError::Missing("pki/sa.key"))?;
+        let roots = Roots {
+            ca: existing_ca(self, "pki/ca")?,
+            fp_ca: existing_ca(self, "pki/front-proxy-ca")?,
+            etcd_ca: existing_ca(self, "pki/etcd/ca")?,
+            sa: KeyPair::from_pem(&sa_pem).map_err(rc("pki/sa.key"))?,
+        };
+        let fresh = Self::issue(spec, roots)?;
+        let wanted = |f: &PkiFile| cert_name(&f.path).is_some_and(|n| names.contains(&n));
+        let merge = |old: Option<&Vec<PkiFile>>, new: &[PkiFile]| -> Vec<PkiFile> {
+            match old {
+                None => new.to_vec(),
+                Some(old) => {
+                    let mut out: Vec<PkiFile> = old
+                        .iter()
+                        .map(|o| match new.iter().find(|n| n.path == o.path) {
+                            Some(n) if wanted(n) => n.clone(),
+                            _ => o.clone(),
+                        })
+                        .collect();
+                    // Files this layout has and the old one lacked (super-admin.conf), if named.
+                    out.extend(new.iter().filter(|n| wanted(n) && !old.iter().any(|o| o.path == n.path)).cloned());
+                    out
+                }
+            }
+        };
+        let shared = merge(Some(&self.shared), &fresh.shared);
+        let per_master =
+            fresh.per_master.iter().map(|(h, files)| (h.clone(), merge(self.per_master.get(h), files))).collect();
+        Ok(Self { shared, per_master, ca_cert_pem: self.ca_cert_pem.clone() })
+    }
+
+    fn issue(spec: &PkiSpec, roots: Roots) -> Result<Self, KubePkiError> {
         use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
         let v = spec.validity;
-        let ca = new_ca("kubernetes", v)?;
-        let fp_ca = new_ca("front-proxy-ca", v)?;
-        let etcd_ca = new_ca("etcd-ca", v)?;
+        let layout = Layout::for_version(&spec.kubernetes_version);
+        let Roots { ca, fp_ca, etcd_ca, sa } = roots;
         let svc_ip = first_service_ip(&spec.service_cidr)?;
 
         let mut apiserver_names = vec![
@@ -272,7 +411,7 @@ impl KubePki {
         push_pair(
             &mut shared,
             "pki/apiserver-kubelet-client",
-            leaf(&ca, "kube-apiserver-kubelet-client", Some("system:masters"), &[], &[ClientAuth], v)?,
+            leaf(&ca, "kube-apiserver-kubelet-client", Some(layout.kubelet_client_group), &[], &[ClientAuth], v)?,
         );
         push_pair(
             &mut shared,
@@ -290,13 +429,12 @@ impl KubePki {
             leaf(&etcd_ca, "kube-etcd-healthcheck-client", None, &[], &[ClientAuth], v)?,
         );
         // Service-account signing key (ECDSA P-256; kube-apiserver accepts ES256 keys).
-        let sa = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(rc("service-account key"))?;
         shared.push(file("pki/sa.key", sa.serialize_pem(), 0o600));
         shared.push(file("pki/sa.pub", sa.public_key_pem(), 0o644));
 
         let server = format!("https://{APISERVER_NAME}:6443");
         for (name, cn, org) in [
-            ("admin.conf", "kubernetes-admin", Some(spec.admin_group.as_str())),
+            ("admin.conf", "kubernetes-admin", Some(layout.admin_group)),
             ("controller-manager.conf", "system:kube-controller-manager", None),
             ("scheduler.conf", "system:kube-scheduler", None),
         ] {
@@ -322,6 +460,16 @@ impl KubePki {
                 leaf(&etcd_ca, &m.hostname, None, &peer_names, &[ServerAuth, ClientAuth], v)?,
             );
             per_master.insert(m.hostname.clone(), files);
+        }
+        // super-admin.conf (system:masters, cannot be revoked by RBAC): master0 only, as kubeadm
+        // init leaves it.
+        if let (true, Some(m0)) = (layout.super_admin, spec.masters.first()) {
+            let cn = "kubernetes-super-admin";
+            let (c, k) = leaf(&ca, cn, Some(SYSTEM_MASTERS), &[], &[ClientAuth], v)?;
+            let conf = kubeconfig(&spec.cluster_name, &server, &ca.cert_pem, cn, &c, &k);
+            if let Some(files) = per_master.get_mut(&m0.hostname) {
+                files.push(file("super-admin.conf", conf, 0o600));
+            }
         }
         Ok(Self { shared, per_master, ca_cert_pem: ca.cert_pem })
     }
@@ -352,7 +500,7 @@ mod tests {
             dns_domain: "cluster.local".into(),
             extra_sans: vec!["k8s.example.com".into()],
             validity: DEFAULT_VALIDITY,
-            admin_group: "kubeadm:cluster-admins".into(),
+            kubernetes_version: "v1.29.9".into(),
         }
     }
 
@@ -486,6 +634,89 @@ mod tests {
                 user_kubeconfig(&pki, "lab", u, &g, Duration::from_secs(ttl)),
                 Err(KubePkiError::BadRequest(_))
             ));
+        }
+    }
+
+    fn subject(pem: &str) -> String {
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        c.subject().to_string()
+    }
+
+    fn kubeconfig_subject(yaml: &str) -> String {
+        use base64::Engine;
+        let doc: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+        let b64 = doc["users"][0]["user"]["client-certificate-data"].as_str().unwrap();
+        subject(&String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap())
+    }
+
+    #[test]
+    fn the_layout_follows_the_kubeadm_version() {
+        let pki = KubePki::generate(&spec()).unwrap();
+        let m1 = pki.files_for("m1");
+        assert!(kubeconfig_subject(&get(&m1, "admin.conf").contents).contains("O=kubeadm:cluster-admins"));
+        let sup = kubeconfig_subject(&get(&m1, "super-admin.conf").contents);
+        assert!(sup.contains("O=system:masters") && sup.contains("CN=kubernetes-super-admin"), "{sup}");
+        assert!(subject(&get(&m1, "pki/apiserver-kubelet-client.crt").contents).contains("O=kubeadm:cluster-admins"));
+        assert_eq!(get(&m1, "super-admin.conf").mode, 0o600);
+        // super-admin.conf stays on master0
+        assert!(pki.files_for("m2").iter().all(|f| f.path != "super-admin.conf"));
+        let old = KubePki::generate(&PkiSpec { kubernetes_version: "v1.28.4".into(), ..spec() }).unwrap();
+        let m1 = old.files_for("m1");
+        assert!(kubeconfig_subject(&get(&m1, "admin.conf").contents).contains("O=system:masters"));
+        assert!(m1.iter().all(|f| f.path != "super-admin.conf"));
+        assert!(subject(&get(&m1, "pki/apiserver-kubelet-client.crt").contents).contains("O=system:masters"));
+    }
+
+    #[test]
+    fn reissue_renews_only_what_is_named_with_the_same_cas_and_validity() {
+        let s = spec();
+        let pki = KubePki::generate(&s).unwrap();
+        // add a SAN: only the apiserver certificate changes
+        let mut with_san = s.clone();
+        with_san.extra_sans.push("api.example.org".into());
+        with_san.extra_sans.push("192.0.2.7".into());
+        let next = pki.reissue(&with_san, &["apiserver"]).unwrap();
+        let (a, b) = (pki.files_for("m1"), next.files_for("m1"));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b.iter()) {
+            assert_eq!(x.path, y.path);
+            let renamed = cert_name(&x.path) == Some("apiserver");
+            assert_eq!(x.contents != y.contents, renamed, "{}", x.path);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for f in &b {
+            let p = dir.path().join(&f.path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, &f.contents).unwrap();
+        }
+        let text = openssl(dir.path(), &["x509", "-in", "pki/apiserver.crt", "-noout", "-text"]);
+        assert!(text.contains("DNS:api.example.org") && text.contains("IP Address:192.0.2.7"), "{text}");
+        assert!(text.contains("DNS:k8s.example.com") && text.contains("DNS:apiserver.cluster.local"));
+        openssl(dir.path(), &["verify", "-CAfile", "pki/ca.crt", "pki/apiserver.crt"]);
+        assert_eq!(
+            openssl(dir.path(), &["x509", "-in", "pki/apiserver.crt", "-noout", "-pubkey"]),
+            openssl(dir.path(), &["pkey", "-in", "pki/apiserver.key", "-pubout"])
+        );
+        // renew all: every leaf again, CAs and the service-account key kept, validity as configured
+        let all = next.reissue(&s, RENEWABLE).unwrap();
+        for (x, y) in next.files_for("m1").iter().zip(all.files_for("m1").iter()) {
+            assert_eq!(x.contents != y.contents, cert_name(&x.path).is_some(), "{}", x.path);
+        }
+        let m2_old = &next.per_master["m2"];
+        let m2_new = &all.per_master["m2"];
+        assert_ne!(m2_old, m2_new, "m2's etcd certificates renewed too");
+        use rustls::pki_types::pem::PemObject;
+        let api = all.files_for("m1").into_iter().find(|f| f.path == "pki/apiserver.crt").unwrap();
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(api.contents.as_bytes()).unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        let left = c.validity().time_to_expiration().unwrap().whole_days();
+        assert!(left >= 100 * 365 - 1, "renewed for the configured 100 years, not a default year: {left}");
+        // a certificate kubeadm does not renew, or an unknown name, says what can be
+        for bad in ["ca", "kubelet.conf", "apiserver.crt"] {
+            let e = all.reissue(&s, &[bad]).unwrap_err();
+            assert!(e.to_string().contains("admin.conf"), "{e}");
         }
     }
 

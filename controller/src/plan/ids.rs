@@ -27,10 +27,12 @@ pub enum PhaseName {
     Drain,
     /// `cluster remove`: the leaving workers' Node objects deleted (after their reset).
     RemoveNodes,
+    /// `cluster certs --renew/--add-san`: reissued files installed master by master.
+    Certificates,
 }
 
 impl PhaseName {
-    pub const ALL: [PhaseName; 14] = [
+    pub const ALL: [PhaseName; 15] = [
         PhaseName::Preflight,
         PhaseName::Distribute,
         PhaseName::Bootstrap,
@@ -45,6 +47,7 @@ impl PhaseName {
         PhaseName::Reset,
         PhaseName::Drain,
         PhaseName::RemoveNodes,
+        PhaseName::Certificates,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +66,7 @@ impl PhaseName {
             PhaseName::Reset => "reset",
             PhaseName::Drain => "drain",
             PhaseName::RemoveNodes => "remove-nodes",
+            PhaseName::Certificates => "certificates",
         }
     }
 
@@ -110,10 +114,12 @@ pub enum StepKind {
     DrainNodes,
     /// On master0: `kubectl delete node` the leaving workers.
     DeleteNodes,
+    /// On a master: install reissued certificates, restart the static pods using them.
+    CertsInstall,
 }
 
 impl StepKind {
-    pub const ALL: [StepKind; 17] = [
+    pub const ALL: [StepKind; 18] = [
         StepKind::Preflight,
         StepKind::FetchBundle,
         StepKind::Bootstrap,
@@ -131,6 +137,7 @@ impl StepKind {
         StepKind::DropToken,
         StepKind::DrainNodes,
         StepKind::DeleteNodes,
+        StepKind::CertsInstall,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -152,6 +159,7 @@ impl StepKind {
             StepKind::DropToken => "drop-token",
             StepKind::DrainNodes => "drain-nodes",
             StepKind::DeleteNodes => "delete-nodes",
+            StepKind::CertsInstall => "certs-install",
         }
     }
 
@@ -172,6 +180,7 @@ impl StepKind {
             StepKind::BootstrapReset => TaskKind::BootstrapReset,
             StepKind::JoinToken | StepKind::DropToken => TaskKind::KubeadmToken,
             StepKind::DrainNodes | StepKind::DeleteNodes => TaskKind::NodeObjects,
+            StepKind::CertsInstall => TaskKind::CertsInstall,
         }
     }
 
@@ -179,6 +188,8 @@ impl StepKind {
     pub fn timeout_secs(self) -> u32 {
         match self {
             StepKind::KubeadmInit | StepKind::KubeadmJoin | StepKind::KubeadmReset | StepKind::DrainNodes => 900,
+            // up to four static pods, each stopped and started (3 min each at most)
+            StepKind::CertsInstall => 1500,
             StepKind::FetchBundle => 3600,
             StepKind::Bootstrap | StepKind::Addons => 600,
             StepKind::Lb => 180,

@@ -507,6 +507,36 @@ impl Plan {
     }
 }
 
+/// The plan that installs reissued certificates on every master, one master at a time: each
+/// master's task writes its new files and restarts the static pods that use them, and the next
+/// master starts only when they answer again (so the VIP always has ready apiservers).
+pub fn certs(shape: &ClusterShape, what: &str, pods: &[&str]) -> Plan {
+    let c = shape.name.as_str();
+    let restart =
+        if pods.is_empty() { "no static pod restarts".to_string() } else { format!("restart {}", pods.join(", ")) };
+    let steps = shape
+        .masters
+        .iter()
+        .map(|m| {
+            vec![task(
+                c,
+                PhaseName::Certificates,
+                &m.node,
+                StepKind::CertsInstall,
+                format!("install {what}; {restart}"),
+            )]
+        })
+        .collect();
+    Plan {
+        cluster: c.to_string(),
+        phases: vec![Phase {
+            name: PhaseName::Certificates,
+            steps,
+            note: Some("one master at a time; workers keep the cluster CA they have".into()),
+        }],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -171,6 +171,13 @@ impl Actor {
                 self.rec.shape.masters.len(),
                 self.rec.shape.workers.len() - failed.len(),
             ),
+            record::Operation::Certs { .. } => format!(
+                "cluster {}: {} on {} masters in {:.0}s",
+                self.rec.name,
+                self.rec.operation,
+                self.rec.shape.masters.len(),
+                started.elapsed().as_secs_f64()
+            ),
             _ => format!(
                 "cluster {} is ready: {} masters, {} workers in {:.0}s",
                 self.rec.name,

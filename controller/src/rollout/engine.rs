@@ -187,9 +187,9 @@ impl Rollouts {
             vip: new.shape.vip,
             service_cidr: new.spec.service_cidr.clone(),
             dns_domain: new.spec.dns_domain.clone(),
-            extra_sans: vec![],
+            extra_sans: new.spec.extra_sans.clone(),
             validity: new.validity,
-            admin_group: "system:masters".into(),
+            kubernetes_version: new.spec.version.clone(),
         })?;
         let ca_cert_hash = ca_pin(&pki.ca_cert_pem)?;
         let plan = phases::build(&new.shape);
@@ -464,6 +464,82 @@ impl Rollouts {
         rec.updated_ms = now_unix_ms();
         put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
         tracing::info!(cluster = name, operation = %rec.operation, drain, force, "operation recorded; rollout starting");
+        self.spawn(name);
+        Ok((plan, Some(rec)))
+    }
+
+    /// `cluster certs --renew/--add-san`: reissue the named certificates (and, with SANs, the
+    /// apiserver certificate with them) from the cluster's CAs, keeping its validity, record the
+    /// new PKI with the operation (flushed), and install it master by master. A failed earlier
+    /// run of the same operation is resumed with the certificates it already issued.
+    pub fn renew_certs(
+        &self,
+        name: &str,
+        renew: &[String],
+        add_sans: &[String],
+        dry_run: bool,
+    ) -> Result<(phases::Plan, Option<ClusterRecord>), RolloutError> {
+        let mut rec = self.get(name)?;
+        if renew.is_empty() && add_sans.is_empty() {
+            return Err(RolloutError::Invalid("name certificates to --renew (or all), or a SAN to --add-san".into()));
+        }
+        let mut certs = super::certs::expand(&rec, renew).map_err(RolloutError::Invalid)?;
+        let mut sans = Vec::new();
+        for s in add_sans {
+            let s = super::certs::check_san(s).map_err(RolloutError::Invalid)?;
+            if !sans.contains(&s) {
+                sans.push(s);
+            }
+        }
+        if !sans.is_empty() && !certs.iter().any(|c| c == "apiserver") {
+            certs.push("apiserver".into());
+            certs.sort();
+        }
+        let op = Operation::Certs { certs: certs.clone(), add_sans: sans.clone() };
+        let retry = may_start(&rec, &op)?;
+        if retry {
+            // Resumed with the certificates issued when it first ran (some masters have them).
+            if dry_run {
+                return Ok((rec.plan.clone(), None));
+            }
+            let plan = rec.plan.clone();
+            return Ok((plan, Some(self.resume_failed(rec)?)));
+        }
+        let mut all_sans = rec.spec.extra_sans.clone();
+        all_sans.extend(sans.iter().filter(|s| !rec.spec.extra_sans.contains(s)).cloned());
+        let spec = super::certs::pki_spec(&rec, &all_sans);
+        let names: Vec<&str> = certs.iter().map(String::as_str).collect();
+        let pki = rec.secrets.pki.reissue(&spec, &names)?;
+        let ip = rec
+            .shape
+            .masters
+            .first()
+            .map(|m| m.ip)
+            .ok_or_else(|| RolloutError::Invalid(format!("cluster {name} has no masters")))?;
+        let pods: Vec<&str> = super::certs::pods(&certs, ip).into_iter().map(|(p, _)| p).collect();
+        let plan = phases::certs(&rec.shape, &certs.join(", "), &pods);
+        if dry_run {
+            return Ok((plan, None));
+        }
+        self.record_tasks(&plan, rec.attempt_floor)?;
+        rec.secrets.pki = pki;
+        rec.spec.extra_sans = all_sans;
+        if rec.spec.cert_validity_secs == 0 {
+            rec.spec.cert_validity_secs = spec.validity.as_secs();
+        }
+        rec.plan = plan.clone();
+        rec.operation = op;
+        rec.failed_workers.clear();
+        rec.conditions.retain(|c| c.kind == "Ready");
+        rec.state = ClusterState::Running;
+        rec.paused = false;
+        rec.phase = PhaseName::Certificates;
+        rec.message = format!("{}", rec.operation);
+        rec.finished_ms = 0;
+        rec.updated_ms = now_unix_ms();
+        // The new PKI and the operation that installs it, in one flushed write.
+        put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
+        tracing::info!(cluster = name, operation = %rec.operation, "certificates reissued; rollout starting");
         self.spawn(name);
         Ok((plan, Some(rec)))
     }
@@ -818,6 +894,8 @@ mod tests {
                 cgroup_driver: "systemd".into(),
                 cri_socket: "unix:///run/containerd/containerd.sock".into(),
                 image_repository: "registry.k8s.io".into(),
+                cert_validity_secs: 3600,
+                extra_sans: vec![],
             },
             validity: Duration::from_secs(3600),
         }
@@ -1202,6 +1280,74 @@ mod tests {
         assert_eq!(r.get("lab").unwrap().state, ClusterState::Succeeded);
         let join = stored(&store, "lab/join-workers/w1/kubeadm-join");
         assert_eq!((join.state, join.attempt, join.first_attempt), (TaskState::Succeeded, 2, 1));
+    }
+
+    #[tokio::test]
+    async fn certificates_are_reissued_recorded_and_installed_on_the_masters_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let sessions = Sessions::new(|_| {});
+        let r = Rollouts::new(store.clone(), sessions.clone(), fast());
+        r.create(new_cluster()).unwrap();
+        let all = TaskKind::all_capabilities();
+        let _m1 = obliging_agent(&r, &sessions, "m1", all.clone());
+        let _w1 = obliging_agent(&r, &sessions, "w1", all.clone());
+        wait_for("the create to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let before = r.get("lab").unwrap();
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let refused = |res: Result<(phases::Plan, Option<ClusterRecord>), RolloutError>, what: &str| match res {
+            Err(RolloutError::Invalid(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("expected a refusal ({what}), got {:?}", other.map(|(p, _)| p.render())),
+        };
+        refused(r.renew_certs("lab", &[], &[], false), "--renew");
+        refused(r.renew_certs("lab", &v(&["ca"]), &[], false), "CAs are not renewed");
+        refused(r.renew_certs("lab", &[], &v(&["bad name"]), false), "neither an IP address nor a DNS name");
+        assert!(matches!(r.renew_certs("nosuch", &v(&["all"]), &[], false), Err(RolloutError::NotFound(_))));
+        // dry run: one task per master, nothing recorded
+        let (plan, none) = r.renew_certs("lab", &[], &v(&["api.example.org"]), true).unwrap();
+        assert!(none.is_none());
+        let ids: Vec<String> = plan.tasks().map(|t| t.id.to_string()).collect();
+        assert_eq!(ids, ["lab/certificates/m1/certs-install"]);
+        let after_dry = r.get("lab").unwrap();
+        assert_eq!(after_dry.operation, Operation::Create);
+        assert_eq!(after_dry.secrets.pki.shared, before.secrets.pki.shared, "a dry run reissues nothing");
+
+        let (_, rec) = r.renew_certs("lab", &[], &v(&["API.example.org", "192.0.2.7"]), false).unwrap();
+        let rec = rec.unwrap();
+        assert_eq!(rec.spec.extra_sans, v(&["api.example.org", "192.0.2.7"]));
+        let stored_rec = r.get("lab").unwrap();
+        assert_eq!(stored_rec.secrets.pki.shared, rec.secrets.pki.shared, "the new PKI is recorded");
+        let spec = super::super::specs::spec_for(&rec, plan.tasks().next().unwrap()).unwrap();
+        let task_assignment::Task::CertsInstall(ci) = spec else { panic!("{spec:?}") };
+        let paths: Vec<&str> = ci.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["/etc/kubernetes/pki/apiserver.crt", "/etc/kubernetes/pki/apiserver.key"]);
+        let new_api = &ci.files[0].contents;
+        let old_api = &before.secrets.pki.shared.iter().find(|f| f.path == "pki/apiserver.crt").unwrap().contents;
+        assert_ne!(new_api, old_api);
+        let info = fleetadm_common::certs::describe("apiserver", "x", new_api.as_bytes()).unwrap();
+        assert!(info.sans.contains(&"api.example.org".to_string()) && info.sans.contains(&"192.0.2.7".to_string()));
+        assert_eq!(
+            info.not_after_unix - info.not_before_unix,
+            3600 + 300,
+            "the cluster's validity (+5 min back-dating)"
+        );
+        assert_eq!(
+            ci.restart.iter().map(|p| (p.name.as_str(), p.probe.as_str())).collect::<Vec<_>>(),
+            [("kube-apiserver", "10.0.0.1:6443")]
+        );
+        wait_for("the certs operation to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let done = r.get("lab").unwrap();
+        assert_eq!(done.state, ClusterState::Succeeded, "{}", done.message);
+        assert!(done.message.contains("add SANs api.example.org,192.0.2.7"), "{}", done.message);
+        // renew all keeps the SANs added before and the CAs
+        let (_, rec) = r.renew_certs("lab", &v(&["all"]), &[], false).unwrap();
+        let rec = rec.unwrap();
+        assert_eq!(rec.secrets.pki.ca_cert_pem, before.secrets.pki.ca_cert_pem);
+        let api = rec.secrets.pki.shared.iter().find(|f| f.path == "pki/apiserver.crt").unwrap();
+        let info = fleetadm_common::certs::describe("apiserver", "x", api.contents.as_bytes()).unwrap();
+        assert!(info.sans.contains(&"api.example.org".to_string()), "{:?}", info.sans);
+        wait_for("the renewal to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        assert_eq!(r.get("lab").unwrap().state, ClusterState::Succeeded);
     }
 
     #[tokio::test]

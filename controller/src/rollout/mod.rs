@@ -8,6 +8,7 @@
 //! - [`report`]: applying an agent's report to a task record.
 //! - [`specs`]: the typed task message each planned task carries to its host.
 //! - [`token`]: one short-lived join token per operation.
+//! - [`certs`]: what a certificate operation reissues and which static pods it restarts.
 //! - [`record`]: the cluster and task records persisted in the store; [`view`]: what the admin
 //!   API shows (never the secrets).
 //!
@@ -15,6 +16,7 @@
 //! any point resumes where it was: finished tasks stay finished, running ones are re-sent to their
 //! agents (which answer from their journal instead of running them twice).
 pub mod actor;
+pub mod certs;
 pub mod decide;
 pub mod engine;
 pub mod record;

@@ -37,6 +37,13 @@ pub struct ClusterSpec {
     pub cgroup_driver: String,
     pub cri_socket: String,
     pub image_repository: String,
+    /// Validity of the cluster's certificates (0: recorded before fleetadm kept it; then the
+    /// cluster CA's own lifetime is used).
+    #[serde(default)]
+    pub cert_validity_secs: u64,
+    /// Names and addresses added to the apiserver certificate (`cluster certs --add-san`).
+    #[serde(default)]
+    pub extra_sans: Vec<String>,
 }
 
 /// What the cluster's current plan does. Day-2 operations replace the plan; finished work of an
@@ -53,6 +60,9 @@ pub enum Operation {
     Delete,
     /// `cluster remove --nodes`: these workers leave the running cluster.
     RemoveWorkers { hosts: Vec<String> },
+    /// `cluster certs --renew/--add-san`: these certificates (kubeadm's names) were reissued and
+    /// are installed on the masters.
+    Certs { certs: Vec<String>, add_sans: Vec<String> },
 }
 
 impl std::fmt::Display for Operation {
@@ -62,6 +72,10 @@ impl std::fmt::Display for Operation {
             Operation::AddWorkers { hosts } => write!(f, "add workers {}", hosts.join(",")),
             Operation::Delete => f.write_str("delete"),
             Operation::RemoveWorkers { hosts } => write!(f, "remove workers {}", hosts.join(",")),
+            Operation::Certs { certs, add_sans } if add_sans.is_empty() => write!(f, "renew {}", certs.join(",")),
+            Operation::Certs { add_sans, .. } => {
+                write!(f, "add SANs {} to the apiserver certificate", add_sans.join(","))
+            }
         }
     }
 }

@@ -8,9 +8,9 @@
 #![allow(clippy::needless_update)]
 use fleetadm_proto::task_assignment::Task as WireTask;
 use fleetadm_proto::{
-    BootstrapResetTask, BootstrapTask, BundleAddonsTask, FetchBundleTask, FileSpec, FilesTask, HostsEntry, HostsTask,
-    KubeadmInitTask, KubeadmJoinTask, KubeadmResetTask, KubeadmTokenTask, LbCleanTask, LbTask, NodeObjectsTask,
-    PreflightTask,
+    BootstrapResetTask, BootstrapTask, BundleAddonsTask, CertsInstallTask, FetchBundleTask, FileSpec, FilesTask,
+    HostsEntry, HostsTask, KubeadmInitTask, KubeadmJoinTask, KubeadmResetTask, KubeadmTokenTask, LbCleanTask, LbTask,
+    NodeObjectsTask, PreflightTask, StaticPod,
 };
 use thiserror::Error;
 
@@ -196,6 +196,30 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<WireTask, SpecError>
         }),
         StepKind::DropToken => {
             WireTask::KubeadmToken(KubeadmTokenTask { delete_ids: token::all_ids(&rec.secrets), ..Default::default() })
+        }
+        StepKind::CertsInstall => {
+            let certs = match &rec.operation {
+                super::record::Operation::Certs { certs, .. } => certs.clone(),
+                _ => vec![],
+            };
+            let files = rec
+                .secrets
+                .pki
+                .files_for(&h.node)
+                .into_iter()
+                .filter(|f| crate::pki::kube::cert_name(&f.path).is_some_and(|n| certs.iter().any(|c| c == n)))
+                .map(|f| FileSpec {
+                    path: format!("{KUBE_DIR}/{}", f.path),
+                    contents: f.contents,
+                    mode: f.mode,
+                    ..Default::default()
+                })
+                .collect();
+            let restart = super::certs::pods(&certs, h.ip)
+                .into_iter()
+                .map(|(name, probe)| StaticPod { name: name.into(), probe, ..Default::default() })
+                .collect();
+            WireTask::CertsInstall(CertsInstallTask { files, restart, ..Default::default() })
         }
         StepKind::DrainNodes | StepKind::DeleteNodes => {
             let drain = task.id.step == StepKind::DrainNodes;

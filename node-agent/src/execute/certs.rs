@@ -60,9 +60,8 @@ impl Pod {
         if !PODS.contains(&name) {
             return Err(CertsError::UnknownPod(name.to_string()));
         }
-        let probe = probe
-            .parse()
-            .map_err(|_| CertsError::BadProbe { pod: name.to_string(), probe: probe.to_string() })?;
+        let probe =
+            probe.parse().map_err(|_| CertsError::BadProbe { pod: name.to_string(), probe: probe.to_string() })?;
         Ok(Self { name: name.to_string(), probe })
     }
 }
@@ -96,7 +95,10 @@ fn hold(kube_dir: &Path, pod: &str) -> Result<(), CertsError> {
     let (m, h) = (manifest(kube_dir, pod), held(kube_dir, pod));
     let err = |source| CertsError::Move { pod: pod.to_string(), source };
     if !m.exists() {
-        return Err(CertsError::NoManifest { pod: pod.to_string(), dir: kube_dir.join("manifests").display().to_string() });
+        return Err(CertsError::NoManifest {
+            pod: pod.to_string(),
+            dir: kube_dir.join("manifests").display().to_string(),
+        });
     }
     if let Some(d) = h.parent() {
         std::fs::create_dir_all(d).map_err(err)?;

@@ -219,8 +219,7 @@ pub struct CertsInstall;
 impl Handler for CertsInstall {
     type Task = pb::CertsInstallTask;
     async fn run(&self, t: pb::CertsInstallTask, cx: Ctx) -> Result<Done, TaskError> {
-        let pods =
-            t.restart.iter().map(|p| certs::Pod::parse(&p.name, &p.probe)).collect::<Result<Vec<_>, _>>()?;
+        let pods = t.restart.iter().map(|p| certs::Pod::parse(&p.name, &p.probe)).collect::<Result<Vec<_>, _>>()?;
         let root = cx.paths.root.clone();
         let n = t.files.len();
         let written = blocking(move || files::install(&root, &t.files)).await?;
@@ -228,8 +227,9 @@ impl Handler for CertsInstall {
         out.extend(written.iter().cloned());
         let ca_path = cx.paths.kube_dir.join("pki/ca.crt");
         let ca = blocking(move || {
-            std::fs::read_to_string(&ca_path)
-                .map_err(|e| TaskError::Refused(format!("{}: {e} (the cluster CA is needed to probe)", ca_path.display())))
+            std::fs::read_to_string(&ca_path).map_err(|e| {
+                TaskError::Refused(format!("{}: {e} (the cluster CA is needed to probe)", ca_path.display()))
+            })
         })
         .await?;
         // One at a time: the next pod stops only once the previous one answers again.

@@ -179,6 +179,7 @@ async fn agent(
                     state: state as i32,
                     output,
                     changed: false,
+                    ..Default::default()
                 };
                 let outcome = if a.task_id.ends_with("/fetch-bundle") {
                     let _ = c.report_task(report(fleetadm_proto::TaskState::Running, String::new())).await;

@@ -80,6 +80,8 @@ fn main() {
         }
         Some("__apiserver") if args.len() == 4 => apiserver(&args[1], &args[2], &args[3]),
         Some("__restart-apiserver") => restart_apiserver(),
+        Some("__kubelet") => kubelet(),
+        Some("__pod") if args.len() == 3 => pod(&args[1], &args[2]),
         Some("__vip-client") if args.len() == 4 => vip_client(&args[1], &args[2], &args[3]),
         _ => Err(anyhow!("usage: kubeadm init|join --config FILE | reset --force | token create|delete ... | version")),
     };
@@ -627,33 +629,137 @@ fn start_apiserver(
     std::fs::write(dir.join("tokens"), tokens.iter().map(|t| format!("{t}\n")).collect::<String>())?;
     std::fs::write(dir.join("peers"), peers.iter().map(|p| format!("{p}\n")).collect::<String>())?;
     std::fs::write(dir.join("nodes"), nodes.iter().map(|n| format!("{n} control-plane\n")).collect::<String>())?;
-    spawn_apiserver(listen)
+    std::fs::write(dir.join("advertise"), listen.to_string())?;
+    ensure_kubelet()?;
+    wait_apiserver(listen, Duration::from_secs(10))
 }
 
-/// Start the apiserver of this host's state (kubelet starting the static pod) and wait until it
-/// answers.
-fn spawn_apiserver(listen: &SocketAddr) -> Result<()> {
-    let dir = sim_dir();
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("apiserver.log"))?;
-    let exe = std::env::current_exe()?;
-    let child = std::process::Command::new(exe)
-        .args(["__apiserver", &listen.to_string(), &format!("{KUBE}/pki"), &dir.to_string_lossy()])
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("starting the apiserver")?;
-    std::fs::write(dir.join("apiserver.pid"), child.id().to_string())?;
+/// Wait until the apiserver on `listen` answers `/healthz`.
+fn wait_apiserver(listen: &SocketAddr, limit: Duration) -> Result<()> {
     let ca = std::fs::read_to_string(format!("{KUBE}/pki/ca.crt"))?;
-    for _ in 0..100 {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < limit {
         if https(listen, "localhost", &ca, "GET", "/healthz", "").map(|(c, _)| c == 200).unwrap_or(false) {
             println!("[control-plane] apiserver healthy on {listen}");
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    bail!("[control-plane] apiserver on {listen} did not become healthy (see {}/apiserver.log)", dir.display())
+    bail!("[control-plane] apiserver on {listen} did not become healthy (see {}/apiserver.log)", sim_dir().display())
+}
+
+// ------------------------------------------------------------------ kubelet
+
+/// The static pods the stand-in kubelet runs, and where the stand-ins of the others listen
+/// (etcd's client port, the controller-manager's and scheduler's secure ports).
+const PODS: &[(&str, &str)] = &[
+    ("etcd", "127.0.0.1:2379"),
+    ("kube-apiserver", ""),
+    ("kube-controller-manager", "127.0.0.1:10257"),
+    ("kube-scheduler", "127.0.0.1:10259"),
+];
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|st| !st.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn pid_in(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Start the stand-in kubelet unless one runs (its own process group, like the kubelet service).
+fn ensure_kubelet() -> Result<()> {
+    let dir = sim_dir();
+    if pid_in(&dir.join("kubelet.pid")).is_some_and(alive) {
+        return Ok(());
+    }
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("kubelet.log"))?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .arg("__kubelet")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the kubelet")?;
+    std::fs::write(dir.join("kubelet.pid"), child.id().to_string())?;
+    Ok(())
+}
+
+/// The kubelet's static pod loop: a pod runs while its manifest is in /etc/kubernetes/manifests
+/// (started again if it dies), and is stopped with SIGTERM (graceful) when the manifest goes.
+fn kubelet() -> Result<()> {
+    let dir = sim_dir();
+    let mut last_start: std::collections::HashMap<&str, std::time::Instant> = Default::default();
+    let mut children: Vec<std::process::Child> = Vec::new();
+    let mut stopping: std::collections::HashSet<i32> = Default::default();
+    loop {
+        children.retain_mut(|c| c.try_wait().ok().flatten().is_none());
+        for (pod, addr) in PODS {
+            let pidfile = dir.join(format!("{pod}.pid"));
+            let running = pid_in(&pidfile).filter(|p| alive(*p));
+            let wanted = Path::new(&format!("{KUBE}/manifests/{pod}.yaml")).exists();
+            match (wanted, running) {
+                (true, None) => {
+                    if last_start.get(pod).is_some_and(|t| t.elapsed() < Duration::from_secs(2)) {
+                        continue;
+                    }
+                    last_start.insert(pod, std::time::Instant::now());
+                    let args: Vec<String> = if *pod == "kube-apiserver" {
+                        let Ok(listen) = std::fs::read_to_string(dir.join("advertise")) else { continue };
+                        vec![
+                            "__apiserver".into(),
+                            listen.trim().to_string(),
+                            format!("{KUBE}/pki"),
+                            dir.to_string_lossy().into_owned(),
+                        ]
+                    } else {
+                        vec!["__pod".into(), pod.to_string(), addr.to_string()]
+                    };
+                    let log = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(dir.join(format!("{}.log", pod.trim_start_matches("kube-"))))?;
+                    match std::process::Command::new(std::env::current_exe()?)
+                        .args(&args)
+                        .stdin(std::process::Stdio::null())
+                        .stdout(log.try_clone()?)
+                        .stderr(log)
+                        .spawn()
+                    {
+                        Ok(child) => {
+                            std::fs::write(&pidfile, child.id().to_string())?;
+                            if *pod == "kube-apiserver" {
+                                std::fs::write(dir.join("apiserver.pid"), child.id().to_string())?;
+                            }
+                            eprintln!("kubelet: started {pod} (pid {})", child.id());
+                            children.push(child);
+                        }
+                        Err(e) => eprintln!("kubelet: cannot start {pod}: {e}"),
+                    }
+                }
+                (false, Some(pid)) if stopping.insert(pid) => {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+                    eprintln!("kubelet: manifest of {pod} gone: stopping it (pid {pid})");
+                }
+                // Stopping (in its grace period), or running as it should: wait.
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A static pod other than the apiserver: listens on its port until SIGTERM.
+fn pod(name: &str, addr: &str) -> Result<()> {
+    let l = TcpListener::bind(addr).with_context(|| format!("{name}: bind {addr}"))?;
+    eprintln!("{name} listening on {addr}");
+    for c in l.incoming() {
+        drop(c);
+    }
+    Ok(())
 }
 
 /// kubeadm's preflight checks over what an earlier init or join left on the host.
@@ -798,6 +904,27 @@ fn join(docs: &[Value]) -> Result<()> {
 
 fn reset() -> Result<()> {
     let dir = sim_dir();
+    // The kubelet first (it would start the pods again), then every pod.
+    if let Some(pid) = pid_in(&dir.join("kubelet.pid")).filter(|p| alive(*p)) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        for _ in 0..100 {
+            if !alive(pid) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for (pod, _) in PODS.iter().filter(|(p, _)| *p != "kube-apiserver") {
+        if let Some(pid) = pid_in(&dir.join(format!("{pod}.pid"))).filter(|p| alive(*p)) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            for _ in 0..100 {
+                if !alive(pid) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
     if let Ok(pid) = std::fs::read_to_string(dir.join("apiserver.pid")) {
         if let Ok(pid) = pid.trim().parse::<u32>() {
             // kubeadm reset removes the control-plane containers: no graceful shutdown.
@@ -1078,27 +1205,26 @@ fn graceful_shutdown(state: &Path) -> Result<()> {
     Ok(())
 }
 
-/// kubelet restarting the apiserver's static pod: SIGTERM, wait until it is gone, start it again.
+/// The apiserver's static pod restarted the way an operator (or fleetadm) does it: its manifest
+/// moved out until the kubelet has stopped it (gracefully: SIGTERM), then back.
 fn restart_apiserver() -> Result<()> {
     let dir = sim_dir();
-    let listen: SocketAddr = std::fs::read_to_string(dir.join("listen"))?.trim().parse()?;
+    let listen: SocketAddr = std::fs::read_to_string(dir.join("advertise"))?.trim().parse()?;
     let pid: i32 = std::fs::read_to_string(dir.join("apiserver.pid"))?.trim().parse()?;
+    let manifest = format!("{KUBE}/manifests/kube-apiserver.yaml");
+    let held = dir.join("kube-apiserver.yaml.held");
     let t0 = std::time::Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM)?;
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|st| st.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
-            .unwrap_or(true);
-        if zombie {
-            break;
-        }
+    std::fs::rename(&manifest, &held).context("moving the apiserver manifest out")?;
+    while alive(pid) {
         if t0.elapsed() > Duration::from_secs(120) {
+            std::fs::rename(&held, &manifest)?;
             bail!("apiserver {pid} did not stop within 120s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     println!("apiserver {pid} stopped after {:.1}s", t0.elapsed().as_secs_f64());
-    spawn_apiserver(&listen)?;
+    std::fs::rename(&held, &manifest).context("putting the apiserver manifest back")?;
+    wait_apiserver(&listen, Duration::from_secs(30))?;
     println!("apiserver restarted on {listen} after {:.1}s", t0.elapsed().as_secs_f64());
     Ok(())
 }
