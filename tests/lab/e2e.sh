@@ -188,6 +188,61 @@ check "h6 added back after its removal (exit 0)" test $rc -eq 0 -a -n "$(grep '1
 check "h6 joined again" grep -q '^h6 worker' "$(H h1)/etc-kubernetes/sim/nodes"
 check "h6 balances to all 3 masters again" test "$(ip netns exec flab-h6 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[123]:6443')" -eq 3
 
+# --- certificates: every host's expiry; a SAN added (apiservers restarted one at a time, measured
+#     through the VIP); everything renewed with the configured validity
+certs=$(ctl cluster certs lab 2>&1); rc=$?
+sed 's/^/#   /' <<<"$certs" | head -8
+check "cluster certs answered for every host (exit 0)" test $rc -eq 0
+check "... the apiserver certificate on each master, ~100 years left" test "$(awk '$2=="apiserver" && $4 ~ /^(99|100)y$/' <<<"$certs" | wc -l)" -eq 3
+check "... super-admin.conf on master0 only (kubeadm 1.29 layout)" test "$(awk '$2=="super-admin.conf"{print $1}' <<<"$certs" | tr '\n' ' ')" = "h1 "
+check "... each host's kubelet.conf client certificate (a year)" test "$(awk '$2=="kubelet.conf" && $4 ~ /^(364|365)d$/' <<<"$certs" | wc -l)" -eq 6
+check "... the cluster CA on every host" test "$(awk '$2=="ca" && $NF=="yes"' <<<"$certs" | wc -l)" -eq 6
+check "... nothing unreadable, nothing expiring" test -z "$(grep -i 'error\|expires soon\|warning' <<<"$certs")"
+subject_of() { grep "$2:" "$1" | awk '{print $2}' | base64 -d | openssl x509 -noout -subject; }
+check "admin.conf is in kubeadm:cluster-admins (revocable by RBAC)" grep -q 'O *= *kubeadm:cluster-admins' <(subject_of "$(H h2)/etc-kubernetes/admin.conf" client-certificate-data)
+check "super-admin.conf is in system:masters" grep -q 'O *= *system:masters' <(subject_of "$(H h1)/etc-kubernetes/super-admin.conf" client-certificate-data)
+served() { ip netns exec flab-h4 sh -c "openssl s_client -connect $1:6443 </dev/null 2>/dev/null | openssl x509 -noout $2"; }
+serial_h2=$(served 10.78.0.12 -serial)
+ca_md5=$(md5sum < "$(H h3)/etc-kubernetes/pki/ca.crt"); h4_ca=$(md5sum < "$(H h4)/etc-kubernetes/pki/ca.crt")
+out=$(ctl cluster certs lab --add-san 'api.lab.example,192.0.2.50' --dry-run 2>&1); rc=$?
+check "--add-san --dry-run plans one certs-install per master" test $rc -eq 0 -a "$(grep -c 'certs-install' <<<"$out")" -eq 3
+out=$(ctl cluster certs lab --add-san 'bad name' 2>&1); rc=$?
+check "a SAN that is no name is refused, saying why" test $rc -ne 0 -a -n "$(grep 'neither an IP address nor a DNS name' <<<"$out")"
+lab on h4 /usr/local/bin/kubeadm __vip-client 10.103.97.2:6443 /etc/kubernetes/pki/ca.crt 45 > "$LAB_DIR/vip-certs.out" 2>&1 &
+cpid=$!
+sleep 1
+out=$(ctl cluster certs lab --add-san 'api.lab.example,192.0.2.50' 2>&1); rc=$?
+sed 's/^/#   /' <<<"$out" | tail -3
+check "--add-san finished (exit 0)" test $rc -eq 0 -a -n "$(grep 'add SANs api.lab.example,192.0.2.50' <<<"$out")"
+for ip in 10.78.0.11 10.78.0.12 10.78.0.13; do
+  check "the apiserver on $ip now serves the new SANs" test -n "$(served $ip '-ext subjectAltName' | grep 'api.lab.example' | grep '192.0.2.50')"
+done
+check "h2's apiserver serves a new certificate" test -n "$serial_h2" -a "$(served 10.78.0.12 -serial)" != "$serial_h2"
+logs=$(ctl cluster logs lab 2>&1)
+check "each master's apiserver was restarted after its new certificate" test "$(grep -c 'kube-apiserver: stopped after' <<<"$logs")" -eq 3
+wait $cpid
+sed 's/^/#   /' "$LAB_DIR/vip-certs.out"
+reqs=$(sed -n 's/^requests=\([0-9]*\) failed=.*/\1/p' "$LAB_DIR/vip-certs.out")
+failed=$(sed -n 's/^requests=[0-9]* failed=\([0-9]*\)$/\1/p' "$LAB_DIR/vip-certs.out")
+echo "# rolling apiserver restarts (add-san) through the VIP: ${reqs:-?} requests, ${failed:-?} failed"
+check "the client kept making requests through the VIP (${reqs:-none} in 45s)" test "${reqs:-0}" -ge 100
+check "no client request failed while the apiservers restarted one by one (${failed:-?} failed)" test "${failed:-x}" = 0
+check "workers untouched by the certificate change" test "$(md5sum < "$(H h4)/etc-kubernetes/pki/ca.crt")" = "$h4_ca"
+end_before=$(openssl x509 -noout -enddate -in "$(H h3)/etc-kubernetes/pki/etcd/server.crt")
+admin_before=$(md5sum < "$(H h2)/etc-kubernetes/admin.conf")
+out=$(ctl cluster certs lab --renew all 2>&1); rc=$?
+sed 's/^/#   /' <<<"$out" | tail -2
+check "--renew all finished (exit 0)" test $rc -eq 0
+end_after=$(openssl x509 -noout -enddate -in "$(H h3)/etc-kubernetes/pki/etcd/server.crt")
+check "h3's etcd server certificate renewed ($end_after)" test "$end_after" != "$end_before"
+year=$(sed 's/.* \([0-9]\{4\}\) GMT/\1/' <<<"$end_after")
+check "... with the configured validity, not a year (expires $year)" test "${year:-0}" -ge $(( $(date +%Y) + 99 ))
+check "h2's admin.conf renewed" test "$(md5sum < "$(H h2)/etc-kubernetes/admin.conf")" != "$admin_before"
+check "the cluster CA is kept" test "$(md5sum < "$(H h3)/etc-kubernetes/pki/ca.crt")" = "$ca_md5"
+check "the renewed apiserver certificate keeps the added SAN" test -n "$(served 10.78.0.13 '-ext subjectAltName' | grep 'api.lab.example')"
+logs=$(ctl cluster logs lab 2>&1)
+check "every static pod restarted on every master (12 restarts)" test "$(grep -Ec '(etcd|kube-apiserver|kube-controller-manager|kube-scheduler): stopped after' <<<"$logs")" -eq 12
+
 # --- an apiserver restart, measured through the VIP: on SIGTERM it fails /readyz and keeps serving
 #     for --shutdown-delay-duration; the workers' guards (probing /readyz) take it out of rotation
 #     first, so no client request through the VIP fails

@@ -579,9 +579,22 @@ fn manifests(node: &str, advertise: &SocketAddr) -> Result<()> {
 
 fn kubelet_files(node: &str, endpoint: &str, ca_pem: &str) -> Result<()> {
     use base64_like::encode;
+    // The kubelet's client certificate (a year, as the kubelet's TLS bootstrap gets it; here
+    // self-signed: only its file, name and expiry matter), referenced by path like kubeadm does.
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(rcgen::DnType::CommonName, format!("system:node:{node}"));
+    p.distinguished_name.push(rcgen::DnType::OrganizationName, "system:nodes");
+    p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+    let key = rcgen::KeyPair::generate()?;
+    let cert = p.self_signed(&key)?;
+    write(
+        &format!("{KUBELET_DIR}/pki/kubelet-client-current.pem"),
+        &format!("{}{}", cert.pem(), key.serialize_pem()),
+        0o600,
+    )?;
     write(
         &format!("{KUBE}/kubelet.conf"),
-        &format!("apiVersion: v1\nkind: Config\nclusters:\n- cluster:\n    certificate-authority-data: {}\n    server: https://{endpoint}\n  name: kubernetes\nusers:\n- name: system:node:{node}\n", encode(ca_pem.as_bytes())),
+        &format!("apiVersion: v1\nkind: Config\nclusters:\n- cluster:\n    certificate-authority-data: {}\n    server: https://{endpoint}\n  name: kubernetes\nusers:\n- name: system:node:{node}\n  user:\n    client-certificate: {KUBELET_DIR}/pki/kubelet-client-current.pem\n    client-key: {KUBELET_DIR}/pki/kubelet-client-current.pem\n", encode(ca_pem.as_bytes())),
         0o600,
     )?;
     write(
