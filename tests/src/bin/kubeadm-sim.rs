@@ -8,10 +8,14 @@
 //! - PKI (init and control-plane join): every file kubeadm expects in certificatesDir, private keys
 //!   0600, the apiserver certificate valid for the endpoint name, the advertise address and the
 //!   node name, signed by ca.crt; etcd server/peer certificates for this node;
-//! - effects: static pod manifests, kubelet.conf, /var/lib/kubelet/config.yaml, and a stand-in
-//!   apiserver (its own process group, like a static pod outliving kubeadm) serving HTTPS on the
-//!   advertise address :6443: `/healthz`, `cluster-info` (for discovery) and a join endpoint that
-//!   checks the bootstrap token;
+//! - effects: static pod manifests, kubelet.conf (naming the kubelet's client certificate file,
+//!   valid a year), /var/lib/kubelet/config.yaml, and a stand-in kubelet (its own process group,
+//!   outliving kubeadm) that runs each static pod while its manifest is in
+//!   /etc/kubernetes/manifests (SIGTERM when it goes, started again when it is back or dies): the
+//!   apiserver serving HTTPS with pki/apiserver.crt on the advertise address :6443 (`/healthz`,
+//!   `cluster-info` for discovery, a join endpoint that checks the bootstrap token), and for
+//!   etcd, the controller-manager and the scheduler a listener on their ports (127.0.0.1:2379,
+//!   :10257, :10259);
 //! - join: resolves the endpoint through /etc/hosts, fetches cluster-info, checks the CA against
 //!   `caCertHashes` like kubeadm, then talks verified TLS and presents the token;
 //! - preflight like kubeadm's: init and control-plane join refuse existing static pod manifests,
@@ -28,9 +32,9 @@
 //!   fails at once while everything else (`/healthz` included) is served for
 //!   `--shutdown-delay-duration` (from the ClusterConfiguration's apiServer extraArgs, shared
 //!   with joining masters like kubeadm's kubeadm-config), then it exits. `kubeadm-sim
-//!   __restart-apiserver` plays kubelet restarting the static pod; `kubeadm-sim __vip-client
+//!   __restart-apiserver` restarts it by moving its manifest out and back; `kubeadm-sim __vip-client
 //!   ADDR CA SECS` counts client requests that fail (a new connection each, every 20 ms);
-//! - reset: stops the apiserver (and waits for it to exit) and removes what init/join wrote,
+//! - reset: stops the kubelet and the pods (and waits for them to exit) and removes what init/join wrote,
 //!   including the certificates directory.
 //! - kubectl: `apply -f`, `drain NODE` (refuses DaemonSet pods without --ignore-daemonsets, an
 //!   unknown node is NotFound) and `delete node NODE [--ignore-not-found]`, through the apiserver;
