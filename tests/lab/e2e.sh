@@ -183,6 +183,39 @@ check "h4 untouched by the removal" test "$(md5sum < "$(H h4)/hosts")" = "$h4_ho
 check "h4 still balances to all 3 masters" test "$(ip netns exec flab-h4 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[123]:6443')" -eq 3
 got=$(ctl cluster get lab 2>&1)
 check "the cluster no longer lists h6" test -n "$(grep 'kind: Cluster' <<<"$got")" -a -n "$(grep '10.78.0.14' <<<"$got")" -a -z "$(grep '10.78.0.16' <<<"$got")"
+# --- a master joins and leaves: etcd membership, every worker's IPVS, every /etc/hosts and the
+#     apiserver certificate follow
+served() { ip netns exec flab-h4 sh -c "openssl s_client -connect $1:6443 </dev/null 2>/dev/null | openssl x509 -noout $2"; }
+peers() { grep -c . "$(H "$1")/etc-kubernetes/sim/peers"; }
+out=$(ctl cluster add lab --masters h6 --dry-run 2>&1); rc=$?
+check "add --masters --dry-run: the existing masters' apiserver certificate first, then the join" test $rc -eq 0 -a "$(grep -Ec ' h[123] +certs-install' <<<"$out")" -eq 3 -a -n "$(grep -E ' h6 +kubeadm-join +kubeadm join --control-plane' <<<"$out")"
+out=$(ctl cluster add lab --masters h6 2>&1); rc=$?
+sed 's/^/#   /' <<<"$out" | tail -2
+check "h6 added as a master (exit 0)" test $rc -eq 0 -a -n "$(grep 'add masters h6 done' <<<"$out")"
+check "etcd grew to 4 members (on h1 and h2)" test "$(peers h1)" -eq 4 -a "$(peers h2)" -eq 4 -a -n "$(grep -x '10.78.0.16:6443' "$(H h3)/etc-kubernetes/sim/peers")"
+check "h6 is a control-plane node" grep -q '^h6 control-plane' "$(H h1)/etc-kubernetes/sim/nodes"
+check "h6's apiserver serves" test -n "$(served 10.78.0.16 -serial)"
+check "h1's apiserver certificate was reissued for h6" test -n "$(served 10.78.0.11 '-ext subjectAltName' | grep '10.78.0.16' | grep 'DNS:h6')"
+check "h6 resolves apiserver.cluster.local to itself" grep -q "^10.78.0.16 apiserver.cluster.local" "$(H h6)/hosts"
+for w in h4 h5; do
+  check "worker $w balances to 4 masters now" test "$(ip netns exec flab-$w ipvsadm -Ln | grep -c -- '-> 10.78.0.1[1236]:6443')" -eq 4
+  check "worker $w's /etc/hosts lists h6" grep -q "^10.78.0.16 h6" "$(H $w)/hosts"
+done
+check "h2's /etc/hosts lists h6" grep -q "^10.78.0.16 h6" "$(H h2)/hosts"
+out=$(ctl cluster remove lab --masters h1,h2,h3,h6 2>&1); rc=$?
+check "removing every master is refused" test $rc -ne 0 -a -n "$(grep 'no master left' <<<"$out")"
+out=$(ctl cluster remove lab --masters h4 2>&1); rc=$?
+check "a worker named as a master is refused" test $rc -ne 0 -a -n "$(grep 'h4 is a worker' <<<"$out")"
+out=$(ctl cluster remove lab --masters h6 2>&1); rc=$?
+sed 's/^/#   /' <<<"$out" | tail -2
+check "h6 removed as a master (exit 0)" test $rc -eq 0 -a -n "$(grep 'remove masters h6 done' <<<"$out")"
+check "etcd shrank to 3 members (h6 left before its reset)" test "$(peers h1)" -eq 3 -a "$(peers h3)" -eq 3 -a -z "$(grep '10.78.0.16' "$(H h2)/etc-kubernetes/sim/peers")"
+check "h6's Node object is gone" test -z "$(grep '^h6 ' "$(H h1)/etc-kubernetes/sim/nodes")"
+check "h6 was reset (no manifests, no kubelet.conf)" test ! -e "$(H h6)/etc-kubernetes/manifests/kube-apiserver.yaml" -a ! -e "$(H h6)/etc-kubernetes/kubelet.conf"
+for w in h4 h5; do
+  check "worker $w balances to the 3 masters left" test "$(ip netns exec flab-$w ipvsadm -Ln | grep -c -- '-> 10.78.0.1[123]:6443')" -eq 3 -a -z "$(ip netns exec flab-$w ipvsadm -Ln | grep '10.78.0.16')"
+  check "worker $w's /etc/hosts no longer lists h6" test -z "$(grep ' h6$' "$(H $w)/hosts")"
+done
 out=$(ctl cluster add lab --nodes h6 2>&1); rc=$?
 check "h6 added back after its removal (exit 0)" test $rc -eq 0 -a -n "$(grep '1 of 1 new workers joined' <<<"$out")"
 check "h6 joined again" grep -q '^h6 worker' "$(H h1)/etc-kubernetes/sim/nodes"

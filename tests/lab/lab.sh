@@ -80,7 +80,12 @@ up() {
   [ -e /etc/fstab ] || touch /etc/fstab
   # Without a bundle the hosts come with kubeadm preinstalled; with LAB_BUNDLE=1 it comes from the
   # bundle the controller distributes (installed into each host's own /usr/local/bin).
-  [ "${LAB_BUNDLE:-0}" = 1 ] || ln -sf "$bin/kubeadm-sim" "$lab/bin/kubeadm"
+  # (kubectl too: the simulator answers to that name; a real kubectl on this machine must not be
+  # the one that talks to the stand-in apiservers)
+  if [ "${LAB_BUNDLE:-0}" != 1 ]; then
+    ln -sf "$bin/kubeadm-sim" "$lab/bin/kubeadm"
+    ln -sf "$bin/kubeadm-sim" "$lab/bin/kubectl"
+  fi
   modprobe bridge 2>/dev/null || true; modprobe veth 2>/dev/null || true
   ip link add $br type bridge
   [ -n "$bastion" ] || ip addr add $net.1/24 dev $br

@@ -352,3 +352,42 @@ fn a_paused_rollout_stays_paused_across_a_controller_restart_and_resumes() {
     let (ok, out) = lab.ctl(&["events", "-o", "json"]);
     assert!(ok && out.contains("op.pause") && out.contains("op.resume"), "audited: {out}");
 }
+
+#[test]
+fn master0_can_leave_and_the_next_master_takes_over_but_the_last_one_stays() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("master0");
+    let peers = |h: &str| std::fs::read_to_string(lab.host(h).join("etc-kubernetes/sim/peers")).unwrap_or_default();
+    let (ok, out) = lab.ctl(&["cluster", "create", "m", "--masters", "h1,h2"]);
+    assert!(ok, "{out}");
+    assert_eq!(peers("h2").lines().count(), 2, "{}", peers("h2"));
+    // h3 joins as a third master: etcd grows on every member, h1's certificate covers it.
+    let (ok, out) = lab.ctl(&["cluster", "add", "m", "--masters", "h3"]);
+    assert!(ok && out.contains("add masters h3 done"), "{out}");
+    for h in ["h1", "h2", "h3"] {
+        assert_eq!(peers(h).lines().count(), 3, "{h}: {}", peers(h));
+    }
+    // master0 (h1) leaves: it leaves etcd during its reset, h2 deletes its Node object.
+    let (ok, out) = lab.ctl(&["cluster", "remove", "m", "--masters", "h1"]);
+    assert!(ok && out.contains("remove masters h1 done"), "{out}");
+    for h in ["h2", "h3"] {
+        assert!(!peers(h).contains("10.78.0.11") && peers(h).lines().count() == 2, "{h}: {}", peers(h));
+        let nodes = std::fs::read_to_string(lab.host(h).join("etc-kubernetes/sim/nodes")).unwrap_or_default();
+        assert!(!nodes.lines().any(|l| l.starts_with("h1 ")), "{h}: {nodes}");
+    }
+    assert!(!lab.host("h1").join("etc-kubernetes/manifests/kube-apiserver.yaml").exists(), "h1 reset");
+    let st = lab.status("m");
+    assert_eq!(st["masters"], serde_json::json!(["h2", "h3"]), "{st}");
+    // h2 is the reference now: the next host joins with h2's token (no IPVS on this machine's
+    // kernel, so a master: workers are in the VM lab).
+    let (ok, out) = lab.ctl(&["cluster", "add", "m", "--masters", "h4"]);
+    assert!(ok && out.contains("add masters h4 done"), "{out}");
+    let st = lab.status("m");
+    assert!(task(&st, "join-token/h2/join-token")["state"] == "succeeded", "{st}");
+    assert_eq!(peers("h3").lines().count(), 3, "{}", peers("h3"));
+    // The last master cannot go; a host of no cluster is refused as a master to remove.
+    let (ok, out) = lab.ctl(&["cluster", "remove", "m", "--masters", "h2,h3,h4"]);
+    assert!(!ok && out.contains("no master left"), "{out}");
+    let (ok, out) = lab.ctl(&["cluster", "remove", "m", "--masters", "h1"]);
+    assert!(!ok && out.contains("h1 is not a master of cluster m"), "{out}");
+}

@@ -1016,8 +1016,9 @@ fn add_hosts(
             }
         }
     }
-    let (hosts, errors, warnings) = crate::plan::resolve::resolve_additions(
-        &r.nodes,
+    let all_refs: Vec<String> = r.masters.iter().chain(r.nodes.iter()).cloned().collect();
+    let (picked, errors, warnings) = crate::plan::resolve::resolve_additions(
+        &all_refs,
         &nodes,
         &rec.shape,
         &rec.spec.pod_cidr,
@@ -1025,6 +1026,10 @@ fn add_hosts(
     );
     plan.errors.extend(errors);
     plan.warnings.extend(warnings);
+    // Resolved in the order named, masters first (only used when every reference resolved).
+    let (masters, hosts): (Vec<_>, Vec<_>) = picked.into_iter().enumerate().partition(|(i, _)| *i < r.masters.len());
+    let masters: Vec<_> = masters.into_iter().map(|(_, h)| h).collect();
+    let hosts: Vec<_> = hosts.into_iter().map(|(_, h)| h).collect();
     let spec = if r.max_parallel.is_empty() { "10" } else { r.max_parallel.as_str() };
     let wave = match crate::plan::phases::wave_size(spec, hosts.len()) {
         Ok(w) => w,
@@ -1036,7 +1041,7 @@ fn add_hosts(
     if !plan.errors.is_empty() {
         return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
     }
-    let (p, started) = match rollouts.add_workers(&r.cluster, hosts, wave, r.dry_run) {
+    let (p, started) = match rollouts.add_masters(&r.cluster, masters, hosts, wave, r.dry_run) {
         Ok(x) => x,
         Err(e @ crate::rollout::RolloutError::Invalid(_)) => {
             plan.errors.push(fleetadm_common::error_chain(&e));
@@ -1063,7 +1068,7 @@ fn remove_hosts(
         plan.errors.push("cluster remove takes --nodes (names or addresses), not a selector".into());
         return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
     }
-    let (p, started) = match rollouts.remove_workers(&r.cluster, &r.nodes, r.drain, r.force, r.dry_run) {
+    let (p, started) = match rollouts.remove_hosts(&r.cluster, &r.masters, &r.nodes, r.drain, r.force, r.dry_run) {
         Ok(x) => x,
         Err(e @ crate::rollout::RolloutError::Invalid(_)) => {
             plan.errors.push(fleetadm_common::error_chain(&e));
@@ -1140,9 +1145,9 @@ fn cluster_op_info(rec: &crate::rollout::record::ClusterRecord) -> fleetadm_prot
     use crate::rollout::record::{ClusterState, Operation};
     let kind = match rec.operation {
         Operation::Create => "cluster-create",
-        Operation::AddWorkers { .. } => "cluster-add",
+        Operation::AddWorkers { .. } | Operation::AddHosts { .. } => "cluster-add",
         Operation::Delete => "cluster-delete",
-        Operation::RemoveWorkers { .. } => "cluster-remove",
+        Operation::RemoveWorkers { .. } | Operation::RemoveHosts { .. } => "cluster-remove",
         Operation::Certs { .. } => "cluster-certs",
     };
     let paused = rec.paused && rec.state == ClusterState::Running;

@@ -58,14 +58,17 @@ pub enum ClusterCmd {
         #[arg(short = 'o', long = "output", default_value = "yaml")]
         output: OutputFormat,
     },
-    /// Join more workers to a cluster that is up: preflight, bundle and bootstrap on the new
-    /// hosts, a fresh join token, the joins in waves behind their IPVS load balancer. The other
-    /// hosts are not touched. Run it again after a failure to resume.
+    /// Join more workers (and masters) to a cluster that is up: preflight, bundle and bootstrap
+    /// on the new hosts, a fresh join token, the joins in waves behind their IPVS load balancer.
+    /// With --masters, the apiserver certificate is reissued for them on every master first, and
+    /// every worker's IPVS and every host's /etc/hosts are updated after. Run it again after a
+    /// failure to resume.
     Add(AddArgs),
-    /// Take workers out of a cluster that is up: drained first with --drain, reset like a
-    /// delete (kubeadm reset, load balancer, /etc/hosts block, bootstrap), then their Node
-    /// objects deleted. The other hosts are not touched. Run it again after a failure to resume;
-    /// --force for hosts that are gone (only their Node objects are deleted).
+    /// Take workers (and masters) out of a cluster that is up: drained first with --drain, reset
+    /// like a delete (kubeadm reset, load balancer, /etc/hosts block, bootstrap), then their Node
+    /// objects deleted. With --masters, every worker's IPVS drops them first and the remaining
+    /// hosts' /etc/hosts follow. Run it again after a failure to resume; --force for workers that
+    /// are gone (only their Node objects are deleted).
     Remove(RemoveArgs),
     /// Certificates: without options, the expiry of every certificate and kubeconfig on every
     /// host (like `kubeadm certs check-expiration`). With --renew or --add-san, reissue them from
@@ -109,8 +112,12 @@ pub struct AddArgs {
     name: String,
     #[command(flatten)]
     data: DataDir,
+    /// Masters to add: IP addresses or node names, comma separated. Every master's apiserver
+    /// certificate, every worker's IPVS and every host's /etc/hosts follow.
+    #[arg(long, value_delimiter = ',')]
+    masters: Vec<String>,
     /// Workers to add: IP addresses or node names, comma separated.
-    #[arg(long, value_delimiter = ',', required_unless_present = "node_selector")]
+    #[arg(long, value_delimiter = ',', required_unless_present_any = ["node_selector", "masters"])]
     nodes: Vec<String>,
     /// Choose them by label instead, among enrolled nodes in no cluster (`pool=web`).
     #[arg(long, conflicts_with = "nodes", value_name = "SELECTOR")]
@@ -132,8 +139,12 @@ pub struct RemoveArgs {
     name: String,
     #[command(flatten)]
     data: DataDir,
+    /// Masters to remove (they leave etcd through their reset; master0 may go, the next master
+    /// becomes the reference; the last one is refused).
+    #[arg(long, value_delimiter = ',')]
+    masters: Vec<String>,
     /// Workers to remove: IP addresses or node names, comma separated.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "masters")]
     nodes: Vec<String>,
     /// Drain them first (kubectl drain --ignore-daemonsets --delete-emptydir-data).
     #[arg(long)]
@@ -431,6 +442,7 @@ async fn add(a: AddArgs) -> anyhow::Result<()> {
     let resp = c
         .add_cluster_hosts(fleetadm_proto::ChangeClusterRequest {
             cluster: a.name.clone(),
+            masters: a.masters.clone(),
             nodes: a.nodes.clone(),
             node_selector: a.node_selector.clone().unwrap_or_default(),
             max_parallel: a.max_parallel.clone(),
@@ -449,6 +461,7 @@ async fn remove(a: RemoveArgs) -> anyhow::Result<()> {
     let resp = c
         .remove_cluster_hosts(fleetadm_proto::ChangeClusterRequest {
             cluster: a.name.clone(),
+            masters: a.masters.clone(),
             nodes: a.nodes.clone(),
             dry_run: a.dry_run,
             drain: a.drain,

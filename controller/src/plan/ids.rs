@@ -29,10 +29,12 @@ pub enum PhaseName {
     RemoveNodes,
     /// `cluster certs --renew/--add-san`: reissued files installed master by master.
     Certificates,
+    /// A master-set change: the other hosts' /etc/hosts blocks list the cluster's hosts again.
+    SyncHosts,
 }
 
 impl PhaseName {
-    pub const ALL: [PhaseName; 15] = [
+    pub const ALL: [PhaseName; 16] = [
         PhaseName::Preflight,
         PhaseName::Distribute,
         PhaseName::Bootstrap,
@@ -48,6 +50,7 @@ impl PhaseName {
         PhaseName::Drain,
         PhaseName::RemoveNodes,
         PhaseName::Certificates,
+        PhaseName::SyncHosts,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -67,6 +70,7 @@ impl PhaseName {
             PhaseName::Drain => "drain",
             PhaseName::RemoveNodes => "remove-nodes",
             PhaseName::Certificates => "certificates",
+            PhaseName::SyncHosts => "sync-hosts",
         }
     }
 

@@ -537,6 +537,240 @@ pub fn certs(shape: &ClusterShape, what: &str, pods: &[&str]) -> Plan {
     }
 }
 
+/// The plan that joins `new_masters` (and `new_workers`; all already in `shape`) to a running
+/// cluster: the new hosts prepared like a create's; the apiserver certificate, reissued with the
+/// new masters' names, installed on the existing masters one at a time; the masters joined one
+/// at a time (kubeadm adds each to etcd), then the workers in waves; every worker's IPVS real
+/// servers and every earlier host's /etc/hosts brought up to date; the token deleted.
+pub fn add_hosts(shape: &ClusterShape, new_masters: &[String], new_workers: &[String]) -> Plan {
+    let c = shape.name.as_str();
+    let master0 = &shape.masters[0];
+    let is_new = |h: &PlannedHost| new_masters.contains(&h.node) || new_workers.contains(&h.node);
+    let new: Vec<&PlannedHost> = shape.masters.iter().chain(shape.workers.iter()).filter(|h| is_new(h)).collect();
+    let old: Vec<&PlannedHost> = shape.masters.iter().chain(shape.workers.iter()).filter(|h| !is_new(h)).collect();
+    let each = |hosts: &[&PlannedHost], phase: PhaseName, kind: StepKind, desc: &dyn Fn(&PlannedHost) -> String| {
+        hosts.iter().map(|h| task(c, phase, &h.node, kind, desc(h))).collect::<Vec<Task>>()
+    };
+    let mut phases = vec![Phase {
+        name: PhaseName::Preflight,
+        steps: vec![each(&new, PhaseName::Preflight, StepKind::Preflight, &|_| {
+            "host checks: ports free, swap off".into()
+        })],
+        note: None,
+    }];
+    match &shape.bundle {
+        Some(b) => {
+            phases.push(Phase {
+                name: PhaseName::Distribute,
+                steps: vec![each(&new, PhaseName::Distribute, StepKind::FetchBundle, &|_| format!("fetch bundle {b}"))],
+                note: None,
+            });
+            phases.push(Phase {
+                name: PhaseName::Bootstrap,
+                steps: vec![each(&new, PhaseName::Bootstrap, StepKind::Bootstrap, &|_| {
+                    "install binaries, units, modules, sysctls, images".into()
+                })],
+                note: None,
+            });
+        }
+        None => {
+            let note = Some("no bundle: the hosts already carry kubeadm, kubelet and a runtime".to_string());
+            phases.push(Phase { name: PhaseName::Distribute, steps: vec![], note: note.clone() });
+            phases.push(Phase { name: PhaseName::Bootstrap, steps: vec![], note });
+        }
+    }
+    let hosts_desc = |h: &PlannedHost| {
+        if new_masters.contains(&h.node) {
+            format!("/etc/hosts: apiserver.cluster.local -> {} (master0 until joined)", master0.ip)
+        } else {
+            format!("/etc/hosts: apiserver.cluster.local -> {} (VIP)", shape.vip)
+        }
+    };
+    phases.push(Phase {
+        name: PhaseName::Hosts,
+        steps: vec![each(&new, PhaseName::Hosts, StepKind::Hosts, &hosts_desc)],
+        note: Some("the new hosts only".into()),
+    });
+    let old_masters: Vec<&PlannedHost> = shape.masters.iter().filter(|m| !new_masters.contains(&m.node)).collect();
+    phases.push(Phase {
+        name: PhaseName::Certificates,
+        steps: old_masters
+            .iter()
+            .map(|m| {
+                vec![task(
+                    c,
+                    PhaseName::Certificates,
+                    &m.node,
+                    StepKind::CertsInstall,
+                    format!("apiserver certificate valid for {} too; restart kube-apiserver", new_masters.join(", ")),
+                )]
+            })
+            .collect(),
+        note: Some("one master at a time, before any new master serves".into()),
+    });
+    phases.push(Phase {
+        name: PhaseName::JoinToken,
+        steps: vec![vec![task(
+            c,
+            PhaseName::JoinToken,
+            &master0.node,
+            StepKind::JoinToken,
+            "kubeadm token create: this operation's join token (short-lived)".into(),
+        )]],
+        note: None,
+    });
+    let mut joins = Vec::new();
+    for m in shape.masters.iter().filter(|m| new_masters.contains(&m.node)) {
+        let jm = PhaseName::JoinMasters;
+        joins.push(vec![task(c, jm, &m.node, StepKind::Pki, "install the cluster PKI (keys 0600)".into())]);
+        joins.push(vec![task(
+            c,
+            jm,
+            &m.node,
+            StepKind::KubeadmJoin,
+            format!("kubeadm join --control-plane ({}; a new etcd member)", m.ip),
+        )]);
+        joins.push(vec![task(
+            c,
+            jm,
+            &m.node,
+            StepKind::Hosts,
+            format!("/etc/hosts: apiserver.cluster.local -> {} (itself)", m.ip),
+        )]);
+    }
+    phases.push(Phase { name: PhaseName::JoinMasters, steps: joins, note: None });
+    let rs: Vec<String> = shape.masters.iter().map(|m| format!("{}:6443", m.ip)).collect();
+    let joining: Vec<&PlannedHost> = shape.workers.iter().filter(|w| new_workers.contains(&w.node)).collect();
+    let mut waves = Vec::new();
+    for wave in joining.chunks(shape.wave_size.max(1)) {
+        waves.push(each(wave, PhaseName::JoinWorkers, StepKind::Lb, &|_| {
+            format!("IPVS {}:6443 -> {}", shape.vip, rs.join(", "))
+        }));
+        waves.push(each(wave, PhaseName::JoinWorkers, StepKind::KubeadmJoin, &|_| "kubeadm join".into()));
+    }
+    let no_workers = joining.is_empty().then(|| "no new workers".to_string());
+    phases.push(Phase { name: PhaseName::JoinWorkers, steps: waves, note: no_workers });
+    let workers: Vec<&PlannedHost> = shape.workers.iter().collect();
+    let sync = each(&workers, PhaseName::SyncIpvs, StepKind::Lb, &|_| format!("IPVS real servers {}", rs.join(", ")));
+    phases.push(Phase {
+        name: PhaseName::SyncIpvs,
+        steps: if sync.is_empty() { vec![] } else { vec![sync] },
+        note: Some("every worker: the new masters in rotation".into()),
+    });
+    let old_hosts = each(&old, PhaseName::SyncHosts, StepKind::Hosts, &|_| {
+        "/etc/hosts: the cluster's hosts, the new ones too".into()
+    });
+    phases.push(Phase { name: PhaseName::SyncHosts, steps: vec![old_hosts], note: None });
+    phases.push(Phase {
+        name: PhaseName::Record,
+        steps: vec![vec![task(
+            c,
+            PhaseName::Record,
+            &master0.node,
+            StepKind::DropToken,
+            "kubeadm token delete: this operation's join tokens".into(),
+        )]],
+        note: Some("record the cluster".into()),
+    });
+    Plan { cluster: c.to_string(), phases }
+}
+
+/// The plan that takes masters (and workers) out of a running cluster; `shape` is the cluster
+/// without them (its first master is the reference from now on, also when master0 leaves).
+/// Every remaining worker's IPVS loses the leaving masters first; then (with `drain`) their
+/// pods are evicted; the leaving masters are reset one at a time (`kubeadm reset` removes each
+/// from etcd before it stops), the leaving workers together; their Node objects are deleted; and
+/// the remaining hosts' /etc/hosts blocks no longer list them.
+pub fn remove_hosts(shape: &ClusterShape, masters: &[PlannedHost], workers: &[PlannedHost], drain: bool) -> Plan {
+    let c = shape.name.as_str();
+    let master0 = &shape.masters[0];
+    let names: Vec<&str> = masters.iter().chain(workers.iter()).map(|h| h.node.as_str()).collect();
+    let rs: Vec<String> = shape.masters.iter().map(|m| format!("{}:6443", m.ip)).collect();
+    let mut phases = Vec::new();
+    let sync: Vec<Task> = shape
+        .workers
+        .iter()
+        .map(|w| task(c, PhaseName::SyncIpvs, &w.node, StepKind::Lb, format!("IPVS real servers {}", rs.join(", "))))
+        .collect();
+    phases.push(Phase {
+        name: PhaseName::SyncIpvs,
+        steps: if sync.is_empty() { vec![] } else { vec![sync] },
+        note: Some("first: the leaving masters out of every worker's rotation".into()),
+    });
+    if drain {
+        phases.push(Phase {
+            name: PhaseName::Drain,
+            steps: vec![vec![task(
+                c,
+                PhaseName::Drain,
+                &master0.node,
+                StepKind::DrainNodes,
+                format!("kubectl drain {} --ignore-daemonsets --delete-emptydir-data", names.join(" ")),
+            )]],
+            note: None,
+        });
+    }
+    let mut steps: Vec<Vec<Task>> = Vec::new();
+    for m in masters {
+        steps.push(vec![task(
+            c,
+            PhaseName::Reset,
+            &m.node,
+            StepKind::KubeadmReset,
+            "kubeadm reset --force (leaves etcd first)".into(),
+        )]);
+        steps.push(vec![task(
+            c,
+            PhaseName::Reset,
+            &m.node,
+            StepKind::HostsClean,
+            "remove the managed /etc/hosts block".into(),
+        )]);
+        if shape.bundle.is_some() {
+            steps.push(vec![task(
+                c,
+                PhaseName::Reset,
+                &m.node,
+                StepKind::BootstrapReset,
+                "undo what bootstrap installed".into(),
+            )]);
+        }
+    }
+    if !workers.is_empty() {
+        let each = |kind: StepKind, desc: &str| -> Vec<Task> {
+            workers.iter().map(|h| task(c, PhaseName::Reset, &h.node, kind, desc.to_string())).collect()
+        };
+        steps.push(each(StepKind::KubeadmReset, "kubeadm reset --force"));
+        steps.push(each(StepKind::LbClean, "remove the IPVS service and VIP"));
+        steps.push(each(StepKind::HostsClean, "remove the managed /etc/hosts block"));
+        if shape.bundle.is_some() {
+            steps.push(each(StepKind::BootstrapReset, "undo what bootstrap installed"));
+        }
+    }
+    phases.push(Phase { name: PhaseName::Reset, steps, note: Some("masters one at a time".into()) });
+    phases.push(Phase {
+        name: PhaseName::RemoveNodes,
+        steps: vec![vec![task(
+            c,
+            PhaseName::RemoveNodes,
+            &master0.node,
+            StepKind::DeleteNodes,
+            format!("kubectl delete node {}", names.join(" ")),
+        )]],
+        note: None,
+    });
+    let rest: Vec<Task> = shape
+        .masters
+        .iter()
+        .chain(shape.workers.iter())
+        .map(|h| {
+            task(c, PhaseName::SyncHosts, &h.node, StepKind::Hosts, format!("/etc/hosts without {}", names.join(", ")))
+        })
+        .collect();
+    phases.push(Phase { name: PhaseName::SyncHosts, steps: vec![rest], note: None });
+    Plan { cluster: c.to_string(), phases }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -138,7 +138,7 @@ pub fn resolve_additions(
     let mut errors = picker.finish();
     let mut warnings = Vec::new();
     if refs.is_empty() {
-        errors.push("name the workers to add (--nodes or --node-selector)".into());
+        errors.push("name the hosts to add (--masters, --nodes or --node-selector)".into());
     }
     let facts: Vec<(String, Option<Inventory>, i64)> =
         picked.iter().map(|(h, c)| (h.node.clone(), c.facts.clone(), c.record.clock_skew_ms)).collect();

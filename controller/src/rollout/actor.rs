@@ -152,6 +152,8 @@ impl Actor {
             self.rec.shape.workers.retain(|w| !hosts.contains(&w.node));
             self.rec.failed_workers.retain(|w| !hosts.contains(w));
         }
+        // Hosts a master-set removal took out: gone now.
+        self.rec.leaving.clear();
         let failed = &self.rec.failed_workers;
         let mut summary = match &self.rec.operation {
             record::Operation::RemoveWorkers { hosts } => format!(
@@ -167,6 +169,14 @@ impl Actor {
                 self.rec.name,
                 hosts.len() - hosts.iter().filter(|h| failed.contains(h)).count(),
                 hosts.len(),
+                started.elapsed().as_secs_f64(),
+                self.rec.shape.masters.len(),
+                self.rec.shape.workers.len() - failed.len(),
+            ),
+            record::Operation::AddHosts { .. } | record::Operation::RemoveHosts { .. } => format!(
+                "cluster {}: {} done in {:.0}s ({} masters, {} workers now)",
+                self.rec.name,
+                self.rec.operation,
                 started.elapsed().as_secs_f64(),
                 self.rec.shape.masters.len(),
                 self.rec.shape.workers.len() - failed.len(),

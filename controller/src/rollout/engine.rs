@@ -220,6 +220,7 @@ impl Rollouts {
             operation: Operation::Create,
             attempt_floor,
             paused: false,
+            leaving: vec![],
         };
         // Tasks first, the cluster record last: a crash in between leaves no half-recorded cluster.
         self.record_tasks(&rec.plan, rec.attempt_floor)?;
@@ -305,27 +306,7 @@ impl Rollouts {
         }
         let names: Vec<String> = new.iter().map(|h| h.node.clone()).collect();
         let retry = may_start(&rec, &Operation::AddWorkers { hosts: names.clone() })?;
-        {
-            // A retry names the hosts its failed attempt already recorded in this cluster.
-            for other in self.list()?.into_iter().filter(|o| !(retry && o.name == name)) {
-                let taken: Vec<&str> = other
-                    .shape
-                    .masters
-                    .iter()
-                    .chain(other.shape.workers.iter())
-                    .map(|h| h.node.as_str())
-                    .filter(|n| names.iter().any(|m| m == n))
-                    .collect();
-                if !taken.is_empty() {
-                    let whose =
-                        if other.name == name { "this cluster".to_string() } else { format!("cluster {}", other.name) };
-                    return Err(RolloutError::Invalid(format!(
-                        "hosts already belong to {whose}: {}",
-                        taken.join(", ")
-                    )));
-                }
-            }
-        }
+        self.check_free(name, &names, retry)?;
         if retry {
             if dry_run {
                 return Ok((rec.plan.clone(), None));
@@ -349,6 +330,94 @@ impl Rollouts {
         rec.failed_workers.clear();
         rec.conditions.retain(|c| c.kind == "Ready");
         // The join token of this operation (the create's is long gone).
+        self.new_join_token(&mut rec)?;
+        rec.state = ClusterState::Running;
+        rec.paused = false;
+        rec.phase = plan.phases.first().map(|p| p.name).unwrap_or(PhaseName::Preflight);
+        rec.message = format!("{}", rec.operation);
+        rec.finished_ms = 0;
+        rec.updated_ms = now_unix_ms();
+        put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
+        tracing::info!(cluster = name, operation = %rec.operation, "operation recorded; rollout starting");
+        self.spawn(name);
+        Ok((plan, Some(rec)))
+    }
+
+    /// Refuse hosts that belong to a cluster already (this one too, unless `retry`: a retry names
+    /// the hosts its failed attempt already recorded here).
+    fn check_free(&self, name: &str, names: &[String], retry: bool) -> Result<(), RolloutError> {
+        for other in self.list()?.into_iter().filter(|o| !(retry && o.name == name)) {
+            let taken: Vec<&str> = other
+                .shape
+                .masters
+                .iter()
+                .chain(other.shape.workers.iter())
+                .chain(other.leaving.iter().map(|l| &l.host))
+                .map(|h| h.node.as_str())
+                .filter(|n| names.iter().any(|m| m == n))
+                .collect();
+            if !taken.is_empty() {
+                let whose =
+                    if other.name == name { "this cluster".to_string() } else { format!("cluster {}", other.name) };
+                return Err(RolloutError::Invalid(format!("hosts already belong to {whose}: {}", taken.join(", "))));
+            }
+        }
+        Ok(())
+    }
+
+    /// `cluster add --masters [--nodes]`: plan (and unless `dry_run`, start) joining masters
+    /// (and workers) to a cluster that is up. The apiserver certificate is reissued with the new
+    /// masters' names (recorded with the operation); kubeadm's control-plane join adds each to
+    /// etcd. A failed earlier add of the same hosts is resumed.
+    pub fn add_masters(
+        &self,
+        name: &str,
+        masters: Vec<phases::PlannedHost>,
+        workers: Vec<phases::PlannedHost>,
+        wave_size: usize,
+        dry_run: bool,
+    ) -> Result<(phases::Plan, Option<ClusterRecord>), RolloutError> {
+        let mut rec = self.get(name)?;
+        if masters.is_empty() {
+            return self.add_workers(name, workers, wave_size, dry_run);
+        }
+        let m_names: Vec<String> = masters.iter().map(|h| h.node.clone()).collect();
+        let w_names: Vec<String> = workers.iter().map(|h| h.node.clone()).collect();
+        if let Some(both) = m_names.iter().find(|m| w_names.contains(m)) {
+            return Err(RolloutError::Invalid(format!("{both} is named as a master and as a worker")));
+        }
+        let op = Operation::AddHosts { masters: m_names.clone(), workers: w_names.clone() };
+        let retry = may_start(&rec, &op)?;
+        let all: Vec<String> = m_names.iter().chain(w_names.iter()).cloned().collect();
+        self.check_free(name, &all, retry)?;
+        if retry {
+            if dry_run {
+                return Ok((rec.plan.clone(), None));
+            }
+            let plan = rec.plan.clone();
+            return Ok((plan, Some(self.resume_failed(rec)?)));
+        }
+        let mut shape = rec.shape.clone();
+        shape.masters.extend(masters.iter().cloned());
+        shape.workers.extend(workers.iter().cloned());
+        shape.wave_size = wave_size.max(1);
+        let plan = phases::add_hosts(&shape, &m_names, &w_names);
+        if dry_run {
+            return Ok((plan, None));
+        }
+        record::failure_budget(&rec.spec.max_failures, shape.workers.len())?;
+        // The apiserver certificate valid for the new masters, and their own etcd certificates.
+        let mut grown = rec.clone();
+        grown.shape = shape.clone();
+        let spec = super::certs::pki_spec(&grown, &rec.spec.extra_sans);
+        let pki = rec.secrets.pki.reissue(&spec, &["apiserver"])?;
+        self.record_tasks(&plan, rec.attempt_floor)?;
+        rec.secrets.pki = pki;
+        rec.shape = shape;
+        rec.plan = plan.clone();
+        rec.operation = op;
+        rec.failed_workers.clear();
+        rec.conditions.retain(|c| c.kind == "Ready");
         self.new_join_token(&mut rec)?;
         rec.state = ClusterState::Running;
         rec.paused = false;
@@ -394,7 +463,25 @@ impl Rollouts {
         force: bool,
         dry_run: bool,
     ) -> Result<(phases::Plan, Option<ClusterRecord>), RolloutError> {
+        self.remove_hosts(name, &[], refs, drain, force, dry_run)
+    }
+
+    /// `cluster remove --masters M [--nodes W]`: see [`phases::remove_hosts`]. The last master is
+    /// refused; removing master0 makes the first remaining master the reference.
+    pub fn remove_hosts(
+        &self,
+        name: &str,
+        master_refs: &[String],
+        refs: &[String],
+        drain: bool,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<(phases::Plan, Option<ClusterRecord>), RolloutError> {
+        let with_masters = !master_refs.is_empty();
         let mut rec = self.get(name)?;
+        if with_masters {
+            return self.remove_masters(rec, master_refs, refs, drain, force, dry_run);
+        }
         if refs.is_empty() {
             return Err(RolloutError::Invalid("name at least one worker to remove (--nodes)".into()));
         }
@@ -412,9 +499,9 @@ impl Rollouts {
                 unknown.push(r.clone());
             }
         }
-        if !masters.is_empty() {
+        if !masters.is_empty() && !with_masters {
             return Err(RolloutError::Invalid(format!(
-                "{} {} of cluster {name}: removing masters is not supported yet (workers only)",
+                "{} {} of cluster {name}: name masters with --masters",
                 masters.join(", "),
                 if masters.len() == 1 { "is a master" } else { "are masters" }
             )));
@@ -541,6 +628,99 @@ impl Rollouts {
         put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
         tracing::info!(cluster = name, operation = %rec.operation, "certificates reissued; rollout starting");
         self.spawn(name);
+        Ok((plan, Some(rec)))
+    }
+
+    fn remove_masters(
+        &self,
+        mut rec: ClusterRecord,
+        master_refs: &[String],
+        refs: &[String],
+        drain: bool,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<(phases::Plan, Option<ClusterRecord>), RolloutError> {
+        let name = rec.name.clone();
+        if force {
+            return Err(RolloutError::Invalid(
+                "--force is for workers that are gone; a master leaves etcd through its own reset".into(),
+            ));
+        }
+        // A failed removal is retried with the same names: they are among the leaving hosts.
+        let leaving_now = |r: &str| rec.leaving.iter().any(|l| l.host.node == r || l.host.ip.to_string() == r);
+        if rec.state == ClusterState::Failed
+            && matches!(rec.operation, Operation::RemoveHosts { .. })
+            && master_refs.iter().chain(refs).all(|r| leaving_now(r))
+        {
+            may_start(&rec, &rec.operation.clone())?;
+            if dry_run {
+                return Ok((rec.plan.clone(), None));
+            }
+            let plan = rec.plan.clone();
+            return Ok((plan, Some(self.resume_failed(rec)?)));
+        }
+        let of = |h: &phases::PlannedHost, r: &str| h.node == r || h.ip.to_string() == r;
+        let (mut masters, mut workers, mut wrong) = (Vec::new(), Vec::new(), Vec::new());
+        for r in master_refs {
+            match rec.shape.masters.iter().find(|m| of(m, r)) {
+                Some(m) if !masters.contains(m) => masters.push(m.clone()),
+                Some(_) => {}
+                None if rec.shape.workers.iter().any(|w| of(w, r)) => wrong.push(format!("{r} is a worker (--nodes)")),
+                None => wrong.push(format!("{r} is not a master of cluster {name}")),
+            }
+        }
+        for r in refs {
+            match rec.shape.workers.iter().find(|w| of(w, r)) {
+                Some(w) if !workers.contains(w) => workers.push(w.clone()),
+                Some(_) => {}
+                None if rec.shape.masters.iter().any(|m| of(m, r)) => {
+                    wrong.push(format!("{r} is a master (--masters)"))
+                }
+                None => wrong.push(format!("{r} is not a worker of cluster {name}")),
+            }
+        }
+        if !wrong.is_empty() {
+            return Err(RolloutError::Invalid(wrong.join("; ")));
+        }
+        if masters.len() == rec.shape.masters.len() {
+            return Err(RolloutError::Invalid(format!(
+                "cluster {name} would have no master left; delete the cluster instead (cluster delete {name})"
+            )));
+        }
+        let m_names: Vec<String> = masters.iter().map(|h| h.node.clone()).collect();
+        let w_names: Vec<String> = workers.iter().map(|h| h.node.clone()).collect();
+        let op = Operation::RemoveHosts { masters: m_names.clone(), workers: w_names.clone() };
+        may_start(&rec, &op)?;
+        let mut shape = rec.shape.clone();
+        shape.masters.retain(|m| !m_names.contains(&m.node));
+        shape.workers.retain(|w| !w_names.contains(&w.node));
+        let plan = phases::remove_hosts(&shape, &masters, &workers, drain);
+        if dry_run {
+            return Ok((plan, None));
+        }
+        self.record_tasks(&plan, rec.attempt_floor)?;
+        if rec.shape.masters.first().map(|m| &m.node) != shape.masters.first().map(|m| &m.node) {
+            tracing::warn!(cluster = %name, new_master0 = %shape.masters[0].node, "master0 leaves; the first remaining master is the reference from now on");
+        }
+        rec.leaving = masters
+            .into_iter()
+            .map(|host| record::LeavingHost { host, master: true })
+            .chain(workers.into_iter().map(|host| record::LeavingHost { host, master: false }))
+            .collect();
+        rec.shape = shape;
+        rec.plan = plan.clone();
+        rec.operation = op;
+        rec.failed_workers.clear();
+        rec.conditions.retain(|c| c.kind == "Ready");
+        rec.state = ClusterState::Running;
+        rec.paused = false;
+        rec.phase = plan.phases.first().map(|p| p.name).unwrap_or(PhaseName::Reset);
+        rec.message = format!("{}", rec.operation);
+        rec.finished_ms = 0;
+        rec.updated_ms = now_unix_ms();
+        put_json(&*self.store, Table::Clusters, &name, &rec, Durability::Flush)?;
+        tracing::info!(cluster = %name, operation = %rec.operation, drain, "operation recorded; rollout starting");
+        self.spawn(&name);
         Ok((plan, Some(rec)))
     }
 
@@ -1348,6 +1528,105 @@ mod tests {
         assert!(info.sans.contains(&"api.example.org".to_string()), "{:?}", info.sans);
         wait_for("the renewal to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
         assert_eq!(r.get("lab").unwrap().state, ClusterState::Succeeded);
+    }
+
+    #[tokio::test]
+    async fn masters_join_and_leave_and_master0_can_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let sessions = Sessions::new(|_| {});
+        let r = Rollouts::new(store.clone(), sessions.clone(), fast());
+        r.create(new_cluster()).unwrap();
+        let all = TaskKind::all_capabilities();
+        let _m1 = obliging_agent(&r, &sessions, "m1", all.clone());
+        let _w1 = obliging_agent(&r, &sessions, "w1", all.clone());
+        let _m2 = obliging_agent(&r, &sessions, "m2", all.clone());
+        wait_for("the create to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let m2 = PlannedHost { node: "m2".into(), ip: "10.0.0.3".parse().unwrap() };
+        let (plan, rec) = r.add_masters("lab", vec![m2.clone()], vec![], 1, false).unwrap();
+        let ids: Vec<String> = plan.tasks().map(|t| t.id.to_string()).collect();
+        assert_eq!(
+            ids,
+            [
+                "lab/preflight/m2/preflight",
+                "lab/hosts/m2/hosts",
+                "lab/certificates/m1/certs-install",
+                "lab/join-token/m1/join-token",
+                "lab/join-masters/m2/pki",
+                "lab/join-masters/m2/kubeadm-join",
+                "lab/join-masters/m2/hosts",
+                "lab/sync-ipvs/w1/lb",
+                "lab/sync-hosts/m1/hosts",
+                "lab/sync-hosts/w1/hosts",
+                "lab/record/m1/drop-token",
+            ]
+        );
+        let rec = rec.unwrap();
+        let spec = |rec: &ClusterRecord, id: &str| {
+            let t = rec.plan.tasks().find(|t| t.id.to_string() == id).unwrap_or_else(|| panic!("{id}"));
+            super::super::specs::spec_for(rec, t).unwrap()
+        };
+        let task_assignment::Task::CertsInstall(ci) = spec(&rec, "lab/certificates/m1/certs-install") else { panic!() };
+        let info = fleetadm_common::certs::describe("apiserver", "x", ci.files[0].contents.as_bytes()).unwrap();
+        assert!(
+            info.sans.contains(&"10.0.0.3".to_string()) && info.sans.contains(&"m2".to_string()),
+            "{:?}",
+            info.sans
+        );
+        assert!(rec.secrets.pki.per_master.contains_key("m2"), "m2's own etcd certificates");
+        let task_assignment::Task::Lb(lb) = spec(&rec, "lab/sync-ipvs/w1/lb") else { panic!() };
+        assert_eq!(lb.real_servers, ["10.0.0.1:6443", "10.0.0.3:6443"]);
+        let task_assignment::Task::Hosts(h) = spec(&rec, "lab/sync-hosts/m1/hosts") else { panic!() };
+        let line = |h: &fleetadm_proto::HostsTask, name: &str| {
+            h.entries.iter().find(|e| e.names.contains(&name.to_string())).map(|e| e.ip.clone())
+        };
+        assert_eq!(line(&h, "apiserver.cluster.local").as_deref(), Some("10.0.0.1"), "a master resolves itself");
+        assert_eq!(line(&h, "m2").as_deref(), Some("10.0.0.3"));
+        let task_assignment::Task::Hosts(h) = spec(&rec, "lab/hosts/m2/hosts") else { panic!() };
+        assert_eq!(line(&h, "apiserver.cluster.local").as_deref(), Some("10.0.0.1"), "master0 while joining");
+        wait_for("the add to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let done = r.get("lab").unwrap();
+        assert_eq!(done.state, ClusterState::Succeeded, "{}", done.message);
+        assert!(done.message.contains("add masters m2") && done.message.contains("2 masters"), "{}", done.message);
+
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let refused = |res: Result<(phases::Plan, Option<ClusterRecord>), RolloutError>, what: &str| match res {
+            Err(RolloutError::Invalid(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("expected a refusal ({what}), got {:?}", other.map(|(p, _)| p.render())),
+        };
+        refused(r.remove_hosts("lab", &v(&["m1", "m2"]), &[], false, false, false), "no master left");
+        refused(r.remove_hosts("lab", &v(&["w1"]), &[], false, false, false), "w1 is a worker");
+        refused(r.remove_hosts("lab", &v(&["m9"]), &[], false, false, false), "m9 is not a master of cluster lab");
+        refused(r.remove_hosts("lab", &[], &v(&["m2"]), false, false, false), "name masters with --masters");
+        refused(r.add_masters("lab", vec![m2.clone()], vec![], 1, false), "already belong to this cluster: m2");
+        // master0 leaves: m2 is the reference from now on
+        let (plan, rec) = r.remove_hosts("lab", &v(&["10.0.0.1"]), &[], false, false, false).unwrap();
+        let ids: Vec<String> = plan.tasks().map(|t| t.id.to_string()).collect();
+        assert_eq!(
+            ids,
+            [
+                "lab/sync-ipvs/w1/lb",
+                "lab/reset/m1/kubeadm-reset",
+                "lab/reset/m1/hosts-clean",
+                "lab/remove-nodes/m2/delete-nodes",
+                "lab/sync-hosts/m2/hosts",
+                "lab/sync-hosts/w1/hosts",
+            ]
+        );
+        let rec = rec.unwrap();
+        assert_eq!(rec.shape.masters, vec![m2.clone()]);
+        let task_assignment::Task::Lb(lb) = spec(&rec, "lab/sync-ipvs/w1/lb") else { panic!() };
+        assert_eq!(lb.real_servers, ["10.0.0.3:6443"], "m1 out of rotation first");
+        let task_assignment::Task::KubeadmReset(_) = spec(&rec, "lab/reset/m1/kubeadm-reset") else { panic!() };
+        let task_assignment::Task::NodeObjects(n) = spec(&rec, "lab/remove-nodes/m2/delete-nodes") else { panic!() };
+        assert_eq!(n.nodes, ["m1"]);
+        let task_assignment::Task::Hosts(h) = spec(&rec, "lab/sync-hosts/w1/hosts") else { panic!() };
+        assert!(line(&h, "m1").is_none() && line(&h, "m2").is_some());
+        wait_for("the removal to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let done = r.get("lab").unwrap();
+        assert_eq!(done.state, ClusterState::Succeeded, "{}", done.message);
+        assert!(done.leaving.is_empty() && done.shape.masters == vec![m2]);
+        refused(r.remove_hosts("lab", &v(&["m2"]), &[], false, false, false), "no master left");
     }
 
     #[tokio::test]

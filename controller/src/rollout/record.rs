@@ -60,6 +60,12 @@ pub enum Operation {
     Delete,
     /// `cluster remove --nodes`: these workers leave the running cluster.
     RemoveWorkers { hosts: Vec<String> },
+    /// `cluster add --masters [--nodes]`: masters (and workers) join; every master's apiserver
+    /// certificate, every worker's IPVS and every host's /etc/hosts follow.
+    AddHosts { masters: Vec<String>, workers: Vec<String> },
+    /// `cluster remove --masters [--nodes]`: they leave (the shape no longer has them; they are
+    /// in [`ClusterRecord::leaving`] until the operation ends).
+    RemoveHosts { masters: Vec<String>, workers: Vec<String> },
     /// `cluster certs --renew/--add-san`: these certificates (kubeadm's names) were reissued and
     /// are installed on the masters.
     Certs { certs: Vec<String>, add_sans: Vec<String> },
@@ -72,12 +78,29 @@ impl std::fmt::Display for Operation {
             Operation::AddWorkers { hosts } => write!(f, "add workers {}", hosts.join(",")),
             Operation::Delete => f.write_str("delete"),
             Operation::RemoveWorkers { hosts } => write!(f, "remove workers {}", hosts.join(",")),
+            Operation::AddHosts { masters, workers } => write!(f, "add {}", hosts_text(masters, workers)),
+            Operation::RemoveHosts { masters, workers } => write!(f, "remove {}", hosts_text(masters, workers)),
             Operation::Certs { certs, add_sans } if add_sans.is_empty() => write!(f, "renew {}", certs.join(",")),
             Operation::Certs { add_sans, .. } => {
                 write!(f, "add SANs {} to the apiserver certificate", add_sans.join(","))
             }
         }
     }
+}
+
+fn hosts_text(masters: &[String], workers: &[String]) -> String {
+    let mut parts = vec![format!("masters {}", masters.join(","))];
+    if !workers.is_empty() {
+        parts.push(format!("workers {}", workers.join(",")));
+    }
+    parts.join(", ")
+}
+
+/// A host the current operation takes out of the cluster (no longer in the shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeavingHost {
+    pub host: crate::plan::phases::PlannedHost,
+    pub master: bool,
 }
 
 /// Cluster secrets. Never leave the controller except inside a task for a host that needs them.
@@ -151,6 +174,11 @@ pub struct ClusterRecord {
     /// it is resumed; tasks already running finish. Survives a controller restart.
     #[serde(default)]
     pub paused: bool,
+    /// Hosts the current operation removes (`cluster remove --masters`): out of the shape already
+    /// (so the remaining hosts' tasks are rendered without them), still reachable for their own
+    /// reset tasks.
+    #[serde(default)]
+    pub leaving: Vec<LeavingHost>,
 }
 
 impl ClusterRecord {

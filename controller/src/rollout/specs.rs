@@ -50,12 +50,23 @@ fn host<'a>(rec: &'a ClusterRecord, name: &str) -> Result<(&'a PlannedHost, bool
     if let Some(h) = rec.shape.masters.iter().find(|m| m.node == name) {
         return Ok((h, true));
     }
-    rec.shape
-        .workers
+    if let Some(h) = rec.shape.workers.iter().find(|w| w.node == name) {
+        return Ok((h, false));
+    }
+    rec.leaving
         .iter()
-        .find(|w| w.node == name)
-        .map(|h| (h, false))
+        .find(|l| l.host.node == name)
+        .map(|l| (&l.host, l.master))
         .ok_or_else(|| SpecError::NotInCluster { host: name.to_string(), cluster: rec.name.clone() })
+}
+
+/// The certificates the current operation reissued (installed by its `certs-install` tasks).
+fn reissued(rec: &ClusterRecord) -> Vec<String> {
+    match &rec.operation {
+        super::record::Operation::Certs { certs, .. } => certs.clone(),
+        super::record::Operation::AddHosts { .. } => vec!["apiserver".into()],
+        _ => vec![],
+    }
 }
 
 fn inputs(rec: &ClusterRecord) -> ClusterInputs {
@@ -128,7 +139,7 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<WireTask, SpecError>
             // Masters: master0 until they have joined, then themselves. Workers: the VIP.
             let target = if !is_master {
                 rec.shape.vip
-            } else if task.id.phase == PhaseName::JoinMasters || h.node == master0.node {
+            } else if matches!(task.id.phase, PhaseName::JoinMasters | PhaseName::SyncHosts) || h.node == master0.node {
                 h.ip
             } else {
                 master0.ip
@@ -198,10 +209,7 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<WireTask, SpecError>
             WireTask::KubeadmToken(KubeadmTokenTask { delete_ids: token::all_ids(&rec.secrets), ..Default::default() })
         }
         StepKind::CertsInstall => {
-            let certs = match &rec.operation {
-                super::record::Operation::Certs { certs, .. } => certs.clone(),
-                _ => vec![],
-            };
+            let certs = reissued(rec);
             let files = rec
                 .secrets
                 .pki
@@ -234,10 +242,11 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<WireTask, SpecError>
     })
 }
 
-/// The workers the current operation removes.
+/// The hosts the current operation removes.
 fn leaving(rec: &ClusterRecord) -> Vec<String> {
     match &rec.operation {
         super::record::Operation::RemoveWorkers { hosts } => hosts.clone(),
+        super::record::Operation::RemoveHosts { masters, workers } => masters.iter().chain(workers).cloned().collect(),
         _ => vec![],
     }
 }

@@ -33,6 +33,10 @@ pub fn build(rec: &ClusterRecord, tasks: &[TaskRecord], with_output: bool) -> pb
         .iter()
         .map(|h| (h, pb::HostRole::Master))
         .chain(rec.shape.workers.iter().map(|h| (h, pb::HostRole::Worker)))
+        // (hosts a removal takes out: still shown with their tasks until it ends)
+        .chain(
+            rec.leaving.iter().map(|l| (&l.host, if l.master { pb::HostRole::Master } else { pb::HostRole::Worker })),
+        )
         .map(|(h, role)| pb::HostView { name: h.node.clone(), ip: h.ip.to_string(), role: role as i32, tasks: vec![] })
         .collect();
     let mut phases = Vec::new();

@@ -34,7 +34,8 @@
 //!   with joining masters like kubeadm's kubeadm-config), then it exits. `kubeadm-sim
 //!   __restart-apiserver` restarts it by moving its manifest out and back; `kubeadm-sim __vip-client
 //!   ADDR CA SECS` counts client requests that fail (a new connection each, every 20 ms);
-//! - reset: stops the kubelet and the pods (and waits for them to exit) and removes what init/join wrote,
+//! - reset: a control-plane member first leaves etcd (every other member drops it, like
+//!   kubeadm's remove-etcd-member phase), then it stops the kubelet and the pods (and waits for them to exit) and removes what init/join wrote,
 //!   including the certificates directory.
 //! - kubectl: `apply -f`, `drain NODE` (refuses DaemonSet pods without --ignore-daemonsets, an
 //!   unknown node is NotFound) and `delete node NODE [--ignore-not-found]`, through the apiserver;
@@ -921,6 +922,16 @@ fn join(docs: &[Value]) -> Result<()> {
 
 fn reset() -> Result<()> {
     let dir = sim_dir();
+    // kubeadm reset's remove-etcd-member phase: a control-plane member leaves etcd first.
+    if let (Ok(me), Ok(ca)) =
+        (std::fs::read_to_string(dir.join("advertise")), std::fs::read_to_string(format!("{KUBE}/pki/ca.crt")))
+    {
+        let me = me.trim();
+        if std::fs::read_to_string(dir.join("peers")).unwrap_or_default().lines().any(|p| p == me) {
+            println!("[reset] Removing the etcd member {me}");
+            replicate(&dir, &ca, &format!("/sim/replicate/peer-remove/{me}"));
+        }
+    }
     // The kubelet first (it would start the pods again), then every pod.
     if let Some(pid) = pid_in(&dir.join("kubelet.pid")).filter(|p| alive(*p)) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
@@ -1312,6 +1323,7 @@ fn apply(state: &Path, change: &str) {
             }
             l
         }),
+        ["peer-remove", a] => rewrite("peers", &|l| l.into_iter().filter(|p| p != a).collect()),
         ["peer", a] => rewrite("peers", &|mut l| {
             if !l.iter().any(|p| p == a) {
                 l.push(a.to_string());
