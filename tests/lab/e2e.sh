@@ -162,7 +162,7 @@ check "cluster list still shows it succeeded" grep -q "^lab .*succeeded" <(ctl c
 
 # --- day 2: a worker removed (drained, reset, its Node object deleted), then added back
 out=$(ctl cluster remove lab --nodes h1 2>&1); rc=$?
-check "removing a master is refused (workers only)" test $rc -ne 0 -a -n "$(grep 'h1 is a master of cluster lab' <<<"$out")"
+check "a master named with --nodes is refused (masters go with --masters)" test $rc -ne 0 -a -n "$(grep 'h1 is a master of cluster lab: name masters with --masters' <<<"$out")"
 out=$(ctl cluster remove lab --nodes nosuch 2>&1); rc=$?
 check "removing a host outside the cluster is refused" test $rc -ne 0 -a -n "$(grep 'not workers of cluster lab: nosuch' <<<"$out")"
 plan=$(ctl cluster remove lab --nodes 10.78.0.16 --drain --dry-run 2>&1); rc=$?
