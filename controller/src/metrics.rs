@@ -94,6 +94,18 @@ pub fn render(ctl: &Controller) -> String {
         let revoked = nodes.iter().filter(|n| n.revoked).count();
         let _ = writeln!(out, "fleetadm_nodes{{revoked=\"false\"}} {}", nodes.len() - revoked);
         let _ = writeln!(out, "fleetadm_nodes{{revoked=\"true\"}} {revoked}");
+        family(
+            &mut out,
+            "fleetadm_node_certs_expiring",
+            "gauge",
+            "Kubernetes certificates on a node that expire within 30 days, as its agent last reported (nodes with none are left out).",
+        );
+        for n in &nodes {
+            let k = ctl.nodes.facts(&n.name).ok().flatten().map(|f| f.expiring_certs.len()).unwrap_or(0);
+            if k > 0 {
+                let _ = writeln!(out, "fleetadm_node_certs_expiring{{node=\"{}\"}} {k}", label(&n.name));
+            }
+        }
     }
     family(&mut out, "fleetadm_enrollments_total", "counter", "Enrollment requests answered, by result.");
     for (k, v) in m.enrollments.lock().map(|g| g.clone()).unwrap_or_default() {

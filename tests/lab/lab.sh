@@ -183,7 +183,7 @@ stop_proxy() {
 start_controller() {
   rm -f "$lab/controller/admin.sock"
   "$bin/controller" serve --data-dir "$lab/controller" --listen $ctl_addr --advertise-address "${ctl_addr%:*}" \
-    ${bastion:+--advertise-address "${agent_addr%:*}"} \
+    ${bastion:+--advertise-address "${agent_addr%:*}"} ${LAB_METRICS:+--metrics-listen $LAB_METRICS} \
     >>"$lab/controller.log" 2>&1 &
   echo $! > "$lab/controller.pid"
   wait_for 30 "controller admin socket" test -S "$lab/controller/admin.sock"
@@ -192,7 +192,7 @@ start_controller() {
 start_agent() {
   local h=$1 d; d=$(host_dir "$1")
   on "$h" env ${proxy:+HTTPS_PROXY=$proxy} "$bin/node-agent" run --state-dir "$d/state" --backoff-initial 200ms --backoff-max 2s \
-    >>"$d/agent.log" 2>&1 &
+    ${LAB_INVENTORY_INTERVAL:+--inventory-interval $LAB_INVENTORY_INTERVAL} >>"$d/agent.log" 2>&1 &
   echo $! > "$d/agent.pid"
 }
 

@@ -391,3 +391,77 @@ fn master0_can_leave_and_the_next_master_takes_over_but_the_last_one_stays() {
     let (ok, out) = lab.ctl(&["cluster", "remove", "m", "--masters", "h1"]);
     assert!(!ok && out.contains("h1 is not a master of cluster m"), "{out}");
 }
+
+#[test]
+fn agents_warn_before_certificates_expire_and_a_renewal_keeps_the_validity() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let bin = fleetadm_tests::bin("controller");
+    let metrics = format!("127.0.0.1:{}", fleetadm_tests::free_port());
+    let lab = Lab::up_env(
+        "certwarn",
+        2,
+        bin.parent().expect("bin dir"),
+        &[("LAB_INVENTORY_INTERVAL", "1s"), ("LAB_METRICS", &metrics)],
+    );
+    let (ok, out) = lab.ctl(&["cluster", "create", "short", "--masters", "h1", "--cert-validity", "20days"]);
+    assert!(ok, "{out}");
+    // The agent's inventory carries the warning; the controller shows it and logs it.
+    wait("h1's agent to report expiring certificates", 60, || {
+        let (_, v) = lab.ctl(&["nodes", "show", "h1", "-o", "json"]);
+        v.contains("\"expiring_certificates\"") && v.contains("\"name\": \"apiserver\"")
+    });
+    let (_, list) = lab.ctl(&["nodes", "list"]);
+    assert!(list.contains("warning: h1:") && list.contains("expire within 30 days"), "{list}");
+    assert!(!list.contains("warning: h2:"), "h2 holds no cluster certificates: {list}");
+    let log = std::fs::read_to_string(lab.dir.join("controller.log")).unwrap_or_default();
+    assert!(log.contains("certificates expire within 30 days"), "controller log warns");
+    let scrape = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&metrics).expect("metrics listener");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    };
+    let gauge = scrape.lines().find(|l| l.starts_with("fleetadm_node_certs_expiring{node=\"h1\"}"));
+    let count: u32 = gauge.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(count >= 10, "every certificate of h1 expires within 30 days: {gauge:?}");
+    assert!(!scrape.contains("node=\"h2\""), "{scrape}");
+    let (ok, certs) = lab.ctl(&["cluster", "certs", "short"]);
+    assert!(ok, "{certs}");
+    assert!(certs.contains("expires soon") && certs.contains("warning:"), "{certs}");
+    let residual = |text: &str, name: &str| -> String {
+        text.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    assert_eq!(residual(&certs, "apiserver"), "19d", "{certs}");
+    let before = std::fs::read_to_string(lab.host("h1").join("etc-kubernetes/pki/apiserver.crt")).expect("cert");
+    // A renewal keeps the cluster's validity (20 days, not kubeadm's one year).
+    let (ok, out) = lab.ctl(&["cluster", "certs", "short", "--renew", "apiserver"]);
+    assert!(ok && out.contains("renew apiserver on 1 masters"), "{out}");
+    let after = std::fs::read_to_string(lab.host("h1").join("etc-kubernetes/pki/apiserver.crt")).expect("cert");
+    assert_ne!(before, after, "a new certificate was installed");
+    let (_, certs) = lab.ctl(&["cluster", "certs", "short", "-o", "json"]);
+    // (the JSON on stdout, then the expiry warning on stderr)
+    let doc: serde_json::Value = serde_json::Deserializer::from_str(&certs)
+        .into_iter()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("no JSON: {certs}"));
+    assert!(certs.contains("certificates expire within 30d"), "still expiring within 30 days, and said so: {certs}");
+    let api = doc["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "apiserver")
+        .unwrap_or_else(|| panic!("{certs}"));
+    let left = api["residual_secs"].as_i64().unwrap_or(0);
+    assert!((19 * 86400..=20 * 86400).contains(&left), "renewed for 20 days: {left}s");
+    assert_eq!(doc["validity_secs"], 20 * 86400);
+    // A host that does not answer makes the check fail, naming it.
+    let _ = lab.run(&["stop-agent", "h1"]);
+    let (ok, out) = lab.ctl(&["cluster", "certs", "short"]);
+    assert!(!ok && out.contains("h1") && out.contains("did not answer"), "{out}");
+}

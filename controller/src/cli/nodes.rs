@@ -80,6 +80,16 @@ pub struct FactsView {
     pub clock: String,
     pub cgroup_version: u32,
     pub components: Vec<ComponentView>,
+    /// Kubernetes certificates on the host that expire within 30 days (the agent's warning).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub expiring_certificates: Vec<ExpiringCertView>,
+}
+
+#[derive(Serialize)]
+pub struct ExpiringCertView {
+    pub name: String,
+    pub path: String,
+    pub expires_at: String,
 }
 
 #[derive(Serialize)]
@@ -146,6 +156,15 @@ fn facts_view(f: &Inventory) -> FactsView {
             .components
             .iter()
             .map(|c| ComponentView { name: c.name.clone(), present: c.present, path: c.path.clone() })
+            .collect(),
+        expiring_certificates: f
+            .expiring_certs
+            .iter()
+            .map(|c| ExpiringCertView {
+                name: c.name.clone(),
+                path: c.path.clone(),
+                expires_at: rfc3339(c.not_after_unix),
+            })
             .collect(),
     }
 }
@@ -228,6 +247,15 @@ pub async fn run(cmd: NodesCmd) -> anyhow::Result<()> {
                         "{}",
                         table(&["NAME", "STATUS", "ADDRESSES", "OS", "KERNEL", "AGENT", "LABELS", "LAST SEEN"], &rows)
                     );
+                    for v in &views {
+                        let soon = v.facts.as_ref().map(|f| f.expiring_certificates.len()).unwrap_or(0);
+                        if soon > 0 {
+                            eprintln!(
+                                "warning: {}: {soon} Kubernetes certificates expire within 30 days (controller nodes show {}; renew with controller cluster certs NAME --renew all)",
+                                v.name, v.name
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -117,6 +117,7 @@ impl Agent for AgentService {
         }
         if let Some(inv) = &body.inventory {
             self.ctl.nodes.set_facts(&id.name, inv).map_err(store_err)?;
+            warn_expiring(&id.name, inv);
         }
         self.ctl.nodes.touch(&id.name, now, None, Some(&peer)).map_err(store_err)?;
         if body.capabilities.len() > 1024 || body.capabilities.iter().any(|c| c.len() > 128) {
@@ -158,6 +159,7 @@ impl Agent for AgentService {
     async fn report_inventory(&self, req: Request<Inventory>) -> Result<Response<Ack>, Status> {
         let id = caller(&req)?;
         self.ctl.nodes.set_facts(&id.name, req.get_ref()).map_err(store_err)?;
+        warn_expiring(&id.name, req.get_ref());
         self.ctl.nodes.touch(&id.name, now_unix_ms(), None, None).map_err(store_err)?;
         tracing::debug!(node = %id.name, "inventory updated");
         Ok(Response::new(Ack {}))
@@ -266,4 +268,23 @@ impl Agent for AgentService {
         .map_err(|e| Status::internal(format!("renewal task failed: {e}")))??;
         Ok(Response::new(resp))
     }
+}
+
+/// The agent's warning that certificates on its host expire soon (or have), passed on to the
+/// operator's log; `nodes show` and `cluster certs` have the details.
+fn warn_expiring(node: &str, inv: &Inventory) {
+    if inv.expiring_certs.is_empty() {
+        return;
+    }
+    let now = now_unix_ms() / 1000;
+    let list: Vec<String> = inv
+        .expiring_certs
+        .iter()
+        .take(20)
+        .map(|c| match c.not_after_unix.checked_sub(now) {
+            Some(left) => format!("{} in {}d", c.name, left / 86400),
+            None => format!("{} EXPIRED", c.name),
+        })
+        .collect();
+    tracing::warn!(node, certificates = %list.join(", "), "certificates expire within 30 days: renew them (controller cluster certs NAME --renew all)");
 }

@@ -113,7 +113,25 @@ pub fn collect(src: &Sources) -> Inventory {
         clock_unix_ms: now_unix_ms(),
         cgroup_version: cgroup_version(&src.root.join("sys/fs/cgroup")),
         components: components(&src.root),
+        expiring_certs: expiring_certs(&src.root, now_unix_ms() / 1000),
     }
+}
+
+/// How long before a certificate expires the agent starts warning.
+pub const CERT_WARNING: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// The certificates below `root`/etc/kubernetes that expire within [`CERT_WARNING`] of
+/// `now_secs` (or have expired). Unreadable ones are not listed here (`cluster certs` shows them).
+pub fn expiring_certs(root: &Path, now_secs: u64) -> Vec<fleetadm_proto::CertInfo> {
+    fleetadm_common::certs::scan(root, &root.join("etc/kubernetes"))
+        .into_iter()
+        .filter(|c| c.error.is_empty() && c.not_after_unix < now_secs + CERT_WARNING.as_secs())
+        .map(|mut c| {
+            // Only what the warning needs travels with every inventory.
+            c.sans.clear();
+            c
+        })
+        .collect()
 }
 
 /// Has anything but the clock changed?
@@ -125,6 +143,28 @@ pub fn changed(old: &Inventory, new: &Inventory) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificates_expiring_within_30_days_are_in_the_inventory() {
+        let root = tempfile::tempdir().unwrap();
+        let pki = root.path().join("etc/kubernetes/pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        let cert = |days: i64| {
+            let mut p = rcgen::CertificateParams::new(vec!["x".to_string()]).unwrap();
+            p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+            p.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem()
+        };
+        std::fs::write(pki.join("apiserver.crt"), cert(10)).unwrap();
+        std::fs::write(pki.join("front-proxy-client.crt"), cert(-1)).unwrap();
+        std::fs::write(pki.join("ca.crt"), cert(3650)).unwrap();
+        std::fs::write(pki.join("apiserver-etcd-client.crt"), "not a certificate").unwrap();
+        let now = now_unix_ms() / 1000;
+        let soon = expiring_certs(root.path(), now);
+        let names: Vec<&str> = soon.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["apiserver", "front-proxy-client"], "expiring and expired; not the CA, not the unreadable");
+        assert!(soon.iter().all(|c| c.sans.is_empty()));
+        assert!(expiring_certs(&root.path().join("nowhere"), now).is_empty());
+    }
 
     #[test]
     fn collects_real_facts_from_this_host() {

@@ -325,6 +325,10 @@ async fn session(
                         return classify(&st);
                     }
                     tracing::info!("inventory change reported");
+                    if !inv.expiring_certs.is_empty() {
+                        let names: Vec<&str> = inv.expiring_certs.iter().map(|c| c.name.as_str()).collect();
+                        tracing::warn!(certificates = %names.join(", "), "Kubernetes certificates on this host expire within 30 days; the controller was told");
+                    }
                     *last_inventory = Some(inv);
                 }
             }
