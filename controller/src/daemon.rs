@@ -206,6 +206,18 @@ pub async fn serve(
         Ok(n) => tracing::info!(clusters = n, "resumed unfinished rollouts"),
         Err(e) => tracing::error!(error = %e, "cannot resume unfinished rollouts"),
     }
+    // Scheduled etcd backups (`cluster set NAME --backup-every D --keep N`).
+    let round = std::env::var("FLEETADM_BACKUP_ROUND_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(60));
+    tokio::spawn(crate::ops::backup::schedule(
+        ctl.backups.clone(),
+        ctl.rollouts.clone(),
+        ctl.rollouts.execs().clone(),
+        round,
+    ));
     tracing::info!(listen = %local, ca_hash = %pin, admin = %sock.display(), endpoint = %ctl.settings.enroll_endpoint, "controller ready");
     println!("controller listening on {local} (ca hash {pin}); admin socket {}", sock.display());
     fleetadm_common::notify_ready();

@@ -36,6 +36,8 @@ pub struct Controller {
     pub bundles: Arc<crate::bundle::Bundles>,
     /// Registered relays, whose signed headers say where relayed agents really connect from.
     pub relays: Arc<crate::relay::Relays>,
+    /// etcd backups of the clusters.
+    pub backups: Arc<crate::ops::backup::Backups>,
     /// Bounds the blob chunks served at once (transfers to many agents share the disk and link).
     pub transfers: Arc<tokio::sync::Semaphore>,
     /// Each node's own share of those slots.
@@ -56,6 +58,7 @@ impl Controller {
         Arc::new(Self {
             tokens: Tokens::new(store.clone()),
             relays: Arc::new(crate::relay::Relays::new(store.clone())),
+            backups: crate::ops::backup::Backups::new(store.clone(), &settings.data_dir),
             nodes,
             store,
             ca,

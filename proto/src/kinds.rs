@@ -23,6 +23,7 @@ pub enum TaskKind {
     NodeObjects,
     CertsCheck,
     CertsInstall,
+    EtcdSnapshot,
 }
 
 /// A `TaskAssignment` without a task this build knows (from a newer controller).
@@ -31,7 +32,7 @@ pub enum TaskKind {
 pub struct UnknownTask;
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 18] = [
+    pub const ALL: [TaskKind; 19] = [
         TaskKind::Preflight,
         TaskKind::Hosts,
         TaskKind::Files,
@@ -50,6 +51,7 @@ impl TaskKind {
         TaskKind::NodeObjects,
         TaskKind::CertsCheck,
         TaskKind::CertsInstall,
+        TaskKind::EtcdSnapshot,
     ];
 
     pub fn of(task: &Task) -> TaskKind {
@@ -72,6 +74,7 @@ impl TaskKind {
             Task::NodeObjects(_) => TaskKind::NodeObjects,
             Task::CertsCheck(_) => TaskKind::CertsCheck,
             Task::CertsInstall(_) => TaskKind::CertsInstall,
+            Task::EtcdSnapshot(_) => TaskKind::EtcdSnapshot,
         }
     }
 
@@ -100,6 +103,7 @@ impl TaskKind {
             TaskKind::NodeObjects => "node-objects",
             TaskKind::CertsCheck => "certs-check",
             TaskKind::CertsInstall => "certs-install",
+            TaskKind::EtcdSnapshot => "etcd-snapshot",
         }
     }
 

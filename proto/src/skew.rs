@@ -24,6 +24,7 @@ macro_rules! each_task {
             Task::NodeObjects($t) => $body,
             Task::CertsCheck($t) => $body,
             Task::CertsInstall($t) => $body,
+            Task::EtcdSnapshot($t) => $body,
         }
     };
 }

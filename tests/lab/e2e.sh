@@ -276,6 +276,16 @@ check "the renewed apiserver certificate keeps the added SAN" test -n "$(served 
 logs=$(ctl cluster logs lab 2>&1)
 check "every static pod restarted on every master (12 restarts)" test "$(grep -Ec '(etcd|kube-apiserver|kube-controller-manager|kube-scheduler): stopped after' <<<"$logs")" -eq 12
 
+# --- an etcd backup through master0's agent, with the etcdctl the bundle installed
+out=$(ctl cluster backup lab 2>&1); rc=$?
+echo "#   $out"
+check "cluster backup took a snapshot on h1 (exit 0)" test $rc -eq 0 -a -n "$(grep 'taken on h1' <<<"$out")"
+sha=$(sed -n 's/.*(sha256 \([0-9a-f]\{64\}\)).*/\1/p' <<<"$out")
+snap="$LAB_DIR/controller/backups/sha256/${sha:0:2}/$sha"
+check "the controller holds it, intact (sha256 matches)" test -n "$sha" -a "$(sha256sum < "$snap" 2>/dev/null | cut -d' ' -f1)" = "$sha"
+check "it holds the cluster's Node objects" test -n "$(grep '^h4 worker' "$snap" 2>/dev/null)" -a -n "$(grep '^h1 control-plane' "$snap" 2>/dev/null)"
+check "cluster backups lists it" test -n "$(ctl cluster backups lab | grep "^etcd-.* h1 ")"
+
 # --- an apiserver restart, measured through the VIP: on SIGTERM it fails /readyz and keeps serving
 #     for --shutdown-delay-duration; the workers' guards (probing /readyz) take it out of rotation
 #     first, so no client request through the VIP fails

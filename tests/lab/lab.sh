@@ -85,6 +85,8 @@ up() {
   if [ "${LAB_BUNDLE:-0}" != 1 ]; then
     ln -sf "$bin/kubeadm-sim" "$lab/bin/kubeadm"
     ln -sf "$bin/kubeadm-sim" "$lab/bin/kubectl"
+    ln -sf "$bin/kubeadm-sim" "$lab/bin/etcdctl"
+    ln -sf "$bin/kubeadm-sim" "$lab/bin/etcdutl"
   fi
   modprobe bridge 2>/dev/null || true; modprobe veth 2>/dev/null || true
   ip link add $br type bridge
@@ -182,6 +184,8 @@ stop_proxy() {
 
 start_controller() {
   rm -f "$lab/controller/admin.sock"
+  # (the backup schedule is checked every minute; the lab checks more often)
+  FLEETADM_BACKUP_ROUND_SECS=${LAB_BACKUP_ROUND:-60} \
   "$bin/controller" serve --data-dir "$lab/controller" --listen $ctl_addr --advertise-address "${ctl_addr%:*}" \
     ${bastion:+--advertise-address "${agent_addr%:*}"} ${LAB_METRICS:+--metrics-listen $LAB_METRICS} \
     >>"$lab/controller.log" 2>&1 &

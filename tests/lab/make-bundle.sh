@@ -1,6 +1,6 @@
 #!/bin/bash
 # Build a small offline bundle for the lab and the end-to-end test: the kubeadm simulator as
-# bin/kubeadm and bin/kubectl (one blob, deduplicated), a dummy kubelet and crictl, kubelet units,
+# bin/kubeadm, bin/kubectl, bin/etcdctl and bin/etcdutl (one blob, deduplicated), a dummy kubelet and crictl, kubelet units,
 # an addon manifest, and a post-bootstrap hook.
 # usage: tests/lab/make-bundle.sh OUT.tar.gz [NAME] [VERSION] [ARCH]   (prints the bundle dir)
 set -euo pipefail
@@ -11,6 +11,8 @@ dir=$(dirname "$out")/$name.d
 rm -rf "$dir" && mkdir -p "$dir"/{bin,conf,manifests,scripts}
 cp "$bin/kubeadm-sim" "$dir/bin/kubeadm"
 cp "$bin/kubeadm-sim" "$dir/bin/kubectl"
+cp "$bin/kubeadm-sim" "$dir/bin/etcdctl"
+cp "$bin/kubeadm-sim" "$dir/bin/etcdutl"
 printf '#!/bin/sh\necho "kubelet (lab stand-in) $*"\n' > "$dir/bin/kubelet"
 printf '#!/bin/sh\necho "crictl (lab stand-in) $*"\n' > "$dir/bin/crictl"
 chmod 0755 "$dir"/bin/*

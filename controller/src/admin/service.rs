@@ -109,6 +109,8 @@ impl AdminService {
                     image_repository: "registry.k8s.io".into(),
                     cert_validity_secs: validity.as_secs(),
                     extra_sans: vec![],
+                    backup_every_secs: 0,
+                    backup_keep: 0,
                 };
                 let rec = rollouts
                     .create(crate::rollout::NewCluster {
@@ -455,6 +457,61 @@ impl Admin for AdminService {
             return op.await;
         }
         self.audited(who, "cluster.certs", target, cluster, op).await
+    }
+
+    async fn backup_cluster(
+        &self,
+        req: Request<fleetadm_proto::ClusterRef>,
+    ) -> Result<Response<fleetadm_proto::BackupInfo>, Status> {
+        let who = who(&req);
+        let name = req.into_inner().name;
+        let (backups, rollouts) = (self.ctl.backups.clone(), self.ctl.rollouts.clone());
+        let execs = rollouts.execs().clone();
+        self.audited(who, "cluster.backup", name.clone(), name.clone(), async {
+            let b = backups.take(&rollouts, &execs, &name, false).await.map_err(backup_status)?;
+            Ok(Response::new(backup_info(&b)))
+        })
+        .await
+    }
+
+    async fn list_backups(
+        &self,
+        req: Request<fleetadm_proto::ClusterRef>,
+    ) -> Result<Response<fleetadm_proto::BackupList>, Status> {
+        let name = req.into_inner().name;
+        let list = self
+            .blocking(move |ctl| {
+                let rec = ctl.rollouts.get(&name).map_err(rollout_status)?;
+                backup_list(ctl, &rec)
+            })
+            .await?;
+        Ok(Response::new(list))
+    }
+
+    async fn set_cluster(
+        &self,
+        req: Request<fleetadm_proto::SetClusterRequest>,
+    ) -> Result<Response<fleetadm_proto::BackupList>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let target = format!("{} backup-every={}s keep={}", r.cluster, r.backup_every_secs, r.backup_keep);
+        let cluster = r.cluster.clone();
+        self.audited(who, "cluster.set", target, cluster, async {
+            if !r.set_backup {
+                return Err(Status::invalid_argument("nothing to set (--backup-every, --keep)"));
+            }
+            let list = self
+                .blocking(move |ctl| {
+                    let rec = ctl
+                        .rollouts
+                        .set_backup_schedule(&r.cluster, Duration::from_secs(r.backup_every_secs), r.backup_keep)
+                        .map_err(rollout_status)?;
+                    backup_list(ctl, &rec)
+                })
+                .await?;
+            Ok(Response::new(list))
+        })
+        .await
     }
 
     async fn add_relay(
@@ -1221,5 +1278,41 @@ fn rollout_status(e: crate::rollout::RolloutError) -> Status {
         E::Exists { .. } => Status::already_exists(msg),
         E::Invalid(_) | E::Budget(_) => Status::invalid_argument(msg),
         E::Pki(_) | E::Pin(_) | E::Store(_) => Status::internal(msg),
+    }
+}
+
+fn backup_info(b: &crate::ops::backup::BackupRecord) -> fleetadm_proto::BackupInfo {
+    fleetadm_proto::BackupInfo {
+        id: b.id.clone(),
+        cluster: b.cluster.clone(),
+        host: b.host.clone(),
+        taken_unix_ms: b.taken_ms,
+        size: b.size,
+        revision: b.revision,
+        sha256: b.sha256.clone(),
+        scheduled: b.scheduled,
+        total_keys: b.total_keys,
+    }
+}
+
+fn backup_list(
+    ctl: &Controller,
+    rec: &crate::rollout::record::ClusterRecord,
+) -> Result<fleetadm_proto::BackupList, Status> {
+    let list = ctl.backups.list(&rec.name).map_err(|e| Status::internal(fleetadm_common::error_chain(&e)))?;
+    Ok(fleetadm_proto::BackupList {
+        backups: list.iter().map(backup_info).collect(),
+        every_secs: rec.spec.backup_every_secs,
+        keep: rec.spec.backup_keep,
+    })
+}
+
+fn backup_status(e: crate::ops::backup::BackupError) -> Status {
+    use crate::ops::backup::BackupError as E;
+    let msg = fleetadm_common::error_chain(&e);
+    match e {
+        E::NotFound(_) => Status::not_found(msg),
+        E::Refused(_) | E::NoMaster { .. } | E::Snapshot { .. } => Status::failed_precondition(msg),
+        _ => Status::internal(msg),
     }
 }

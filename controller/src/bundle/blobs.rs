@@ -17,6 +17,12 @@ impl BlobStore {
         Self { root: data_dir.join("blobs").join("sha256") }
     }
 
+    /// A store of its own below `root` (etcd backups: never shared with bundles' blobs, which
+    /// are removed with their bundles).
+    pub fn at(root: PathBuf) -> Self {
+        Self { root }
+    }
+
     pub fn path(&self, sha256: &str) -> PathBuf {
         self.root.join(&sha256[..2.min(sha256.len())]).join(sha256)
     }

@@ -74,6 +74,13 @@ pub enum ClusterCmd {
     /// host (like `kubeadm certs check-expiration`). With --renew or --add-san, reissue them from
     /// the cluster's CAs (same validity) and install them master by master.
     Certs(super::certs::CertsArgs),
+    /// Take an etcd snapshot now on a healthy master (through its agent), verify it and keep it
+    /// in the controller's store.
+    Backup(super::backup::BackupArgs),
+    /// The cluster's etcd backups (size, revision, where and when taken) and its schedule.
+    Backups(super::backup::BackupsArgs),
+    /// Change a cluster's settings: its etcd backup schedule (`--backup-every 6h --keep 12`).
+    Set(super::backup::SetArgs),
     /// Take a cluster apart: kubeadm reset on every host, the workers' load balancers, the
     /// /etc/hosts blocks and what bootstrap installed; then forget it.
     Delete {
@@ -222,6 +229,9 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
         ClusterCmd::Add(a) => add(a).await,
         ClusterCmd::Remove(a) => remove(a).await,
         ClusterCmd::Certs(a) => super::certs::run(a).await,
+        ClusterCmd::Backup(a) => super::backup::backup(a).await,
+        ClusterCmd::Backups(a) => super::backup::list(a).await,
+        ClusterCmd::Set(a) => super::backup::set(a).await,
         ClusterCmd::Status { name, data, output, watch } => {
             let mut c = client::connect(&data.data_dir).await?;
             if watch {

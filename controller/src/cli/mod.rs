@@ -1,5 +1,6 @@
 //! The `controller` command line: `serve` runs the daemon; every other subcommand is an admin
 //! client that talks to the running daemon over `DATA_DIR/admin.sock`.
+pub mod backup;
 pub mod bundle;
 pub mod certs;
 pub mod cluster;

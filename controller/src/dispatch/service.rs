@@ -184,6 +184,31 @@ impl Agent for AgentService {
         Ok(Response::new(Ack {}))
     }
 
+    async fn upload_snapshot(
+        &self,
+        req: Request<fleetadm_proto::SnapshotChunk>,
+    ) -> Result<Response<fleetadm_proto::SnapshotAck>, Status> {
+        use crate::ops::backup::UploadRejected as U;
+        let id = caller(&req)?;
+        let chunk = req.into_inner();
+        let backups = self.ctl.backups.clone();
+        let node = id.name.clone();
+        // (a chunk appended and, at the end, hashed: file I/O off the async threads)
+        let r = tokio::task::spawn_blocking(move || backups.accept(&node, &chunk))
+            .await
+            .map_err(|e| Status::internal(format!("upload worker: {e}")))?;
+        match r {
+            Ok(received) => Ok(Response::new(fleetadm_proto::SnapshotAck { received })),
+            Err(e @ U::Unexpected(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ U::NotYours { .. }) => {
+                tracing::warn!(node = %id.name, error = %e, "agent uploaded for a task that is not its own");
+                Err(Status::permission_denied(e.to_string()))
+            }
+            Err(e @ (U::Invalid(_) | U::Corrupt(_))) => Err(Status::invalid_argument(e.to_string())),
+            Err(e @ U::Internal(_)) => Err(Status::internal(e.to_string())),
+        }
+    }
+
     async fn report_lb_status(&self, req: Request<LbStatus>) -> Result<Response<Ack>, Status> {
         let id = caller(&req)?;
         let st = req.into_inner();

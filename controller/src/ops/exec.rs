@@ -108,6 +108,11 @@ impl Execs {
         })
     }
 
+    /// The agents' sessions (which hosts are connected, with what capabilities).
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
     /// The running execs, for `controller op list|pause|resume|abort`.
     pub fn ops(&self) -> &Arc<Ops> {
         &self.ops

@@ -26,7 +26,7 @@ pub(super) enum Msg {
     Report {
         id: TaskId,
         node: String,
-        report: TaskReport,
+        report: Box<TaskReport>,
         reply: oneshot::Sender<Result<(), ReportRejected>>,
     },
     /// A host's session opened: pending work may go out now.

@@ -343,6 +343,29 @@ impl Rollouts {
         Ok((plan, Some(rec)))
     }
 
+    /// `cluster set --backup-every D --keep N`: the cluster's backup schedule (flushed). Refused
+    /// while an operation runs (its actor owns the record until it ends).
+    pub fn set_backup_schedule(&self, name: &str, every: Duration, keep: u32) -> Result<ClusterRecord, RolloutError> {
+        let mut rec = self.get(name)?;
+        if rec.state == ClusterState::Running || self.is_running(name) {
+            return Err(RolloutError::Invalid(format!(
+                "cluster {name} is busy ({}); change its settings when it is done",
+                rec.operation
+            )));
+        }
+        if !every.is_zero() && every < Duration::from_secs(60) {
+            return Err(RolloutError::Invalid("--backup-every must be at least 1m (or 0 to turn it off)".into()));
+        }
+        if !every.is_zero() && keep == 0 {
+            return Err(RolloutError::Invalid("--keep must be at least 1 with a schedule".into()));
+        }
+        rec.spec.backup_every_secs = every.as_secs();
+        rec.spec.backup_keep = keep;
+        rec.updated_ms = now_unix_ms();
+        put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
+        Ok(rec)
+    }
+
     /// Refuse hosts that belong to a cluster already (this one too, unless `retry`: a retry names
     /// the hosts its failed attempt already recorded here).
     fn check_free(&self, name: &str, names: &[String], retry: bool) -> Result<(), RolloutError> {
@@ -827,7 +850,7 @@ impl Rollouts {
                     while let Some(m) = old.recv().await {
                         match m {
                             Msg::Report { id, node, report, reply } => {
-                                let _ = reply.send(report_to_store(store.clone(), &audit, id, node, report).await);
+                                let _ = reply.send(report_to_store(store.clone(), &audit, id, node, *report).await);
                             }
                             Msg::Control { reply, .. } => {
                                 let _ = reply.send(Err(format!("cluster/{name}: its rollout has just finished")));
@@ -999,7 +1022,7 @@ impl TaskEvents for Rollouts {
         let actor = self.actors.lock().ok().and_then(|a| a.get(&id.cluster).map(|s| s.tx.clone()));
         if let Some(tx) = actor {
             let (reply, answer) = oneshot::channel();
-            let msg = Msg::Report { id: id.clone(), node: node.to_string(), report: report.clone(), reply };
+            let msg = Msg::Report { id: id.clone(), node: node.to_string(), report: Box::new(report.clone()), reply };
             if tx.send(msg).is_ok() {
                 if let Ok(r) = answer.await {
                     return r;
@@ -1076,6 +1099,8 @@ mod tests {
                 image_repository: "registry.k8s.io".into(),
                 cert_validity_secs: 3600,
                 extra_sans: vec![],
+                backup_every_secs: 0,
+                backup_keep: 0,
             },
             validity: Duration::from_secs(3600),
         }

@@ -44,6 +44,11 @@ pub struct ClusterSpec {
     /// Names and addresses added to the apiserver certificate (`cluster certs --add-san`).
     #[serde(default)]
     pub extra_sans: Vec<String>,
+    /// Scheduled etcd backups: every this long (0: none), keeping the newest `backup_keep`.
+    #[serde(default)]
+    pub backup_every_secs: u64,
+    #[serde(default)]
+    pub backup_keep: u32,
 }
 
 /// What the cluster's current plan does. Day-2 operations replace the plan; finished work of an

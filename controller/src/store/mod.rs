@@ -29,6 +29,8 @@ pub enum Table {
     Events,
     /// Registered relays (their public keys), by name.
     Relays,
+    /// etcd backups, keyed `CLUSTER/ID`.
+    Backups,
 }
 
 impl Table {
@@ -43,6 +45,7 @@ impl Table {
             Table::Bundles => "bundles",
             Table::Events => "events",
             Table::Relays => "relays",
+            Table::Backups => "backups",
         }
     }
 }

@@ -41,11 +41,13 @@ pub struct Done {
     pub output: String,
     /// What a `certs-check` found (sent in the report's typed field).
     pub certs: Vec<fleetadm_proto::CertInfo>,
+    /// What an `etcd-snapshot` uploaded.
+    pub snapshot: Option<fleetadm_proto::SnapshotInfo>,
 }
 
 impl Done {
     pub fn new(changed: bool, output: impl Into<String>) -> Self {
-        Self { changed, output: output.into(), certs: vec![] }
+        Self { changed, output: output.into(), certs: vec![], snapshot: None }
     }
 }
 
@@ -71,6 +73,8 @@ pub enum TaskError {
     Lb(#[from] super::lb::LbTaskError),
     #[error(transparent)]
     Certs(#[from] super::certs::CertsError),
+    #[error(transparent)]
+    Etcd(#[from] super::etcd::EtcdError),
     #[error("the task's worker thread failed")]
     Worker(#[from] tokio::task::JoinError),
 }

@@ -10,10 +10,10 @@ use fleetadm_proto::{self as pb};
 
 use super::command::{self, Cmd};
 use super::handler::{blocking, Ctx, Done, Handler, TaskError};
-use super::{bootstrap, certs, exec, fetch, files, hosts, kubeadm, lb, preflight};
+use super::{bootstrap, certs, etcd, exec, fetch, files, hosts, kubeadm, lb, preflight};
 
 /// Run `task` with the handler of its kind.
-pub async fn run(task: Task, cx: Ctx) -> Result<Done, TaskError> {
+pub async fn run(task_id: String, task: Task, cx: Ctx) -> Result<Done, TaskError> {
     match task {
         Task::Preflight(t) => Preflight.run(t, cx).await,
         Task::Hosts(t) => Hosts.run(t, cx).await,
@@ -33,6 +33,7 @@ pub async fn run(task: Task, cx: Ctx) -> Result<Done, TaskError> {
         Task::NodeObjects(t) => NodeObjects.run(t, cx).await,
         Task::CertsCheck(t) => CertsCheck.run(t, cx).await,
         Task::CertsInstall(t) => CertsInstall.run(t, cx).await,
+        Task::EtcdSnapshot(t) => EtcdSnapshot { task_id }.run(t, cx).await,
     }
 }
 
@@ -238,6 +239,37 @@ impl Handler for CertsInstall {
             out.push(certs::restart(&cx.paths.kube_dir, pod, &ca, &cx.cancel).await?);
         }
         Ok(Done::new(!written.is_empty() || !pods.is_empty(), out.join("\n")))
+    }
+}
+
+/// The task id names the upload (only the task's own upload is accepted by the controller).
+pub struct EtcdSnapshot {
+    task_id: String,
+}
+
+impl Handler for EtcdSnapshot {
+    type Task = pb::EtcdSnapshotTask;
+    async fn run(&self, t: pb::EtcdSnapshotTask, cx: Ctx) -> Result<Done, TaskError> {
+        let endpoint = if t.endpoint.is_empty() { "127.0.0.1:2379".to_string() } else { t.endpoint };
+        let info = etcd::snapshot(
+            &cx.paths.kube_dir,
+            &cx.state_dir,
+            &self.task_id,
+            &endpoint,
+            &cx.channel,
+            cx.timeout,
+            &cx.cancel,
+        )
+        .await?;
+        let mut done = Done::new(
+            false,
+            format!(
+                "etcd snapshot at revision {} ({} keys, {} bytes, sha256 {}) uploaded",
+                info.revision, info.total_keys, info.size, info.sha256
+            ),
+        );
+        done.snapshot = Some(info);
+        Ok(done)
     }
 }
 

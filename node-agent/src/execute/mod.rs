@@ -4,6 +4,7 @@
 pub mod bootstrap;
 pub mod certs;
 pub mod command;
+pub mod etcd;
 pub mod exec;
 pub mod fetch;
 pub mod files;
@@ -151,9 +152,9 @@ impl Executor {
             me.report(&a, TaskState::Running, false, String::new());
             tracing::info!(task = %a.task_id, attempt = a.attempt, kind = %kind, "task started");
             let result = me.run_bounded(&a, task).await;
-            let (state, changed, output, certs) = match result {
-                Ok(d) => (TaskState::Succeeded, d.changed, d.output, d.certs),
-                Err(e) => (TaskState::Failed, false, fleetadm_common::error_chain(&e), vec![]),
+            let (state, changed, output, certs, snapshot) = match result {
+                Ok(d) => (TaskState::Succeeded, d.changed, d.output, d.certs, d.snapshot),
+                Err(e) => (TaskState::Failed, false, fleetadm_common::error_chain(&e), vec![], None),
             };
             #[cfg(feature = "skew-probe")]
             let output = format!("{output}\nskew-probe: the task carried {:?}", fleetadm_proto::skew::read(&a));
@@ -181,6 +182,7 @@ impl Executor {
             let mut r = report_of(&a, state, changed, output);
             // (a read-only check's findings; a repeat of it is answered without them)
             r.certs = certs;
+            r.snapshot = snapshot;
             let _ = me.reports.send(r);
         });
     }
@@ -209,7 +211,7 @@ impl Executor {
             lb: self.lb.clone(),
             channel: self.channel.subscribe(),
         };
-        let mut work = tokio::spawn(handlers::run(task, cx));
+        let mut work = tokio::spawn(handlers::run(a.task_id.clone(), task, cx));
         tokio::select! {
             r = &mut work => r?,
             _ = tokio::time::sleep(timeout) => {

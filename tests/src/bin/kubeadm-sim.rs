@@ -74,6 +74,14 @@ fn main() {
         }
         return;
     }
+    if let Some(tool @ ("etcdctl" | "etcdutl")) = argv0.rsplit('/').next() {
+        let r = if tool == "etcdctl" { etcdctl(&args) } else { etcdutl(&args) };
+        if let Err(e) = r {
+            eprintln!("Error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let r = match args.first().map(String::as_str) {
         Some("init") => config_arg(&args).and_then(|c| init(&c)),
         Some("join") => config_arg(&args).and_then(|c| join(&c)),
@@ -1300,6 +1308,10 @@ fn apply(state: &Path, change: &str) {
             std::fs::read_to_string(&path).unwrap_or_default().lines().map(str::to_string).collect();
         let _ = std::fs::write(&path, f(lines).iter().map(|l| format!("{l}\n")).collect::<String>());
     };
+    // etcd's revision: one per change
+    let rev: u64 =
+        std::fs::read_to_string(state.join("revision")).ok().and_then(|r| r.trim().parse().ok()).unwrap_or(1);
+    let _ = std::fs::write(state.join("revision"), (rev + 1).to_string());
     match change.split('/').collect::<Vec<_>>().as_slice() {
         ["create", t, exp] => rewrite("tokens", &|mut l| {
             l.push(format!("{t} {exp}"));
@@ -1508,5 +1520,112 @@ fn kubectl(args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let mut f = std::fs::OpenOptions::new().append(true).create(true).open(dir.join("applied"))?;
     f.write_all(applied.as_bytes())?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------ etcd
+
+/// What the stand-in etcd holds: the cluster state files every member replicates.
+const ETCD_KEYS: &[&str] = &["nodes", "tokens", "applied", "drained", "peers"];
+const SNAPSHOT_MAGIC: &str = "fleetadm-sim etcd snapshot v1";
+
+/// `etcdctl --endpoints URL --cacert F --cert F --key F snapshot save FILE`: refuses unknown
+/// flags, missing TLS files and an endpoint where no member listens; writes a snapshot of the
+/// member's keyspace with its revision and an integrity hash at the end (like etcd's).
+fn etcdctl(args: &[String]) -> Result<()> {
+    let (mut endpoints, mut cacert, mut cert, mut key) = (None, None, None, None);
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (a.clone(), None),
+        };
+        let mut value =
+            || inline.clone().or_else(|| it.next().cloned()).ok_or_else(|| anyhow!("flag needs an argument: {flag}"));
+        match flag.as_str() {
+            "--endpoints" => endpoints = Some(value()?),
+            "--cacert" => cacert = Some(value()?),
+            "--cert" => cert = Some(value()?),
+            "--key" => key = Some(value()?),
+            f if f.starts_with('-') => bail!("unknown flag: {f}"),
+            _ => rest.push(a.clone()),
+        }
+    }
+    let ["snapshot", "save", file] = rest.iter().map(String::as_str).collect::<Vec<_>>()[..] else {
+        bail!("etcdctl simulator: only `snapshot save FILE` is supported (got {rest:?})");
+    };
+    let endpoint =
+        endpoints.ok_or_else(|| anyhow!("snapshot must be requested to one selected node, not multiple []"))?;
+    let addr = endpoint
+        .strip_prefix("https://")
+        .ok_or_else(|| anyhow!("--endpoints {endpoint}: the member serves https only"))?;
+    if endpoint.contains(',') {
+        bail!("snapshot must be requested to one selected node, not multiple [{endpoint}]");
+    }
+    for (flag, f) in [("--cacert", &cacert), ("--cert", &cert), ("--key", &key)] {
+        let f = f.as_ref().ok_or_else(|| anyhow!("{flag} is required: the member asks for a client certificate"))?;
+        std::fs::metadata(f).with_context(|| format!("open {f}"))?;
+    }
+    let addr: SocketAddr = addr.parse().with_context(|| format!("--endpoints {endpoint}"))?;
+    TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| anyhow!("failed to dial {endpoint}: {e} (context deadline exceeded)"))?;
+    let state = sim_dir();
+    let member = std::fs::read_to_string(format!("{ETCD_DIR}/member/snap/db")).unwrap_or_default();
+    let revision = std::fs::read_to_string(state.join("revision")).unwrap_or_else(|_| "1".into());
+    let mut body = format!("{SNAPSHOT_MAGIC}\n{}revision: {}\n", member, revision.trim());
+    let mut keys = 0;
+    for k in ETCD_KEYS {
+        let text = std::fs::read_to_string(state.join(k)).unwrap_or_default();
+        keys += text.lines().count();
+        body.push_str(&format!("=== {k}\n{text}"));
+    }
+    body.push_str(&format!("keys: {keys}\n"));
+    let sum = hex::encode(Sha256::digest(body.as_bytes()));
+    let tmp = format!("{file}.part");
+    std::fs::write(&tmp, format!("{body}sha256: {sum}\n")).with_context(|| format!("writing {tmp}"))?;
+    std::fs::rename(&tmp, file)?;
+    println!("Snapshot saved at {file}");
+    Ok(())
+}
+
+/// A snapshot's body, checked against its trailing hash.
+fn read_snapshot(file: &str) -> Result<(String, u64, u64)> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("open {file}"))?;
+    let (body, trailer) =
+        text.rsplit_once("sha256: ").ok_or_else(|| anyhow!("snapshot file integrity check failed (no hash)"))?;
+    if !body.starts_with(SNAPSHOT_MAGIC) || hex::encode(Sha256::digest(body.as_bytes())) != trailer.trim() {
+        bail!("snapshot file integrity check failed");
+    }
+    let field = |name: &str| {
+        body.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0)
+    };
+    Ok((body.to_string(), field("revision: "), field("keys: ")))
+}
+
+/// `etcdutl snapshot status FILE [--write-out=json|-w json]`: verifies the snapshot.
+fn etcdutl(args: &[String]) -> Result<()> {
+    let mut rest = Vec::new();
+    let mut json = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--write-out=json" => json = true,
+            "-w" | "--write-out" => json = it.next().map(String::as_str) == Some("json"),
+            f if f.starts_with('-') => bail!("unknown flag: {f}"),
+            _ => rest.push(a.as_str()),
+        }
+    }
+    let ["snapshot", "status", file] = rest[..] else {
+        bail!("etcdutl simulator: only `snapshot status FILE` is supported (got {rest:?})");
+    };
+    let (body, revision, keys) = read_snapshot(file)?;
+    let size = std::fs::metadata(file)?.len();
+    let hash = u32::from_str_radix(&hex::encode(Sha256::digest(body.as_bytes()))[..8], 16).unwrap_or(0);
+    if json {
+        println!("{{\"hash\":{hash},\"revision\":{revision},\"totalKey\":{keys},\"totalSize\":{size}}}");
+    } else {
+        println!("{hash:x}, {revision}, {keys}, {size}");
+    }
     Ok(())
 }
