@@ -24,6 +24,7 @@ pub enum TaskKind {
     CertsCheck,
     CertsInstall,
     EtcdSnapshot,
+    EtcdRestore,
 }
 
 /// A `TaskAssignment` without a task this build knows (from a newer controller).
@@ -32,7 +33,7 @@ pub enum TaskKind {
 pub struct UnknownTask;
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 19] = [
+    pub const ALL: [TaskKind; 20] = [
         TaskKind::Preflight,
         TaskKind::Hosts,
         TaskKind::Files,
@@ -52,6 +53,7 @@ impl TaskKind {
         TaskKind::CertsCheck,
         TaskKind::CertsInstall,
         TaskKind::EtcdSnapshot,
+        TaskKind::EtcdRestore,
     ];
 
     pub fn of(task: &Task) -> TaskKind {
@@ -75,6 +77,7 @@ impl TaskKind {
             Task::CertsCheck(_) => TaskKind::CertsCheck,
             Task::CertsInstall(_) => TaskKind::CertsInstall,
             Task::EtcdSnapshot(_) => TaskKind::EtcdSnapshot,
+            Task::EtcdRestore(_) => TaskKind::EtcdRestore,
         }
     }
 
@@ -104,6 +107,7 @@ impl TaskKind {
             TaskKind::CertsCheck => "certs-check",
             TaskKind::CertsInstall => "certs-install",
             TaskKind::EtcdSnapshot => "etcd-snapshot",
+            TaskKind::EtcdRestore => "etcd-restore",
         }
     }
 

@@ -25,6 +25,7 @@ macro_rules! each_task {
             Task::CertsCheck($t) => $body,
             Task::CertsInstall($t) => $body,
             Task::EtcdSnapshot($t) => $body,
+            Task::EtcdRestore($t) => $body,
         }
     };
 }

@@ -530,4 +530,32 @@ fn etcd_backups_are_taken_verified_kept_on_schedule_and_pruned() {
     assert_eq!(list(&lab).len(), 2);
     let (_, text) = lab.ctl(&["cluster", "backups", "b"]);
     assert!(text.contains("schedule") && text.contains("every 1m, keeping 2"), "{text}");
+
+    // Damage and restore: h2's Node object deleted, then etcd restored on both masters from the
+    // newest backup (which has it).
+    let (ok, _) = lab.ctl(&["cluster", "set", "b", "--backup-every", "0", "--keep", "2"]);
+    assert!(ok, "schedule off");
+    let newest = list(&lab).last().and_then(|b| b["id"].as_str().map(str::to_string)).expect("a backup");
+    let nodes = |h: &str| std::fs::read_to_string(lab.host(h).join("etc-kubernetes/sim/nodes")).unwrap_or_default();
+    let out = lab.run(&["on", "h1", "kubectl", "--kubeconfig", "/etc/kubernetes/admin.conf", "delete", "node", "h2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!nodes("h1").contains("h2 control-plane") && !nodes("h2").contains("h2 control-plane"), "damaged");
+    let (ok, out) = lab.ctl(&["cluster", "restore", "b", "--snapshot", "etcd-0"]);
+    assert!(!ok && out.contains("has no backup \"etcd-0\""), "{out}");
+    let (ok, plan) = lab.ctl(&["cluster", "restore", "b", "--snapshot", &newest, "--dry-run"]);
+    assert!(ok && plan.contains("etcd-stop") && plan.contains("apiserver-start"), "{plan}");
+    let (ok, out) = lab.ctl(&["cluster", "restore", "b", "--snapshot", &newest]);
+    assert!(ok && out.contains(&format!("restore etcd from {newest} on 2 masters")), "{out}");
+    for h in ["h1", "h2"] {
+        assert!(nodes(h).contains("h2 control-plane"), "{h}: the Node object is back: {}", nodes(h));
+        let kept = std::fs::read_dir(lab.host(h).join("var-lib-etcd"))
+            .expect("etcd dir")
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".member.before-restore-"));
+        assert!(kept, "{h}: the old etcd data is kept");
+        assert!(lab.host(h).join("etc-kubernetes/manifests/kube-apiserver.yaml").exists(), "{h}: started again");
+    }
+    // The control plane answers again: a backup works.
+    let (ok, out) = lab.ctl(&["cluster", "backup", "b"]);
+    assert!(ok, "{out}");
 }

@@ -514,6 +514,64 @@ impl Admin for AdminService {
         .await
     }
 
+    async fn restore_cluster(
+        &self,
+        req: Request<fleetadm_proto::RestoreClusterRequest>,
+    ) -> Result<Response<fleetadm_proto::ChangeClusterResponse>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let dry_run = r.dry_run;
+        let target = format!("{} from {}", r.cluster, r.backup);
+        let cluster = r.cluster.clone();
+        let op = async {
+            let resp = self
+                .blocking(move |ctl| {
+                    let mut plan = PlanClusterResponse::default();
+                    let backups = ctl.backups.list(&r.cluster).map_err(|e| Status::internal(e.to_string()))?;
+                    let Some(b) = backups.iter().find(|b| b.id == r.backup) else {
+                        plan.errors.push(format!(
+                            "cluster {} has no backup {:?} (see `controller cluster backups {}`)",
+                            r.cluster, r.backup, r.cluster
+                        ));
+                        return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
+                    };
+                    if !ctl.backups.holds(b) {
+                        plan.errors.push(format!("backup {} is recorded but its snapshot is missing or damaged", b.id));
+                        return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
+                    }
+                    let (p, started) = match ctl.rollouts.restore(&r.cluster, &b.id, &b.sha256, b.size, r.dry_run) {
+                        Ok(x) => x,
+                        Err(e @ crate::rollout::RolloutError::Invalid(_)) => {
+                            plan.errors.push(fleetadm_common::error_chain(&e));
+                            return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
+                        }
+                        Err(e) => return Err(rollout_status(e)),
+                    };
+                    plan.warnings.push(format!(
+                        "every apiserver of cluster {} is stopped while etcd is restored to revision {} ({})",
+                        r.cluster, b.revision, b.id
+                    ));
+                    plan.plan_text = p.render();
+                    plan.plan = Some(p.view());
+                    let cluster = match started {
+                        Some(rec) => Some(cluster_view(ctl, &rec, false)?),
+                        None => None,
+                    };
+                    Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster })
+                })
+                .await?;
+            let errors = resp.plan.as_ref().map(|p| p.errors.clone()).unwrap_or_default();
+            if !dry_run && !errors.is_empty() {
+                return Err(Status::failed_precondition(errors.join("\n")));
+            }
+            Ok(Response::new(resp))
+        };
+        if dry_run {
+            return op.await;
+        }
+        self.audited(who, "cluster.restore", target, cluster, op).await
+    }
+
     async fn add_relay(
         &self,
         req: Request<fleetadm_proto::AddRelayRequest>,
@@ -1206,6 +1264,7 @@ fn cluster_op_info(rec: &crate::rollout::record::ClusterRecord) -> fleetadm_prot
         Operation::Delete => "cluster-delete",
         Operation::RemoveWorkers { .. } | Operation::RemoveHosts { .. } => "cluster-remove",
         Operation::Certs { .. } => "cluster-certs",
+        Operation::Restore { .. } => "cluster-restore",
     };
     let paused = rec.paused && rec.state == ClusterState::Running;
     fleetadm_proto::OpInfo {

@@ -41,6 +41,23 @@ pub struct SetArgs {
     keep: u32,
 }
 
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The cluster.
+    name: String,
+    #[command(flatten)]
+    data: DataDir,
+    /// The backup to restore (an ID from `controller cluster backups NAME`).
+    #[arg(long, value_name = "ID")]
+    snapshot: String,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Start the restore and return.
+    #[arg(long)]
+    detach: bool,
+}
+
 #[derive(Serialize)]
 struct BackupView {
     id: String,
@@ -139,4 +156,18 @@ pub async fn set(a: SetArgs) -> anyhow::Result<()> {
         .into_inner();
     println!("cluster {}: {}", a.name, schedule_line(l.every_secs, l.keep));
     Ok(())
+}
+
+pub async fn restore(a: RestoreArgs) -> anyhow::Result<()> {
+    let mut c = client::connect(&a.data.data_dir).await?;
+    let resp = c
+        .restore_cluster(fleetadm_proto::RestoreClusterRequest {
+            cluster: a.name.clone(),
+            backup: a.snapshot.clone(),
+            dry_run: a.dry_run,
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    super::cluster::change(&mut c, resp, "restore", a.dry_run, a.detach).await
 }

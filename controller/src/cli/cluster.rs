@@ -81,6 +81,10 @@ pub enum ClusterCmd {
     Backups(super::backup::BackupsArgs),
     /// Change a cluster's settings: its etcd backup schedule (`--backup-every 6h --keep 12`).
     Set(super::backup::SetArgs),
+    /// Restore every master's etcd from a backup: the control plane is stopped on all masters,
+    /// each member restored from the same snapshot, etcd started, then the apiservers one at a
+    /// time. Run it again after a failure to resume.
+    Restore(super::backup::RestoreArgs),
     /// Take a cluster apart: kubeadm reset on every host, the workers' load balancers, the
     /// /etc/hosts blocks and what bootstrap installed; then forget it.
     Delete {
@@ -232,6 +236,7 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
         ClusterCmd::Backup(a) => super::backup::backup(a).await,
         ClusterCmd::Backups(a) => super::backup::list(a).await,
         ClusterCmd::Set(a) => super::backup::set(a).await,
+        ClusterCmd::Restore(a) => super::backup::restore(a).await,
         ClusterCmd::Status { name, data, output, watch } => {
             let mut c = client::connect(&data.data_dir).await?;
             if watch {

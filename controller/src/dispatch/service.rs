@@ -68,6 +68,43 @@ impl AgentService {
         Err(st)
     }
 
+    /// A chunk of a backup's snapshot, for a master of the cluster while that cluster is being
+    /// restored from that backup (and only that content). Checked on every call: a restore is rare
+    /// and its chunks few.
+    async fn fetch_backup(&self, node: &str, source: &str, r: FetchBlobRequest) -> Result<Response<BlobChunk>, Status> {
+        use crate::rollout::record::{ClusterState, Operation};
+        let refused = || {
+            tracing::warn!(node, source, blob = %r.sha256, "backup request refused");
+            Status::permission_denied(format!(
+                "node {node} is not a master of a cluster being restored from backup {source} with blob {}",
+                r.sha256
+            ))
+        };
+        let (cluster, backup) = source.split_once('/').ok_or_else(refused)?;
+        let ctl = self.ctl.clone();
+        let (cluster, backup, node_name, sha) =
+            (cluster.to_string(), backup.to_string(), node.to_string(), r.sha256.clone());
+        let allowed = tokio::task::spawn_blocking(move || {
+            let Ok(rec) = ctl.rollouts.get(&cluster) else { return false };
+            rec.state == ClusterState::Running
+                && rec.shape.masters.iter().any(|m| m.node == node_name)
+                && matches!(&rec.operation, Operation::Restore { backup: b, sha256, .. } if *b == backup && *sha256 == sha)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        if !allowed {
+            return Err(refused());
+        }
+        let max = (r.max_len as usize).clamp(1, CHUNK_MAX);
+        let ctl = self.ctl.clone();
+        let (data, size) = tokio::task::spawn_blocking(move || ctl.backups.read_chunk(&r.sha256, r.offset, max))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::failed_precondition(fleetadm_common::error_chain(&e)))?;
+        crate::metrics::metrics().blob_bytes(data.len() as u64);
+        Ok(Response::new(BlobChunk { data, size }))
+    }
+
     fn granted(&self, key: &(String, String, String)) -> bool {
         self.grants.lock().map(|g| g.get(key).is_some_and(|t| t.elapsed() < GRANT_TTL)).unwrap_or(false)
     }
@@ -230,6 +267,9 @@ impl Agent for AgentService {
         let r = req.into_inner();
         if !fleetadm_common::tasks::is_sha256_hex(&r.sha256) {
             return Err(Status::invalid_argument("sha256 must be 64 lowercase hex digits"));
+        }
+        if let Some(rest) = r.bundle.strip_prefix("backup:").map(str::to_string) {
+            return self.fetch_backup(&id.name, &rest, r).await;
         }
         let key = (id.name.clone(), r.bundle.clone(), r.sha256.clone());
         let allowed = self.granted(&key) || {

@@ -123,6 +123,16 @@ impl Backups {
         Ok(v)
     }
 
+    /// Is the backup's snapshot in the store and intact?
+    pub fn holds(&self, rec: &BackupRecord) -> bool {
+        self.blobs.verified(&rec.sha256, rec.size).unwrap_or(false)
+    }
+
+    /// Up to `max` bytes of a stored snapshot from `offset`, and its size (for a restore).
+    pub fn read_chunk(&self, sha256: &str, offset: u64, max: usize) -> Result<(Vec<u8>, u64), BackupError> {
+        Ok(self.blobs.read_chunk(sha256, offset, max)?)
+    }
+
     /// Where a backup's snapshot file is (for restores and for operators).
     pub fn path(&self, rec: &BackupRecord) -> PathBuf {
         self.blobs.path(&rec.sha256)

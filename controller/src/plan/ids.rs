@@ -31,10 +31,12 @@ pub enum PhaseName {
     Certificates,
     /// A master-set change: the other hosts' /etc/hosts blocks list the cluster's hosts again.
     SyncHosts,
+    /// `cluster restore`: every master's etcd restored from one backup.
+    RestoreEtcd,
 }
 
 impl PhaseName {
-    pub const ALL: [PhaseName; 16] = [
+    pub const ALL: [PhaseName; 17] = [
         PhaseName::Preflight,
         PhaseName::Distribute,
         PhaseName::Bootstrap,
@@ -51,6 +53,7 @@ impl PhaseName {
         PhaseName::RemoveNodes,
         PhaseName::Certificates,
         PhaseName::SyncHosts,
+        PhaseName::RestoreEtcd,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +74,7 @@ impl PhaseName {
             PhaseName::RemoveNodes => "remove-nodes",
             PhaseName::Certificates => "certificates",
             PhaseName::SyncHosts => "sync-hosts",
+            PhaseName::RestoreEtcd => "restore-etcd",
         }
     }
 
@@ -120,10 +124,15 @@ pub enum StepKind {
     DeleteNodes,
     /// On a master: install reissued certificates, restart the static pods using them.
     CertsInstall,
+    /// `cluster restore` on a master: stop etcd and the apiserver; restore the data; start them.
+    EtcdStop,
+    EtcdRestore,
+    EtcdStart,
+    ApiserverStart,
 }
 
 impl StepKind {
-    pub const ALL: [StepKind; 18] = [
+    pub const ALL: [StepKind; 22] = [
         StepKind::Preflight,
         StepKind::FetchBundle,
         StepKind::Bootstrap,
@@ -142,6 +151,10 @@ impl StepKind {
         StepKind::DrainNodes,
         StepKind::DeleteNodes,
         StepKind::CertsInstall,
+        StepKind::EtcdStop,
+        StepKind::EtcdRestore,
+        StepKind::EtcdStart,
+        StepKind::ApiserverStart,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -164,6 +177,10 @@ impl StepKind {
             StepKind::DrainNodes => "drain-nodes",
             StepKind::DeleteNodes => "delete-nodes",
             StepKind::CertsInstall => "certs-install",
+            StepKind::EtcdStop => "etcd-stop",
+            StepKind::EtcdRestore => "etcd-restore",
+            StepKind::EtcdStart => "etcd-start",
+            StepKind::ApiserverStart => "apiserver-start",
         }
     }
 
@@ -185,6 +202,9 @@ impl StepKind {
             StepKind::JoinToken | StepKind::DropToken => TaskKind::KubeadmToken,
             StepKind::DrainNodes | StepKind::DeleteNodes => TaskKind::NodeObjects,
             StepKind::CertsInstall => TaskKind::CertsInstall,
+            StepKind::EtcdStop | StepKind::EtcdRestore | StepKind::EtcdStart | StepKind::ApiserverStart => {
+                TaskKind::EtcdRestore
+            }
         }
     }
 
@@ -194,6 +214,7 @@ impl StepKind {
             StepKind::KubeadmInit | StepKind::KubeadmJoin | StepKind::KubeadmReset | StepKind::DrainNodes => 900,
             // up to four static pods, each stopped and started (3 min each at most)
             StepKind::CertsInstall => 1500,
+            StepKind::EtcdStop | StepKind::EtcdRestore | StepKind::EtcdStart | StepKind::ApiserverStart => 900,
             StepKind::FetchBundle => 3600,
             StepKind::Bootstrap | StepKind::Addons => 600,
             StepKind::Lb => 180,

@@ -771,6 +771,33 @@ pub fn remove_hosts(shape: &ClusterShape, masters: &[PlannedHost], workers: &[Pl
     Plan { cluster: c.to_string(), phases }
 }
 
+/// The plan that restores every master's etcd from one backup (`what` names it): the
+/// apiservers and etcd members stopped on all masters, the data restored on all of them from the
+/// same snapshot, every etcd started (a restored member waits for its peers), then the
+/// apiservers one at a time, each ready before the next.
+pub fn restore(shape: &ClusterShape, what: &str) -> Plan {
+    let c = shape.name.as_str();
+    let p = PhaseName::RestoreEtcd;
+    let all = |kind: StepKind, desc: &str| -> Vec<Task> {
+        shape.masters.iter().map(|m| task(c, p, &m.node, kind, desc.to_string())).collect()
+    };
+    let mut steps = vec![
+        all(StepKind::EtcdStop, "stop kube-apiserver and etcd (manifests held)"),
+        all(StepKind::EtcdRestore, &format!("etcdutl snapshot restore {what}; swap the data directory")),
+        all(StepKind::EtcdStart, "start etcd"),
+    ];
+    for m in &shape.masters {
+        steps.push(vec![task(
+            c,
+            p,
+            &m.node,
+            StepKind::ApiserverStart,
+            "start kube-apiserver; wait for /readyz".into(),
+        )]);
+    }
+    Plan { cluster: c.to_string(), phases: vec![Phase { name: p, steps, note: Some("every master".into()) }] }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -181,6 +181,13 @@ impl Actor {
                 self.rec.shape.masters.len(),
                 self.rec.shape.workers.len() - failed.len(),
             ),
+            record::Operation::Restore { .. } => format!(
+                "cluster {}: {} on {} masters in {:.0}s",
+                self.rec.name,
+                self.rec.operation,
+                self.rec.shape.masters.len(),
+                started.elapsed().as_secs_f64()
+            ),
             record::Operation::Certs { .. } => format!(
                 "cluster {}: {} on {} masters in {:.0}s",
                 self.rec.name,

@@ -366,6 +366,48 @@ impl Rollouts {
         Ok(rec)
     }
 
+    /// `cluster restore --snapshot ID`: plan (and unless `dry_run`, start) restoring every
+    /// master's etcd from the backup `backup` (content `sha256`, `size` bytes). A failed restore
+    /// of the same backup is resumed.
+    pub fn restore(
+        &self,
+        name: &str,
+        backup: &str,
+        sha256: &str,
+        size: u64,
+        dry_run: bool,
+    ) -> Result<(phases::Plan, Option<ClusterRecord>), RolloutError> {
+        let mut rec = self.get(name)?;
+        let op = Operation::Restore { backup: backup.to_string(), sha256: sha256.to_string(), size };
+        let retry = may_start(&rec, &op)?;
+        if retry {
+            if dry_run {
+                return Ok((rec.plan.clone(), None));
+            }
+            let plan = rec.plan.clone();
+            return Ok((plan, Some(self.resume_failed(rec)?)));
+        }
+        let plan = phases::restore(&rec.shape, backup);
+        if dry_run {
+            return Ok((plan, None));
+        }
+        self.record_tasks(&plan, rec.attempt_floor)?;
+        rec.plan = plan.clone();
+        rec.operation = op;
+        rec.failed_workers.clear();
+        rec.conditions.retain(|c| c.kind == "Ready");
+        rec.state = ClusterState::Running;
+        rec.paused = false;
+        rec.phase = PhaseName::RestoreEtcd;
+        rec.message = format!("{}", rec.operation);
+        rec.finished_ms = 0;
+        rec.updated_ms = now_unix_ms();
+        put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
+        tracing::warn!(cluster = name, backup, "etcd restore recorded; the control plane goes down now");
+        self.spawn(name);
+        Ok((plan, Some(rec)))
+    }
+
     /// Refuse hosts that belong to a cluster already (this one too, unless `retry`: a retry names
     /// the hosts its failed attempt already recorded here).
     fn check_free(&self, name: &str, names: &[String], retry: bool) -> Result<(), RolloutError> {

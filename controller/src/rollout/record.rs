@@ -74,6 +74,8 @@ pub enum Operation {
     /// `cluster certs --renew/--add-san`: these certificates (kubeadm's names) were reissued and
     /// are installed on the masters.
     Certs { certs: Vec<String>, add_sans: Vec<String> },
+    /// `cluster restore --snapshot ID`: every master's etcd restored from this backup.
+    Restore { backup: String, sha256: String, size: u64 },
 }
 
 impl std::fmt::Display for Operation {
@@ -85,6 +87,7 @@ impl std::fmt::Display for Operation {
             Operation::RemoveWorkers { hosts } => write!(f, "remove workers {}", hosts.join(",")),
             Operation::AddHosts { masters, workers } => write!(f, "add {}", hosts_text(masters, workers)),
             Operation::RemoveHosts { masters, workers } => write!(f, "remove {}", hosts_text(masters, workers)),
+            Operation::Restore { backup, .. } => write!(f, "restore etcd from {backup}"),
             Operation::Certs { certs, add_sans } if add_sans.is_empty() => write!(f, "renew {}", certs.join(",")),
             Operation::Certs { add_sans, .. } => {
                 write!(f, "add SANs {} to the apiserver certificate", add_sans.join(","))

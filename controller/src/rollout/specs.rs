@@ -8,9 +8,9 @@
 #![allow(clippy::needless_update)]
 use fleetadm_proto::task_assignment::Task as WireTask;
 use fleetadm_proto::{
-    BootstrapResetTask, BootstrapTask, BundleAddonsTask, CertsInstallTask, FetchBundleTask, FileSpec, FilesTask,
-    HostsEntry, HostsTask, KubeadmInitTask, KubeadmJoinTask, KubeadmResetTask, KubeadmTokenTask, LbCleanTask, LbTask,
-    NodeObjectsTask, PreflightTask, StaticPod,
+    BootstrapResetTask, BootstrapTask, BundleAddonsTask, CertsInstallTask, EtcdRestoreTask, FetchBundleTask, FileSpec,
+    FilesTask, HostsEntry, HostsTask, KubeadmInitTask, KubeadmJoinTask, KubeadmResetTask, KubeadmTokenTask,
+    LbCleanTask, LbTask, NodeObjectsTask, PreflightTask, StaticPod,
 };
 use thiserror::Error;
 
@@ -36,6 +36,8 @@ pub enum SpecError {
     NoMasters(String),
     #[error("cluster {0} has no bundle")]
     NoBundle(String),
+    #[error("cluster {0} is not being restored")]
+    NotRestoring(String),
     #[error("the cluster's Clusterfile no longer parses")]
     Clusterfile(#[source] clusterfile::ClusterfileError),
     #[error("rendering the kubeadm configuration for {host}")]
@@ -229,6 +231,40 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<WireTask, SpecError>
                 .collect();
             WireTask::CertsInstall(CertsInstallTask { files, restart, ..Default::default() })
         }
+        StepKind::EtcdStop | StepKind::EtcdRestore | StepKind::EtcdStart | StepKind::ApiserverStart => {
+            let super::record::Operation::Restore { backup, sha256, size } = &rec.operation else {
+                return Err(SpecError::NotRestoring(rec.name.clone()));
+            };
+            let step = match task.kind() {
+                StepKind::EtcdStop => "stop",
+                StepKind::EtcdRestore => "restore",
+                StepKind::EtcdStart => "start-etcd",
+                _ => "start-apiserver",
+            };
+            let peer = |m: &PlannedHost| format!("https://{}", std::net::SocketAddr::new(m.ip, 2380));
+            WireTask::EtcdRestore(EtcdRestoreTask {
+                step: step.into(),
+                snapshot: Some(fleetadm_proto::BundleFile {
+                    path: "etcd-snapshot.db".into(),
+                    size: *size,
+                    mode: 0o600,
+                    sha256: sha256.clone(),
+                    ..Default::default()
+                }),
+                source: backup_source(&rec.name, backup),
+                member_name: h.node.clone(),
+                initial_cluster: rec
+                    .shape
+                    .masters
+                    .iter()
+                    .map(|m| format!("{}={}", m.node, peer(m)))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                peer_url: peer(h),
+                apiserver: std::net::SocketAddr::new(h.ip, 6443).to_string(),
+                ..Default::default()
+            })
+        }
         StepKind::DrainNodes | StepKind::DeleteNodes => {
             let drain = task.id.step == StepKind::DrainNodes;
             WireTask::NodeObjects(NodeObjectsTask {
@@ -240,6 +276,11 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<WireTask, SpecError>
             })
         }
     })
+}
+
+/// What a restoring master asks FetchBlob for: `backup:CLUSTER/ID`.
+pub fn backup_source(cluster: &str, backup: &str) -> String {
+    format!("backup:{cluster}/{backup}")
 }
 
 /// The hosts the current operation removes.

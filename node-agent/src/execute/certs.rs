@@ -91,7 +91,7 @@ pub fn put_back(kube_dir: &Path, pod: &str) -> Result<bool, CertsError> {
     Ok(true)
 }
 
-fn hold(kube_dir: &Path, pod: &str) -> Result<(), CertsError> {
+pub fn hold(kube_dir: &Path, pod: &str) -> Result<(), CertsError> {
     let (m, h) = (manifest(kube_dir, pod), held(kube_dir, pod));
     let err = |source| CertsError::Move { pod: pod.to_string(), source };
     if !m.exists() {
@@ -109,7 +109,7 @@ fn hold(kube_dir: &Path, pod: &str) -> Result<(), CertsError> {
 }
 
 /// Whether anything accepts connections on `addr`.
-async fn listening(addr: SocketAddr) -> bool {
+pub async fn listening(addr: SocketAddr) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)))
 }
 

@@ -161,3 +161,191 @@ async fn upload(
         }
     }
 }
+
+/// Errors of a restore step.
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    #[error("unknown restore step {0:?} (stop, restore, start-etcd or start-apiserver)")]
+    Step(String),
+    #[error("bad restore parameter: {0}")]
+    Param(String),
+    #[error(transparent)]
+    Pods(#[from] super::certs::CertsError),
+    #[error("{pod} still answers on {addr} {secs}s after its manifest was moved out (is the kubelet running?)")]
+    Stuck { pod: String, addr: std::net::SocketAddr, secs: u64 },
+    #[error("{what} did not answer on {addr} within {secs}s: {last}")]
+    NotUp { what: String, addr: std::net::SocketAddr, secs: u64, last: String },
+    #[error(transparent)]
+    Fetch(#[from] super::fetch::FetchError),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("the agent is stopping")]
+    Cancelled,
+}
+
+/// The etcd client endpoint kubeadm's member listens on locally.
+const ETCD_LOCAL: &str = "127.0.0.1:2379";
+const WAIT: Duration = Duration::from_secs(180);
+
+async fn until(
+    what: &str,
+    addr: std::net::SocketAddr,
+    want_up: bool,
+    prober: Option<&crate::lb::probe::Prober>,
+    cancel: &Cancel,
+) -> Result<f64, RestoreError> {
+    let t0 = std::time::Instant::now();
+    let mut last = String::from("no answer yet");
+    loop {
+        let up = match prober {
+            Some(p) if want_up => match p.probe(addr).await {
+                Ok(()) => true,
+                Err(e) => {
+                    last = e.to_string();
+                    false
+                }
+            },
+            _ => super::certs::listening(addr).await,
+        };
+        if up == want_up {
+            return Ok(t0.elapsed().as_secs_f64());
+        }
+        if t0.elapsed() > WAIT {
+            return Err(if want_up {
+                RestoreError::NotUp { what: what.to_string(), addr, secs: WAIT.as_secs(), last }
+            } else {
+                RestoreError::Stuck { pod: what.to_string(), addr, secs: WAIT.as_secs() }
+            });
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = cancel.fired() => return Err(RestoreError::Cancelled),
+        }
+    }
+}
+
+/// One step of a restore (see the protocol's `EtcdRestoreTask`). Idempotent: a stopped pod stays
+/// stopped, a data directory already restored from this snapshot is not restored again, a
+/// started pod is only waited for.
+#[allow(clippy::too_many_arguments)]
+pub async fn restore_step(
+    root: &Path,
+    kube_dir: &Path,
+    state_dir: &Path,
+    t: &fleetadm_proto::EtcdRestoreTask,
+    channel: &SessionChannel,
+    cancel: &Cancel,
+) -> Result<(bool, String), RestoreError> {
+    let api: std::net::SocketAddr =
+        t.apiserver.parse().map_err(|_| RestoreError::Param(format!("apiserver {:?}", t.apiserver)))?;
+    let etcd_addr: std::net::SocketAddr = ETCD_LOCAL.parse().map_err(|_| RestoreError::Param(ETCD_LOCAL.into()))?;
+    match t.step.as_str() {
+        "stop" => {
+            let mut out = Vec::new();
+            for (pod, addr) in [("kube-apiserver", api), ("etcd", etcd_addr)] {
+                let held = kube_dir.join("fleetadm/held-manifests").join(format!("{pod}.yaml"));
+                if !held.exists() {
+                    super::certs::hold(kube_dir, pod)?;
+                }
+                let secs = until(pod, addr, false, None, cancel).await?;
+                out.push(format!("{pod} stopped ({secs:.1}s)"));
+            }
+            Ok((true, out.join("\n")))
+        }
+        "restore" => {
+            let snap = t.snapshot.as_ref().ok_or_else(|| RestoreError::Param("no snapshot".into()))?;
+            if !fleetadm_common::tasks::is_sha256_hex(&snap.sha256) {
+                return Err(RestoreError::Param("snapshot sha256".into()));
+            }
+            let name_ok = |s: &str| {
+                !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            };
+            if !name_ok(&t.member_name) {
+                return Err(RestoreError::Param(format!("member name {:?}", t.member_name)));
+            }
+            if t.initial_cluster.is_empty()
+                || t.initial_cluster.contains(char::is_whitespace)
+                || !t.peer_url.starts_with("https://")
+            {
+                return Err(RestoreError::Param("initial cluster / peer url".into()));
+            }
+            let data = root.join("var/lib/etcd");
+            let marker = data.join(format!("fleetadm-restored-{}", snap.sha256));
+            if marker.exists() {
+                return Ok((false, format!("{} already holds snapshot {}", data.display(), snap.sha256)));
+            }
+            let cache = super::fetch::BlobCache::new(state_dir);
+            let mut src = super::fetch::Remote { bundle: t.source.clone(), channel: channel.clone() };
+            let files = [fleetadm_common::tasks::BundleFile::from(snap)];
+            super::fetch::fetch_all(&cache, &mut src, &files, |_, _| {}).await?;
+            let file = cache.path(&snap.sha256);
+            let stamp = fleetadm_common::clock::now_unix_ms();
+            // Restored inside the data directory (one file system: the swap is two renames),
+            // the old member directory kept beside the new one (etcd warns about, and ignores,
+            // other entries in its data directory; an operator can go back by hand).
+            let fresh = data.join(format!(".restore-{stamp}"));
+            let (f, d) = (file.to_string_lossy().into_owned(), fresh.to_string_lossy().into_owned());
+            let cmd = Cmd::new(
+                "etcdutl",
+                &[
+                    "snapshot",
+                    "restore",
+                    &f,
+                    "--data-dir",
+                    &d,
+                    "--name",
+                    &t.member_name,
+                    "--initial-cluster",
+                    &t.initial_cluster,
+                    "--initial-advertise-peer-urls",
+                    &t.peer_url,
+                ],
+                Duration::from_secs(600),
+            );
+            std::fs::create_dir_all(&data).map_err(io(&data)).map_err(RestoreError::from)?;
+            let said = command::run(&cmd, cancel)
+                .await
+                .map_err(EtcdError::from)?
+                .ok("etcdutl snapshot restore")
+                .map_err(EtcdError::from)?;
+            let old = data.join(format!(".member.before-restore-{stamp}"));
+            let (data2, fresh2, old2, marker2) = (data.clone(), fresh.clone(), old.clone(), marker.clone());
+            tokio::task::spawn_blocking(move || -> Result<(), EtcdError> {
+                let member = data2.join("member");
+                if member.exists() {
+                    std::fs::rename(&member, &old2).map_err(io(&old2))?;
+                }
+                std::fs::rename(fresh2.join("member"), &member).map_err(io(&member))?;
+                let _ = std::fs::remove_dir_all(&fresh2);
+                std::fs::write(&marker2, b"").map_err(io(&marker2))?;
+                fleetadm_common::fsutil::sync_dir(&data2);
+                Ok(())
+            })
+            .await
+            .map_err(|e| EtcdError::Upload(e.to_string()))??;
+            Ok((
+                true,
+                format!("{}\nrestored into {} (the old data is in {})", said.trim(), data.display(), old.display()),
+            ))
+        }
+        // etcd on every master first (a restored member waits for its peers), then the
+        // apiservers one at a time, each ready before the next.
+        "start-etcd" => {
+            let back = super::certs::put_back(kube_dir, "etcd")?;
+            let secs = until("etcd", etcd_addr, true, None, cancel).await?;
+            Ok((back, format!("etcd answering ({secs:.1}s)")))
+        }
+        "start-apiserver" => {
+            let ca_path = kube_dir.join("pki/ca.crt");
+            let ca = std::fs::read_to_string(&ca_path)
+                .map_err(|e| RestoreError::Param(format!("{}: {e}", ca_path.display())))?;
+            let prober =
+                crate::lb::probe::Prober::new(Some(&ca), crate::lb::probe::TlsTrust::Verify, Duration::from_secs(3))
+                    .map_err(|e| RestoreError::Param(e.to_string()))?;
+            let back = super::certs::put_back(kube_dir, "kube-apiserver")?;
+            let secs = until("kube-apiserver", api, true, Some(&prober), cancel).await?;
+            Ok((back, format!("kube-apiserver ready ({secs:.1}s)")))
+        }
+        other => Err(RestoreError::Step(other.to_string())),
+    }
+}

@@ -75,6 +75,8 @@ pub enum TaskError {
     Certs(#[from] super::certs::CertsError),
     #[error(transparent)]
     Etcd(#[from] super::etcd::EtcdError),
+    #[error(transparent)]
+    Restore(#[from] super::etcd::RestoreError),
     #[error("the task's worker thread failed")]
     Worker(#[from] tokio::task::JoinError),
 }

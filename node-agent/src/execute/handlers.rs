@@ -34,6 +34,7 @@ pub async fn run(task_id: String, task: Task, cx: Ctx) -> Result<Done, TaskError
         Task::CertsCheck(t) => CertsCheck.run(t, cx).await,
         Task::CertsInstall(t) => CertsInstall.run(t, cx).await,
         Task::EtcdSnapshot(t) => EtcdSnapshot { task_id }.run(t, cx).await,
+        Task::EtcdRestore(t) => EtcdRestore.run(t, cx).await,
     }
 }
 
@@ -270,6 +271,17 @@ impl Handler for EtcdSnapshot {
         );
         done.snapshot = Some(info);
         Ok(done)
+    }
+}
+
+pub struct EtcdRestore;
+
+impl Handler for EtcdRestore {
+    type Task = pb::EtcdRestoreTask;
+    async fn run(&self, t: pb::EtcdRestoreTask, cx: Ctx) -> Result<Done, TaskError> {
+        let (changed, out) =
+            etcd::restore_step(&cx.paths.root, &cx.paths.kube_dir, &cx.state_dir, &t, &cx.channel, &cx.cancel).await?;
+        Ok(Done::new(changed, out))
     }
 }
 

@@ -780,6 +780,9 @@ fn kubelet() -> Result<()> {
 
 /// A static pod other than the apiserver: listens on its port until SIGTERM.
 fn pod(name: &str, addr: &str) -> Result<()> {
+    if name == "etcd" {
+        load_restored()?;
+    }
     let l = TcpListener::bind(addr).with_context(|| format!("{name}: bind {addr}"))?;
     eprintln!("{name} listening on {addr}");
     for c in l.incoming() {
@@ -1605,6 +1608,10 @@ fn read_snapshot(file: &str) -> Result<(String, u64, u64)> {
 
 /// `etcdutl snapshot status FILE [--write-out=json|-w json]`: verifies the snapshot.
 fn etcdutl(args: &[String]) -> Result<()> {
+    if args.get(..2).is_some_and(|a| a[0] == "snapshot" && a[1] == "restore") {
+        let file = args.get(2).ok_or_else(|| anyhow!("snapshot restore needs a FILE"))?;
+        return etcdutl_restore(file, &args[3..]);
+    }
     let mut rest = Vec::new();
     let mut json = false;
     let mut it = args.iter();
@@ -1617,7 +1624,7 @@ fn etcdutl(args: &[String]) -> Result<()> {
         }
     }
     let ["snapshot", "status", file] = rest[..] else {
-        bail!("etcdutl simulator: only `snapshot status FILE` is supported (got {rest:?})");
+        bail!("etcdutl simulator: only `snapshot status FILE` and `snapshot restore FILE ...` are supported (got {rest:?})");
     };
     let (body, revision, keys) = read_snapshot(file)?;
     let size = std::fs::metadata(file)?.len();
@@ -1627,5 +1634,82 @@ fn etcdutl(args: &[String]) -> Result<()> {
     } else {
         println!("{hash:x}, {revision}, {keys}, {size}");
     }
+    Ok(())
+}
+
+/// `etcdutl snapshot restore FILE --data-dir DIR --name N --initial-cluster C
+/// --initial-advertise-peer-urls U`: checks the snapshot's hash, refuses an existing data
+/// directory and a member name missing from the initial cluster (or with another peer URL), and
+/// writes a data directory whose member, once started, serves the snapshot's keyspace.
+fn etcdutl_restore(file: &str, flags: &[String]) -> Result<()> {
+    let (mut data_dir, mut name, mut cluster, mut peer) = (None, None, None, None);
+    let mut it = flags.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or_else(|| anyhow!("flag needs an argument: {a}"));
+        match a.as_str() {
+            "--data-dir" => data_dir = Some(value()?),
+            "--name" => name = Some(value()?),
+            "--initial-cluster" => cluster = Some(value()?),
+            "--initial-advertise-peer-urls" => peer = Some(value()?),
+            f => bail!("unknown flag: {f}"),
+        }
+    }
+    let data_dir = data_dir.ok_or_else(|| anyhow!("--data-dir is required"))?;
+    let name = name.unwrap_or_else(|| "default".into());
+    let peer = peer.unwrap_or_else(|| "http://localhost:2380".into());
+    let cluster = cluster.unwrap_or_else(|| format!("{name}={peer}"));
+    let members: Vec<(&str, &str)> = cluster.split(',').filter_map(|m| m.split_once('=')).collect();
+    match members.iter().find(|(n, _)| *n == name) {
+        None => bail!("couldn't find local name {name:?} in the initial cluster configuration"),
+        Some((_, u)) if *u != peer => {
+            bail!("--initial-cluster has {name}={u} but missing from --initial-advertise-peer-urls={peer}")
+        }
+        Some(_) => {}
+    }
+    if Path::new(&data_dir).exists() {
+        bail!("data-dir {data_dir:?} exists");
+    }
+    let (body, revision, _) = read_snapshot(file)?;
+    write(
+        &format!("{data_dir}/member/snap/db"),
+        &format!("etcd member {name}\nrestored at revision {revision}\n"),
+        0o600,
+    )?;
+    write(&format!("{data_dir}/member/snap/restored"), &body, 0o600)?;
+    println!("restored snapshot {file} (revision {revision}) into {data_dir} as member {name} of {cluster}");
+    Ok(())
+}
+
+/// A member started on a restored data directory serves the snapshot's keyspace.
+fn load_restored() -> Result<()> {
+    let marker = PathBuf::from(format!("{ETCD_DIR}/member/snap/restored"));
+    let Ok(body) = std::fs::read_to_string(&marker) else { return Ok(()) };
+    let state = sim_dir();
+    let mut current: Option<&str> = None;
+    let mut sections: std::collections::BTreeMap<&str, String> = Default::default();
+    for line in body.lines() {
+        if let Some(k) = line.strip_prefix("=== ") {
+            current = ETCD_KEYS.iter().copied().find(|x| *x == k);
+            if let Some(k) = current {
+                sections.entry(k).or_default();
+            }
+            continue;
+        }
+        if line.starts_with("keys: ") {
+            current = None;
+        }
+        if let Some(k) = current {
+            let s = sections.entry(k).or_default();
+            s.push_str(line);
+            s.push('\n');
+        }
+    }
+    for (k, v) in &sections {
+        std::fs::write(state.join(k), v)?;
+    }
+    let revision = body.lines().find_map(|l| l.strip_prefix("revision: ")).unwrap_or("1").trim().to_string();
+    std::fs::write(state.join("revision"), revision)?;
+    std::fs::remove_file(&marker)?;
+    eprintln!("etcd: serving the restored keyspace ({} keys sections)", sections.len());
     Ok(())
 }
