@@ -185,7 +185,9 @@ got=$(ctl cluster get lab 2>&1)
 check "the cluster no longer lists h6" test -n "$(grep 'kind: Cluster' <<<"$got")" -a -n "$(grep '10.78.0.14' <<<"$got")" -a -z "$(grep '10.78.0.16' <<<"$got")"
 # --- a master joins and leaves: etcd membership, every worker's IPVS, every /etc/hosts and the
 #     apiserver certificate follow
-served() { ip netns exec flab-h4 sh -c "openssl s_client -connect $1:6443 </dev/null 2>/dev/null | openssl x509 -noout $2"; }
+# (from h5: never from the netns of the client through the VIP, whose IPVS-translated
+#  connections could pick the same source port as a direct one to the same master)
+served() { ip netns exec flab-h5 sh -c "openssl s_client -connect $1:6443 </dev/null 2>/dev/null | openssl x509 -noout $2"; }
 peers() { grep -c . "$(H "$1")/etc-kubernetes/sim/peers"; }
 out=$(ctl cluster add lab --masters h6 --dry-run 2>&1); rc=$?
 check "add --masters --dry-run: the existing masters' apiserver certificate first, then the join" test $rc -eq 0 -a "$(grep -Ec ' h[123] +certs-install' <<<"$out")" -eq 3 -a -n "$(grep -E ' h6 +kubeadm-join +kubeadm join --control-plane' <<<"$out")"
@@ -234,7 +236,6 @@ check "... nothing unreadable, nothing expiring" test -z "$(grep -i 'error\|expi
 subject_of() { grep "$2:" "$1" | awk '{print $2}' | base64 -d | openssl x509 -noout -subject; }
 check "admin.conf is in kubeadm:cluster-admins (revocable by RBAC)" grep -q 'O *= *kubeadm:cluster-admins' <(subject_of "$(H h2)/etc-kubernetes/admin.conf" client-certificate-data)
 check "super-admin.conf is in system:masters" grep -q 'O *= *system:masters' <(subject_of "$(H h1)/etc-kubernetes/super-admin.conf" client-certificate-data)
-served() { ip netns exec flab-h4 sh -c "openssl s_client -connect $1:6443 </dev/null 2>/dev/null | openssl x509 -noout $2"; }
 serial_h2=$(served 10.78.0.12 -serial)
 ca_md5=$(md5sum < "$(H h3)/etc-kubernetes/pki/ca.crt"); h4_ca=$(md5sum < "$(H h4)/etc-kubernetes/pki/ca.crt")
 out=$(ctl cluster certs lab --add-san 'api.lab.example,192.0.2.50' --dry-run 2>&1); rc=$?
@@ -285,6 +286,22 @@ snap="$LAB_DIR/controller/backups/sha256/${sha:0:2}/$sha"
 check "the controller holds it, intact (sha256 matches)" test -n "$sha" -a "$(sha256sum < "$snap" 2>/dev/null | cut -d' ' -f1)" = "$sha"
 check "it holds the cluster's Node objects" test -n "$(grep '^h4 worker' "$snap" 2>/dev/null)" -a -n "$(grep '^h1 control-plane' "$snap" 2>/dev/null)"
 check "cluster backups lists it" test -n "$(ctl cluster backups lab | grep "^etcd-.* h1 ")"
+
+# --- damage and restore: h5's Node object deleted, etcd restored on every master from that backup
+bid=$(ctl cluster backups lab -o json | sed -n 's/.*"id": "\(etcd-[0-9]*\)".*/\1/p' | tail -1)
+lab on h1 kubectl --kubeconfig /etc/kubernetes/admin.conf delete node h5 >/dev/null 2>&1
+check "damage: h5's Node object is gone from every master" test -z "$(grep -l '^h5 ' "$(H h1)"/etc-kubernetes/sim/nodes "$(H h2)"/etc-kubernetes/sim/nodes "$(H h3)"/etc-kubernetes/sim/nodes)"
+out=$(ctl cluster restore lab --snapshot "$bid" 2>&1); rc=$?
+sed 's/^/#   /' <<<"$out" | tail -2
+check "cluster restore from $bid finished (exit 0)" test -n "$bid" -a $rc -eq 0 -a -n "$(grep "restore etcd from $bid on 3 masters" <<<"$out")"
+check "h5's Node object is back on every master" test "$(grep -l '^h5 worker' "$(H h1)"/etc-kubernetes/sim/nodes "$(H h2)"/etc-kubernetes/sim/nodes "$(H h3)"/etc-kubernetes/sim/nodes | wc -l)" -eq 3
+check "each master kept its old etcd data beside the restored one" test "$(ls -d "$(H h1)"/var-lib-etcd/.member.before-restore-* "$(H h2)"/var-lib-etcd/.member.before-restore-* "$(H h3)"/var-lib-etcd/.member.before-restore-* 2>/dev/null | wc -l)" -eq 3
+back=no
+for _ in $(seq 100); do
+  [ "$(ip netns exec flab-h4 ipvsadm -Ln | grep -c -- '-> 10.78.0.1[123]:6443 *Masq *1')" -eq 3 ] && { back=yes; break; }
+  sleep 0.2
+done
+check "after the restore every master is back in h4's rotation" test $back = yes
 
 # --- an apiserver restart, measured through the VIP: on SIGTERM it fails /readyz and keeps serving
 #     for --shutdown-delay-duration; the workers' guards (probing /readyz) take it out of rotation
