@@ -253,18 +253,26 @@ pub struct BadTaskId {
     why: &'static str,
 }
 
-/// `CLUSTER/PHASE/HOST/STEP`.
+/// `CLUSTER/PHASE/HOST/STEP`, or `CLUSTER/PHASE/HOST/STEP@TARGET` for a step a host runs once
+/// per target (master0 draining each leaving worker: `lab/drain/m1/drain-nodes@w3`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TaskId {
     pub cluster: String,
     pub phase: PhaseName,
     pub host: String,
     pub step: StepKind,
+    /// What the step is about when it is not the host itself (a node name).
+    pub target: Option<String>,
 }
 
 impl TaskId {
     pub fn new(cluster: &str, phase: PhaseName, host: &str, step: StepKind) -> Self {
-        Self { cluster: cluster.to_string(), phase, host: host.to_string(), step }
+        Self { cluster: cluster.to_string(), phase, host: host.to_string(), step, target: None }
+    }
+
+    /// A task `host` runs about `target`.
+    pub fn about(cluster: &str, phase: PhaseName, host: &str, step: StepKind, target: &str) -> Self {
+        Self { target: Some(target.to_string()), ..Self::new(cluster, phase, host, step) }
     }
 
     /// The prefix every task id of `cluster` starts with (for store scans).
@@ -275,7 +283,11 @@ impl TaskId {
 
 impl fmt::Display for TaskId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}/{}", self.cluster, self.phase.id_segment(), self.host, self.step.as_str())
+        write!(f, "{}/{}/{}/{}", self.cluster, self.phase.id_segment(), self.host, self.step.as_str())?;
+        match &self.target {
+            Some(t) => write!(f, "@{t}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -293,8 +305,16 @@ impl FromStr for TaskId {
         }
         let phase =
             PhaseName::ALL.into_iter().find(|p| p.id_segment() == *phase).ok_or_else(|| bad("unknown phase"))?;
-        let step = StepKind::ALL.into_iter().find(|k| k.as_str() == *step).ok_or_else(|| bad("unknown step"))?;
-        Ok(TaskId::new(cluster, phase, host, step))
+        let (step, target) = match step.split_once('@') {
+            Some((_, "")) => return Err(bad("empty target")),
+            Some((s, t)) => (s, Some(t)),
+            None => (*step, None),
+        };
+        let step = StepKind::ALL.into_iter().find(|k| k.as_str() == step).ok_or_else(|| bad("unknown step"))?;
+        Ok(match target {
+            Some(t) => TaskId::about(cluster, phase, host, step, t),
+            None => TaskId::new(cluster, phase, host, step),
+        })
     }
 }
 
@@ -325,6 +345,11 @@ mod tests {
                 assert_eq!(serde_json::from_str::<TaskId>(&json).unwrap(), id);
             }
         }
+        let drain = TaskId::about("lab", PhaseName::Drain, "m1", StepKind::DrainNodes, "w3");
+        assert_eq!(drain.to_string(), "lab/drain/m1/drain-nodes@w3");
+        assert_eq!(drain.to_string().parse::<TaskId>().unwrap(), drain);
+        assert!("lab/drain/m1/drain-nodes@".parse::<TaskId>().is_err());
+        assert!("lab/drain/m1/nosuch@w3".parse::<TaskId>().is_err());
         assert_eq!(
             TaskId::new("lab", PhaseName::InitMaster0, "h1", StepKind::KubeadmInit).to_string(),
             "lab/init/h1/kubeadm-init"

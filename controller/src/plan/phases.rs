@@ -64,6 +64,18 @@ fn task(cluster: &str, phase: PhaseName, host: &str, kind: StepKind, description
     Task { id: TaskId::new(cluster, phase, host, kind), description }
 }
 
+/// One drain per leaving node, all run by `on` (master0, which holds the admin credentials) at
+/// once, each with its own timeout.
+fn drains(cluster: &str, on: &str, nodes: &[&str]) -> Vec<Task> {
+    nodes
+        .iter()
+        .map(|n| Task {
+            id: TaskId::about(cluster, PhaseName::Drain, on, StepKind::DrainNodes, n),
+            description: format!("kubectl drain {n} --ignore-daemonsets --delete-emptydir-data"),
+        })
+        .collect()
+}
+
 /// A `--max-parallel` / `--max-failures` value that is neither `N` nor `P%`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{flag} {spec:?}: {why}")]
@@ -378,17 +390,7 @@ pub fn remove_workers(shape: &ClusterShape, leaving: &[PlannedHost], drain: bool
     let mut phases = Vec::new();
     let names: Vec<&str> = leaving.iter().map(|h| h.node.as_str()).collect();
     if drain {
-        phases.push(Phase {
-            name: PhaseName::Drain,
-            steps: vec![vec![task(
-                c,
-                PhaseName::Drain,
-                &master0.node,
-                StepKind::DrainNodes,
-                format!("kubectl drain {} --ignore-daemonsets --delete-emptydir-data", names.join(" ")),
-            )]],
-            note: None,
-        });
+        phases.push(Phase { name: PhaseName::Drain, steps: vec![drains(c, &master0.node, &names)], note: None });
     }
     let each = |kind: StepKind, desc: &str| -> Vec<Task> {
         leaving.iter().map(|h| task(c, PhaseName::Reset, &h.node, kind, desc.to_string())).collect()
@@ -698,17 +700,7 @@ pub fn remove_hosts(shape: &ClusterShape, masters: &[PlannedHost], workers: &[Pl
         note: Some("first: the leaving masters out of every worker's rotation".into()),
     });
     if drain {
-        phases.push(Phase {
-            name: PhaseName::Drain,
-            steps: vec![vec![task(
-                c,
-                PhaseName::Drain,
-                &master0.node,
-                StepKind::DrainNodes,
-                format!("kubectl drain {} --ignore-daemonsets --delete-emptydir-data", names.join(" ")),
-            )]],
-            note: None,
-        });
+        phases.push(Phase { name: PhaseName::Drain, steps: vec![drains(c, &master0.node, &names)], note: None });
     }
     let mut steps: Vec<Vec<Task>> = Vec::new();
     for m in masters {
@@ -801,6 +793,26 @@ pub fn restore(shape: &ClusterShape, what: &str) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_leaving_node_is_drained_by_a_task_of_its_own() {
+        let h = |n: &str, ip: &str| PlannedHost { node: n.into(), ip: ip.parse().unwrap() };
+        let shape = ClusterShape {
+            name: "lab".into(),
+            version: "v1.29.9".into(),
+            vip: "10.103.97.2".parse().unwrap(),
+            masters: vec![h("m1", "10.0.0.1")],
+            workers: vec![h("w1", "10.0.0.2"), h("w2", "10.0.0.3")],
+            wave_size: 1,
+            bundle: None,
+        };
+        let plan = remove_workers(&shape, &shape.workers.clone(), true, false);
+        let drain = &plan.phases[0];
+        assert_eq!(drain.name, PhaseName::Drain);
+        let ids: Vec<String> = drain.steps.iter().flatten().map(|t| t.id.to_string()).collect();
+        assert_eq!(ids, ["lab/drain/m1/drain-nodes@w1", "lab/drain/m1/drain-nodes@w2"]);
+        assert_eq!(drain.steps.len(), 1, "drained at once");
+    }
 
     fn shape(masters: usize, workers: usize, wave: usize) -> ClusterShape {
         let h = |p: &str, i: usize| PlannedHost {

@@ -346,7 +346,7 @@ mod tests {
         let (_, errors, _) = add(&["w1"]);
         assert!(errors.is_empty(), "{errors:?}");
         let (_, errors, _) = add(&[]);
-        assert!(errors.iter().any(|e| e.contains("name the workers")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("name the hosts to add")), "{errors:?}");
     }
 
     #[test]

@@ -1494,7 +1494,7 @@ mod tests {
         assert_eq!(
             steps,
             [
-                "lab/drain/m1/drain-nodes",
+                "lab/drain/m1/drain-nodes@w1",
                 "lab/reset/w1/kubeadm-reset",
                 "lab/reset/w1/lb-clean",
                 "lab/reset/w1/hosts-clean",
@@ -1512,12 +1512,16 @@ mod tests {
         let spec = super::super::specs::spec_for(&rec, plan.tasks().last().unwrap()).unwrap();
         let task_assignment::Task::NodeObjects(n) = spec else { panic!("{spec:?}") };
         assert_eq!((n.nodes, n.drain, n.delete), (vec!["w1".to_string()], false, true));
+        // a drain is a task of its own per node (its own timeout), run by master0
+        let spec = super::super::specs::spec_for(&rec, plan.tasks().next().unwrap()).unwrap();
+        let task_assignment::Task::NodeObjects(n) = spec else { panic!("{spec:?}") };
+        assert_eq!((n.nodes, n.drain, n.delete), (vec!["w1".to_string()], true, false));
         wait_for("the removal to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
         let done = r.get("lab").unwrap();
         assert_eq!(done.state, ClusterState::Succeeded, "{}", done.message);
         assert!(done.message.contains("workers w1 removed"), "{}", done.message);
         assert!(done.shape.workers.is_empty());
-        assert_eq!(stored(&store, "lab/drain/m1/drain-nodes").state, TaskState::Succeeded);
+        assert_eq!(stored(&store, "lab/drain/m1/drain-nodes@w1").state, TaskState::Succeeded);
         refused(r.remove_workers("lab", &refs(&["w1"]), false, false, false), "not workers of cluster lab: w1");
 
         // Added back: its join runs again (a new attempt), it does not count as done.

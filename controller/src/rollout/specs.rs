@@ -268,7 +268,8 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<WireTask, SpecError>
         StepKind::DrainNodes | StepKind::DeleteNodes => {
             let drain = task.id.step == StepKind::DrainNodes;
             WireTask::NodeObjects(NodeObjectsTask {
-                nodes: leaving(rec),
+                // a task about one node (a drain each), or all the operation removes
+                nodes: task.id.target.clone().map(|t| vec![t]).unwrap_or_else(|| leaving(rec)),
                 drain,
                 delete: !drain,
                 drain_timeout_secs: 600,
