@@ -196,18 +196,23 @@ impl Backups {
     }
 
     /// Take a backup of `cluster` now: on the first connected master that can, verified and
-    /// recorded (flushed), then the retention applied.
+    /// recorded (flushed), then the retention applied. The store and file work runs on blocking
+    /// threads; only the wait for the agent is async.
     pub async fn take(
         self: &Arc<Self>,
-        rollouts: &Rollouts,
+        rollouts: &Arc<Rollouts>,
         execs: &Arc<Execs>,
         cluster: &str,
         scheduled: bool,
     ) -> Result<BackupRecord, BackupError> {
-        let rec = rollouts.get(cluster).map_err(|e| match e {
-            crate::rollout::RolloutError::NotFound(n) => BackupError::NotFound(n),
-            other => BackupError::Rollout(other),
-        })?;
+        let (r2, c2) = (rollouts.clone(), cluster.to_string());
+        let rec = off_thread(move || {
+            r2.get(&c2).map_err(|e| match e {
+                crate::rollout::RolloutError::NotFound(n) => BackupError::NotFound(n),
+                other => BackupError::Rollout(other),
+            })
+        })
+        .await?;
         if rec.deleting {
             return Err(BackupError::Refused(format!("cluster {cluster} is being deleted")));
         }
@@ -239,10 +244,15 @@ impl Backups {
             let id = format!("etcd-{taken_ms}");
             let op = format!("backup-{cluster}-{taken_ms}");
             let task_id = format!("{}{op}/{}", super::exec::PREFIX, m.node);
-            std::fs::create_dir_all(&self.tmp_dir)
-                .map_err(|source| BackupError::Io { path: self.tmp_dir.display().to_string(), source })?;
             let tmp = self.tmp_dir.join(format!("{op}.part"));
-            let _ = std::fs::remove_file(&tmp);
+            let (me, t2) = (self.clone(), tmp.clone());
+            off_thread(move || {
+                std::fs::create_dir_all(&me.tmp_dir)
+                    .map_err(|source| BackupError::Io { path: me.tmp_dir.display().to_string(), source })?;
+                let _ = std::fs::remove_file(&t2);
+                Ok(())
+            })
+            .await?;
             if let Ok(mut u) = self.uploads.lock() {
                 u.insert(
                     task_id.clone(),
@@ -259,44 +269,51 @@ impl Backups {
             let task = Task::EtcdSnapshot(EtcdSnapshotTask { endpoint: "127.0.0.1:2379".into(), ..Default::default() });
             let answer = execs.ask(&op, &m.node, task, SNAPSHOT_TIMEOUT).await;
             let slot = self.uploads.lock().ok().and_then(|mut u| u.remove(&task_id));
-            let outcome = (|| {
-                let report = answer.map_err(|why| BackupError::Snapshot { host: m.node.clone(), why })?;
-                let info = report.snapshot.ok_or_else(|| BackupError::Snapshot {
-                    host: m.node.clone(),
-                    why: "the report names no snapshot".into(),
-                })?;
-                let slot = slot.ok_or_else(|| BackupError::Refused("internal: upload slot gone".into()))?;
-                if !slot.done || slot.announced != Some((info.size, info.sha256.clone())) {
-                    return Err(BackupError::Snapshot {
-                        host: m.node.clone(),
-                        why: format!(
-                            "{} of {} bytes arrived; the upload does not match the snapshot reported",
-                            slot.received, info.size
-                        ),
-                    });
-                }
-                self.blobs.put_file(&tmp, &info.sha256, info.size)?;
-                let b = BackupRecord {
-                    id: id.clone(),
-                    cluster: cluster.to_string(),
-                    host: m.node.clone(),
-                    taken_ms,
-                    size: info.size,
-                    sha256: info.sha256,
-                    revision: info.revision,
-                    total_keys: info.total_keys,
-                    scheduled,
-                };
-                store::put_json(&*self.store, Table::Backups, &key(cluster, &id), &b, Durability::Flush)?;
-                Ok(b)
-            })();
-            let _ = std::fs::remove_file(&tmp);
+            let (me, host, cluster_name) = (self.clone(), m.node.clone(), cluster.to_string());
+            let keep = rec.spec.backup_keep as usize;
+            let outcome = off_thread(move || {
+                let stored = (|| {
+                    let report = answer.map_err(|why| BackupError::Snapshot { host: host.clone(), why })?;
+                    let info = report.snapshot.ok_or_else(|| BackupError::Snapshot {
+                        host: host.clone(),
+                        why: "the report names no snapshot".into(),
+                    })?;
+                    let slot = slot.ok_or_else(|| BackupError::Refused("internal: upload slot gone".into()))?;
+                    if !slot.done || slot.announced != Some((info.size, info.sha256.clone())) {
+                        return Err(BackupError::Snapshot {
+                            host: host.clone(),
+                            why: format!(
+                                "{} of {} bytes arrived; the upload does not match the snapshot reported",
+                                slot.received, info.size
+                            ),
+                        });
+                    }
+                    // (hashed again while copied in: what is kept is what was announced)
+                    me.blobs.put_file(&tmp, &info.sha256, info.size)?;
+                    let b = BackupRecord {
+                        id,
+                        cluster: cluster_name.clone(),
+                        host: host.clone(),
+                        taken_ms,
+                        size: info.size,
+                        sha256: info.sha256,
+                        revision: info.revision,
+                        total_keys: info.total_keys,
+                        scheduled,
+                    };
+                    store::put_json(&*me.store, Table::Backups, &key(&cluster_name, &b.id), &b, Durability::Flush)?;
+                    if keep > 0 {
+                        me.prune(&cluster_name, keep)?;
+                    }
+                    Ok(b)
+                })();
+                let _ = std::fs::remove_file(&tmp);
+                stored
+            })
+            .await;
             match outcome {
                 Ok(b) => {
                     tracing::info!(cluster, host = %b.host, id = %b.id, size = b.size, revision = b.revision, "etcd backup stored");
-                    if rec.spec.backup_keep > 0 {
-                        self.prune(cluster, rec.spec.backup_keep as usize)?;
-                    }
                     return Ok(b);
                 }
                 // A failed snapshot on one master: the next one is tried.
@@ -324,6 +341,13 @@ impl Backups {
         }
         Ok(old.to_vec())
     }
+}
+
+/// Run store and file work on a blocking thread.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BackupError> + Send + 'static,
+) -> Result<T, BackupError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| BackupError::Refused(format!("internal: worker failed: {e}")))?
 }
 
 /// Marks a cluster's backup as no longer running when dropped.
