@@ -303,6 +303,17 @@ for _ in $(seq 100); do
 done
 check "after the restore every master is back in h4's rotation" test $back = yes
 
+# --- exec on a role, and the audit log of the day-2 operations
+out=$(ctl exec --cluster lab --role node -- hostname 2>/dev/null); rc=$?
+check "exec --role node ran on every worker, output prefixed by host" test $rc -eq 0 -a -n "$(grep -x 'h4 | h4' <<<"$out")" -a -n "$(grep -x 'h5 | h5' <<<"$out")" -a -n "$(grep -x 'h6 | h6' <<<"$out")"
+check "... and on no master" test -z "$(grep '^h[123] ' <<<"$out")"
+out=$(ctl exec --cluster lab --role master -- sh -c 'test "$(hostname)" != h2' 2>&1); rc=$?
+check "exec fails (exit != 0) when one master fails, naming it" test $rc -ne 0 -a -n "$(grep 'h2' <<<"$out")"
+ev=$(ctl events --cluster lab --limit 10000 -o json 2>&1)
+for a in cluster.add cluster.remove cluster.certs cluster.backup cluster.restore exec; do
+  check "the audit log has $a by uid:0" test -n "$(grep -B1 "\"action\": \"$a\"" <<<"$ev" | grep '"actor": "uid:0"')"
+done
+
 # --- an apiserver restart, measured through the VIP: on SIGTERM it fails /readyz and keeps serving
 #     for --shutdown-delay-duration; the workers' guards (probing /readyz) take it out of rotation
 #     first, so no client request through the VIP fails

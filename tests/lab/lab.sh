@@ -39,7 +39,8 @@ agent_addr=$ctl_addr
 relay_metrics=10.79.0.2:9101
 
 host_dir() { echo "$lab/hosts/$1"; }
-ctl() { "$bin/controller" "$@" --data-dir "$lab/controller"; }
+# (the data directory from the environment: `ctl exec ... -- CMD` keeps CMD's arguments its own)
+ctl() { FLEETADM_DATA_DIR="$lab/controller" "$bin/controller" "$@"; }
 
 # Run CMD inside host H: its network namespace, plus fresh mount+UTS namespaces with the host's
 # private files bound over the shared ones.
