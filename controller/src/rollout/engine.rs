@@ -291,6 +291,20 @@ impl Rollouts {
         Ok(())
     }
 
+    /// Start the operation just recorded in `rec` (its plan, operation and phase set): running,
+    /// unpaused, the record flushed, then its actor spawned.
+    fn start(&self, rec: &mut ClusterRecord) -> Result<(), RolloutError> {
+        rec.state = ClusterState::Running;
+        rec.paused = false;
+        rec.message = format!("{}", rec.operation);
+        rec.finished_ms = 0;
+        rec.updated_ms = now_unix_ms();
+        put_json(&*self.store, Table::Clusters, &rec.name, rec, Durability::Flush)?;
+        tracing::info!(cluster = %rec.name, operation = %rec.operation, "operation recorded; rollout starting");
+        self.spawn(&rec.name);
+        Ok(())
+    }
+
     /// `cluster add --nodes`: plan (and unless `dry_run`, start) the join of `new` workers to a
     /// cluster that is up. A failed earlier add of the same workers is resumed.
     pub fn add_workers(
@@ -331,15 +345,8 @@ impl Rollouts {
         rec.conditions.retain(|c| c.kind == "Ready");
         // The join token of this operation (the create's is long gone).
         self.new_join_token(&mut rec)?;
-        rec.state = ClusterState::Running;
-        rec.paused = false;
         rec.phase = plan.phases.first().map(|p| p.name).unwrap_or(PhaseName::Preflight);
-        rec.message = format!("{}", rec.operation);
-        rec.finished_ms = 0;
-        rec.updated_ms = now_unix_ms();
-        put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
-        tracing::info!(cluster = name, operation = %rec.operation, "operation recorded; rollout starting");
-        self.spawn(name);
+        self.start(&mut rec)?;
         Ok((plan, Some(rec)))
     }
 
@@ -396,15 +403,9 @@ impl Rollouts {
         rec.operation = op;
         rec.failed_workers.clear();
         rec.conditions.retain(|c| c.kind == "Ready");
-        rec.state = ClusterState::Running;
-        rec.paused = false;
         rec.phase = PhaseName::RestoreEtcd;
-        rec.message = format!("{}", rec.operation);
-        rec.finished_ms = 0;
-        rec.updated_ms = now_unix_ms();
-        put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
-        tracing::warn!(cluster = name, backup, "etcd restore recorded; the control plane goes down now");
-        self.spawn(name);
+        tracing::warn!(cluster = name, backup, "etcd restore: the control plane goes down now");
+        self.start(&mut rec)?;
         Ok((plan, Some(rec)))
     }
 
@@ -484,15 +485,8 @@ impl Rollouts {
         rec.failed_workers.clear();
         rec.conditions.retain(|c| c.kind == "Ready");
         self.new_join_token(&mut rec)?;
-        rec.state = ClusterState::Running;
-        rec.paused = false;
         rec.phase = plan.phases.first().map(|p| p.name).unwrap_or(PhaseName::Preflight);
-        rec.message = format!("{}", rec.operation);
-        rec.finished_ms = 0;
-        rec.updated_ms = now_unix_ms();
-        put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
-        tracing::info!(cluster = name, operation = %rec.operation, "operation recorded; rollout starting");
-        self.spawn(name);
+        self.start(&mut rec)?;
         Ok((plan, Some(rec)))
     }
 
@@ -608,15 +602,8 @@ impl Rollouts {
         rec.operation = op;
         rec.failed_workers.retain(|w| !names.contains(w));
         rec.conditions.retain(|c| c.kind == "Ready");
-        rec.state = ClusterState::Running;
-        rec.paused = false;
         rec.phase = plan.phases.first().map(|p| p.name).unwrap_or(PhaseName::Reset);
-        rec.message = format!("{}", rec.operation);
-        rec.finished_ms = 0;
-        rec.updated_ms = now_unix_ms();
-        put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
-        tracing::info!(cluster = name, operation = %rec.operation, drain, force, "operation recorded; rollout starting");
-        self.spawn(name);
+        self.start(&mut rec)?;
         Ok((plan, Some(rec)))
     }
 
@@ -683,16 +670,8 @@ impl Rollouts {
         rec.operation = op;
         rec.failed_workers.clear();
         rec.conditions.retain(|c| c.kind == "Ready");
-        rec.state = ClusterState::Running;
-        rec.paused = false;
         rec.phase = PhaseName::Certificates;
-        rec.message = format!("{}", rec.operation);
-        rec.finished_ms = 0;
-        rec.updated_ms = now_unix_ms();
-        // The new PKI and the operation that installs it, in one flushed write.
-        put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
-        tracing::info!(cluster = name, operation = %rec.operation, "certificates reissued; rollout starting");
-        self.spawn(name);
+        self.start(&mut rec)?;
         Ok((plan, Some(rec)))
     }
 
@@ -777,15 +756,8 @@ impl Rollouts {
         rec.operation = op;
         rec.failed_workers.clear();
         rec.conditions.retain(|c| c.kind == "Ready");
-        rec.state = ClusterState::Running;
-        rec.paused = false;
         rec.phase = plan.phases.first().map(|p| p.name).unwrap_or(PhaseName::Reset);
-        rec.message = format!("{}", rec.operation);
-        rec.finished_ms = 0;
-        rec.updated_ms = now_unix_ms();
-        put_json(&*self.store, Table::Clusters, &name, &rec, Durability::Flush)?;
-        tracing::info!(cluster = %name, operation = %rec.operation, drain, "operation recorded; rollout starting");
-        self.spawn(&name);
+        self.start(&mut rec)?;
         Ok((plan, Some(rec)))
     }
 
