@@ -145,6 +145,32 @@ impl AdminService {
         r
     }
 
+    /// A cluster change (add, remove, certs, restore): the errors of its plan refuse it unless it
+    /// is a dry run; a real one is written to the audit log, a dry run (which changes nothing)
+    /// is not.
+    async fn change(
+        &self,
+        who: String,
+        action: &str,
+        target: String,
+        cluster: String,
+        dry_run: bool,
+        resp: impl std::future::Future<Output = Result<fleetadm_proto::ChangeClusterResponse, Status>>,
+    ) -> Result<Response<fleetadm_proto::ChangeClusterResponse>, Status> {
+        let op = async {
+            let resp = resp.await?;
+            let errors = resp.plan.as_ref().map(|p| p.errors.clone()).unwrap_or_default();
+            if !dry_run && !errors.is_empty() {
+                return Err(Status::failed_precondition(errors.join("\n")));
+            }
+            Ok(Response::new(resp))
+        };
+        if dry_run {
+            return op.await;
+        }
+        self.audited(who, action, target, cluster, op).await
+    }
+
     fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Controller) -> Result<T, Status> + Send + 'static,
@@ -331,19 +357,8 @@ impl Admin for AdminService {
         };
         let cluster = r.cluster.clone();
         let rollouts = self.ctl.rollouts.clone();
-        let op = async {
-            let resp = self.blocking(move |ctl| add_hosts(ctl, &rollouts, r)).await?;
-            let errors = resp.plan.as_ref().map(|p| p.errors.clone()).unwrap_or_default();
-            if !dry_run && !errors.is_empty() {
-                return Err(Status::failed_precondition(errors.join("\n")));
-            }
-            Ok(Response::new(resp))
-        };
-        if dry_run {
-            // A dry run changes nothing: not an admin operation for the log.
-            return op.await;
-        }
-        self.audited(who, "cluster.add", target, cluster, op).await
+        let resp = self.blocking(move |ctl| add_hosts(ctl, &rollouts, r));
+        self.change(who, "cluster.add", target, cluster, dry_run, resp).await
     }
 
     async fn remove_cluster_hosts(
@@ -356,18 +371,8 @@ impl Admin for AdminService {
         let target = format!("{} -{}", r.cluster, r.nodes.join(","));
         let cluster = r.cluster.clone();
         let rollouts = self.ctl.rollouts.clone();
-        let op = async {
-            let resp = self.blocking(move |ctl| remove_hosts(ctl, &rollouts, r)).await?;
-            let errors = resp.plan.as_ref().map(|p| p.errors.clone()).unwrap_or_default();
-            if !dry_run && !errors.is_empty() {
-                return Err(Status::failed_precondition(errors.join("\n")));
-            }
-            Ok(Response::new(resp))
-        };
-        if dry_run {
-            return op.await;
-        }
-        self.audited(who, "cluster.remove", target, cluster, op).await
+        let resp = self.blocking(move |ctl| remove_hosts(ctl, &rollouts, r));
+        self.change(who, "cluster.remove", target, cluster, dry_run, resp).await
     }
 
     async fn check_cluster_certs(
@@ -426,37 +431,25 @@ impl Admin for AdminService {
         let dry_run = r.dry_run;
         let target = format!("{} renew={} add-san={}", r.cluster, r.renew.join(","), r.add_sans.join(","));
         let cluster = r.cluster.clone();
-        let op = async {
-            let resp = self
-                .blocking(move |ctl| {
-                    let mut plan = PlanClusterResponse::default();
-                    let (p, started) = match ctl.rollouts.renew_certs(&r.cluster, &r.renew, &r.add_sans, r.dry_run) {
-                        Ok(x) => x,
-                        Err(e @ (crate::rollout::RolloutError::Invalid(_) | crate::rollout::RolloutError::Pki(_))) => {
-                            plan.errors.push(fleetadm_common::error_chain(&e));
-                            return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
-                        }
-                        Err(e) => return Err(rollout_status(e)),
-                    };
-                    plan.plan_text = p.render();
-                    plan.plan = Some(p.view());
-                    let cluster = match started {
-                        Some(rec) => Some(cluster_view(ctl, &rec, false)?),
-                        None => None,
-                    };
-                    Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster })
-                })
-                .await?;
-            let errors = resp.plan.as_ref().map(|p| p.errors.clone()).unwrap_or_default();
-            if !dry_run && !errors.is_empty() {
-                return Err(Status::failed_precondition(errors.join("\n")));
-            }
-            Ok(Response::new(resp))
-        };
-        if dry_run {
-            return op.await;
-        }
-        self.audited(who, "cluster.certs", target, cluster, op).await
+        let resp = self.blocking(move |ctl| {
+            let mut plan = PlanClusterResponse::default();
+            let (p, started) = match ctl.rollouts.renew_certs(&r.cluster, &r.renew, &r.add_sans, r.dry_run) {
+                Ok(x) => x,
+                Err(e @ (crate::rollout::RolloutError::Invalid(_) | crate::rollout::RolloutError::Pki(_))) => {
+                    plan.errors.push(fleetadm_common::error_chain(&e));
+                    return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
+                }
+                Err(e) => return Err(rollout_status(e)),
+            };
+            plan.plan_text = p.render();
+            plan.plan = Some(p.view());
+            let cluster = match started {
+                Some(rec) => Some(cluster_view(ctl, &rec, false)?),
+                None => None,
+            };
+            Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster })
+        });
+        self.change(who, "cluster.certs", target, cluster, dry_run, resp).await
     }
 
     async fn backup_cluster(
@@ -523,53 +516,41 @@ impl Admin for AdminService {
         let dry_run = r.dry_run;
         let target = format!("{} from {}", r.cluster, r.backup);
         let cluster = r.cluster.clone();
-        let op = async {
-            let resp = self
-                .blocking(move |ctl| {
-                    let mut plan = PlanClusterResponse::default();
-                    let backups = ctl.backups.list(&r.cluster).map_err(|e| Status::internal(e.to_string()))?;
-                    let Some(b) = backups.iter().find(|b| b.id == r.backup) else {
-                        plan.errors.push(format!(
-                            "cluster {} has no backup {:?} (see `controller cluster backups {}`)",
-                            r.cluster, r.backup, r.cluster
-                        ));
-                        return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
-                    };
-                    if !ctl.backups.holds(b) {
-                        plan.errors.push(format!("backup {} is recorded but its snapshot is missing or damaged", b.id));
-                        return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
-                    }
-                    let (p, started) = match ctl.rollouts.restore(&r.cluster, &b.id, &b.sha256, b.size, r.dry_run) {
-                        Ok(x) => x,
-                        Err(e @ crate::rollout::RolloutError::Invalid(_)) => {
-                            plan.errors.push(fleetadm_common::error_chain(&e));
-                            return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
-                        }
-                        Err(e) => return Err(rollout_status(e)),
-                    };
-                    plan.warnings.push(format!(
-                        "every apiserver of cluster {} is stopped while etcd is restored to revision {} ({})",
-                        r.cluster, b.revision, b.id
-                    ));
-                    plan.plan_text = p.render();
-                    plan.plan = Some(p.view());
-                    let cluster = match started {
-                        Some(rec) => Some(cluster_view(ctl, &rec, false)?),
-                        None => None,
-                    };
-                    Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster })
-                })
-                .await?;
-            let errors = resp.plan.as_ref().map(|p| p.errors.clone()).unwrap_or_default();
-            if !dry_run && !errors.is_empty() {
-                return Err(Status::failed_precondition(errors.join("\n")));
+        let resp = self.blocking(move |ctl| {
+            let mut plan = PlanClusterResponse::default();
+            let backups = ctl.backups.list(&r.cluster).map_err(|e| Status::internal(e.to_string()))?;
+            let Some(b) = backups.iter().find(|b| b.id == r.backup) else {
+                plan.errors.push(format!(
+                    "cluster {} has no backup {:?} (see `controller cluster backups {}`)",
+                    r.cluster, r.backup, r.cluster
+                ));
+                return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
+            };
+            if !ctl.backups.holds(b) {
+                plan.errors.push(format!("backup {} is recorded but its snapshot is missing or damaged", b.id));
+                return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
             }
-            Ok(Response::new(resp))
-        };
-        if dry_run {
-            return op.await;
-        }
-        self.audited(who, "cluster.restore", target, cluster, op).await
+            let (p, started) = match ctl.rollouts.restore(&r.cluster, &b.id, &b.sha256, b.size, r.dry_run) {
+                Ok(x) => x,
+                Err(e @ crate::rollout::RolloutError::Invalid(_)) => {
+                    plan.errors.push(fleetadm_common::error_chain(&e));
+                    return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
+                }
+                Err(e) => return Err(rollout_status(e)),
+            };
+            plan.warnings.push(format!(
+                "every apiserver of cluster {} is stopped while etcd is restored to revision {} ({})",
+                r.cluster, b.revision, b.id
+            ));
+            plan.plan_text = p.render();
+            plan.plan = Some(p.view());
+            let cluster = match started {
+                Some(rec) => Some(cluster_view(ctl, &rec, false)?),
+                None => None,
+            };
+            Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster })
+        });
+        self.change(who, "cluster.restore", target, cluster, dry_run, resp).await
     }
 
     async fn add_relay(
