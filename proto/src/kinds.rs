@@ -25,6 +25,7 @@ pub enum TaskKind {
     CertsInstall,
     EtcdSnapshot,
     EtcdRestore,
+    KubeadmUpgrade,
 }
 
 /// A `TaskAssignment` without a task this build knows (from a newer controller).
@@ -33,7 +34,7 @@ pub enum TaskKind {
 pub struct UnknownTask;
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 20] = [
+    pub const ALL: [TaskKind; 21] = [
         TaskKind::Preflight,
         TaskKind::Hosts,
         TaskKind::Files,
@@ -54,6 +55,7 @@ impl TaskKind {
         TaskKind::CertsInstall,
         TaskKind::EtcdSnapshot,
         TaskKind::EtcdRestore,
+        TaskKind::KubeadmUpgrade,
     ];
 
     pub fn of(task: &Task) -> TaskKind {
@@ -78,6 +80,7 @@ impl TaskKind {
             Task::CertsInstall(_) => TaskKind::CertsInstall,
             Task::EtcdSnapshot(_) => TaskKind::EtcdSnapshot,
             Task::EtcdRestore(_) => TaskKind::EtcdRestore,
+            Task::KubeadmUpgrade(_) => TaskKind::KubeadmUpgrade,
         }
     }
 
@@ -108,6 +111,7 @@ impl TaskKind {
             TaskKind::CertsInstall => "certs-install",
             TaskKind::EtcdSnapshot => "etcd-snapshot",
             TaskKind::EtcdRestore => "etcd-restore",
+            TaskKind::KubeadmUpgrade => "kubeadm-upgrade",
         }
     }
 

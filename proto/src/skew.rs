@@ -26,6 +26,7 @@ macro_rules! each_task {
             Task::CertsInstall($t) => $body,
             Task::EtcdSnapshot($t) => $body,
             Task::EtcdRestore($t) => $body,
+            Task::KubeadmUpgrade($t) => $body,
         }
     };
 }

@@ -77,6 +77,8 @@ pub enum TaskError {
     Etcd(#[from] super::etcd::EtcdError),
     #[error(transparent)]
     Restore(#[from] super::etcd::RestoreError),
+    #[error(transparent)]
+    Upgrade(#[from] super::kubeadm::upgrade::UpgradeError),
     #[error("the task's worker thread failed")]
     Worker(#[from] tokio::task::JoinError),
 }

@@ -35,6 +35,7 @@ pub async fn run(task_id: String, task: Task, cx: Ctx) -> Result<Done, TaskError
         Task::CertsInstall(t) => CertsInstall.run(t, cx).await,
         Task::EtcdSnapshot(t) => EtcdSnapshot { task_id }.run(t, cx).await,
         Task::EtcdRestore(t) => EtcdRestore.run(t, cx).await,
+        Task::KubeadmUpgrade(t) => KubeadmUpgrade.run(t, cx).await,
     }
 }
 
@@ -271,6 +272,16 @@ impl Handler for EtcdSnapshot {
         );
         done.snapshot = Some(info);
         Ok(done)
+    }
+}
+
+pub struct KubeadmUpgrade;
+
+impl Handler for KubeadmUpgrade {
+    type Task = pb::KubeadmUpgradeTask;
+    async fn run(&self, t: pb::KubeadmUpgradeTask, cx: Ctx) -> Result<Done, TaskError> {
+        let o = kubeadm::upgrade::step(&cx.paths.kube_dir, &t, cx.timeout, &cx.cancel).await?;
+        Ok(Done::new(o.changed, o.output))
     }
 }
 

@@ -87,12 +87,15 @@ fn main() {
         Some("join") => config_arg(&args).and_then(|c| join(&c)),
         Some("reset") => reset(),
         Some("token") => token_cmd(&args[1..]),
+        Some("upgrade") => upgrade(&args[1..]),
         Some("version") => {
             println!("{}", sim_version());
             Ok(())
         }
         Some("__apiserver") if args.len() == 4 => apiserver(&args[1], &args[2], &args[3]),
         Some("__restart-apiserver") => restart_apiserver(),
+        Some("__restart-kubelet") => restart_kubelet(),
+        Some("__kubelet-active") => kubelet_active(),
         Some("__kubelet") => kubelet(),
         Some("__pod") if args.len() == 3 => pod(&args[1], &args[2]),
         Some("__vip-client") if args.len() == 4 => vip_client(&args[1], &args[2], &args[3]),
@@ -316,6 +319,8 @@ struct InitCfg {
     tokens: Vec<String>,
     /// The apiserver's extra flags, "name=value" each (what the kubeadm-config ConfigMap keeps).
     apiserver_args: Vec<String>,
+    /// ClusterConfiguration.kubernetesVersion (what the kubeadm-config ConfigMap keeps).
+    version: String,
 }
 
 fn check_init(docs: Vec<Value>) -> Result<InitCfg> {
@@ -390,8 +395,8 @@ fn check_init(docs: Vec<Value>) -> Result<InitCfg> {
             "certificateValidityPeriod",
         ],
     )?;
-    let version = s(cc, "ClusterConfiguration", "kubernetesVersion")?;
-    if minor(version)? != minor(&sim_version())? {
+    let version = s(cc, "ClusterConfiguration", "kubernetesVersion")?.to_string();
+    if minor(&version)? != minor(&sim_version())? {
         bail!("kubernetesVersion {version} does not match this kubeadm ({})", sim_version());
     }
     let net = cc.get("networking").ok_or_else(|| anyhow!("ClusterConfiguration.networking missing"))?;
@@ -418,7 +423,7 @@ fn check_init(docs: Vec<Value>) -> Result<InitCfg> {
         }
     }
     let _ = d.api;
-    Ok(InitCfg { name, advertise, endpoint, cert_dir, tokens, apiserver_args })
+    Ok(InitCfg { name, advertise, endpoint, cert_dir, tokens, apiserver_args, version })
 }
 
 struct JoinCfg {
@@ -579,15 +584,32 @@ fn write(path: &str, body: &str, mode: u32) -> Result<()> {
     Ok(())
 }
 
-fn manifests(node: &str, advertise: &SocketAddr) -> Result<()> {
+/// The image of a control-plane component at a Kubernetes version (etcd keeps its own).
+fn image(component: &str, version: &str) -> String {
+    match component {
+        "etcd" => "registry.k8s.io/etcd:3.5.15-0".to_string(),
+        c => format!("registry.k8s.io/{c}:{version}"),
+    }
+}
+
+/// The version a static pod manifest runs (its image tag).
+fn manifest_version(text: &str) -> Option<String> {
+    text.lines().find_map(|l| l.trim().strip_prefix("image: ")).and_then(|i| i.rsplit_once(':')).map(|(_, v)| v.to_string())
+}
+
+fn manifests(node: &str, advertise: &SocketAddr, version: &str) -> Result<()> {
     for c in ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"] {
-        write(
-            &format!("{KUBE}/manifests/{c}.yaml"),
-            &format!("# written by kubeadm-sim\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {c}-{node}\n  namespace: kube-system\n  annotations:\n    kubeadm.kubernetes.io/advertise-address: {}\n", advertise.ip()),
-            0o600,
-        )?;
+        write_manifest(c, node, advertise, version)?;
     }
     Ok(())
+}
+
+fn write_manifest(c: &str, node: &str, advertise: &SocketAddr, version: &str) -> Result<()> {
+    write(
+        &format!("{KUBE}/manifests/{c}.yaml"),
+        &format!("# written by kubeadm-sim\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {c}-{node}\n  namespace: kube-system\n  annotations:\n    kubeadm.kubernetes.io/advertise-address: {}\nspec:\n  containers:\n  - name: {c}\n    image: {}\n", advertise.ip(), image(c, version)),
+        0o600,
+    )
 }
 
 fn kubelet_files(node: &str, endpoint: &str, ca_pem: &str) -> Result<()> {
@@ -648,9 +670,11 @@ fn start_apiserver(
     peers: &[String],
     args: &[String],
     nodes: &[String],
+    version: &str,
 ) -> Result<()> {
     let dir = sim_dir();
     std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("version"), format!("{version}\n"))?;
     std::fs::write(dir.join("apiserver-args"), args.iter().map(|a| format!("{a}\n")).collect::<String>())?;
     std::fs::write(dir.join("tokens"), tokens.iter().map(|t| format!("{t}\n")).collect::<String>())?;
     std::fs::write(dir.join("peers"), peers.iter().map(|p| format!("{p}\n")).collect::<String>())?;
@@ -698,6 +722,7 @@ fn pid_in(path: &Path) -> Option<i32> {
 /// Start the stand-in kubelet unless one runs (its own process group, like the kubelet service).
 fn ensure_kubelet() -> Result<()> {
     let dir = sim_dir();
+    std::fs::create_dir_all(&dir)?;
     if pid_in(&dir.join("kubelet.pid")).is_some_and(alive) {
         return Ok(());
     }
@@ -718,16 +743,30 @@ fn ensure_kubelet() -> Result<()> {
 /// (started again if it dies), and is stopped with SIGTERM (graceful) when the manifest goes.
 fn kubelet() -> Result<()> {
     let dir = sim_dir();
+    std::thread::spawn(register_kubelet);
     let mut last_start: std::collections::HashMap<&str, std::time::Instant> = Default::default();
     let mut children: Vec<std::process::Child> = Vec::new();
     let mut stopping: std::collections::HashSet<i32> = Default::default();
+    // What each pod was started from: a changed manifest restarts the pod (like the kubelet,
+    // which is how `kubeadm upgrade` rolls the control plane). A kubelet that starts finds its
+    // pods running: it adopts them with the manifests it finds.
+    let mut started_from: std::collections::HashMap<&str, String> = Default::default();
     loop {
         children.retain_mut(|c| c.try_wait().ok().flatten().is_none());
         for (pod, addr) in PODS {
             let pidfile = dir.join(format!("{pod}.pid"));
             let running = pid_in(&pidfile).filter(|p| alive(*p));
-            let wanted = Path::new(&format!("{KUBE}/manifests/{pod}.yaml")).exists();
+            let manifest = std::fs::read_to_string(format!("{KUBE}/manifests/{pod}.yaml")).ok();
+            let wanted = manifest.is_some();
+            if let (Some(m), Some(_)) = (&manifest, running) {
+                started_from.entry(pod).or_insert_with(|| m.clone());
+            }
+            let changed = matches!((&manifest, started_from.get(pod)), (Some(m), Some(was)) if m != was);
             match (wanted, running) {
+                (true, Some(pid)) if changed && stopping.insert(pid) => {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+                    eprintln!("kubelet: manifest of {pod} changed: stopping it (pid {pid}) to start the new one");
+                }
                 (true, None) => {
                     if last_start.get(pod).is_some_and(|t| t.elapsed() < Duration::from_secs(2)) {
                         continue;
@@ -748,8 +787,13 @@ fn kubelet() -> Result<()> {
                         .create(true)
                         .append(true)
                         .open(dir.join(format!("{}.log", pod.trim_start_matches("kube-"))))?;
+                    let version = manifest.as_deref().and_then(manifest_version).unwrap_or_else(sim_version);
+                    if let Some(m) = &manifest {
+                        started_from.insert(pod, m.clone());
+                    }
                     match std::process::Command::new(std::env::current_exe()?)
                         .args(&args)
+                        .env("KUBEADM_SIM_VERSION", version)
                         .stdin(std::process::Stdio::null())
                         .stdout(log.try_clone()?)
                         .stderr(log)
@@ -776,6 +820,66 @@ fn kubelet() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The kubelet registers its node's version with the apiserver of kubelet.conf (until it is
+/// accepted: the apiserver refuses a kubelet newer than itself).
+fn register_kubelet() {
+    let version = sim_version();
+    let mut said = String::new();
+    loop {
+        let r = (|| -> Result<(u16, String)> {
+            let conf = std::fs::read_to_string(format!("{KUBE}/kubelet.conf"))?;
+            let node = conf
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("- name: system:node:"))
+                .ok_or_else(|| anyhow!("kubelet.conf names no node"))?
+                .to_string();
+            let (addr, host, ca) = admin_server(&format!("{KUBE}/kubelet.conf"))?;
+            https(&addr, &host, &ca, "POST", &format!("/sim/kubelet/{node}/{version}"), "")
+        })();
+        match r {
+            Ok((200, _)) => {
+                eprintln!("kubelet {version}: node registered");
+                return;
+            }
+            Ok((_, body)) if body != said => {
+                eprintln!("kubelet {version}: registration refused: {body}");
+                said = body;
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// `systemctl restart kubelet` on a lab host: the stand-in kubelet stopped (its pods keep
+/// running, as containers do) and started again from this binary, at this binary's version.
+fn restart_kubelet() -> Result<()> {
+    let dir = sim_dir();
+    if let Some(pid) = pid_in(&dir.join("kubelet.pid")).filter(|p| alive(*p)) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        for _ in 0..200 {
+            if !alive(pid) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if !Path::new(&format!("{KUBE}/kubelet.conf")).exists() {
+        bail!("Job for kubelet.service failed: {KUBE}/kubelet.conf is missing (not joined)");
+    }
+    ensure_kubelet()
+}
+
+/// `systemctl is-active kubelet` on a lab host.
+fn kubelet_active() -> Result<()> {
+    if pid_in(&sim_dir().join("kubelet.pid")).is_some_and(alive) {
+        println!("active");
+        return Ok(());
+    }
+    println!("inactive");
+    std::process::exit(3);
 }
 
 /// A static pod other than the apiserver: listens on its port until SIGTERM.
@@ -862,7 +966,7 @@ fn init(docs: &[Value]) -> Result<()> {
             bail!("[kubeconfig] {kc} does not carry the cluster CA");
         }
     }
-    manifests(&c.name, &c.advertise)?;
+    manifests(&c.name, &c.advertise, &c.version)?;
     kubelet_files(&c.name, &c.endpoint, &ca)?;
     etcd_data(&c.name)?;
     injected_failure()?;
@@ -872,6 +976,7 @@ fn init(docs: &[Value]) -> Result<()> {
         &[c.advertise.to_string()],
         &c.apiserver_args,
         std::slice::from_ref(&c.name),
+        &c.version,
     )?;
     println!("Your Kubernetes control-plane has initialized successfully! (node {})", c.name);
     Ok(())
@@ -908,25 +1013,34 @@ fn join(docs: &[Value]) -> Result<()> {
     if code != 200 {
         bail!("[discovery] the apiserver refused the bootstrap token (HTTP {code}): {tokens}");
     }
+    let (tokens, rest) = tokens.split_once("#peers\n").unwrap_or((&tokens, ""));
+    let (peers, rest) = rest.split_once("#apiserver-args\n").unwrap_or((rest, ""));
+    let (args, version) = rest.split_once("#version\n").unwrap_or((rest, ""));
+    let version = version.trim().to_string();
     if let Some(adv) = c.control_plane {
+        // kubeadm join --control-plane runs the cluster's version (from kubeadm-config): a
+        // kubeadm of another minor cannot add a member.
+        if minor(&version)? != minor(&sim_version())? {
+            bail!("[preflight] the control plane runs {version}; this kubeadm is {}: a control-plane join needs kubeadm of the cluster's minor version", sim_version());
+        }
         check_pki(&PathBuf::from(KUBE).join("pki"), &c.name, &adv, &host)?;
         if pem_der(&PathBuf::from(KUBE).join("pki/ca.crt"))? != ca_der.to_vec() {
             bail!("[certs] local ca.crt is not the cluster's CA");
         }
-        manifests(&c.name, &adv)?;
+        manifests(&c.name, &adv, &version)?;
         etcd_data(&c.name)?;
         if let Err(e) = injected_failure() {
             kubelet_files(&c.name, &c.endpoint, &ca_pem)?;
             return Err(e);
         }
-        let (tokens, rest) = tokens.split_once("#peers\n").unwrap_or((&tokens, ""));
-        let (peers, args) = rest.split_once("#apiserver-args\n").unwrap_or((rest, ""));
         let lines = |t: &str| t.lines().map(str::to_string).collect::<Vec<_>>();
-        start_apiserver(&adv, &lines(tokens), &lines(peers), &lines(args), std::slice::from_ref(&c.name))?;
+        start_apiserver(&adv, &lines(tokens), &lines(peers), &lines(args), std::slice::from_ref(&c.name), &version)?;
     } else {
         write(&format!("{KUBE}/pki/ca.crt"), &ca_pem, 0o644)?;
     }
     kubelet_files(&c.name, &c.endpoint, &ca_pem)?;
+    // kubeadm's kubelet-start phase: the kubelet runs (and registers the node with its version).
+    ensure_kubelet()?;
     println!("This node ({}) has joined the cluster as {node_role}", c.name);
     Ok(())
 }
@@ -1120,7 +1234,38 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
                 ("GET", "/readyz") => (200, "ok".to_string()),
                 ("GET", "/version") => (200, format!("{{\"gitVersion\": \"{}\"}}", sim_version())),
                 ("GET", "/api/v1/namespaces/kube-public/configmaps/cluster-info") => (200, ca),
-                ("GET", "/sim/nodes") => (200, std::fs::read_to_string(state.join("nodes")).unwrap_or_default()),
+                ("GET", p @ ("/sim/nodes" | "/sim/kubelets" | "/sim/drained" | "/sim/version")) => {
+                    (200, std::fs::read_to_string(state.join(&p[5..])).unwrap_or_default())
+                }
+                ("POST", p) if p.starts_with("/sim/kubelet/") => {
+                    // A kubelet registering its version: never newer than the apiserver (the
+                    // version skew policy; kubelets are upgraded after the control plane).
+                    match p.trim_start_matches("/sim/kubelet/").split('/').collect::<Vec<_>>().as_slice() {
+                        [name, v] if minor(v).is_ok() => {
+                            let me = sim_version();
+                            if minor(v).ok() > minor(&me).ok() {
+                                (409, format!("kubelet {v} is newer than kube-apiserver {me}: upgrade the control plane first"))
+                            } else {
+                                let change = format!("kubelet/{name}/{v}");
+                                apply(&state, &change);
+                                replicate(&state, &ca, &format!("/sim/replicate/{change}"));
+                                (200, "ok".to_string())
+                            }
+                        }
+                        _ => (400, "bad kubelet registration".to_string()),
+                    }
+                }
+                ("POST", p) if p.starts_with("/sim/version/") => {
+                    let v = p.trim_start_matches("/sim/version/");
+                    if minor(v).is_err() {
+                        (400, format!("bad version {v:?}"))
+                    } else {
+                        let change = format!("version/{v}");
+                        apply(&state, &change);
+                        replicate(&state, &ca, &format!("/sim/replicate/{change}"));
+                        (200, "ok".to_string())
+                    }
+                }
                 ("POST", p) if p.starts_with("/sim/join/") => {
                     if bearer.is_empty() || !valid(&bearer) {
                         (401, "unknown or expired bootstrap token".to_string())
@@ -1142,7 +1287,8 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
                         }
                         let peers = std::fs::read_to_string(state.join("peers")).unwrap_or_default();
                         let args = std::fs::read_to_string(state.join("apiserver-args")).unwrap_or_default();
-                        (200, format!("{tokens}#peers\n{peers}#apiserver-args\n{args}"))
+                        let version = std::fs::read_to_string(state.join("version")).unwrap_or_default();
+                        (200, format!("{tokens}#peers\n{peers}#apiserver-args\n{args}#version\n{version}"))
                     }
                 }
                 ("POST", p) if p.starts_with("/sim/tokens/") => {
@@ -1172,14 +1318,14 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
                     let change = p.trim_start_matches("/sim/nodes/");
                     let nodes = std::fs::read_to_string(state.join("nodes")).unwrap_or_default();
                     match change.split_once('/') {
-                        Some((op @ ("drain" | "delete"), name)) if !name.is_empty() && !name.contains('/') => {
+                        Some((op @ ("drain" | "delete" | "uncordon"), name)) if !name.is_empty() && !name.contains('/') => {
                             if !nodes.lines().any(|l| l.split(' ').next() == Some(name)) {
                                 (404, format!("Error from server (NotFound): nodes \"{name}\" not found"))
                             } else {
-                                let change = if op == "drain" {
-                                    format!("drained/{name}")
-                                } else {
-                                    format!("node-delete/{name}")
+                                let change = match op {
+                                    "drain" => format!("drained/{name}"),
+                                    "uncordon" => format!("uncordoned/{name}"),
+                                    _ => format!("node-delete/{name}"),
                                 };
                                 apply(&state, &change);
                                 replicate(&state, &ca, &format!("/sim/replicate/{change}"));
@@ -1331,7 +1477,17 @@ fn apply(state: &Path, change: &str) {
         ["node-delete", n] => {
             rewrite("nodes", &|l| l.into_iter().filter(|x| x.split(' ').next() != Some(*n)).collect());
             rewrite("drained", &|l| l.into_iter().filter(|x| x != n).collect());
+            rewrite("kubelets", &|l| l.into_iter().filter(|x| x.split(' ').next() != Some(*n)).collect());
         }
+        ["uncordoned", n] => rewrite("drained", &|l| l.into_iter().filter(|x| x != n).collect()),
+        ["version", v] => {
+            let _ = std::fs::write(state.join("version"), format!("{v}\n"));
+        }
+        ["kubelet", n, v] => rewrite("kubelets", &|l| {
+            let mut l: Vec<String> = l.into_iter().filter(|x| x.split(' ').next() != Some(*n)).collect();
+            l.push(format!("{n} {v}"));
+            l
+        }),
         ["drained", n] => rewrite("drained", &|mut l| {
             if !l.iter().any(|x| x == n) {
                 l.push(n.to_string());
@@ -1361,6 +1517,229 @@ fn replicate(state: &Path, ca: &str, path: &str) {
         if let Err(e) = https(&addr, &addr.ip().to_string(), ca, "POST", path, "") {
             eprintln!("replicating {path} to {peer}: {e:#}");
         }
+    }
+}
+
+// ------------------------------------------------------------------ upgrade
+
+/// (major, minor, patch) of `vX.Y.Z`.
+fn semver(v: &str) -> Result<(u32, u32, u32)> {
+    let bad = || anyhow!("version {v:?} is not vX.Y.Z");
+    let mut it = v.strip_prefix('v').ok_or_else(bad)?.split('.');
+    let mut n = || -> Result<u32> { it.next().ok_or_else(bad)?.parse().map_err(|_| bad()) };
+    let r = (n()?, n()?, n()?);
+    if it.next().is_some() {
+        return Err(bad());
+    }
+    Ok(r)
+}
+
+/// The cluster's version (kubeadm-config's kubernetesVersion) from the apiserver of `kubeconfig`.
+fn cluster_version(kubeconfig: &str) -> Result<(String, SocketAddr, String, String)> {
+    let (addr, host, ca) = admin_server(kubeconfig)?;
+    let (code, body) = https(&addr, &host, &ca, "GET", "/sim/version", "")
+        .context("[upgrade/config] fetching the kubeadm-config ConfigMap")?;
+    if code != 200 || body.trim().is_empty() {
+        bail!("[upgrade/config] the cluster's kubeadm-config has no kubernetesVersion (HTTP {code})");
+    }
+    Ok((body.trim().to_string(), addr, host, ca))
+}
+
+/// kubeadm's version rules for `upgrade plan|apply VERSION` on a cluster at `cluster`.
+fn check_target(target: &str, cluster: &str) -> Result<()> {
+    let kubeadm = sim_version();
+    let (t, c, k) = (semver(target)?, semver(cluster)?, semver(&kubeadm)?);
+    if t < c {
+        bail!("[upgrade/version] FATAL: the --version argument is invalid due to these fatal errors:\n\t- Specified version to upgrade to \"{target}\" is lower than the cluster version \"{cluster}\". Downgrades are not supported yet");
+    }
+    if t.0 != c.0 || t.1 > c.1 + 1 {
+        bail!("[upgrade/version] FATAL: the --version argument is invalid due to these fatal errors:\n\t- Specified version to upgrade to \"{target}\" is at least one minor release higher than the kubeadm minimum supported control plane version \"{cluster}\". Skipping a minor version is not supported");
+    }
+    if t > k {
+        bail!("[upgrade/version] FATAL: the --version argument is invalid due to these fatal errors:\n\t- Specified version to upgrade to \"{target}\" is higher than the kubeadm version \"{kubeadm}\". Upgrade kubeadm first using the tool you used to install kubeadm");
+    }
+    if t.1 < k.1 {
+        bail!("[upgrade/version] FATAL: kubeadm {kubeadm} cannot upgrade a control plane to {target}: use the kubeadm of that minor version");
+    }
+    Ok(())
+}
+
+/// kubeadm renews the control plane's certificates during an upgrade unless
+/// `--certificate-renewal=false`: for a year, whatever they had (what sealos users lose their
+/// 100-year certificates to). Modelled for the apiserver's serving certificate.
+fn renew_certificates() -> Result<()> {
+    let pki = PathBuf::from(KUBE).join("pki");
+    let read = |f: &str| std::fs::read_to_string(pki.join(f)).with_context(|| format!("[upgrade/certs] reading pki/{f}"));
+    let ca_key = rcgen::KeyPair::from_pem(&read("ca.key")?)?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&read("ca.crt")?, ca_key)?;
+    let names = sans(&pem_der(&pki.join("apiserver.crt"))?)?;
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    for n in names {
+        p.subject_alt_names.push(match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => rcgen::SanType::IpAddress(ip),
+            Err(_) => rcgen::SanType::DnsName(n.as_str().try_into()?),
+        });
+    }
+    p.distinguished_name.push(rcgen::DnType::CommonName, "kube-apiserver");
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    p.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(5);
+    p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+    let key = rcgen::KeyPair::from_pem(&read("apiserver.key")?)?;
+    let cert = p.signed_by(&key, &issuer)?;
+    write(&format!("{KUBE}/pki/apiserver.crt"), &cert.pem(), 0o644)?;
+    println!("[upgrade/certs] renewed apiserver.crt (valid for 365 days)");
+    Ok(())
+}
+
+/// Write this control-plane node's manifests at `version` and wait until the kubelet has
+/// replaced each pod (its pid changed) and the apiserver is healthy again.
+fn upgrade_static_pods(version: &str) -> Result<()> {
+    let dir = sim_dir();
+    let listen: SocketAddr = std::fs::read_to_string(dir.join("advertise"))
+        .context("[upgrade/staticpods] this node's apiserver address")?
+        .trim()
+        .parse()?;
+    let node = std::fs::read_to_string(format!("{KUBE}/manifests/kube-apiserver.yaml"))?
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("name: kube-apiserver-"))
+        .unwrap_or("node")
+        .to_string();
+    for c in ["kube-apiserver", "kube-controller-manager", "kube-scheduler"] {
+        let path = format!("{KUBE}/manifests/{c}.yaml");
+        let current = std::fs::read_to_string(&path).with_context(|| format!("[upgrade/staticpods] {path}"))?;
+        if manifest_version(&current).as_deref() == Some(version) {
+            println!("[upgrade/staticpods] {c} already runs {version}");
+            continue;
+        }
+        let before = pid_in(&dir.join(format!("{c}.pid")));
+        write_manifest(c, &node, &listen, version)?;
+        println!("[upgrade/staticpods] Moved new manifest to {path}");
+        let t0 = std::time::Instant::now();
+        loop {
+            let now = pid_in(&dir.join(format!("{c}.pid"))).filter(|p| alive(*p));
+            if now.is_some() && now != before {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!("[upgrade/staticpods] timed out waiting for the kubelet to restart {c}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if c == "kube-apiserver" {
+            wait_apiserver(&listen, Duration::from_secs(60))?;
+        }
+        println!("[upgrade/staticpods] Component {c:?} upgraded successfully!");
+    }
+    Ok(())
+}
+
+fn write_kubelet_config(version: &str) -> Result<()> {
+    write(
+        &format!("{KUBELET_DIR}/config.yaml"),
+        &format!("apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n# kubeadm-sim: the kubelet configuration of {version}\n"),
+        0o644,
+    )?;
+    println!("[upgrade] Writing kubelet configuration to file \"{KUBELET_DIR}/config.yaml\"");
+    Ok(())
+}
+
+/// `kubeadm upgrade plan [VERSION]`, `upgrade apply VERSION --yes [--certificate-renewal=B]
+/// [--etcd-upgrade=B]`, `upgrade node [--certificate-renewal=B] [--etcd-upgrade=B]`, each with
+/// an optional `--kubeconfig F`. Unknown flags are refused, like kubeadm's.
+fn upgrade(args: &[String]) -> Result<()> {
+    let sub = args.first().map(String::as_str).unwrap_or("");
+    let (mut yes, mut renew, mut kubeconfig, mut positional) = (false, true, None, Vec::new());
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v)),
+            _ => (a.as_str(), None),
+        };
+        let boolean = |v: Option<&str>| -> Result<bool> {
+            match v {
+                None | Some("true") => Ok(true),
+                Some("false") => Ok(false),
+                Some(o) => bail!("invalid argument {o:?} for {flag:?} flag: strconv.ParseBool: parsing {o:?}: invalid syntax"),
+            }
+        };
+        match (sub, flag) {
+            ("apply", "--yes" | "-y") => yes = boolean(inline)?,
+            ("apply" | "node", "--certificate-renewal") => renew = boolean(inline)?,
+            ("apply" | "node", "--etcd-upgrade") => {
+                boolean(inline)?;
+            }
+            (_, "--kubeconfig") => {
+                kubeconfig = Some(match inline {
+                    Some(v) => v.to_string(),
+                    None => it.next().cloned().ok_or_else(|| anyhow!("flag needs an argument: --kubeconfig"))?,
+                })
+            }
+            (_, f) if f.starts_with('-') => bail!("unknown flag: {f}"),
+            (_, p) => positional.push(p.to_string()),
+        }
+    }
+    let control_plane = Path::new(&format!("{KUBE}/manifests/kube-apiserver.yaml")).exists();
+    match (sub, positional.as_slice()) {
+        ("plan", [] | [_]) => {
+            let kc = kubeconfig.unwrap_or_else(|| format!("{KUBE}/admin.conf"));
+            let (cluster, ..) = cluster_version(&kc)?;
+            let target = positional.first().cloned().unwrap_or_else(sim_version);
+            check_target(&target, &cluster)?;
+            println!("[upgrade/versions] Cluster version: {cluster}\n[upgrade/versions] kubeadm version: {}", sim_version());
+            println!("Upgrade to the latest version in the v1.{} series:\n\nCOMPONENT                 NODE      CURRENT   TARGET", semver(&target)?.1);
+            for c in ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy"] {
+                println!("{c:<25} all       {cluster:<9} {target}");
+            }
+            println!("\nYou can now apply the upgrade by executing the following command:\n\n\tkubeadm upgrade apply {target}");
+            Ok(())
+        }
+        ("apply", [target]) => {
+            if !control_plane {
+                bail!("[upgrade/apply] this is not a control-plane node: {KUBE}/manifests/kube-apiserver.yaml not found");
+            }
+            let kc = kubeconfig.unwrap_or_else(|| format!("{KUBE}/admin.conf"));
+            let (cluster, addr, host, ca) = cluster_version(&kc)?;
+            check_target(target, &cluster)?;
+            if !yes {
+                bail!("[upgrade/confirm] Are you sure you want to proceed? [y/N]: EOF\n[upgrade] aborted: no answer (run with --yes on a host without a terminal)");
+            }
+            println!("[upgrade/version] You have chosen to change the cluster version to \"{target}\"");
+            if renew {
+                renew_certificates()?;
+            }
+            upgrade_static_pods(target)?;
+            let (code, body) = https(&addr, &host, &ca, "POST", &format!("/sim/version/{target}"), "")?;
+            if code != 200 {
+                bail!("[upgrade/postupgrade] uploading the kubeadm-config: HTTP {code}: {body}");
+            }
+            write_kubelet_config(target)?;
+            println!("[upgrade/successful] SUCCESS! Your cluster was upgraded to \"{target}\". Enjoy!");
+            Ok(())
+        }
+        ("apply", _) => bail!("kubeadm upgrade apply takes exactly one version (e.g. v1.30.5)"),
+        ("node", []) => {
+            let kc = kubeconfig.unwrap_or_else(|| {
+                if control_plane { format!("{KUBE}/admin.conf") } else { format!("{KUBE}/kubelet.conf") }
+            });
+            let (cluster, ..) = cluster_version(&kc)?;
+            let (c, k) = (semver(&cluster)?, semver(&sim_version())?);
+            if k < c || k.1 != c.1 {
+                bail!("[upgrade/node] the cluster runs {cluster}; this kubeadm is {}: use the kubeadm of the cluster's version (and upgrade the control plane first with `kubeadm upgrade apply`)", sim_version());
+            }
+            if control_plane {
+                if renew {
+                    renew_certificates()?;
+                }
+                upgrade_static_pods(&cluster)?;
+            } else {
+                println!("[upgrade] Skipping phase. Not a control-plane node.");
+            }
+            write_kubelet_config(&cluster)?;
+            println!("[upgrade] The configuration for this node was successfully updated!");
+            Ok(())
+        }
+        ("node", _) => bail!("kubeadm upgrade node takes no arguments"),
+        _ => bail!("usage: kubeadm upgrade plan [VERSION] | apply VERSION --yes | node"),
     }
 }
 
@@ -1451,7 +1830,8 @@ fn kubectl_node(kubeconfig: &str, rest: &[String]) -> Result<()> {
         }
     }
     let name = match (verb, positional.as_slice()) {
-        ("drain", [n]) => n.clone(),
+        ("drain" | "uncordon", [n]) => n.clone(),
+        ("uncordon", _) => bail!("kubectl uncordon takes one node name"),
         ("delete", [kind, n]) if kind == "node" || kind == "nodes" => n.clone(),
         ("drain", _) => bail!("kubectl drain takes one node name"),
         _ => bail!("kubectl simulator: only `delete node NAME` is supported among deletes"),
@@ -1467,6 +1847,7 @@ fn kubectl_node(kubeconfig: &str, rest: &[String]) -> Result<()> {
         .with_context(|| format!("talking to {host}"))?;
     match code {
         200 if verb == "drain" => println!("node/{name} cordoned\nnode/{name} drained"),
+        200 if verb == "uncordon" => println!("node/{name} uncordoned"),
         200 => println!("node \"{name}\" deleted"),
         404 if verb == "delete" && ignore_missing => {}
         _ => bail!("{body}"),
@@ -1474,11 +1855,47 @@ fn kubectl_node(kubeconfig: &str, rest: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `kubectl --kubeconfig F get nodes`: NAME STATUS ROLES VERSION, from the apiserver (the
+/// version each node's kubelet registered; SchedulingDisabled while cordoned).
+fn kubectl_get_nodes(kubeconfig: &str, rest: &[String]) -> Result<()> {
+    if !matches!(rest, [what] if what == "nodes" || what == "node" || what == "no") {
+        bail!("kubectl simulator: only `get nodes` is supported among gets (got {rest:?})");
+    }
+    let (addr, host, ca) = admin_server(kubeconfig)?;
+    let get = |what: &str| -> Result<String> {
+        match https(&addr, &host, &ca, "GET", &format!("/sim/{what}"), "")? {
+            (200, body) => Ok(body),
+            (code, body) => bail!("HTTP {code}: {body}"),
+        }
+    };
+    let (nodes, kubelets, drained) = (get("nodes")?, get("kubelets")?, get("drained")?);
+    println!("{:<16} {:<28} {:<16} VERSION", "NAME", "STATUS", "ROLES");
+    let mut seen = std::collections::HashSet::new();
+    for line in nodes.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(name), role) = (f.next(), f.next().unwrap_or("worker")) else { continue };
+        if !seen.insert(name.to_string()) {
+            continue;
+        }
+        let version = kubelets
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or("<unknown>");
+        let status = if drained.lines().any(|d| d == name) { "Ready,SchedulingDisabled" } else { "Ready" };
+        let roles = if role == "control-plane" { "control-plane" } else { "<none>" };
+        println!("{name:<16} {status:<28} {roles:<16} {version}");
+    }
+    Ok(())
+}
+
 fn kubectl(args: &[String]) -> Result<()> {
     let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     if let [flag, kc, rest @ ..] = args {
-        if flag == "--kubeconfig" && matches!(rest.first().map(String::as_str), Some("drain" | "delete")) {
+        if flag == "--kubeconfig" && matches!(rest.first().map(String::as_str), Some("drain" | "delete" | "uncordon")) {
             return kubectl_node(kc, rest);
+        }
+        if flag == "--kubeconfig" && rest.first().map(String::as_str) == Some("get") {
+            return kubectl_get_nodes(kc, &rest[1..]);
         }
     }
     if !args.iter().any(|a| a == "apply") {
@@ -1529,7 +1946,7 @@ fn kubectl(args: &[String]) -> Result<()> {
 // ------------------------------------------------------------------ etcd
 
 /// What the stand-in etcd holds: the cluster state files every member replicates.
-const ETCD_KEYS: &[&str] = &["nodes", "tokens", "applied", "drained", "peers"];
+const ETCD_KEYS: &[&str] = &["nodes", "tokens", "applied", "drained", "peers", "version", "kubelets"];
 const SNAPSHOT_MAGIC: &str = "fleetadm-sim etcd snapshot v1";
 
 /// `etcdctl --endpoints URL --cacert F --cert F --key F snapshot save FILE`: refuses unknown

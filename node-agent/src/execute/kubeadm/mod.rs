@@ -3,6 +3,7 @@
 //! cleaned up with `kubeadm reset` (keeping the PKI the controller sent) before kubeadm runs again.
 pub mod attempt;
 pub mod nodes;
+pub mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
