@@ -303,6 +303,65 @@ for _ in $(seq 100); do
 done
 check "after the restore every master is back in h4's rotation" test $back = yes
 
+# --- day 2: Kubernetes upgraded one minor version (v1.29.9 -> v1.30.5) from a new bundle: the masters
+#     one at a time (kubeadm upgrade apply on h1), the workers one at a time, the controller killed
+#     during the worker waves; clients through the VIP keep working; certificates keep their validity
+"$here/make-bundle.sh" "$bdir/k8s-lab-130.tar.gz" k8s-lab-130 v1.30.5 amd64 >/dev/null 2>&1
+ctl bundle import "$bdir/k8s-lab-130.tar.gz" >/dev/null 2>&1
+check "the v1.30.5 bundle is imported" test -n "$(ctl bundle list | grep '^k8s-lab-130 ')"
+api_expiry() { ctl cluster certs lab 2>/dev/null | awk -v h="$1" '$1==h && $2=="apiserver"{print $3}'; }
+exp_before=$(api_expiry h1)
+out=$(ctl cluster upgrade lab --version v1.31.0 2>&1); rc=$?
+check "an upgrade that skips a minor version is refused" test $rc -ne 0 -a -n "$(grep 'skips a minor version' <<<"$out")"
+out=$(ctl cluster upgrade lab --version v1.28.15 2>&1); rc=$?
+check "a downgrade is refused" test $rc -ne 0 -a -n "$(grep 'downgrades are not supported' <<<"$out")"
+out=$(ctl cluster upgrade lab --version v1.30.4 --bundle k8s-lab-130 2>&1); rc=$?
+check "a bundle of another version is refused" test $rc -ne 0 -a -n "$(grep 'carries Kubernetes v1.30.5' <<<"$out")"
+plan=$(ctl cluster upgrade lab --version v1.30.5 --bundle k8s-lab-130 --max-parallel 1 --dry-run 2>&1); rc=$?
+sed -n '/upgrade-masters/,/upgrade-workers/p' <<<"$plan" | head -8 | sed 's/^/#   /'
+check "upgrade --dry-run: kubeadm upgrade apply on h1 first, upgrade node on h2 and h3" test $rc -eq 0 -a -n "$(grep -E ' h1 +kubeadm-upgrade .*upgrade apply v1.30.5 --certificate-renewal=false' <<<"$plan")" -a "$(grep -Ec ' h[23] +kubeadm-upgrade .*upgrade node' <<<"$plan")" -eq 2
+check "... every worker drained, its kubelet restarted, uncordoned" test "$(grep -Ec ' h[456] +kubelet-restart' <<<"$plan")" -eq 3 -a "$(grep -Ec 'kubectl uncordon h[456]' <<<"$plan")" -eq 3 -a "$(grep -Ec 'kubectl drain h[456]' <<<"$plan")" -eq 3
+check "... and changes nothing" test "$(status_json | field version)" = v1.29.9
+lab on h6 /usr/local/bin/kubeadm __vip-client 10.103.97.2:6443 /etc/kubernetes/pki/ca.crt 40 > "$LAB_DIR/vip-upgrade.out" 2>&1 &
+upc=$!
+resumed_before=$(grep -c "resuming rollout after restart" "$LAB_DIR/controller.log")
+ctl cluster upgrade lab --version v1.30.5 --bundle k8s-lab-130 --max-parallel 1 --detach > "$LAB_DIR/upgrade.out" 2>&1
+check "upgrade --detach recorded the operation" grep -q "upgrade v1.29.9 -> v1.30.5 recorded" "$LAB_DIR/upgrade.out"
+ph=""
+for _ in $(seq 1500); do
+  [ "$(status_json | field phase)" = upgrade-workers ] && { ph=upgrade-workers; break; }
+  sleep 0.2
+done
+echo "# killing the controller in phase ${ph:-(not reached)}"
+lab kill-controller
+check "controller killed during the worker waves" test "$ph" = upgrade-workers
+sleep 1
+lab start-controller
+ctl cluster status lab --watch > "$LAB_DIR/watch-upgrade.out" 2>&1; rc=$?
+tail -n 3 "$LAB_DIR/watch-upgrade.out" | sed 's/^/#   /'
+check "the upgrade finished after the restart (status --watch exit 0)" test $rc -eq 0
+check "... resumed by the restarted controller" test "$(grep -c "resuming rollout after restart" "$LAB_DIR/controller.log")" -gt "$resumed_before"
+st=$(status_json)
+check "the cluster is at v1.30.5 and succeeded" test "$(field version <<<"$st")" = v1.30.5 -a "$(field state <<<"$st")" = succeeded
+nodes=$(lab on h2 kubectl --kubeconfig /etc/kubernetes/admin.conf get nodes 2>&1)
+sed 's/^/#   /' <<<"$nodes"
+check "every node's kubelet reports v1.30.5, all schedulable again" test "$(grep -cE '^h[1-6] +Ready +[^ ]+ +v1\.30\.5$' <<<"$nodes")" -eq 6
+check "every master's control plane runs v1.30.5 images" test "$(grep -l 'image: registry.k8s.io/kube-apiserver:v1.30.5' "$(H h1)" "$(H h2)" "$(H h3)" -r --include=kube-apiserver.yaml 2>/dev/null | wc -l)" -eq 3
+check "every master's etcd holds the new cluster version (kubeadm-config)" test "$(cat "$(H h1)/etc-kubernetes/sim/version" "$(H h2)/etc-kubernetes/sim/version" "$(H h3)/etc-kubernetes/sim/version" | grep -cx v1.30.5)" -eq 3
+out=$(ctl exec --cluster lab -- kubeadm version -o short 2>&1)
+check "kubeadm v1.30.5 on every host (from the bundle)" test "$(grep -cE '^h[1-6] \| v1\.30\.5$' <<<"$out")" -eq 6
+exp_after=$(api_expiry h1)
+check "certificates were not renewed by kubeadm (h1's apiserver expiry unchanged: $exp_after)" test -n "$exp_before" -a "$exp_before" = "$exp_after"
+wait $upc
+sed 's/^/#   /' "$LAB_DIR/vip-upgrade.out"
+reqs=$(sed -n 's/^requests=\([0-9]*\) failed=.*/\1/p' "$LAB_DIR/vip-upgrade.out")
+failed=$(sed -n 's/^requests=[0-9]* failed=\([0-9]*\)$/\1/p' "$LAB_DIR/vip-upgrade.out")
+echo "# control-plane upgrade through the VIP: ${reqs:-?} requests, ${failed:-?} failed"
+check "clients through the VIP kept working during the control-plane upgrade (${reqs:-?} requests, ${failed:-?} failed)" test "${reqs:-0}" -ge 100 -a "${failed:-x}" = 0
+out=$(ctl cluster upgrade lab --version v1.30.5 --bundle k8s-lab-130 2>&1); rc=$?
+check "upgrading to the version it runs is refused" test $rc -ne 0 -a -n "$(grep 'at v1.30.5 already' <<<"$out")"
+check "the old bundle is free once no cluster uses it" ctl bundle remove k8s-lab
+
 # --- exec on a role, and the audit log of the day-2 operations
 out=$(ctl exec --cluster lab --role node -- hostname 2>/dev/null); rc=$?
 check "exec --role node ran on every worker, output prefixed by host" test $rc -eq 0 -a -n "$(grep -x 'h4 | h4' <<<"$out")" -a -n "$(grep -x 'h5 | h5' <<<"$out")" -a -n "$(grep -x 'h6 | h6' <<<"$out")"
@@ -310,7 +369,7 @@ check "... and on no master" test -z "$(grep '^h[123] ' <<<"$out")"
 out=$(ctl exec --cluster lab --role master -- sh -c 'test "$(hostname)" != h2' 2>&1); rc=$?
 check "exec fails (exit != 0) when one master fails, naming it" test $rc -ne 0 -a -n "$(grep 'h2' <<<"$out")"
 ev=$(ctl events --cluster lab --limit 10000 -o json 2>&1)
-for a in cluster.add cluster.remove cluster.certs cluster.backup cluster.restore exec; do
+for a in cluster.add cluster.remove cluster.certs cluster.backup cluster.restore cluster.upgrade exec; do
   check "the audit log has $a by uid:0" test -n "$(grep -B1 "\"action\": \"$a\"" <<<"$ev" | grep '"actor": "uid:0"')"
 done
 
@@ -390,4 +449,4 @@ check "bootstrap undone (kubeadm removed from every host)" test -z "$(ls "$LAB_D
 check "kubeadm reset ran on the masters" test ! -e "$(H h2)/etc-kubernetes/manifests/kube-apiserver.yaml"
 check "managed /etc/hosts blocks removed" test -z "$(grep -l 'fleetadm managed block' "$LAB_DIR"/hosts/h*/hosts)"
 check "the cluster is forgotten" test -z "$(ctl cluster list -o json | grep '"lab"')"
-check "the bundle can be removed now" ctl bundle remove k8s-lab
+check "the bundle can be removed now" ctl bundle remove k8s-lab-130

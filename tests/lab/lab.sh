@@ -89,6 +89,19 @@ up() {
     ln -sf "$bin/kubeadm-sim" "$lab/bin/etcdctl"
     ln -sf "$bin/kubeadm-sim" "$lab/bin/etcdutl"
   fi
+  # The lab hosts share one systemd, which knows no per-host kubelet.service: a `systemctl` first
+  # on the hosts' PATH answers for the kubelet (the simulator's stand-in, restarted from the
+  # kubeadm the host has now) and hands everything else to the real one.
+  cat > "$lab/bin/systemctl" <<'SH'
+#!/bin/sh
+case "$1:$2" in
+  restart:kubelet|restart:kubelet.service) exec kubeadm __restart-kubelet ;;
+  is-active:kubelet|is-active:kubelet.service) exec kubeadm __kubelet-active ;;
+esac
+for s in /usr/bin/systemctl /bin/systemctl; do [ -x "$s" ] && exec "$s" "$@"; done
+echo "systemctl: not found" >&2; exit 127
+SH
+  chmod 0755 "$lab/bin/systemctl"
   modprobe bridge 2>/dev/null || true; modprobe veth 2>/dev/null || true
   ip link add $br type bridge
   [ -n "$bastion" ] || ip addr add $net.1/24 dev $br

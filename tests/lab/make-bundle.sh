@@ -1,6 +1,7 @@
 #!/bin/bash
 # Build a small offline bundle for the lab and the end-to-end test: the kubeadm simulator as
-# bin/kubeadm, bin/kubectl, bin/etcdctl and bin/etcdutl (one blob, deduplicated), a dummy kubelet and crictl, kubelet units,
+# bin/kubeadm-sim, bin/kubectl, bin/etcdctl and bin/etcdutl (one blob, deduplicated), bin/kubeadm
+# running the simulator at the bundle's VERSION, a dummy kubelet and crictl, kubelet units,
 # an addon manifest, and a post-bootstrap hook.
 # usage: tests/lab/make-bundle.sh OUT.tar.gz [NAME] [VERSION] [ARCH]   (prints the bundle dir)
 set -euo pipefail
@@ -9,7 +10,10 @@ bin=${FLEETADM_BIN_DIR:-$root/target/debug}
 out=$1 name=${2:-k8s-lab} version=${3:-v1.29.9} arch=${4:-amd64}
 dir=$(dirname "$out")/$name.d
 rm -rf "$dir" && mkdir -p "$dir"/{bin,conf,manifests,scripts}
-cp "$bin/kubeadm-sim" "$dir/bin/kubeadm"
+cp "$bin/kubeadm-sim" "$dir/bin/kubeadm-sim"
+# kubeadm of this bundle's version (the stand-in kubelet it starts, and so each node's reported
+# kubelet version, follow it)
+printf '#!/bin/sh\nKUBEADM_SIM_VERSION=%s exec /usr/local/bin/kubeadm-sim "$@"\n' "$version" > "$dir/bin/kubeadm"
 cp "$bin/kubeadm-sim" "$dir/bin/kubectl"
 cp "$bin/kubeadm-sim" "$dir/bin/etcdctl"
 cp "$bin/kubeadm-sim" "$dir/bin/etcdutl"

@@ -553,6 +553,19 @@ impl Admin for AdminService {
         self.change(who, "cluster.restore", target, cluster, dry_run, resp).await
     }
 
+    async fn upgrade_cluster(
+        &self,
+        req: Request<fleetadm_proto::UpgradeClusterRequest>,
+    ) -> Result<Response<fleetadm_proto::ChangeClusterResponse>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let dry_run = r.dry_run;
+        let target = format!("{} to {}", r.cluster, r.version);
+        let cluster = r.cluster.clone();
+        let resp = self.blocking(move |ctl| upgrade_plan(ctl, r));
+        self.change(who, "cluster.upgrade", target, cluster, dry_run, resp).await
+    }
+
     async fn add_relay(
         &self,
         req: Request<fleetadm_proto::AddRelayRequest>,
@@ -1236,6 +1249,85 @@ fn expand_selectors(req: &mut PlanClusterRequest, nodes: &[crate::plan::resolve:
     errors
 }
 
+/// `cluster upgrade`: the bundle (its version must be the target, its architecture the hosts'),
+/// the wave size and budget, then the rollout's own checks (version rules, a busy cluster).
+fn upgrade_plan(
+    ctl: &Controller,
+    r: fleetadm_proto::UpgradeClusterRequest,
+) -> Result<fleetadm_proto::ChangeClusterResponse, Status> {
+    let mut plan = PlanClusterResponse::default();
+    let refused = |mut plan: PlanClusterResponse, why: String| {
+        plan.errors.push(why);
+        Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None })
+    };
+    let rec = ctl.rollouts.get(&r.cluster).map_err(rollout_status)?;
+    if let Err(e) = crate::plan::version::check_upgrade("v0.0.0", &r.version) {
+        if matches!(e, crate::plan::version::VersionError::Bad(_)) {
+            return refused(plan, format!("--version: {e}"));
+        }
+    }
+    let bundle = if r.bundle.is_empty() {
+        plan.warnings.push(format!(
+            "no --bundle: kubeadm and kubelet {} must be installed on every host already (each host checks before it upgrades)",
+            r.version
+        ));
+        None
+    } else {
+        let b = match ctl.bundles.get(&r.bundle) {
+            Ok(b) => b.manifest,
+            Err(e) => return refused(plan, e.to_string()),
+        };
+        if b.kubernetes_version != r.version {
+            return refused(
+                plan,
+                format!("--version {} but bundle {} carries Kubernetes {}", r.version, b.name, b.kubernetes_version),
+            );
+        }
+        let nodes = candidates(ctl)?;
+        for h in rec.shape.masters.iter().chain(rec.shape.workers.iter()) {
+            let arch = nodes
+                .iter()
+                .find(|c| c.record.name == h.node)
+                .and_then(|c| c.facts.as_ref())
+                .map(|f| debian_arch(&f.arch))
+                .unwrap_or_default();
+            if !arch.is_empty() && arch != b.arch {
+                plan.errors.push(format!(
+                    "{}: host architecture {arch} does not match bundle {} ({})",
+                    h.node, b.name, b.arch
+                ));
+            }
+        }
+        if !plan.errors.is_empty() {
+            return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
+        }
+        Some((b.name.clone(), b.files.clone()))
+    };
+    let wave = if r.max_parallel.is_empty() {
+        None
+    } else {
+        match crate::plan::phases::wave_size(&r.max_parallel, rec.shape.workers.len()) {
+            Ok(w) => Some(w),
+            Err(e) => return refused(plan, e.to_string()),
+        }
+    };
+    let max_failures = (!r.max_failures.is_empty()).then(|| r.max_failures.clone());
+    let (p, started) = match ctl.rollouts.upgrade(&r.cluster, &r.version, bundle, wave, max_failures, r.dry_run) {
+        Ok(x) => x,
+        Err(e @ (crate::rollout::RolloutError::Invalid(_) | crate::rollout::RolloutError::Budget(_))) => {
+            return refused(plan, fleetadm_common::error_chain(&e));
+        }
+        Err(e) => return Err(rollout_status(e)),
+    };
+    plan.plan_text = p.render();
+    plan.plan = Some(p.view());
+    let cluster = match started {
+        Some(rec) => Some(cluster_view(ctl, &rec, false)?),
+        None => None,
+    };
+    Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster })
+}
+
 /// A cluster's current operation as `controller op list` shows it.
 fn cluster_op_info(rec: &crate::rollout::record::ClusterRecord) -> fleetadm_proto::OpInfo {
     use crate::rollout::record::{ClusterState, Operation};
@@ -1246,6 +1338,7 @@ fn cluster_op_info(rec: &crate::rollout::record::ClusterRecord) -> fleetadm_prot
         Operation::RemoveWorkers { .. } | Operation::RemoveHosts { .. } => "cluster-remove",
         Operation::Certs { .. } => "cluster-certs",
         Operation::Restore { .. } => "cluster-restore",
+        Operation::Upgrade { .. } => "cluster-upgrade",
     };
     let paused = rec.paused && rec.state == ClusterState::Running;
     fleetadm_proto::OpInfo {

@@ -85,6 +85,12 @@ pub enum ClusterCmd {
     /// each member restored from the same snapshot, etcd started, then the apiservers one at a
     /// time. Run it again after a failure to resume.
     Restore(super::backup::RestoreArgs),
+    /// Upgrade Kubernetes by one minor version (or a patch): the bundle to every host, `kubeadm
+    /// upgrade apply` on the first master, `upgrade node` on the other masters one at a time,
+    /// then the workers in waves; each host drained, its kubelet restarted on the new binary,
+    /// uncordoned. Certificates keep their validity. Run it again after a failure to resume.
+    #[command(disable_version_flag = true)]
+    Upgrade(UpgradeArgs),
     /// Take a cluster apart: kubeadm reset on every host, the workers' load balancers, the
     /// /etc/hosts blocks and what bootstrap installed; then forget it.
     Delete {
@@ -140,6 +146,33 @@ pub struct AddArgs {
     #[arg(long)]
     dry_run: bool,
     /// Start the operation and return; follow it with `controller cluster status NAME --watch`.
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// The cluster.
+    name: String,
+    #[command(flatten)]
+    data: DataDir,
+    /// The Kubernetes version to upgrade to (vX.Y.Z): the next minor version or a later patch.
+    #[arg(long = "version", id = "kube_version")]
+    version: String,
+    /// The imported bundle carrying that version (without one, every host must have kubeadm and
+    /// kubelet of that version installed already).
+    #[arg(long)]
+    bundle: Option<String>,
+    /// Workers upgraded at once: N or P% (default: the cluster's wave size).
+    #[arg(long)]
+    max_parallel: Option<String>,
+    /// Workers that may fail before the upgrade stops: N or P% (default: the cluster's setting).
+    #[arg(long)]
+    max_failures: Option<String>,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Start the upgrade and return; follow it with `controller cluster status NAME --watch`.
     #[arg(long)]
     detach: bool,
 }
@@ -237,6 +270,7 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
         ClusterCmd::Backups(a) => super::backup::list(a).await,
         ClusterCmd::Set(a) => super::backup::set(a).await,
         ClusterCmd::Restore(a) => super::backup::restore(a).await,
+        ClusterCmd::Upgrade(a) => upgrade(a).await,
         ClusterCmd::Status { name, data, output, watch } => {
             let mut c = client::connect(&data.data_dir).await?;
             if watch {
@@ -469,6 +503,23 @@ async fn add(a: AddArgs) -> anyhow::Result<()> {
         .map_err(rpc_error)?
         .into_inner();
     change(&mut c, resp, "add", a.dry_run, a.detach).await
+}
+
+async fn upgrade(a: UpgradeArgs) -> anyhow::Result<()> {
+    let mut c = client::connect(&a.data.data_dir).await?;
+    let resp = c
+        .upgrade_cluster(fleetadm_proto::UpgradeClusterRequest {
+            cluster: a.name.clone(),
+            version: a.version.clone(),
+            bundle: a.bundle.clone().unwrap_or_default(),
+            max_parallel: a.max_parallel.clone().unwrap_or_default(),
+            max_failures: a.max_failures.clone().unwrap_or_default(),
+            dry_run: a.dry_run,
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    change(&mut c, resp, "upgrade", a.dry_run, a.detach).await
 }
 
 async fn remove(a: RemoveArgs) -> anyhow::Result<()> {

@@ -33,10 +33,14 @@ pub enum PhaseName {
     SyncHosts,
     /// `cluster restore`: every master's etcd restored from one backup.
     RestoreEtcd,
+    /// `cluster upgrade`: the masters, one at a time (kubeadm upgrade apply on the first).
+    UpgradeMasters,
+    /// `cluster upgrade`: the workers in waves, within the failure budget.
+    UpgradeWorkers,
 }
 
 impl PhaseName {
-    pub const ALL: [PhaseName; 17] = [
+    pub const ALL: [PhaseName; 19] = [
         PhaseName::Preflight,
         PhaseName::Distribute,
         PhaseName::Bootstrap,
@@ -54,6 +58,8 @@ impl PhaseName {
         PhaseName::Certificates,
         PhaseName::SyncHosts,
         PhaseName::RestoreEtcd,
+        PhaseName::UpgradeMasters,
+        PhaseName::UpgradeWorkers,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +81,8 @@ impl PhaseName {
             PhaseName::Certificates => "certificates",
             PhaseName::SyncHosts => "sync-hosts",
             PhaseName::RestoreEtcd => "restore-etcd",
+            PhaseName::UpgradeMasters => "upgrade-masters",
+            PhaseName::UpgradeWorkers => "upgrade-workers",
         }
     }
 
@@ -88,7 +96,7 @@ impl PhaseName {
 
     /// Phases whose failures count against the workers' failure budget.
     pub fn is_worker_phase(self) -> bool {
-        matches!(self, PhaseName::JoinWorkers | PhaseName::SyncIpvs)
+        matches!(self, PhaseName::JoinWorkers | PhaseName::SyncIpvs | PhaseName::UpgradeWorkers)
     }
 }
 
@@ -129,10 +137,16 @@ pub enum StepKind {
     EtcdRestore,
     EtcdStart,
     ApiserverStart,
+    /// `cluster upgrade`: `kubeadm upgrade apply` (first master) or `upgrade node`.
+    KubeadmUpgrade,
+    /// `cluster upgrade`: the kubelet restarted on its new binary.
+    KubeletRestart,
+    /// `cluster upgrade`, on a first master: `kubectl uncordon` a drained node.
+    Uncordon,
 }
 
 impl StepKind {
-    pub const ALL: [StepKind; 22] = [
+    pub const ALL: [StepKind; 25] = [
         StepKind::Preflight,
         StepKind::FetchBundle,
         StepKind::Bootstrap,
@@ -155,6 +169,9 @@ impl StepKind {
         StepKind::EtcdRestore,
         StepKind::EtcdStart,
         StepKind::ApiserverStart,
+        StepKind::KubeadmUpgrade,
+        StepKind::KubeletRestart,
+        StepKind::Uncordon,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -181,6 +198,9 @@ impl StepKind {
             StepKind::EtcdRestore => "etcd-restore",
             StepKind::EtcdStart => "etcd-start",
             StepKind::ApiserverStart => "apiserver-start",
+            StepKind::KubeadmUpgrade => "kubeadm-upgrade",
+            StepKind::KubeletRestart => "kubelet-restart",
+            StepKind::Uncordon => "uncordon",
         }
     }
 
@@ -205,13 +225,19 @@ impl StepKind {
             StepKind::EtcdStop | StepKind::EtcdRestore | StepKind::EtcdStart | StepKind::ApiserverStart => {
                 TaskKind::EtcdRestore
             }
+            StepKind::KubeadmUpgrade | StepKind::KubeletRestart | StepKind::Uncordon => TaskKind::KubeadmUpgrade,
         }
     }
 
     /// How long the agent may take (the controller adds a grace period on top).
     pub fn timeout_secs(self) -> u32 {
         match self {
-            StepKind::KubeadmInit | StepKind::KubeadmJoin | StepKind::KubeadmReset | StepKind::DrainNodes => 900,
+            StepKind::KubeadmInit
+            | StepKind::KubeadmJoin
+            | StepKind::KubeadmReset
+            | StepKind::DrainNodes
+            | StepKind::KubeadmUpgrade => 900,
+            StepKind::KubeletRestart => 180,
             // up to four static pods, each stopped and started (3 min each at most)
             StepKind::CertsInstall => 1500,
             StepKind::EtcdStop | StepKind::EtcdRestore | StepKind::EtcdStart | StepKind::ApiserverStart => 900,
@@ -226,7 +252,8 @@ impl StepKind {
             | StepKind::BootstrapReset
             | StepKind::JoinToken
             | StepKind::DropToken
-            | StepKind::DeleteNodes => 120,
+            | StepKind::DeleteNodes
+            | StepKind::Uncordon => 120,
         }
     }
 
@@ -273,6 +300,12 @@ impl TaskId {
     /// A task `host` runs about `target`.
     pub fn about(cluster: &str, phase: PhaseName, host: &str, step: StepKind, target: &str) -> Self {
         Self { target: Some(target.to_string()), ..Self::new(cluster, phase, host, step) }
+    }
+
+    /// The host the task is about: its target when it has one (master0 draining w3 is about
+    /// w3), else the host running it. Failure budgets count subjects.
+    pub fn subject(&self) -> &str {
+        self.target.as_deref().unwrap_or(&self.host)
     }
 
     /// The prefix every task id of `cluster` starts with (for store scans).

@@ -8,3 +8,4 @@ pub mod phases;
 pub mod preflight;
 pub mod resolve;
 pub mod select;
+pub mod version;

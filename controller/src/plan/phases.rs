@@ -790,9 +790,139 @@ pub fn restore(shape: &ClusterShape, what: &str) -> Plan {
     Plan { cluster: c.to_string(), phases: vec![Phase { name: p, steps, note: Some("every master".into()) }] }
 }
 
+/// The plan that upgrades Kubernetes from `from` to `shape.version` in the order kubeadm's
+/// documentation gives, host by host: the bundle to every host first (if any); then each master
+/// in turn (master0 first, with `kubeadm upgrade apply`; the others with `upgrade node`): its new
+/// binaries and images, kubeadm, a drain (on master0), the kubelet restarted, an uncordon; then
+/// the workers the same way in waves of `shape.wave_size`, within the failure budget.
+pub fn upgrade(shape: &ClusterShape, from: &str) -> Plan {
+    let c = shape.name.as_str();
+    let to = shape.version.as_str();
+    let master0 = &shape.masters[0];
+    let mut phases = Vec::new();
+    let all: Vec<&PlannedHost> = shape.masters.iter().chain(shape.workers.iter()).collect();
+    match &shape.bundle {
+        Some(b) => phases.push(Phase {
+            name: PhaseName::Distribute,
+            steps: vec![all
+                .iter()
+                .map(|h| task(c, PhaseName::Distribute, &h.node, StepKind::FetchBundle, format!("fetch bundle {b}")))
+                .collect()],
+            note: None,
+        }),
+        None => phases.push(Phase {
+            name: PhaseName::Distribute,
+            steps: vec![],
+            note: Some(format!("no --bundle: every host must carry kubeadm and kubelet {to} already")),
+        }),
+    }
+    // One host's (or one wave's) upgrade, as steps.
+    let host_steps = |phase: PhaseName, hosts: &[&PlannedHost], first: bool| -> Vec<Vec<Task>> {
+        let each = |kind: StepKind, desc: &dyn Fn(&PlannedHost) -> String| -> Vec<Task> {
+            hosts.iter().map(|h| task(c, phase, &h.node, kind, desc(h))).collect()
+        };
+        let about = |kind: StepKind, desc: &dyn Fn(&PlannedHost) -> String| -> Vec<Task> {
+            hosts
+                .iter()
+                .map(|h| Task { id: TaskId::about(c, phase, &master0.node, kind, &h.node), description: desc(h) })
+                .collect()
+        };
+        let mut steps = Vec::new();
+        if shape.bundle.is_some() {
+            steps.push(each(StepKind::Bootstrap, &|_| format!("install the {to} binaries, units and images")));
+        }
+        steps.push(each(StepKind::KubeadmUpgrade, &|_| {
+            if first {
+                format!("kubeadm upgrade plan {to}; kubeadm upgrade apply {to} --certificate-renewal=false")
+            } else {
+                "kubeadm upgrade node --certificate-renewal=false".into()
+            }
+        }));
+        steps.push(about(StepKind::DrainNodes, &|h| format!("kubectl drain {} --ignore-daemonsets", h.node)));
+        steps.push(each(StepKind::KubeletRestart, &|_| "systemctl restart kubelet (the new kubelet)".into()));
+        steps.push(about(StepKind::Uncordon, &|h| format!("kubectl uncordon {}", h.node)));
+        steps
+    };
+    let mut steps = Vec::new();
+    for (i, m) in shape.masters.iter().enumerate() {
+        steps.extend(host_steps(PhaseName::UpgradeMasters, &[m], i == 0));
+    }
+    phases.push(Phase {
+        name: PhaseName::UpgradeMasters,
+        steps,
+        note: Some(format!("{from} -> {to}, one master at a time, {} first", master0.node)),
+    });
+    let workers: Vec<&PlannedHost> = shape.workers.iter().collect();
+    let mut waves = Vec::new();
+    for wave in workers.chunks(shape.wave_size.max(1)) {
+        waves.extend(host_steps(PhaseName::UpgradeWorkers, wave, false));
+    }
+    let note =
+        if workers.is_empty() { "no workers".to_string() } else { format!("in waves of {}", shape.wave_size.max(1)) };
+    phases.push(Phase { name: PhaseName::UpgradeWorkers, steps: waves, note: Some(note) });
+    phases.push(Phase { name: PhaseName::Record, steps: vec![], note: Some(format!("record the cluster at {to}")) });
+    Plan { cluster: c.to_string(), phases }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upgrade_goes_master_by_master_then_workers_in_waves() {
+        let h = |n: &str, ip: &str| PlannedHost { node: n.into(), ip: ip.parse().unwrap() };
+        let shape = ClusterShape {
+            name: "lab".into(),
+            version: "v1.30.5".into(),
+            vip: "10.103.97.2".parse().unwrap(),
+            masters: vec![h("m1", "10.0.0.1"), h("m2", "10.0.0.2")],
+            workers: vec![h("w1", "10.0.0.11"), h("w2", "10.0.0.12"), h("w3", "10.0.0.13")],
+            wave_size: 2,
+            bundle: Some("k8s-v1.30.5".into()),
+        };
+        let plan = upgrade(&shape, "v1.29.9");
+        let names: Vec<PhaseName> = plan.phases.iter().map(|p| p.name).collect();
+        assert_eq!(
+            names,
+            [PhaseName::Distribute, PhaseName::UpgradeMasters, PhaseName::UpgradeWorkers, PhaseName::Record]
+        );
+        assert_eq!(plan.phases[0].steps[0].len(), 5, "the bundle goes to every host at once");
+        let masters = &plan.phases[1].steps;
+        let ids = |steps: &[Vec<Task>]| -> Vec<Vec<String>> {
+            steps.iter().map(|s| s.iter().map(|t| t.id.to_string()).collect()).collect()
+        };
+        assert_eq!(
+            ids(masters),
+            [
+                vec!["lab/upgrade-masters/m1/bootstrap"],
+                vec!["lab/upgrade-masters/m1/kubeadm-upgrade"],
+                vec!["lab/upgrade-masters/m1/drain-nodes@m1"],
+                vec!["lab/upgrade-masters/m1/kubelet-restart"],
+                vec!["lab/upgrade-masters/m1/uncordon@m1"],
+                vec!["lab/upgrade-masters/m2/bootstrap"],
+                vec!["lab/upgrade-masters/m2/kubeadm-upgrade"],
+                vec!["lab/upgrade-masters/m1/drain-nodes@m2"],
+                vec!["lab/upgrade-masters/m2/kubelet-restart"],
+                vec!["lab/upgrade-masters/m1/uncordon@m2"],
+            ]
+        );
+        assert!(masters[1][0].description.contains("upgrade apply v1.30.5 --certificate-renewal=false"));
+        assert!(masters[6][0].description.contains("upgrade node"));
+        let workers = ids(&plan.phases[2].steps);
+        assert_eq!(workers.len(), 10, "two waves of five steps");
+        assert_eq!(workers[0], ["lab/upgrade-workers/w1/bootstrap", "lab/upgrade-workers/w2/bootstrap"]);
+        assert_eq!(workers[2], ["lab/upgrade-workers/m1/drain-nodes@w1", "lab/upgrade-workers/m1/drain-nodes@w2"]);
+        assert_eq!(workers[9], ["lab/upgrade-workers/m1/uncordon@w3"]);
+        // failures in the worker phase count against the workers the tasks are about
+        assert!(PhaseName::UpgradeWorkers.is_worker_phase() && !PhaseName::UpgradeMasters.is_worker_phase());
+        let drain: TaskId = "lab/upgrade-workers/m1/drain-nodes@w3".parse().unwrap();
+        assert_eq!(drain.subject(), "w3");
+        // without a bundle: no distribution, no bootstrap
+        let plan = upgrade(&ClusterShape { bundle: None, ..shape }, "v1.29.9");
+        assert!(plan.phases[0].steps.is_empty() && plan.phases[0].note.as_deref().unwrap_or("").contains("v1.30.5"));
+        assert_eq!(plan.phases[1].steps.len(), 8);
+        assert!(!plan.tasks().any(|t| t.kind() == StepKind::Bootstrap));
+    }
 
     #[test]
     fn every_leaving_node_is_drained_by_a_task_of_its_own() {

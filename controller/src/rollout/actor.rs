@@ -173,7 +173,9 @@ impl Actor {
                 self.rec.shape.masters.len(),
                 self.rec.shape.workers.len() - failed.len(),
             ),
-            record::Operation::AddHosts { .. } | record::Operation::RemoveHosts { .. } => format!(
+            record::Operation::AddHosts { .. }
+            | record::Operation::RemoveHosts { .. }
+            | record::Operation::Upgrade { .. } => format!(
                 "cluster {}: {} done in {:.0}s ({} masters, {} workers now)",
                 self.rec.name,
                 self.rec.operation,
@@ -337,7 +339,7 @@ impl Actor {
             limit_ms: u64::from(t.kind().timeout_secs()) * 1000 + self.settings.grace.as_millis() as u64,
             host: self.host_now(&t.id, &tr.host),
             sent_on: self.sent_on.get(&t.id).copied(),
-            host_failed_earlier: budget.is_some() && self.rec.failed_workers.contains(&tr.host),
+            host_failed_earlier: budget.is_some() && self.rec.failed_workers.iter().any(|w| w == t.id.subject()),
         };
         let limits = Limits {
             retry_delay_ms: self.settings.retry_delay.as_millis() as u64,
@@ -349,7 +351,7 @@ impl Actor {
             Next::Wait => Ok(true),
             Next::Skip => {
                 tr.state = TaskState::Skipped;
-                tr.output = format!("skipped: host {} failed earlier", tr.host);
+                tr.output = format!("skipped: host {} failed earlier", t.id.subject());
                 self.save_task(tr).await?;
                 Ok(false)
             }
@@ -437,8 +439,10 @@ impl Actor {
                 let last = tr.output.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
                 let why = format!("{}: {} failed after {} attempt(s): {last}", tr.host, tr.kind, tr.attempts_made());
                 let Some(allowed) = budget else { return Err(Stop::Failed(why)) };
-                if !self.rec.failed_workers.contains(&tr.host) {
-                    self.rec.failed_workers.push(tr.host.clone());
+                // The worker the task is about (master0 draining w3 counts against w3).
+                let subject = t.id.subject().to_string();
+                if !self.rec.failed_workers.contains(&subject) {
+                    self.rec.failed_workers.push(subject);
                     self.save_cluster().await?;
                 }
                 tracing::warn!(cluster = %self.rec.name, "{why}");

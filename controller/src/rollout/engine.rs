@@ -409,6 +409,68 @@ impl Rollouts {
         Ok((plan, Some(rec)))
     }
 
+    /// `cluster upgrade --version TO [--bundle B]`: plan (and unless `dry_run`, start) upgrading
+    /// Kubernetes one minor version (or a patch). `bundle` carries the new binaries (name and
+    /// files); without one the hosts must have them. `wave_size` and `max_failures` change the
+    /// cluster's settings when given. A failed upgrade to the same version is resumed (a failed
+    /// one cannot be left for another operation: the cluster is half upgraded).
+    pub fn upgrade(
+        &self,
+        name: &str,
+        to: &str,
+        bundle: Option<(String, Vec<fleetadm_common::tasks::BundleFile>)>,
+        wave_size: Option<usize>,
+        max_failures: Option<String>,
+        dry_run: bool,
+    ) -> Result<(phases::Plan, Option<ClusterRecord>), RolloutError> {
+        let mut rec = self.get(name)?;
+        let bundle_name = bundle.as_ref().map(|(n, _)| n.clone());
+        // A retry keeps the version it started from (the record says `to` already).
+        let from = match &rec.operation {
+            Operation::Upgrade { from, to: t, .. } if rec.state == ClusterState::Failed && t == to => from.clone(),
+            _ => rec.spec.version.clone(),
+        };
+        let op = Operation::Upgrade { from: from.clone(), to: to.to_string(), bundle: bundle_name.clone() };
+        let retry = may_start(&rec, &op)?;
+        if retry {
+            if dry_run {
+                return Ok((rec.plan.clone(), None));
+            }
+            let plan = rec.plan.clone();
+            return Ok((plan, Some(self.resume_failed(rec)?)));
+        }
+        crate::plan::version::check_upgrade(&from, to)
+            .map_err(|e| RolloutError::Invalid(format!("cluster {name}: {e}")))?;
+        let mut shape = rec.shape.clone();
+        shape.version = to.to_string();
+        if let Some(w) = wave_size {
+            shape.wave_size = w.max(1);
+        }
+        if let Some((b, _)) = &bundle {
+            shape.bundle = Some(b.clone());
+        }
+        let plan = phases::upgrade(&shape, &from);
+        let max_failures = max_failures.unwrap_or_else(|| rec.spec.max_failures.clone());
+        record::failure_budget(&max_failures, shape.workers.len())?;
+        if dry_run {
+            return Ok((plan, None));
+        }
+        self.record_tasks(&plan, rec.attempt_floor)?;
+        rec.shape = shape;
+        rec.spec.version = to.to_string();
+        rec.spec.max_failures = max_failures;
+        if let Some((_, files)) = bundle {
+            rec.bundle_files = files;
+        }
+        rec.plan = plan.clone();
+        rec.operation = op;
+        rec.failed_workers.clear();
+        rec.conditions.retain(|c| c.kind == "Ready");
+        rec.phase = plan.phases.first().map(|p| p.name).unwrap_or(PhaseName::UpgradeMasters);
+        self.start(&mut rec)?;
+        Ok((plan, Some(rec)))
+    }
+
     /// Refuse hosts that belong to a cluster already (this one too, unless `retry`: a retry names
     /// the hosts its failed attempt already recorded here).
     fn check_free(&self, name: &str, names: &[String], retry: bool) -> Result<(), RolloutError> {

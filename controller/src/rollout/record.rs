@@ -76,6 +76,14 @@ pub enum Operation {
     Certs { certs: Vec<String>, add_sans: Vec<String> },
     /// `cluster restore --snapshot ID`: every master's etcd restored from this backup.
     Restore { backup: String, sha256: String, size: u64 },
+    /// `cluster upgrade --version TO [--bundle B]`: Kubernetes from `from` to `to` (the record's
+    /// version is `to` from the start: later specs render for it).
+    Upgrade {
+        from: String,
+        to: String,
+        #[serde(default)]
+        bundle: Option<String>,
+    },
 }
 
 impl std::fmt::Display for Operation {
@@ -88,6 +96,7 @@ impl std::fmt::Display for Operation {
             Operation::AddHosts { masters, workers } => write!(f, "add {}", hosts_text(masters, workers)),
             Operation::RemoveHosts { masters, workers } => write!(f, "remove {}", hosts_text(masters, workers)),
             Operation::Restore { backup, .. } => write!(f, "restore etcd from {backup}"),
+            Operation::Upgrade { from, to, .. } => write!(f, "upgrade {from} -> {to}"),
             Operation::Certs { certs, add_sans } if add_sans.is_empty() => write!(f, "renew {}", certs.join(",")),
             Operation::Certs { add_sans, .. } => {
                 write!(f, "add SANs {} to the apiserver certificate", add_sans.join(","))

@@ -10,7 +10,7 @@ use fleetadm_proto::task_assignment::Task as WireTask;
 use fleetadm_proto::{
     BootstrapResetTask, BootstrapTask, BundleAddonsTask, CertsInstallTask, EtcdRestoreTask, FetchBundleTask, FileSpec,
     FilesTask, HostsEntry, HostsTask, KubeadmInitTask, KubeadmJoinTask, KubeadmResetTask, KubeadmTokenTask,
-    LbCleanTask, LbTask, NodeObjectsTask, PreflightTask, StaticPod,
+    KubeadmUpgradeTask, LbCleanTask, LbTask, NodeObjectsTask, PreflightTask, StaticPod,
 };
 use thiserror::Error;
 
@@ -262,6 +262,26 @@ pub fn spec_for(rec: &ClusterRecord, task: &Task) -> Result<WireTask, SpecError>
                     .join(","),
                 peer_url: peer(h),
                 apiserver: std::net::SocketAddr::new(h.ip, 6443).to_string(),
+                ..Default::default()
+            })
+        }
+        StepKind::KubeadmUpgrade | StepKind::KubeletRestart | StepKind::Uncordon => {
+            let step = match task.kind() {
+                StepKind::KubeadmUpgrade if h.node == master0.node => "apply",
+                StepKind::KubeadmUpgrade => "node",
+                StepKind::KubeletRestart => "kubelet",
+                _ => "uncordon",
+            };
+            WireTask::KubeadmUpgrade(KubeadmUpgradeTask {
+                step: step.into(),
+                version: rec.spec.version.clone(),
+                // a master waits for its own apiserver to be ready again before it reports
+                apiserver: if is_master && step != "uncordon" {
+                    std::net::SocketAddr::new(h.ip, 6443).to_string()
+                } else {
+                    String::new()
+                },
+                node: task.id.target.clone().unwrap_or_default(),
                 ..Default::default()
             })
         }

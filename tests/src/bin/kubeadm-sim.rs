@@ -594,7 +594,10 @@ fn image(component: &str, version: &str) -> String {
 
 /// The version a static pod manifest runs (its image tag).
 fn manifest_version(text: &str) -> Option<String> {
-    text.lines().find_map(|l| l.trim().strip_prefix("image: ")).and_then(|i| i.rsplit_once(':')).map(|(_, v)| v.to_string())
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("image: "))
+        .and_then(|i| i.rsplit_once(':'))
+        .map(|(_, v)| v.to_string())
 }
 
 fn manifests(node: &str, advertise: &SocketAddr, version: &str) -> Result<()> {
@@ -1318,7 +1321,9 @@ fn apiserver(listen: &str, pki: &str, state: &str) -> Result<()> {
                     let change = p.trim_start_matches("/sim/nodes/");
                     let nodes = std::fs::read_to_string(state.join("nodes")).unwrap_or_default();
                     match change.split_once('/') {
-                        Some((op @ ("drain" | "delete" | "uncordon"), name)) if !name.is_empty() && !name.contains('/') => {
+                        Some((op @ ("drain" | "delete" | "uncordon"), name))
+                            if !name.is_empty() && !name.contains('/') =>
+                        {
                             if !nodes.lines().any(|l| l.split(' ').next() == Some(name)) {
                                 (404, format!("Error from server (NotFound): nodes \"{name}\" not found"))
                             } else {
@@ -1569,7 +1574,8 @@ fn check_target(target: &str, cluster: &str) -> Result<()> {
 /// 100-year certificates to). Modelled for the apiserver's serving certificate.
 fn renew_certificates() -> Result<()> {
     let pki = PathBuf::from(KUBE).join("pki");
-    let read = |f: &str| std::fs::read_to_string(pki.join(f)).with_context(|| format!("[upgrade/certs] reading pki/{f}"));
+    let read =
+        |f: &str| std::fs::read_to_string(pki.join(f)).with_context(|| format!("[upgrade/certs] reading pki/{f}"));
     let ca_key = rcgen::KeyPair::from_pem(&read("ca.key")?)?;
     let issuer = rcgen::Issuer::from_ca_cert_pem(&read("ca.crt")?, ca_key)?;
     let names = sans(&pem_der(&pki.join("apiserver.crt"))?)?;
@@ -1659,7 +1665,9 @@ fn upgrade(args: &[String]) -> Result<()> {
             match v {
                 None | Some("true") => Ok(true),
                 Some("false") => Ok(false),
-                Some(o) => bail!("invalid argument {o:?} for {flag:?} flag: strconv.ParseBool: parsing {o:?}: invalid syntax"),
+                Some(o) => {
+                    bail!("invalid argument {o:?} for {flag:?} flag: strconv.ParseBool: parsing {o:?}: invalid syntax")
+                }
             }
         };
         match (sub, flag) {
@@ -1685,7 +1693,10 @@ fn upgrade(args: &[String]) -> Result<()> {
             let (cluster, ..) = cluster_version(&kc)?;
             let target = positional.first().cloned().unwrap_or_else(sim_version);
             check_target(&target, &cluster)?;
-            println!("[upgrade/versions] Cluster version: {cluster}\n[upgrade/versions] kubeadm version: {}", sim_version());
+            println!(
+                "[upgrade/versions] Cluster version: {cluster}\n[upgrade/versions] kubeadm version: {}",
+                sim_version()
+            );
             println!("Upgrade to the latest version in the v1.{} series:\n\nCOMPONENT                 NODE      CURRENT   TARGET", semver(&target)?.1);
             for c in ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy"] {
                 println!("{c:<25} all       {cluster:<9} {target}");
@@ -1695,7 +1706,9 @@ fn upgrade(args: &[String]) -> Result<()> {
         }
         ("apply", [target]) => {
             if !control_plane {
-                bail!("[upgrade/apply] this is not a control-plane node: {KUBE}/manifests/kube-apiserver.yaml not found");
+                bail!(
+                    "[upgrade/apply] this is not a control-plane node: {KUBE}/manifests/kube-apiserver.yaml not found"
+                );
             }
             let kc = kubeconfig.unwrap_or_else(|| format!("{KUBE}/admin.conf"));
             let (cluster, addr, host, ca) = cluster_version(&kc)?;
@@ -1719,7 +1732,11 @@ fn upgrade(args: &[String]) -> Result<()> {
         ("apply", _) => bail!("kubeadm upgrade apply takes exactly one version (e.g. v1.30.5)"),
         ("node", []) => {
             let kc = kubeconfig.unwrap_or_else(|| {
-                if control_plane { format!("{KUBE}/admin.conf") } else { format!("{KUBE}/kubelet.conf") }
+                if control_plane {
+                    format!("{KUBE}/admin.conf")
+                } else {
+                    format!("{KUBE}/kubelet.conf")
+                }
             });
             let (cluster, ..) = cluster_version(&kc)?;
             let (c, k) = (semver(&cluster)?, semver(&sim_version())?);
@@ -1877,10 +1894,7 @@ fn kubectl_get_nodes(kubeconfig: &str, rest: &[String]) -> Result<()> {
         if !seen.insert(name.to_string()) {
             continue;
         }
-        let version = kubelets
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or("<unknown>");
+        let version = kubelets.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap_or("<unknown>");
         let status = if drained.lines().any(|d| d == name) { "Ready,SchedulingDisabled" } else { "Ready" };
         let roles = if role == "control-plane" { "control-plane" } else { "<none>" };
         println!("{name:<16} {status:<28} {roles:<16} {version}");

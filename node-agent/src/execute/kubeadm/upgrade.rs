@@ -178,7 +178,8 @@ async fn restart_kubelet(timeout: Duration, cancel: &Cancel) -> Result<Outcome, 
     output.push_str("systemctl restart kubelet\n");
     let t0 = Instant::now();
     loop {
-        let ran = command::run(&Cmd::new("systemctl", &["is-active", "kubelet"], Duration::from_secs(30)), cancel).await?;
+        let ran =
+            command::run(&Cmd::new("systemctl", &["is-active", "kubelet"], Duration::from_secs(30)), cancel).await?;
         let state = ran.output.trim().to_string();
         if ran.success && state == "active" {
             output.push_str(&format!("kubelet active after {:.1}s", t0.elapsed().as_secs_f64()));
@@ -248,11 +249,8 @@ mod tests {
     async fn a_finished_step_is_not_run_again() {
         let dir = tempfile::tempdir().unwrap();
         attempt::mark_done(dir.path(), "upgrade-node-v1.30.5").unwrap();
-        let t = fleetadm_proto::KubeadmUpgradeTask {
-            step: "node".into(),
-            version: "v1.30.5".into(),
-            ..Default::default()
-        };
+        let t =
+            fleetadm_proto::KubeadmUpgradeTask { step: "node".into(), version: "v1.30.5".into(), ..Default::default() };
         let (_h, cancel) = Cancel::new();
         let o = step(dir.path(), &t, Duration::from_secs(5), &cancel).await.unwrap();
         assert!(!o.changed && o.output.contains("already finished"), "{}", o.output);
