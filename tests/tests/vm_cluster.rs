@@ -5,7 +5,8 @@
 //! host (and that a second run changes nothing), hosts files, PKI modes, joins through the
 //! workers' IPVS VIP, the CLI views, a day-2 `cluster add` of the sixth host as a worker (with a
 //! token of its own, the other hosts untouched), its `cluster remove --drain` (Node object
-//! deleted on every member, host reset) and re-add, the agent's guard, and an apiserver restart
+//! deleted on every member, host reset) and re-add, an upgrade v1.29.9 -> v1.30.5 with the
+//! controller killed during the worker waves, the agent's guard, and an apiserver restart
 //! measured through the VIP (no client request may fail).
 use fleetadm_tests::vm;
 
@@ -24,5 +25,9 @@ fn cluster_create_end_to_end_on_a_real_kernel() {
         "the restart measurement did not run"
     );
     assert!(console.contains("ok - bootstrap again on a host: reports no changes"), "bundle checks did not run");
+    assert!(
+        console.contains("ok - every node's kubelet reports v1.30.5, all schedulable again"),
+        "the upgrade checks did not run"
+    );
     assert!(ok, "VM script failed");
 }

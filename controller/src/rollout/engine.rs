@@ -1329,6 +1329,89 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_upgrade_checks_versions_and_budgets_failures_against_the_worker_a_task_is_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let sessions = Sessions::new(|_| {});
+        let settings = RolloutSettings { retry_delay: Duration::from_millis(20), ..fast() };
+        let r = Rollouts::new(store.clone(), sessions.clone(), settings);
+        let mut new = new_cluster();
+        new.shape.workers.push(PlannedHost { node: "w2".into(), ip: "10.0.0.3".parse().unwrap() });
+        new.spec.max_failures = "1".into();
+        r.create(new).unwrap();
+        let all = TaskKind::all_capabilities();
+        let _w1 = obliging_agent(&r, &sessions, "w1", all.clone());
+        let _w2 = obliging_agent(&r, &sessions, "w2", all.clone());
+        // m1 fails one task: the drain of w2 (it runs on m1, it is about w2).
+        let (_sid, tx, mut stream) = sessions.open("m1", meta("0.9.0", all.clone()), 0, 64);
+        r.session_opened("m1");
+        let r2 = r.clone();
+        let _m1 = tokio::spawn(async move {
+            let _keep = tx;
+            while let Some(Ok(ev)) = stream.next().await {
+                if let Some(server_event::Event::Task(a)) = ev.event {
+                    let state =
+                        if a.task_id.ends_with("drain-nodes@w2") { WireState::Failed } else { WireState::Succeeded };
+                    let _ = r2.task_report("m1", report(&a.task_id, a.attempt, state)).await;
+                }
+            }
+        });
+        wait_for("the create to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let refused = |res: Result<(phases::Plan, Option<ClusterRecord>), RolloutError>, what: &str| match res {
+            Err(RolloutError::Invalid(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("expected a refusal ({what}), got {:?}", other.map(|(p, _)| p.render())),
+        };
+        refused(r.upgrade("lab", "v1.31.0", None, None, None, false), "skips a minor version");
+        refused(r.upgrade("lab", "v1.29.9", None, None, None, false), "at v1.29.9 already");
+        refused(r.upgrade("lab", "v1.28.0", None, None, None, false), "downgrades are not supported");
+        refused(r.upgrade("lab", "1.30", None, None, None, false), "not a Kubernetes version");
+        assert!(matches!(
+            r.upgrade("lab", "v1.30.5", None, None, Some("x".into()), false),
+            Err(RolloutError::Budget(_))
+        ));
+        let (plan, none) = r.upgrade("lab", "v1.30.5", None, Some(2), None, true).unwrap();
+        assert!(none.is_none() && plan.render().contains("upgrade apply v1.30.5"));
+        assert_eq!(r.get("lab").unwrap().spec.version, "v1.29.9", "a dry run changes nothing");
+
+        let (_, rec) = r.upgrade("lab", "v1.30.5", None, Some(2), None, false).unwrap();
+        let rec = rec.unwrap();
+        assert_eq!(
+            (rec.spec.version.as_str(), rec.shape.version.as_str(), rec.shape.wave_size),
+            ("v1.30.5", "v1.30.5", 2)
+        );
+        // what each host is sent
+        let spec = |id: &str| {
+            let t = rec.plan.tasks().find(|t| t.id.to_string() == id).unwrap().clone();
+            match super::super::specs::spec_for(&rec, &t).unwrap() {
+                fleetadm_proto::task_assignment::Task::KubeadmUpgrade(u) => (u.step, u.version, u.apiserver, u.node),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            spec("lab/upgrade-masters/m1/kubeadm-upgrade"),
+            ("apply".into(), "v1.30.5".into(), "10.0.0.1:6443".into(), String::new())
+        );
+        assert_eq!(
+            spec("lab/upgrade-workers/w1/kubeadm-upgrade"),
+            ("node".into(), "v1.30.5".into(), String::new(), String::new())
+        );
+        assert_eq!(spec("lab/upgrade-workers/m1/uncordon@w2").3, "w2");
+        wait_for("the upgrade to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let done = r.get("lab").unwrap();
+        assert_eq!(done.state, ClusterState::Succeeded, "{}", done.message);
+        assert_eq!(done.failed_workers, ["w2"], "the drain failed on m1, but it was about w2");
+        assert_eq!(stored(&store, "lab/upgrade-workers/w2/kubelet-restart").state, TaskState::Skipped);
+        assert_eq!(stored(&store, "lab/upgrade-workers/m1/uncordon@w2").state, TaskState::Skipped);
+        assert_eq!(
+            stored(&store, "lab/upgrade-workers/m1/uncordon@w1").state,
+            TaskState::Succeeded,
+            "m1 is not a failed worker"
+        );
+        assert!(matches!(&done.operation, Operation::Upgrade { from, to, .. } if from == "v1.29.9" && to == "v1.30.5"));
+        refused(r.upgrade("lab", "v1.30.5", None, None, None, false), "at v1.30.5 already");
+    }
+
+    #[tokio::test]
     async fn an_older_master0_agent_skips_per_operation_tokens_instead_of_blocking_the_rollout() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());

@@ -40,6 +40,19 @@
 //! - kubectl: `apply -f`, `drain NODE` (refuses DaemonSet pods without --ignore-daemonsets, an
 //!   unknown node is NotFound) and `delete node NODE [--ignore-not-found]`, through the apiserver;
 //!   Node objects (sim/nodes) are replicated to every member like tokens;
+//! - upgrades: the cluster's version (kubeadm-config's kubernetesVersion) is replicated state;
+//!   static pod manifests name their images at a version, and the stand-in kubelet restarts a
+//!   pod whose manifest changed (running it at the manifest's version). `kubeadm upgrade plan
+//!   [V]`, `upgrade apply V` (control-plane nodes only; needs `--yes` without a terminal) and
+//!   `upgrade node` check kubeadm's rules (no downgrade, no skipped minor, kubeadm itself at the
+//!   target: "Upgrade kubeadm first"; `upgrade node` needs the control plane upgraded first),
+//!   renew the apiserver certificate for a year unless `--certificate-renewal=false` (what real
+//!   kubeadm does to every certificate), roll the control-plane pods one by one and write the
+//!   kubelet configuration; `apply` uploads the new version. A control-plane join refuses a
+//!   kubeadm of another minor than the cluster's. Every kubelet (workers too) registers its
+//!   version with the apiserver, which refuses one newer than itself; `kubectl get nodes` shows
+//!   NAME STATUS ROLES VERSION, `kubectl uncordon` undoes a drain's cordon. `__restart-kubelet`
+//!   and `__kubelet-active` are what the lab's `systemctl` stand-in calls;
 //! - fault injection: `KUBEADM_SIM_FAIL=wait-control-plane` makes init or a control-plane join
 //!   write its manifests, kubeconfigs and etcd data and then fail the way kubeadm does when the
 //!   control plane never comes up (leaving all of it behind).
