@@ -304,8 +304,9 @@ done
 check "after the restore every master is back in h4's rotation" test $back = yes
 
 # --- day 2: Kubernetes upgraded one minor version (v1.29.9 -> v1.30.5) from a new bundle: the masters
-#     one at a time (kubeadm upgrade apply on h1), the workers one at a time, the controller killed
-#     during the worker waves; clients through the VIP keep working; certificates keep their validity
+#     one at a time (kubeadm upgrade apply on h1), a canary worker, a pause (held across a controller
+#     restart) until `op resume`, the other workers one at a time, the controller killed during the
+#     worker waves; clients through the VIP keep working; certificates keep their validity
 "$here/make-bundle.sh" "$bdir/k8s-lab-130.tar.gz" k8s-lab-130 v1.30.5 amd64 >/dev/null 2>&1
 ctl bundle import "$bdir/k8s-lab-130.tar.gz" >/dev/null 2>&1
 check "the v1.30.5 bundle is imported" test -n "$(ctl bundle list | grep '^k8s-lab-130 ')"
@@ -317,30 +318,50 @@ out=$(ctl cluster upgrade lab --version v1.28.15 2>&1); rc=$?
 check "a downgrade is refused" test $rc -ne 0 -a -n "$(grep 'downgrades are not supported' <<<"$out")"
 out=$(ctl cluster upgrade lab --version v1.30.4 --bundle k8s-lab-130 2>&1); rc=$?
 check "a bundle of another version is refused" test $rc -ne 0 -a -n "$(grep 'carries Kubernetes v1.30.5' <<<"$out")"
-plan=$(ctl cluster upgrade lab --version v1.30.5 --bundle k8s-lab-130 --max-parallel 1 --dry-run 2>&1); rc=$?
+plan=$(ctl cluster upgrade lab --version v1.30.5 --bundle k8s-lab-130 --max-parallel 1 --canary 1 --dry-run 2>&1); rc=$?
 sed -n '/upgrade-masters/,/upgrade-workers/p' <<<"$plan" | head -8 | sed 's/^/#   /'
 check "upgrade --dry-run: kubeadm upgrade apply on h1 first, upgrade node on h2 and h3" test $rc -eq 0 -a -n "$(grep -E ' h1 +kubeadm-upgrade .*upgrade apply v1.30.5 --certificate-renewal=false' <<<"$plan")" -a "$(grep -Ec ' h[23] +kubeadm-upgrade .*upgrade node' <<<"$plan")" -eq 2
 check "... every worker drained, its kubelet restarted, uncordoned" test "$(grep -Ec ' h[456] +kubelet-restart' <<<"$plan")" -eq 3 -a "$(grep -Ec 'kubectl uncordon h[456]' <<<"$plan")" -eq 3 -a "$(grep -Ec 'kubectl drain h[456]' <<<"$plan")" -eq 3
+check "... the first worker as a canary, then a pause" test -n "$(grep 'canary: the first 1 worker(s), then a pause until .controller op resume cluster/lab.' <<<"$plan")"
 check "... and changes nothing" test "$(status_json | field version)" = v1.29.9
 lab on h6 /usr/local/bin/kubeadm __vip-client 10.103.97.2:6443 /etc/kubernetes/pki/ca.crt 40 > "$LAB_DIR/vip-upgrade.out" 2>&1 &
 upc=$!
 resumed_before=$(grep -c "resuming rollout after restart" "$LAB_DIR/controller.log")
-ctl cluster upgrade lab --version v1.30.5 --bundle k8s-lab-130 --max-parallel 1 --detach > "$LAB_DIR/upgrade.out" 2>&1
+ctl cluster upgrade lab --version v1.30.5 --bundle k8s-lab-130 --max-parallel 1 --canary 1 --detach > "$LAB_DIR/upgrade.out" 2>&1
 check "upgrade --detach recorded the operation" grep -q "upgrade v1.29.9 -> v1.30.5 recorded" "$LAB_DIR/upgrade.out"
-ph=""
+paused=no; ops=""
 for _ in $(seq 1500); do
-  [ "$(status_json | field phase)" = upgrade-workers ] && { ph=upgrade-workers; break; }
+  ops=$(ctl op list -o json 2>/dev/null)
+  grep -q '"state": "paused"' <<<"$ops" && { paused=yes; break; }
   sleep 0.2
 done
-echo "# killing the controller in phase ${ph:-(not reached)}"
+check "the upgrade paused after its canary worker h4" test $paused = yes -a -n "$(grep 'the canary (h4) passed' <<<"$ops")"
+nodes=$(lab on h2 kubectl --kubeconfig /etc/kubernetes/admin.conf get nodes 2>&1)
+check "... h4's kubelet at v1.30.5, h5's and h6's still at v1.29.9" test "$(grep -cE '^h4 +Ready +[^ ]+ +v1\.30\.5$' <<<"$nodes")" -eq 1 -a "$(grep -cE '^h[56] +Ready +[^ ]+ +v1\.29\.9$' <<<"$nodes")" -eq 2
 lab kill-controller
-check "controller killed during the worker waves" test "$ph" = upgrade-workers
+lab start-controller
+up=no
+for _ in $(seq 300); do
+  [ "$(ctl nodes list -o json 2>/dev/null | grep -c '"connected": true')" -eq 6 ] && { up=yes; break; }
+  sleep 0.2
+done
+sleep 3
+check "after a controller restart (all 6 agents back, 3s more) it is still paused and h5 untouched" test $up = yes -a -n "$(ctl op list -o json | grep '"state": "paused"')" -a -n "$(grep 'KUBEADM_SIM_VERSION=v1.29.9' "$(H h5)/usr-local-bin/kubeadm")"
+ctl op resume cluster/lab > /dev/null 2>&1
+ph=""
+for _ in $(seq 1500); do
+  grep -q 'KUBEADM_SIM_VERSION=v1.30.5' "$(H h5)/usr-local-bin/kubeadm" 2>/dev/null && [ "$(status_json | field phase)" = upgrade-workers ] && { ph=upgrade-workers; break; }
+  sleep 0.2
+done
+echo "# killing the controller in phase ${ph:-(not reached)} (h5 bootstrapped, its upgrade under way)"
+lab kill-controller
+check "controller killed during the worker waves, after the canary was resumed" test "$ph" = upgrade-workers
 sleep 1
 lab start-controller
 ctl cluster status lab --watch > "$LAB_DIR/watch-upgrade.out" 2>&1; rc=$?
 tail -n 3 "$LAB_DIR/watch-upgrade.out" | sed 's/^/#   /'
 check "the upgrade finished after the restart (status --watch exit 0)" test $rc -eq 0
-check "... resumed by the restarted controller" test "$(grep -c "resuming rollout after restart" "$LAB_DIR/controller.log")" -gt "$resumed_before"
+check "... resumed by the restarted controller (twice)" test "$(grep -c "resuming rollout after restart" "$LAB_DIR/controller.log")" -ge $((resumed_before + 2))
 st=$(status_json)
 check "the cluster is at v1.30.5 and succeeded" test "$(field version <<<"$st")" = v1.30.5 -a "$(field state <<<"$st")" = succeeded
 nodes=$(lab on h2 kubectl --kubeconfig /etc/kubernetes/admin.conf get nodes 2>&1)

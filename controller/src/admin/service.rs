@@ -112,12 +112,15 @@ impl AdminService {
                     backup_every_secs: 0,
                     backup_keep: 0,
                 };
+                let canary =
+                    canary_of(plan_req.canary, plan_req.auto_promote_secs).map_err(Status::invalid_argument)?;
                 let rec = rollouts
                     .create(crate::rollout::NewCluster {
                         shape,
                         spec,
                         validity,
                         bundle_files: bundle.map(|b| b.files).unwrap_or_default(),
+                        auto_promote_secs: canary.auto_promote_secs,
                     })
                     .map_err(rollout_status)?;
                 cluster_view(ctl, &rec, false)
@@ -1147,10 +1150,18 @@ fn add_hosts(
             1
         }
     };
+    let canary = match canary_of(r.canary, r.auto_promote_secs) {
+        Ok(c) => c,
+        Err(e) => {
+            plan.errors.push(e);
+            Default::default()
+        }
+    };
     if !plan.errors.is_empty() {
         return Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster: None });
     }
-    let (p, started) = match rollouts.add_masters(&r.cluster, masters, hosts, wave, r.dry_run) {
+    let waves = crate::rollout::Waves { size: wave, canary };
+    let (p, started) = match rollouts.add_masters(&r.cluster, masters, hosts, waves, r.dry_run) {
         Ok(x) => x,
         Err(e @ crate::rollout::RolloutError::Invalid(_)) => {
             plan.errors.push(fleetadm_common::error_chain(&e));
@@ -1312,7 +1323,12 @@ fn upgrade_plan(
         }
     };
     let max_failures = (!r.max_failures.is_empty()).then(|| r.max_failures.clone());
-    let (p, started) = match ctl.rollouts.upgrade(&r.cluster, &r.version, bundle, wave, max_failures, r.dry_run) {
+    let canary = match canary_of(r.canary, r.auto_promote_secs) {
+        Ok(c) => c,
+        Err(e) => return refused(plan, e),
+    };
+    let to = crate::rollout::UpgradeTo { version: r.version.clone(), bundle, wave_size: wave, canary, max_failures };
+    let (p, started) = match ctl.rollouts.upgrade(&r.cluster, to, r.dry_run) {
         Ok(x) => x,
         Err(e @ (crate::rollout::RolloutError::Invalid(_) | crate::rollout::RolloutError::Budget(_))) => {
             return refused(plan, fleetadm_common::error_chain(&e));
@@ -1326,6 +1342,17 @@ fn upgrade_plan(
         None => None,
     };
     Ok(fleetadm_proto::ChangeClusterResponse { plan: Some(plan), cluster })
+}
+
+/// A rollout's canary from a request: `--auto-promote` only with `--canary`, at most a week.
+fn canary_of(canary: u32, auto_promote_secs: u32) -> Result<crate::rollout::record::Canary, String> {
+    if auto_promote_secs > 0 && canary == 0 {
+        return Err("--auto-promote goes with --canary N".into());
+    }
+    if auto_promote_secs > 7 * 24 * 3600 {
+        return Err("--auto-promote is at most a week (7d)".into());
+    }
+    Ok(crate::rollout::record::Canary::new(canary as usize, u64::from(auto_promote_secs)))
 }
 
 /// A cluster's current operation as `controller op list` shows it.
@@ -1346,7 +1373,9 @@ fn cluster_op_info(rec: &crate::rollout::record::ClusterRecord) -> fleetadm_prot
         kind: kind.into(),
         description: format!("cluster {}: {} (phase {})", rec.name, rec.operation, rec.phase),
         state: if paused { "paused".into() } else { rec.state.to_string() },
-        reason: if paused {
+        reason: if paused && !rec.pause_reason.is_empty() {
+            rec.pause_reason.clone()
+        } else if paused {
             format!("paused by the operator; controller op resume cluster/{}", rec.name)
         } else {
             rec.message.clone()

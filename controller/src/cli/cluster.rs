@@ -142,12 +142,33 @@ pub struct AddArgs {
     /// Workers joined at once: N or P%.
     #[arg(long, default_value = "10")]
     max_parallel: String,
+    #[command(flatten)]
+    canary: CanaryArgs,
     /// Print the plan and change nothing.
     #[arg(long)]
     dry_run: bool,
     /// Start the operation and return; follow it with `controller cluster status NAME --watch`.
     #[arg(long)]
     detach: bool,
+}
+
+/// A rollout's canary: the first workers in a wave of their own, then a pause.
+#[derive(Debug, Args)]
+pub struct CanaryArgs {
+    /// The first N workers go first, as a wave of their own; then the rollout pauses until
+    /// `controller op resume cluster/NAME` (a failed canary worker fails the rollout instead).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    canary: Option<u32>,
+    /// After a passed canary, go on by itself after this long.
+    #[arg(long, requires = "canary", value_parser = fleetadm_common::clock::parse_duration)]
+    auto_promote: Option<Duration>,
+}
+
+impl CanaryArgs {
+    fn values(&self) -> (u32, u32) {
+        let secs = self.auto_promote.map(|d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX)).unwrap_or(0);
+        (self.canary.unwrap_or(0), secs)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +190,8 @@ pub struct UpgradeArgs {
     /// Workers that may fail before the upgrade stops: N or P% (default: the cluster's setting).
     #[arg(long)]
     max_failures: Option<String>,
+    #[command(flatten)]
+    canary: CanaryArgs,
     /// Print the plan and change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -243,6 +266,8 @@ pub struct CreateArgs {
     /// Workers that may fail (and are left out) before the rollout stops: N or P%.
     #[arg(long, default_value = "0")]
     max_failures: String,
+    #[command(flatten)]
+    canary: CanaryArgs,
     /// Validity of the Kubernetes certificates.
     #[arg(long, value_parser = humantime::parse_duration)]
     cert_validity: Option<Duration>,
@@ -431,6 +456,8 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
         clusterfile,
         master_selector: a.master_selector.clone().unwrap_or_default(),
         node_selector: a.node_selector.clone().unwrap_or_default(),
+        canary: a.canary.values().0,
+        auto_promote_secs: a.canary.values().1,
     };
     let deadline = a.wait_for_agents.map(|d| Instant::now() + d);
     let resp = loop {
@@ -498,6 +525,8 @@ async fn add(a: AddArgs) -> anyhow::Result<()> {
             dry_run: a.dry_run,
             drain: false,
             force: false,
+            canary: a.canary.values().0,
+            auto_promote_secs: a.canary.values().1,
         })
         .await
         .map_err(rpc_error)?
@@ -515,6 +544,8 @@ async fn upgrade(a: UpgradeArgs) -> anyhow::Result<()> {
             max_parallel: a.max_parallel.clone().unwrap_or_default(),
             max_failures: a.max_failures.clone().unwrap_or_default(),
             dry_run: a.dry_run,
+            canary: a.canary.values().0,
+            auto_promote_secs: a.canary.values().1,
         })
         .await
         .map_err(rpc_error)?

@@ -27,6 +27,45 @@ pub struct ClusterShape {
     /// carry the Kubernetes binaries (kubeadm, kubelet, kubectl) and a container runtime.
     #[serde(default)]
     pub bundle: Option<String>,
+    /// Planning input, not stored: the current operation's canary, the first this many workers
+    /// in a wave of their own (0: none). The record keeps what the rollout does with it.
+    #[serde(skip)]
+    pub canary: usize,
+}
+
+/// Workers in waves of `size`; with a `canary` smaller than all of them, its hosts first in a
+/// wave of their own.
+pub fn in_waves<T>(items: &[T], size: usize, canary: usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut rest = items;
+    if canary > 0 && canary < items.len() {
+        let (first, r) = items.split_at(canary);
+        out.push(first);
+        rest = r;
+    }
+    out.extend(rest.chunks(size.max(1)));
+    out
+}
+
+/// The phases whose workers go in waves (where a canary pauses the rollout).
+pub const WAVED: [PhaseName; 2] = [PhaseName::JoinWorkers, PhaseName::UpgradeWorkers];
+
+impl Plan {
+    /// Say in the plan where a canary pauses it.
+    pub fn mark_canary(&mut self, canary: usize, cluster: &str) {
+        if canary == 0 {
+            return;
+        }
+        if let Some(p) = self.phases.iter_mut().find(|p| WAVED.contains(&p.name) && !p.steps.is_empty()) {
+            let n = p.steps.first().map(|s| s.len()).unwrap_or(0);
+            let what =
+                format!("canary: the first {n} worker(s), then a pause until `controller op resume cluster/{cluster}`");
+            p.note = Some(match p.note.take() {
+                Some(old) => format!("{old}; {what}"),
+                None => what,
+            });
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,7 +259,7 @@ pub fn build(shape: &ClusterShape) -> Plan {
     phases.push(Phase { name: PhaseName::JoinMasters, steps: joins, note });
     let rs: Vec<String> = shape.masters.iter().map(|m| format!("{}:6443", m.ip)).collect();
     let mut waves = Vec::new();
-    for wave in shape.workers.chunks(shape.wave_size.max(1)) {
+    for wave in in_waves(&shape.workers, shape.wave_size, shape.canary) {
         waves.push(
             wave.iter()
                 .map(|w| {
@@ -347,7 +386,7 @@ pub fn add_workers(shape: &ClusterShape, added: &[String]) -> Plan {
     });
     let rs: Vec<String> = shape.masters.iter().map(|m| format!("{}:6443", m.ip)).collect();
     let mut waves = Vec::new();
-    for wave in new.chunks(shape.wave_size.max(1)) {
+    for wave in in_waves(&new, shape.wave_size, shape.canary) {
         waves.push(
             wave.iter()
                 .map(|w| {
@@ -644,7 +683,7 @@ pub fn add_hosts(shape: &ClusterShape, new_masters: &[String], new_workers: &[St
     let rs: Vec<String> = shape.masters.iter().map(|m| format!("{}:6443", m.ip)).collect();
     let joining: Vec<&PlannedHost> = shape.workers.iter().filter(|w| new_workers.contains(&w.node)).collect();
     let mut waves = Vec::new();
-    for wave in joining.chunks(shape.wave_size.max(1)) {
+    for wave in in_waves(&joining, shape.wave_size, shape.canary) {
         waves.push(each(wave, PhaseName::JoinWorkers, StepKind::Lb, &|_| {
             format!("IPVS {}:6443 -> {}", shape.vip, rs.join(", "))
         }));
@@ -854,7 +893,7 @@ pub fn upgrade(shape: &ClusterShape, from: &str) -> Plan {
     });
     let workers: Vec<&PlannedHost> = shape.workers.iter().collect();
     let mut waves = Vec::new();
-    for wave in workers.chunks(shape.wave_size.max(1)) {
+    for wave in in_waves(&workers, shape.wave_size, shape.canary) {
         waves.extend(host_steps(PhaseName::UpgradeWorkers, wave, false));
     }
     let note =
@@ -868,10 +907,9 @@ pub fn upgrade(shape: &ClusterShape, from: &str) -> Plan {
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_upgrade_goes_master_by_master_then_workers_in_waves() {
+    fn plan_shape() -> ClusterShape {
         let h = |n: &str, ip: &str| PlannedHost { node: n.into(), ip: ip.parse().unwrap() };
-        let shape = ClusterShape {
+        ClusterShape {
             name: "lab".into(),
             version: "v1.30.5".into(),
             vip: "10.103.97.2".parse().unwrap(),
@@ -879,7 +917,13 @@ mod tests {
             workers: vec![h("w1", "10.0.0.11"), h("w2", "10.0.0.12"), h("w3", "10.0.0.13")],
             wave_size: 2,
             bundle: Some("k8s-v1.30.5".into()),
-        };
+            canary: 0,
+        }
+    }
+
+    #[test]
+    fn an_upgrade_goes_master_by_master_then_workers_in_waves() {
+        let shape = plan_shape();
         let plan = upgrade(&shape, "v1.29.9");
         let names: Vec<PhaseName> = plan.phases.iter().map(|p| p.name).collect();
         assert_eq!(
@@ -922,6 +966,16 @@ mod tests {
         assert!(plan.phases[0].steps.is_empty() && plan.phases[0].note.as_deref().unwrap_or("").contains("v1.30.5"));
         assert_eq!(plan.phases[1].steps.len(), 8);
         assert!(!plan.tasks().any(|t| t.kind() == StepKind::Bootstrap));
+        // a canary of one: w1 alone first, then the others in waves of two; the plan says so
+        let mut plan = upgrade(&ClusterShape { canary: 1, ..plan_shape() }, "v1.29.9");
+        plan.mark_canary(1, "lab");
+        let workers = ids(&plan.phases[2].steps);
+        assert_eq!(workers.len(), 10);
+        assert_eq!(workers[0], ["lab/upgrade-workers/w1/bootstrap"]);
+        assert_eq!(workers[5], ["lab/upgrade-workers/w2/bootstrap", "lab/upgrade-workers/w3/bootstrap"]);
+        assert!(plan.render().contains("canary: the first 1 worker(s), then a pause"), "{}", plan.render());
+        assert_eq!(in_waves(&[1, 2, 3], 2, 3), vec![&[1, 2][..], &[3][..]], "a canary of everyone is no canary");
+        assert_eq!(in_waves(&[1, 2, 3, 4], 2, 1), vec![&[1][..], &[2, 3][..], &[4][..]]);
     }
 
     #[test]
@@ -935,6 +989,7 @@ mod tests {
             workers: vec![h("w1", "10.0.0.2"), h("w2", "10.0.0.3")],
             wave_size: 1,
             bundle: None,
+            canary: 0,
         };
         let plan = remove_workers(&shape, &shape.workers.clone(), true, false);
         let drain = &plan.phases[0];
@@ -957,6 +1012,7 @@ mod tests {
             workers: (1..=workers).map(|i| h("w", 10 + i)).collect(),
             wave_size: wave,
             bundle: Some("k8s-v1.29.9".into()),
+            canary: 0,
         }
     }
 

@@ -254,8 +254,10 @@ pub fn resolve_request(req: &PlanClusterRequest, nodes: &[Candidate]) -> Resolve
                 workers: w.into_iter().map(|(h, _)| h).collect(),
                 wave_size: wave,
                 bundle: (!req.bundle.is_empty()).then(|| req.bundle.clone()),
+                canary: req.canary as usize,
             };
-            let plan = phases::build(&shape);
+            let mut plan = phases::build(&shape);
+            plan.mark_canary(shape.canary.min(shape.workers.len().saturating_sub(1)), &shape.name);
             resp.plan_text = plan.render();
             resp.plan = Some(plan.view());
             planned = Some(shape);
@@ -331,6 +333,7 @@ mod tests {
             workers: vec![host("w1", "10.0.0.2")],
             wave_size: 1,
             bundle: None,
+            canary: 0,
         };
         let add = |refs: &[&str]| {
             let refs: Vec<String> = refs.iter().map(|r| r.to_string()).collect();

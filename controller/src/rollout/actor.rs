@@ -139,8 +139,22 @@ impl Actor {
             self.rec.phase = phase.name;
             self.save_cluster().await?;
             let t0 = Instant::now();
+            // The canary: the workers of the phase's first wave.
+            let canary: Vec<String> = match phase.steps.first() {
+                Some(first)
+                    if crate::plan::phases::WAVED.contains(&phase.name)
+                        && self.rec.canary.workers > 0
+                        && !self.rec.canary.passed =>
+                {
+                    first.iter().map(|t| t.id.subject().to_string()).collect()
+                }
+                _ => vec![],
+            };
             for step in &phase.steps {
                 self.run_step(step, phase.name.is_worker_phase().then_some(budget)).await?;
+                if !canary.is_empty() && !self.rec.canary.passed && self.finished_in(phase, &canary) {
+                    self.canary_done(&canary).await?;
+                }
             }
             let msg = format!("completed in {:.1}s", t0.elapsed().as_secs_f64());
             self.rec.set_condition(phase.name.as_str(), true, msg, now_unix_ms());
@@ -211,6 +225,55 @@ impl Actor {
         Ok(summary)
     }
 
+    /// Are all of `hosts`' tasks in `phase` finished?
+    fn finished_in(&self, phase: &crate::plan::phases::Phase, hosts: &[String]) -> bool {
+        phase.steps.iter().flatten().filter(|t| hosts.iter().any(|h| h == t.id.subject())).all(|t| {
+            self.tasks.get(&t.id).is_some_and(|r| matches!(r.state, TaskState::Succeeded | TaskState::Skipped))
+        })
+    }
+
+    /// The canary's workers are through: a failed one fails the operation (a retry runs the
+    /// canary again); otherwise the rollout pauses (recorded, so it holds across a restart)
+    /// until `op resume` or the auto-promotion.
+    async fn canary_done(&mut self, hosts: &[String]) -> Result<(), Stop> {
+        let name = self.rec.name.clone();
+        let failed: Vec<&String> = hosts.iter().filter(|h| self.rec.failed_workers.contains(h)).collect();
+        if !failed.is_empty() {
+            return Err(Stop::Failed(format!(
+                "the canary failed on {} (see `controller cluster logs {name}`); no other worker was started; run the same command again to retry",
+                failed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let now = now_unix_ms();
+        self.rec.canary.passed = true;
+        self.rec.paused = true;
+        let mut reason = format!(
+            "the canary ({}) passed; go on with `controller op resume cluster/{name}`, or stop with `controller op abort cluster/{name}`",
+            hosts.join(", ")
+        );
+        if self.rec.canary.auto_promote_secs > 0 {
+            self.rec.canary.promote_at_ms = now + self.rec.canary.auto_promote_secs * 1000;
+            reason.push_str(&format!("; it goes on by itself in {}s", self.rec.canary.auto_promote_secs));
+        }
+        tracing::info!(cluster = %name, "{reason}");
+        self.rec.pause_reason = reason;
+        self.save_cluster().await?;
+        Ok(())
+    }
+
+    /// A paused canary whose time has come goes on by itself.
+    async fn maybe_promote(&mut self) -> Result<(), Stop> {
+        let at = self.rec.canary.promote_at_ms;
+        if self.rec.paused && at > 0 && now_unix_ms() >= at {
+            self.rec.paused = false;
+            self.rec.pause_reason.clear();
+            self.rec.canary.promote_at_ms = 0;
+            self.save_cluster().await?;
+            tracing::info!(cluster = %self.rec.name, "the canary passed and its time is up: promoted");
+        }
+        Ok(())
+    }
+
     /// Record how the rollout ended.
     pub async fn finish(&mut self, state: ClusterState, message: &str) -> Result<(), StoreError> {
         let now = now_unix_ms();
@@ -235,6 +298,7 @@ impl Actor {
             if self.aborted {
                 return Err(Stop::Failed(ABORTED.into()));
             }
+            self.maybe_promote().await?;
             let mut open = 0usize;
             for t in step {
                 if self.advance(t, budget).await? {
@@ -280,6 +344,9 @@ impl Actor {
             Control::Resume if !self.rec.paused => return Err(format!("cluster/{name} is not paused")),
             Control::Pause | Control::Resume => {
                 self.rec.paused = action == Control::Pause;
+                // The operator's word replaces a canary's pause (and its auto-promotion).
+                self.rec.pause_reason.clear();
+                self.rec.canary.promote_at_ms = 0;
                 self.rec.updated_ms = now_unix_ms();
                 // Flushed before it is acknowledged: a restarted controller keeps it paused.
                 self.save_cluster().await.map_err(|e| fleetadm_common::error_chain(&e))?;
@@ -356,7 +423,11 @@ impl Actor {
                 Ok(false)
             }
             Next::Dispatch if self.rec.paused || self.aborted => {
-                let why = format!("paused by the operator (controller op resume cluster/{})", self.rec.name);
+                let why = if self.rec.pause_reason.is_empty() {
+                    format!("paused by the operator (controller op resume cluster/{})", self.rec.name)
+                } else {
+                    format!("paused: {}", self.rec.pause_reason)
+                };
                 if tr.waiting != why {
                     tr.waiting = why;
                     self.save_task_with(&tr, Durability::Lazy).await?;

@@ -68,6 +68,49 @@ impl Default for RolloutSettings {
     }
 }
 
+/// How an operation's workers go: waves of `size`, and a canary (its first workers alone, then
+/// a pause). A plain number is waves of that size without a canary.
+#[derive(Debug, Clone, Default)]
+pub struct Waves {
+    pub size: usize,
+    pub canary: record::Canary,
+}
+
+impl From<usize> for Waves {
+    fn from(size: usize) -> Self {
+        Self { size, canary: record::Canary::default() }
+    }
+}
+
+/// What `cluster upgrade` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct UpgradeTo {
+    /// vX.Y.Z
+    pub version: String,
+    /// The bundle carrying it (name and files); `None`: the hosts have it.
+    pub bundle: Option<(String, Vec<fleetadm_common::tasks::BundleFile>)>,
+    /// Workers at once (`None`: the cluster's wave size).
+    pub wave_size: Option<usize>,
+    pub canary: record::Canary,
+    /// The cluster's failure budget from now on (`None`: unchanged).
+    pub max_failures: Option<String>,
+}
+
+impl UpgradeTo {
+    pub fn version(v: &str) -> Self {
+        Self { version: v.to_string(), ..Default::default() }
+    }
+}
+
+/// The canary an operation over `workers` workers really has: none when it would cover them all.
+fn effective(c: record::Canary, workers: usize) -> record::Canary {
+    if c.workers == 0 || c.workers >= workers {
+        record::Canary::default()
+    } else {
+        c
+    }
+}
+
 /// The inputs of a new cluster, already resolved against the enrolled nodes.
 pub struct NewCluster {
     pub shape: ClusterShape,
@@ -75,6 +118,8 @@ pub struct NewCluster {
     pub bundle_files: Vec<fleetadm_common::tasks::BundleFile>,
     pub spec: ClusterSpec,
     pub validity: Duration,
+    /// After a passed canary (`shape.canary`), go on by itself this long after (0: never).
+    pub auto_promote_secs: u64,
 }
 
 /// A running actor's inbox, and whether a new operation was recorded while it was finishing
@@ -192,7 +237,9 @@ impl Rollouts {
             kubernetes_version: new.spec.version.clone(),
         })?;
         let ca_cert_hash = ca_pin(&pki.ca_cert_pem)?;
-        let plan = phases::build(&new.shape);
+        let canary = effective(record::Canary::new(new.shape.canary, new.auto_promote_secs), new.shape.workers.len());
+        let mut plan = phases::build(&new.shape);
+        plan.mark_canary(canary.workers, &name);
         let now = now_unix_ms();
         let attempt_floor = get_json::<u32>(&*self.store, Table::Meta, &floor_key(&name))?.unwrap_or(0);
         let rec = ClusterRecord {
@@ -221,6 +268,8 @@ impl Rollouts {
             attempt_floor,
             paused: false,
             leaving: vec![],
+            canary,
+            pause_reason: String::new(),
         };
         // Tasks first, the cluster record last: a crash in between leaves no half-recorded cluster.
         self.record_tasks(&rec.plan, rec.attempt_floor)?;
@@ -311,9 +360,10 @@ impl Rollouts {
         &self,
         name: &str,
         new: Vec<phases::PlannedHost>,
-        wave_size: usize,
+        waves: impl Into<Waves>,
         dry_run: bool,
     ) -> Result<(phases::Plan, Option<ClusterRecord>), RolloutError> {
+        let waves: Waves = waves.into();
         let mut rec = self.get(name)?;
         if new.is_empty() {
             return Err(RolloutError::Invalid("name at least one host to add (--nodes)".into()));
@@ -330,8 +380,11 @@ impl Rollouts {
         }
         let mut shape = rec.shape.clone();
         shape.workers.extend(new.iter().cloned());
-        shape.wave_size = wave_size.max(1);
-        let plan = phases::add_workers(&shape, &names);
+        shape.wave_size = waves.size.max(1);
+        let canary = effective(waves.canary, new.len());
+        shape.canary = canary.workers;
+        let mut plan = phases::add_workers(&shape, &names);
+        plan.mark_canary(canary.workers, name);
         if dry_run {
             return Ok((plan, None));
         }
@@ -340,6 +393,7 @@ impl Rollouts {
         rec.shape = shape;
         rec.plan = plan.clone();
         rec.operation = Operation::AddWorkers { hosts: names };
+        rec.canary = canary;
         // Only this operation's workers may be left out.
         rec.failed_workers.clear();
         rec.conditions.retain(|c| c.kind == "Ready");
@@ -417,12 +471,11 @@ impl Rollouts {
     pub fn upgrade(
         &self,
         name: &str,
-        to: &str,
-        bundle: Option<(String, Vec<fleetadm_common::tasks::BundleFile>)>,
-        wave_size: Option<usize>,
-        max_failures: Option<String>,
+        u: UpgradeTo,
         dry_run: bool,
     ) -> Result<(phases::Plan, Option<ClusterRecord>), RolloutError> {
+        let UpgradeTo { version: to, bundle, wave_size, canary, max_failures } = u;
+        let to = to.as_str();
         let mut rec = self.get(name)?;
         let bundle_name = bundle.as_ref().map(|(n, _)| n.clone());
         // A retry keeps the version it started from (the record says `to` already).
@@ -449,7 +502,10 @@ impl Rollouts {
         if let Some((b, _)) = &bundle {
             shape.bundle = Some(b.clone());
         }
-        let plan = phases::upgrade(&shape, &from);
+        let canary = effective(canary, shape.workers.len());
+        shape.canary = canary.workers;
+        let mut plan = phases::upgrade(&shape, &from);
+        plan.mark_canary(canary.workers, name);
         let max_failures = max_failures.unwrap_or_else(|| rec.spec.max_failures.clone());
         record::failure_budget(&max_failures, shape.workers.len())?;
         if dry_run {
@@ -464,6 +520,7 @@ impl Rollouts {
         }
         rec.plan = plan.clone();
         rec.operation = op;
+        rec.canary = canary;
         rec.failed_workers.clear();
         rec.conditions.retain(|c| c.kind == "Ready");
         rec.phase = plan.phases.first().map(|p| p.name).unwrap_or(PhaseName::UpgradeMasters);
@@ -502,12 +559,13 @@ impl Rollouts {
         name: &str,
         masters: Vec<phases::PlannedHost>,
         workers: Vec<phases::PlannedHost>,
-        wave_size: usize,
+        waves: impl Into<Waves>,
         dry_run: bool,
     ) -> Result<(phases::Plan, Option<ClusterRecord>), RolloutError> {
+        let waves: Waves = waves.into();
         let mut rec = self.get(name)?;
         if masters.is_empty() {
-            return self.add_workers(name, workers, wave_size, dry_run);
+            return self.add_workers(name, workers, waves, dry_run);
         }
         let m_names: Vec<String> = masters.iter().map(|h| h.node.clone()).collect();
         let w_names: Vec<String> = workers.iter().map(|h| h.node.clone()).collect();
@@ -528,8 +586,11 @@ impl Rollouts {
         let mut shape = rec.shape.clone();
         shape.masters.extend(masters.iter().cloned());
         shape.workers.extend(workers.iter().cloned());
-        shape.wave_size = wave_size.max(1);
-        let plan = phases::add_hosts(&shape, &m_names, &w_names);
+        shape.wave_size = waves.size.max(1);
+        let canary = effective(waves.canary, workers.len());
+        shape.canary = canary.workers;
+        let mut plan = phases::add_hosts(&shape, &m_names, &w_names);
+        plan.mark_canary(canary.workers, name);
         if dry_run {
             return Ok((plan, None));
         }
@@ -544,6 +605,7 @@ impl Rollouts {
         rec.shape = shape;
         rec.plan = plan.clone();
         rec.operation = op;
+        rec.canary = canary;
         rec.failed_workers.clear();
         rec.conditions.retain(|c| c.kind == "Ready");
         self.new_join_token(&mut rec)?;
@@ -1161,6 +1223,7 @@ mod tests {
                 workers: vec![h("w1", "10.0.0.2")],
                 wave_size: 1,
                 bundle: None,
+                canary: 0,
             },
             bundle_files: vec![],
             spec: ClusterSpec {
@@ -1179,6 +1242,7 @@ mod tests {
                 backup_keep: 0,
             },
             validity: Duration::from_secs(3600),
+            auto_promote_secs: 0,
         }
     }
 
@@ -1361,19 +1425,21 @@ mod tests {
             Err(RolloutError::Invalid(m)) => assert!(m.contains(what), "{m}"),
             other => panic!("expected a refusal ({what}), got {:?}", other.map(|(p, _)| p.render())),
         };
-        refused(r.upgrade("lab", "v1.31.0", None, None, None, false), "skips a minor version");
-        refused(r.upgrade("lab", "v1.29.9", None, None, None, false), "at v1.29.9 already");
-        refused(r.upgrade("lab", "v1.28.0", None, None, None, false), "downgrades are not supported");
-        refused(r.upgrade("lab", "1.30", None, None, None, false), "not a Kubernetes version");
+        refused(r.upgrade("lab", UpgradeTo::version("v1.31.0"), false), "skips a minor version");
+        refused(r.upgrade("lab", UpgradeTo::version("v1.29.9"), false), "at v1.29.9 already");
+        refused(r.upgrade("lab", UpgradeTo::version("v1.28.0"), false), "downgrades are not supported");
+        refused(r.upgrade("lab", UpgradeTo::version("1.30"), false), "not a Kubernetes version");
         assert!(matches!(
-            r.upgrade("lab", "v1.30.5", None, None, Some("x".into()), false),
+            r.upgrade("lab", UpgradeTo { max_failures: Some("x".into()), ..UpgradeTo::version("v1.30.5") }, false),
             Err(RolloutError::Budget(_))
         ));
-        let (plan, none) = r.upgrade("lab", "v1.30.5", None, Some(2), None, true).unwrap();
+        let (plan, none) =
+            r.upgrade("lab", UpgradeTo { wave_size: Some(2), ..UpgradeTo::version("v1.30.5") }, true).unwrap();
         assert!(none.is_none() && plan.render().contains("upgrade apply v1.30.5"));
         assert_eq!(r.get("lab").unwrap().spec.version, "v1.29.9", "a dry run changes nothing");
 
-        let (_, rec) = r.upgrade("lab", "v1.30.5", None, Some(2), None, false).unwrap();
+        let (_, rec) =
+            r.upgrade("lab", UpgradeTo { wave_size: Some(2), ..UpgradeTo::version("v1.30.5") }, false).unwrap();
         let rec = rec.unwrap();
         assert_eq!(
             (rec.spec.version.as_str(), rec.shape.version.as_str(), rec.shape.wave_size),
@@ -1408,7 +1474,107 @@ mod tests {
             "m1 is not a failed worker"
         );
         assert!(matches!(&done.operation, Operation::Upgrade { from, to, .. } if from == "v1.29.9" && to == "v1.30.5"));
-        refused(r.upgrade("lab", "v1.30.5", None, None, None, false), "at v1.30.5 already");
+        refused(r.upgrade("lab", UpgradeTo::version("v1.30.5"), false), "at v1.30.5 already");
+    }
+
+    /// An agent that answers every task, failing those whose id ends with one of `fail`.
+    fn picky_agent(
+        r: &Arc<Rollouts>,
+        sessions: &Sessions,
+        node: &str,
+        fail: Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (_sid, tx, mut stream) = sessions.open(node, meta("0.9.0", TaskKind::all_capabilities()), 0, 64);
+        r.session_opened(node);
+        let (r, node) = (r.clone(), node.to_string());
+        tokio::spawn(async move {
+            let _keep = tx;
+            while let Some(Ok(ev)) = stream.next().await {
+                if let Some(server_event::Event::Task(a)) = ev.event {
+                    let bad = fail.lock().unwrap().iter().any(|f| a.task_id.ends_with(f.as_str()));
+                    let state = if bad { WireState::Failed } else { WireState::Succeeded };
+                    let _ = r.task_report(&node, report(&a.task_id, a.attempt, state)).await;
+                }
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_canary_goes_first_then_the_rollout_pauses_until_resumed_or_promoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let sessions = Sessions::new(|_| {});
+        let settings = RolloutSettings { retry_delay: Duration::from_millis(20), ..fast() };
+        let r = Rollouts::new(store.clone(), sessions.clone(), settings);
+        let mut new = new_cluster();
+        for (n, ip) in [("w2", "10.0.0.3"), ("w3", "10.0.0.4")] {
+            new.shape.workers.push(PlannedHost { node: n.into(), ip: ip.parse().unwrap() });
+        }
+        new.spec.max_failures = "1".into();
+        // create with a canary of one, promoted by itself after a second
+        new.shape.canary = 1;
+        new.auto_promote_secs = 1;
+        let rec = r.create(new).unwrap();
+        assert_eq!(rec.canary.workers, 1);
+        assert!(rec.plan.render().contains("canary: the first 1 worker(s)"), "{}", rec.plan.render());
+        let fail = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let mut agents = Vec::new();
+        for n in ["m1", "w1", "w2", "w3"] {
+            agents.push(picky_agent(&r, &sessions, n, fail.clone()));
+        }
+        wait_for("the create's canary to pass", || r.get("lab").unwrap().canary.passed).await;
+        let paused = r.get("lab").unwrap();
+        assert!(paused.paused && paused.pause_reason.contains("the canary (w1) passed"), "{}", paused.pause_reason);
+        assert!(paused.canary.promote_at_ms > 0);
+        wait_for("the auto-promoted create to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let done = r.get("lab").unwrap();
+        assert_eq!(done.state, ClusterState::Succeeded, "{}", done.message);
+        assert!(!done.paused && done.pause_reason.is_empty());
+
+        // an upgrade with a canary of one: w1 goes first, then it holds until resumed
+        let canary = record::Canary::new(1, 0);
+        r.upgrade(
+            "lab",
+            UpgradeTo { wave_size: Some(2), canary: canary.clone(), ..UpgradeTo::version("v1.30.0") },
+            false,
+        )
+        .unwrap();
+        wait_for("the upgrade's canary to pass", || r.get("lab").unwrap().canary.passed).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let held = r.get("lab").unwrap();
+        assert_eq!(held.state, ClusterState::Running);
+        assert!(held.paused && held.canary.promote_at_ms == 0, "no auto-promotion asked for");
+        assert_eq!(stored(&store, "lab/upgrade-workers/w1/kubelet-restart").state, TaskState::Succeeded);
+        assert_eq!(stored(&store, "lab/upgrade-workers/m1/uncordon@w1").state, TaskState::Succeeded);
+        let w2 = stored(&store, "lab/upgrade-workers/w2/kubeadm-upgrade");
+        assert_eq!((w2.state, w2.attempt), (TaskState::Pending, 0), "nothing past the canary is sent");
+        assert!(w2.waiting.contains("the canary (w1) passed"), "{}", w2.waiting);
+        r.control("lab", Control::Resume).await.unwrap();
+        wait_for("the upgrade to finish", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        assert_eq!(r.get("lab").unwrap().state, ClusterState::Succeeded);
+
+        // a canary worker that fails (within the budget) fails the operation; nobody else starts
+        fail.lock().unwrap().push("w1/kubelet-restart".into());
+        r.upgrade(
+            "lab",
+            UpgradeTo { wave_size: Some(2), canary: canary.clone(), ..UpgradeTo::version("v1.30.1") },
+            false,
+        )
+        .unwrap();
+        wait_for("the failed canary", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let failed = r.get("lab").unwrap();
+        assert_eq!(failed.state, ClusterState::Failed);
+        assert!(failed.message.contains("the canary failed on w1"), "{}", failed.message);
+        assert_eq!(stored(&store, "lab/upgrade-workers/w3/kubeadm-upgrade").state, TaskState::Pending);
+        // fixed and retried with the same command: the canary runs again, passes, holds
+        fail.lock().unwrap().clear();
+        r.upgrade("lab", UpgradeTo { wave_size: Some(2), canary, ..UpgradeTo::version("v1.30.1") }, false).unwrap();
+        wait_for("the retried canary", || r.get("lab").unwrap().paused).await;
+        r.control("lab", Control::Resume).await.unwrap();
+        wait_for("the retried upgrade", || r.get("lab").unwrap().state != ClusterState::Running).await;
+        let done = r.get("lab").unwrap();
+        assert_eq!(done.state, ClusterState::Succeeded, "{}", done.message);
+        assert_eq!(done.spec.version, "v1.30.1");
     }
 
     #[tokio::test]

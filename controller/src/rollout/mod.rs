@@ -25,4 +25,4 @@ pub mod specs;
 pub mod token;
 pub mod view;
 
-pub use engine::{NewCluster, RolloutError, RolloutSettings, Rollouts};
+pub use engine::{NewCluster, RolloutError, RolloutSettings, Rollouts, UpgradeTo, Waves};

@@ -196,6 +196,32 @@ pub struct ClusterRecord {
     /// reset tasks.
     #[serde(default)]
     pub leaving: Vec<LeavingHost>,
+    /// The current operation's canary (its first wave of workers), and where it stands.
+    #[serde(default)]
+    pub canary: Canary,
+    /// Why the rollout is paused when the operator did not pause it (a passed canary).
+    #[serde(default)]
+    pub pause_reason: String,
+}
+
+/// A canary: the operation's first `workers` workers go first; once they are done the rollout
+/// pauses (recorded) until `op resume` or `promote_at_ms`. A canary worker that failed fails the
+/// operation instead (a retry runs the canary again).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Canary {
+    pub workers: usize,
+    /// Go on by itself this long after the canary passed (0: only `op resume`).
+    pub auto_promote_secs: u64,
+    /// The canary passed (it never pauses this operation again, also after a restart).
+    pub passed: bool,
+    /// When the paused rollout goes on by itself (0: not scheduled).
+    pub promote_at_ms: u64,
+}
+
+impl Canary {
+    pub fn new(workers: usize, auto_promote_secs: u64) -> Self {
+        Self { workers, auto_promote_secs, passed: false, promote_at_ms: 0 }
+    }
 }
 
 impl ClusterRecord {
