@@ -337,6 +337,9 @@ for _ in $(seq 1500); do
 done
 check "the upgrade paused after its canary worker h4" test $paused = yes -a -n "$(grep 'the canary (h4) passed' <<<"$ops")"
 nodes=$(lab on h2 kubectl --kubeconfig /etc/kubernetes/admin.conf get nodes 2>&1)
+opst=$(ctl op status cluster/lab 2>&1)
+sed -n '1,3p' <<<"$opst" | sed 's/^/#   /'
+check "... op status: paused by the canary, h1-h4 through, h5 and h6 pending" test -n "$(grep '^state: paused: the canary (h4) passed' <<<"$opst")" -a "$(grep -cE '^h[1-4] +succeeded' <<<"$opst")" -eq 4 -a "$(grep -cE '^h[56] +pending' <<<"$opst")" -eq 2
 check "... h4's kubelet at v1.30.5, h5's and h6's still at v1.29.9" test "$(grep -cE '^h4 +Ready +[^ ]+ +v1\.30\.5$' <<<"$nodes")" -eq 1 -a "$(grep -cE '^h[56] +Ready +[^ ]+ +v1\.29\.9$' <<<"$nodes")" -eq 2
 lab kill-controller
 lab start-controller
@@ -364,6 +367,8 @@ check "the upgrade finished after the restart (status --watch exit 0)" test $rc 
 check "... resumed by the restarted controller (twice)" test "$(grep -c "resuming rollout after restart" "$LAB_DIR/controller.log")" -ge $((resumed_before + 2))
 st=$(status_json)
 check "the cluster is at v1.30.5 and succeeded" test "$(field version <<<"$st")" = v1.30.5 -a "$(field state <<<"$st")" = succeeded
+opst=$(ctl op status cluster/lab 2>&1)
+check "op status cluster/lab: succeeded, all 6 hosts through" test -n "$(grep '^state: succeeded' <<<"$opst")" -a "$(grep -cE '^h[1-6] +succeeded' <<<"$opst")" -eq 6
 nodes=$(lab on h2 kubectl --kubeconfig /etc/kubernetes/admin.conf get nodes 2>&1)
 sed 's/^/#   /' <<<"$nodes"
 check "every node's kubelet reports v1.30.5, all schedulable again" test "$(grep -cE '^h[1-6] +Ready +[^ ]+ +v1\.30\.5$' <<<"$nodes")" -eq 6

@@ -253,10 +253,38 @@ fn a_canary_pauses_an_exec_until_it_is_resumed_and_an_abort_skips_the_rest() {
     assert!(err.contains("not started on h2, h3"), "{err}");
     let (ok, out) = ctl(&["op", "resume", &id]);
     assert!(!ok && out.contains("no running operation"), "{out}");
+    // The finished exec is still there for `op status`: aborted, h1 done, the others skipped.
+    let (ok, st) = ctl(&["op", "status", &id, "-o", "json"]);
+    assert!(ok, "{st}");
+    let st: serde_json::Value = serde_json::from_str(&st).expect("json");
+    assert_eq!(st["state"], "aborted", "{st}");
+    let state_of =
+        |h: &str| st["hosts"].as_array().and_then(|a| a.iter().find(|x| x["host"] == h)).map(|x| x["state"].clone());
+    assert_eq!(
+        (state_of("h1"), state_of("h2"), state_of("h3")),
+        (Some("succeeded".into()), Some("skipped".into()), Some("skipped".into())),
+        "{st}"
+    );
 
-    // A failing canary stops the rest; --auto-promote continues by itself.
-    let (ok, out, err) = exec(&lab, &["--nodes", "h2,h1", "--canary", "1", "--", "sh", "-c", "[ $(hostname) != h2 ]"]);
+    // A failing canary stops the rest; `op status` names the failed host with its error and the
+    // tail of its output, `op logs` shows it; --auto-promote continues by itself.
+    let (ok, out, err) = exec(
+        &lab,
+        &["--nodes", "h2,h1", "--canary", "1", "--", "sh", "-c", "echo boom-$(hostname); [ $(hostname) != h2 ]"],
+    );
     assert!(!ok && err.contains("not started on h1"), "{out}{err}");
+    let id = op_id(err.lines().find(|l| l.contains("exec: operation")).expect("the operation id is printed"));
+    let (ok, st) = ctl(&["op", "status", &id]);
+    assert!(ok && st.contains("state: failed") && st.contains("1 failed"), "{st}");
+    let failed_row = st.lines().find(|l| l.starts_with("h2 ")).unwrap_or_default();
+    assert!(failed_row.contains("failed") && failed_row.contains("exit"), "{st}");
+    assert!(st.contains("--- h2 (last lines of its output)") && st.contains("  boom-h2"), "{st}");
+    let (ok, logs) = ctl(&["op", "logs", &id, "--host", "h2"]);
+    assert!(ok && logs.lines().any(|l| l == "h2 | boom-h2") && !logs.contains("h1 |"), "{logs}");
+    let (ok, out) = ctl(&["op", "logs", &id, "--host", "h9"]);
+    assert!(!ok && out.contains("no host \"h9\""), "{out}");
+    let (ok, out) = ctl(&["op", "status", "nosuch"]);
+    assert!(!ok && out.contains("no operation \"nosuch\""), "{out}");
     let (ok, out, err) =
         exec(&lab, &["--nodes", "h1,h2,h3", "--canary", "2", "--auto-promote", "1s", "--", "sh", "-c", script]);
     assert!(ok && out.contains("h3 | ran-h3") && err.contains("start in 1s"), "{out}{err}");

@@ -660,6 +660,31 @@ impl Admin for AdminService {
         Ok(Response::new(fleetadm_proto::OpList { ops }))
     }
 
+    async fn get_op(&self, req: Request<fleetadm_proto::OpRef>) -> Result<Response<fleetadm_proto::OpStatus>, Status> {
+        let id = req.into_inner().id;
+        if let Some(name) = id.strip_prefix("cluster/").map(str::to_string) {
+            let status = self
+                .blocking(move |ctl| {
+                    let rec = ctl.rollouts.get(&name).map_err(rollout_status)?;
+                    let tasks = ctl.rollouts.tasks(&name).map_err(rollout_status)?;
+                    Ok(cluster_op_status(&rec, &tasks))
+                })
+                .await?;
+            return Ok(Response::new(status));
+        }
+        let op = self.ctl.rollouts.execs().ops().get(&id).ok_or_else(|| {
+            Status::not_found(format!(
+                "no operation {id:?}: not running and not among the newest finished (see `controller op list`; finished execs are kept until the controller restarts, and `controller events` has every outcome)"
+            ))
+        })?;
+        let hosts = op
+            .hosts_log()
+            .into_iter()
+            .map(|(host, h)| fleetadm_proto::OpHost { host, state: h.state, error: h.error, output: h.output })
+            .collect();
+        Ok(Response::new(fleetadm_proto::OpStatus { info: Some(op_info(&op)), hosts }))
+    }
+
     async fn control_op(
         &self,
         req: Request<fleetadm_proto::OpControlRequest>,
@@ -1355,6 +1380,55 @@ fn canary_of(canary: u32, auto_promote_secs: u32) -> Result<crate::rollout::reco
     Ok(crate::rollout::record::Canary::new(canary as usize, u64::from(auto_promote_secs)))
 }
 
+/// A cluster's current operation, host by host (the tasks of the current plan about each host,
+/// also those master0 runs for it such as its drain: the state that matters most, the last
+/// failure, the outputs).
+fn cluster_op_status(
+    rec: &crate::rollout::record::ClusterRecord,
+    tasks: &[crate::rollout::record::TaskRecord],
+) -> fleetadm_proto::OpStatus {
+    use crate::rollout::record::TaskState;
+    let planned: std::collections::HashSet<String> = rec.plan.tasks().map(|t| t.id.to_string()).collect();
+    let mut by_host: std::collections::BTreeMap<String, Vec<&crate::rollout::record::TaskRecord>> = Default::default();
+    for t in tasks.iter().filter(|t| planned.contains(&t.id.to_string())) {
+        by_host.entry(t.id.subject().to_string()).or_default().push(t);
+    }
+    let mut hosts = Vec::new();
+    for (host, mut ts) in by_host {
+        ts.sort_by_key(|t| (t.dispatched_ms, t.id.to_string()));
+        let has = |s: TaskState| ts.iter().any(|t| t.state == s);
+        let state = if has(TaskState::Failed) {
+            "failed"
+        } else if has(TaskState::Running) {
+            "running"
+        } else if has(TaskState::Pending) {
+            "pending"
+        } else if ts.iter().all(|t| t.state == TaskState::Skipped) {
+            "skipped"
+        } else {
+            "succeeded"
+        };
+        let error = ts
+            .iter()
+            .rev()
+            .filter(|t| {
+                t.state == TaskState::Failed
+                    || (t.state == TaskState::Skipped && rec.failed_workers.iter().any(|w| w == t.id.subject()))
+            })
+            .find_map(|t| {
+                t.output.lines().rev().find(|l| !l.trim().is_empty()).map(|l| format!("{}: {}", t.kind, l.trim()))
+            })
+            .unwrap_or_default();
+        let output = ts
+            .iter()
+            .filter(|t| !t.output.is_empty())
+            .map(|t| format!("[{} {}, attempt {}]\n{}\n", t.id, t.state, t.attempt, t.output.trim_end()))
+            .collect::<String>();
+        hosts.push(fleetadm_proto::OpHost { host, state: state.into(), error, output });
+    }
+    fleetadm_proto::OpStatus { info: Some(cluster_op_info(rec)), hosts }
+}
+
 /// A cluster's current operation as `controller op list` shows it.
 fn cluster_op_info(rec: &crate::rollout::record::ClusterRecord) -> fleetadm_proto::OpInfo {
     use crate::rollout::record::{ClusterState, Operation};
@@ -1393,7 +1467,7 @@ fn op_info(op: &crate::ops::control::OpControl) -> fleetadm_proto::OpInfo {
         id: op.id.clone(),
         kind: op.kind.into(),
         description: op.description.clone(),
-        state: gate.name().into(),
+        state: op.state().into(),
         reason: match gate {
             crate::ops::control::Gate::Paused(why) => why,
             _ => String::new(),

@@ -72,6 +72,28 @@ fn skipped_event(host: &str, why: &str) -> ExecEvent {
     ExecEvent { host: host.to_string(), done: true, success: false, error: why.to_string(), ..Default::default() }
 }
 
+/// The caller's event stream, with each host's events also kept in the operation's record (for
+/// `op status` and `op logs`, also after the caller went away).
+#[derive(Clone)]
+struct Tap {
+    op: Arc<super::control::OpControl>,
+    events: mpsc::Sender<ExecEvent>,
+}
+
+impl Tap {
+    async fn send(&self, ev: ExecEvent) -> Result<(), mpsc::error::SendError<ExecEvent>> {
+        if !ev.host.is_empty() {
+            let state = ev.done.then(|| match (ev.success, ev.error.starts_with("skipped")) {
+                (true, _) => "succeeded",
+                (false, true) => "skipped",
+                (false, false) => "failed",
+            });
+            self.op.host_event(&ev.host, state, &ev.output, &ev.error);
+        }
+        self.events.send(ev).await
+    }
+}
+
 /// Runs execs and takes the reports of their tasks.
 pub struct Execs {
     sessions: Sessions,
@@ -123,6 +145,7 @@ impl Execs {
     /// skipped if a canary host failed or the operation is aborted.
     pub async fn run(self: &Arc<Self>, spec: ExecSpec, events: mpsc::Sender<ExecEvent>) -> Summary {
         let running = self.ops.start(&spec.id, "exec", spec.argv.join(" "), spec.hosts.len());
+        let events = Tap { op: running.op.clone(), events };
         let notice = |text: String| ExecEvent { op: spec.id.clone(), notice: text, ..Default::default() };
         let _ = events.send(notice(String::new())).await;
         let failures = Arc::new(AtomicUsize::new(0));
@@ -183,7 +206,7 @@ impl Execs {
         spec: &ExecSpec,
         hosts: &[String],
         running: &Running,
-        events: &mpsc::Sender<ExecEvent>,
+        events: &Tap,
         failures: &Arc<AtomicUsize>,
     ) -> Vec<(String, Outcome)> {
         // A slot is taken before a host's task is spawned, so hosts start in the order given.
@@ -233,7 +256,7 @@ impl Execs {
     }
 
     /// One host: `Err(why)` when it did not run the command to a successful end.
-    async fn on_host(&self, spec: &ExecSpec, host: &str, events: &mpsc::Sender<ExecEvent>) -> Result<(), String> {
+    async fn on_host(&self, spec: &ExecSpec, host: &str, events: &Tap) -> Result<(), String> {
         let info =
             self.sessions.info(host).ok_or_else(|| format!("{host} is not connected; is node-agent running?"))?;
         let capability = TaskKind::Exec.capability();
