@@ -304,5 +304,6 @@ pub fn wait_connected(ctl: &Controller, name: &str, connected: bool, timeout: Du
         ctl.node(name).filter(|n| n["connected"].as_bool() == Some(connected))
     })
 }
+pub mod bench;
 pub mod lab;
 pub mod vm;

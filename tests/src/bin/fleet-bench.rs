@@ -1,17 +1,135 @@
 //! Fleet-scale benchmark: one real controller process and N real agents (the node-agent library's
 //! own enroll and session code, each with its own key, certificate and mTLS connection) in this
-//! process, on loopback. Prints numbers; asserts nothing.
+//! process, on loopback. Prints numbers; asserts nothing:
+//!
+//! - enrollment rate, all sessions up, controller RSS per agent;
+//! - a fleet-wide no-op task (`controller exec -l bench=yes -- true` through the admin API, every
+//!   agent at once): when each agent's result reached the controller, p50/p99/all;
+//! - reconnection after the controller is SIGKILLed and restarted;
+//! - heartbeat round trips throughout, from a few probe agents (protocol clients with their own
+//!   identities that heartbeat every second and answer their tasks at once), per phase.
 //!
 //!   cargo run --release -p fleetadm-tests --bin fleet-bench -- [AGENTS] [ENROLL_CONCURRENCY]
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fleetadm_agent::enroll::{enroll, EnrollOptions};
-use fleetadm_agent::identity::StateDir;
+use fleetadm_agent::identity::{Identity, StateDir};
 use fleetadm_agent::session::{self, RunOptions};
+use fleetadm_proto::{server_event, ConnectRequest, TaskReport};
+use fleetadm_tests::bench::percentile;
 use tokio::sync::{watch, Semaphore};
+
+/// Heartbeat round trips (µs) and failures by phase, from the probe agents.
+#[derive(Default)]
+struct Beats {
+    phase: &'static str,
+    rtt_us: BTreeMap<&'static str, Vec<u64>>,
+    errors: BTreeMap<&'static str, usize>,
+}
+
+impl Beats {
+    fn set(beats: &Mutex<Beats>, phase: &'static str) {
+        if let Ok(mut b) = beats.lock() {
+            b.phase = phase;
+        }
+    }
+}
+
+/// A probe agent: its own session (answering every task at once) and a heartbeat every second,
+/// recorded under the phase of the moment. Reconnects when the controller goes away.
+async fn probe(dir: StateDir, addr: String, i: usize, beats: Arc<Mutex<Beats>>) {
+    loop {
+        let run = async {
+            let identity = Identity::load(&dir)?;
+            let client = fleetadm_tests::bench::connect(&identity, &addr).await?;
+            let req = ConnectRequest {
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                protocol: fleetadm_proto::PROTOCOL_VERSION,
+                capabilities: fleetadm_proto::TaskKind::all_capabilities(),
+                ..Default::default()
+            };
+            let mut stream = client.clone().open_session(req).await?.into_inner();
+            let mut tasks = client.clone();
+            let hb = {
+                let beats = beats.clone();
+                tokio::spawn(fleetadm_tests::bench::heartbeats(
+                    client,
+                    Duration::from_secs(1),
+                    Duration::from_millis((i as u64 * 37) % 1000),
+                    move |r| {
+                        let Ok(mut b) = beats.lock() else { return };
+                        let p = b.phase;
+                        match r {
+                            Some(us) => b.rtt_us.entry(p).or_default().push(us),
+                            None => *b.errors.entry(p).or_default() += 1,
+                        }
+                    },
+                ))
+            };
+            while let Ok(Some(ev)) = stream.message().await {
+                let Some(server_event::Event::Task(a)) = ev.event else { continue };
+                let done = TaskReport {
+                    task_id: a.task_id,
+                    attempt: a.attempt,
+                    state: fleetadm_proto::TaskState::Succeeded as i32,
+                    output: "probe: done".into(),
+                    ..Default::default()
+                };
+                let _ = tasks.report_task(done).await;
+            }
+            hb.abort();
+            anyhow::Ok(())
+        };
+        let _ = run.await;
+        tokio::time::sleep(Duration::from_millis(500 + (i as u64 * 97) % 1500)).await;
+    }
+}
+
+fn print_beats(beats: &Mutex<Beats>) {
+    let Ok(mut b) = beats.lock() else { return };
+    let phases: Vec<&'static str> = b.rtt_us.keys().copied().collect();
+    for p in phases {
+        let errors = b.errors.get(p).copied().unwrap_or(0);
+        let v = b.rtt_us.entry(p).or_default();
+        v.sort_unstable();
+        println!(
+            "heartbeat: {p:<10} n={:<6} p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>8.2} ms  failed {errors}",
+            v.len(),
+            percentile(v, 0.5),
+            percentile(v, 0.99),
+            v.last().map(|m| *m as f64 / 1000.0).unwrap_or(f64::NAN)
+        );
+    }
+}
+
+/// `controller exec -l bench=yes -- true` on every agent at once through the admin API: when each
+/// host's result arrived (µs from the start), and how many failed.
+async fn fleet_task(data: &Path, agents: usize) -> anyhow::Result<(Vec<u64>, usize, Duration)> {
+    let mut admin = fleetadm_controller::admin::client::connect(data).await?;
+    let req = fleetadm_proto::ExecRequest {
+        argv: vec!["true".into()],
+        selector: "bench=yes".into(),
+        max_parallel: agents.min(10_000) as u32,
+        timeout_secs: 300,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let mut events = admin.exec(req).await?.into_inner();
+    let (mut acks, mut failed) = (Vec::with_capacity(agents), 0);
+    while let Some(ev) = events.message().await? {
+        if ev.done && !ev.host.is_empty() {
+            acks.push(t0.elapsed().as_micros() as u64);
+            if !ev.success {
+                failed += 1;
+            }
+        }
+    }
+    Ok((acks, failed, t0.elapsed()))
+}
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -109,7 +227,7 @@ async fn main() -> anyhow::Result<()> {
                 force: false,
                 timeout: Duration::from_secs(60),
                 proxy: Some(String::new()),
-                labels: Default::default(),
+                labels: [("bench".to_string(), "yes".to_string())].into(),
             };
             enroll(&dir, &opts).await.map(|_| dir)
         }));
@@ -125,9 +243,14 @@ async fn main() -> anyhow::Result<()> {
         agents as f64 / enroll_time.as_secs_f64()
     );
 
-    // Sessions: the real agent loop, one mTLS connection each.
+    // Sessions: the real agent loop, one mTLS connection each; a few of them are heartbeat probes.
     let (stop_tx, stop_rx) = watch::channel(false);
+    let beats = Arc::new(Mutex::new(Beats { phase: "connect", ..Default::default() }));
+    let probes = (agents / 100).clamp(1, 50);
     let t1 = Instant::now();
+    for (i, dir) in dirs.drain(agents - probes..).enumerate() {
+        tokio::spawn(probe(dir, addr.clone(), i, beats.clone()));
+    }
     for dir in dirs {
         let mut rx = stop_rx.clone();
         let opts = RunOptions {
@@ -151,7 +274,8 @@ async fn main() -> anyhow::Result<()> {
         Some(_) => println!("sessions:  {agents} connected in {:.2}s", t1.elapsed().as_secs_f64()),
         None => println!("sessions:  only {} of {agents} connected after 300s", connected(&ctl_bin, &data)),
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    Beats::set(&beats, "idle");
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let ctl_rss = rss_kib(ctl.0.id());
     println!(
         "memory:    controller RSS {} MiB ({:.1} KiB per connected agent); this process (all agents) {} MiB",
@@ -160,7 +284,27 @@ async fn main() -> anyhow::Result<()> {
         rss_kib(std::process::id()) / 1024
     );
 
+    // A fleet-wide no-op task: every agent runs `true` and reports; when did each result arrive?
+    Beats::set(&beats, "fleet-task");
+    match fleet_task(&data, agents).await {
+        Ok((mut acks, failed, all)) => {
+            acks.sort_unstable();
+            println!(
+                "task:      exec `true` on every agent at once: {} results ({failed} failed); acknowledged p50 {:.0} ms, p99 {:.0} ms, all {:.2}s",
+                acks.len(),
+                percentile(&acks, 0.5),
+                percentile(&acks, 0.99),
+                all.as_secs_f64()
+            );
+        }
+        Err(e) => println!("task:      the fleet-wide exec failed: {e:#}"),
+    }
+    println!("memory:    controller RSS after the task {} MiB", rss_kib(ctl.0.id()) / 1024);
+    Beats::set(&beats, "idle-after");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
     // Crash and restart: every agent reconnects by itself, spread by full-jitter backoff.
+    Beats::set(&beats, "restart");
     drop(ctl);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t2 = Instant::now();
@@ -175,6 +319,9 @@ async fn main() -> anyhow::Result<()> {
         ),
         None => println!("restart:   only {} of {agents} back after 300s", connected(&ctl_bin, &data)),
     }
+    Beats::set(&beats, "after");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    print_beats(&beats);
     let _ = stop_tx.send(true);
     drop(ctl);
     Ok(())

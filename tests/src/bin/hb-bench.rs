@@ -20,11 +20,8 @@ use std::time::{Duration, Instant};
 
 use fleetadm_agent::enroll::{enroll, EnrollOptions};
 use fleetadm_agent::identity::{Identity, StateDir};
-use fleetadm_common::dial::{self, DialOptions, PinReport, Trust};
 use fleetadm_proto::agent_client::AgentClient;
-use fleetadm_proto::{
-    server_event, ConnectRequest, FetchBlobRequest, HeartbeatRequest, Interface, Inventory, TaskReport,
-};
+use fleetadm_proto::{server_event, ConnectRequest, FetchBlobRequest, Interface, Inventory, TaskReport};
 use sha2::Digest;
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
@@ -54,14 +51,6 @@ struct Samples {
     phase: Option<Phase>,
     rtt_us: BTreeMap<Phase, Vec<u64>>,
     errors: BTreeMap<Phase, usize>,
-}
-
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i] as f64 / 1000.0
 }
 
 /// A bundle directory with one big pseudo-random `bin/kubeadm`; returns the blob's (sha256, size).
@@ -113,15 +102,6 @@ fn inventory(name: &str, i: usize) -> Inventory {
     }
 }
 
-async fn connect(identity: &Identity, addr: &str) -> anyhow::Result<AgentClient<Channel>> {
-    let cfg =
-        dial::client_config(&Trust::Ca(identity.ca_der()?), Some(identity.tls_identity()?), PinReport::default())?;
-    let ch = dial::connect(addr, cfg, &DialOptions::default()).await?;
-    Ok(AgentClient::new(ch)
-        .max_decoding_message_size(fleetadm_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(fleetadm_proto::MAX_MESSAGE_BYTES))
-}
-
 /// Pull the whole blob, four chunks in flight (as the agent does).
 async fn fetch(client: &AgentClient<Channel>, sha: &str, size: u64) -> anyhow::Result<u64> {
     const CHUNK: u64 = 768 * 1024;
@@ -158,7 +138,7 @@ async fn agent(
 ) -> anyhow::Result<()> {
     let identity = Identity::load(&dir)?;
     let name = identity.config.node_name.clone();
-    let client = connect(&identity, &addr).await?;
+    let client = fleetadm_tests::bench::connect(&identity, &addr).await?;
     let req = ConnectRequest {
         inventory: Some(inventory(&name, i)),
         agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -195,25 +175,18 @@ async fn agent(
         }
     });
     // Spread the heartbeats over the interval.
-    tokio::time::sleep(every.mul_f64((i % 1000) as f64 / 1000.0)).await;
-    let mut tick = tokio::time::interval(every);
-    let mut c = client;
-    loop {
-        tick.tick().await;
-        let t = Instant::now();
-        let mut req =
-            tonic::Request::new(HeartbeatRequest { agent_time_unix_ms: fleetadm_common::clock::now_unix_ms() });
-        req.set_timeout(Duration::from_secs(10));
-        let r = c.heartbeat(req).await;
-        let us = t.elapsed().as_micros() as u64;
+    let delay = every.mul_f64((i % 1000) as f64 / 1000.0);
+    fleetadm_tests::bench::heartbeats(client, every, delay, |r| {
         let mut s = samples.lock().expect("samples");
         if let Some(p) = s.phase {
             match r {
-                Ok(_) => s.rtt_us.entry(p).or_default().push(us),
-                Err(_) => *s.errors.entry(p).or_default() += 1,
+                Some(us) => s.rtt_us.entry(p).or_default().push(us),
+                None => *s.errors.entry(p).or_default() += 1,
             }
         }
-    }
+    })
+    .await;
+    Ok(())
 }
 
 fn report(samples: &Mutex<Samples>, phase: Phase, label: &str) {
@@ -224,8 +197,8 @@ fn report(samples: &Mutex<Samples>, phase: Phase, label: &str) {
     println!(
         "heartbeat {label:<8} n={:<6} p50 {:>7.2} ms   p99 {:>7.2} ms   max {:>8.2} ms   errors {errors}",
         v.len(),
-        percentile(v, 0.5),
-        percentile(v, 0.99),
+        fleetadm_tests::bench::percentile(v, 0.5),
+        fleetadm_tests::bench::percentile(v, 0.99),
         v.last().map(|m| *m as f64 / 1000.0).unwrap_or(f64::NAN),
     );
 }
