@@ -174,7 +174,7 @@ impl Actor {
                 "cluster {}: workers {} removed in {:.0}s ({} masters, {} workers now)",
                 self.rec.name,
                 hosts.join(", "),
-                started.elapsed().as_secs_f64(),
+                self.rec.op_secs(started),
                 self.rec.shape.masters.len(),
                 self.rec.shape.workers.len() - failed.len(),
             ),
@@ -183,7 +183,7 @@ impl Actor {
                 self.rec.name,
                 hosts.len() - hosts.iter().filter(|h| failed.contains(h)).count(),
                 hosts.len(),
-                started.elapsed().as_secs_f64(),
+                self.rec.op_secs(started),
                 self.rec.shape.masters.len(),
                 self.rec.shape.workers.len() - failed.len(),
             ),
@@ -193,7 +193,7 @@ impl Actor {
                 "cluster {}: {} done in {:.0}s ({} masters, {} workers now)",
                 self.rec.name,
                 self.rec.operation,
-                started.elapsed().as_secs_f64(),
+                self.rec.op_secs(started),
                 self.rec.shape.masters.len(),
                 self.rec.shape.workers.len() - failed.len(),
             ),
@@ -202,21 +202,21 @@ impl Actor {
                 self.rec.name,
                 self.rec.operation,
                 self.rec.shape.masters.len(),
-                started.elapsed().as_secs_f64()
+                self.rec.op_secs(started)
             ),
             record::Operation::Certs { .. } => format!(
                 "cluster {}: {} on {} masters in {:.0}s",
                 self.rec.name,
                 self.rec.operation,
                 self.rec.shape.masters.len(),
-                started.elapsed().as_secs_f64()
+                self.rec.op_secs(started)
             ),
             _ => format!(
                 "cluster {} is ready: {} masters, {} workers in {:.0}s",
                 self.rec.name,
                 self.rec.shape.masters.len(),
                 self.rec.shape.workers.len() - failed.len(),
-                started.elapsed().as_secs_f64()
+                self.rec.op_secs(started)
             ),
         };
         if !failed.is_empty() {

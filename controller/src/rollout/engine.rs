@@ -270,6 +270,7 @@ impl Rollouts {
             leaving: vec![],
             canary,
             pause_reason: String::new(),
+            op_started_ms: now,
         };
         // Tasks first, the cluster record last: a crash in between leaves no half-recorded cluster.
         self.record_tasks(&rec.plan, rec.attempt_floor)?;
@@ -320,6 +321,7 @@ impl Rollouts {
         rec.message = "deleting".into();
         rec.failed_workers.clear();
         rec.updated_ms = now_unix_ms();
+        rec.op_started_ms = rec.updated_ms;
         put_json(&*self.store, Table::Clusters, name, &rec, Durability::Flush)?;
         tracing::info!(cluster = name, "deleting cluster: resetting its hosts");
         self.spawn(name);
@@ -348,6 +350,7 @@ impl Rollouts {
         rec.message = format!("{}", rec.operation);
         rec.finished_ms = 0;
         rec.updated_ms = now_unix_ms();
+        rec.op_started_ms = rec.updated_ms;
         put_json(&*self.store, Table::Clusters, &rec.name, rec, Durability::Flush)?;
         tracing::info!(cluster = %rec.name, operation = %rec.operation, "operation recorded; rollout starting");
         self.spawn(&rec.name);
@@ -899,6 +902,7 @@ impl Rollouts {
         rec.failed_workers.clear();
         rec.message = "retrying after a failure".into();
         rec.updated_ms = now_unix_ms();
+        rec.op_started_ms = rec.updated_ms;
         rec.finished_ms = 0;
         put_json(&*self.store, Table::Clusters, &rec.name, &rec, Durability::Flush)?;
         tracing::info!(cluster = %rec.name, "resuming a failed rollout");
@@ -1051,7 +1055,9 @@ async fn run_to_end(actor: &mut Actor, store: &Arc<dyn Store>) {
         Ok(summary) => (ClusterState::Succeeded, summary),
         Err(stop) => (ClusterState::Failed, stop.chain()),
     };
-    let took = fleetadm_common::clock::now_unix_ms().saturating_sub(actor.rec.created_ms) as f64 / 1000.0;
+    // the operation's own duration (the cluster's age for records from before it was kept)
+    let since = if actor.rec.op_started_ms > 0 { actor.rec.op_started_ms } else { actor.rec.created_ms };
+    let took = fleetadm_common::clock::now_unix_ms().saturating_sub(since) as f64 / 1000.0;
     crate::metrics::metrics().rollout_finished(&name, &state.to_string(), took);
     match actor.finish(state, &message).await {
         Ok(()) if state == ClusterState::Succeeded => tracing::info!(cluster = %name, "{message}"),

@@ -202,6 +202,20 @@ pub struct ClusterRecord {
     /// Why the rollout is paused when the operator did not pause it (a passed canary).
     #[serde(default)]
     pub pause_reason: String,
+    /// When the current operation (or its latest retry) started (0: before fleetadm kept it).
+    #[serde(default)]
+    pub op_started_ms: u64,
+}
+
+impl ClusterRecord {
+    /// Seconds since the current operation started (across controller restarts), or since
+    /// `fallback` when that was not recorded.
+    pub fn op_secs(&self, fallback: std::time::Instant) -> f64 {
+        match self.op_started_ms {
+            0 => fallback.elapsed().as_secs_f64(),
+            t => fleetadm_common::clock::now_unix_ms().saturating_sub(t) as f64 / 1000.0,
+        }
+    }
 }
 
 /// A canary: the operation's first `workers` workers go first; once they are done the rollout
