@@ -166,9 +166,16 @@ fn worker_failure_budget_and_delete() {
     let st = lab.status("edge");
     assert_eq!(st["failed_workers"].as_array().map(|a| a.len()), Some(2), "{st}");
     assert_eq!(task(&st, "sync-ipvs/h3/lb")["state"], "skipped");
-    // A second, healthy cluster on the remaining host (deleted with --force below).
-    let (ok, out) = lab.ctl(&["cluster", "create", "tight", "--masters", "h2"]);
+    // A second, healthy cluster on the remaining host (deleted with --force below), with an etcd
+    // backup schedule from the start (a bad one refused first, nothing recorded).
+    let (ok, out) = lab.ctl(&["cluster", "create", "tight", "--masters", "h2", "--backup-every", "10s"]);
+    assert!(!ok && out.contains("--backup-every must be at least 1m"), "{out}");
+    let (_, list) = lab.ctl(&["cluster", "list", "-o", "json"]);
+    assert!(!list.contains("\"tight\""), "a refused create records nothing: {list}");
+    let (ok, out) = lab.ctl(&["cluster", "create", "tight", "--masters", "h2", "--backup-every", "6h", "--keep", "3"]);
     assert!(ok, "{out}");
+    let (ok, out) = lab.ctl(&["cluster", "backups", "tight"]);
+    assert!(ok && out.contains("schedule: every 6h, keeping 3"), "{out}");
 
     // Delete: every host is reset and the cluster is forgotten.
     assert!(lab.host("h1").join("etc-kubernetes/manifests/kube-apiserver.yaml").exists());

@@ -97,6 +97,8 @@ impl AdminService {
                 } else {
                     Duration::from_secs(req.cert_validity_secs)
                 };
+                crate::rollout::engine::check_schedule(Duration::from_secs(req.backup_every_secs), req.backup_keep)
+                    .map_err(rollout_status)?;
                 let spec = crate::rollout::record::ClusterSpec {
                     version: plan_req.version.clone(),
                     pod_cidr: plan_req.pod_cidr.clone(),
@@ -109,8 +111,8 @@ impl AdminService {
                     image_repository: "registry.k8s.io".into(),
                     cert_validity_secs: validity.as_secs(),
                     extra_sans: vec![],
-                    backup_every_secs: 0,
-                    backup_keep: 0,
+                    backup_every_secs: req.backup_every_secs,
+                    backup_keep: if req.backup_every_secs > 0 { req.backup_keep } else { 0 },
                 };
                 let canary =
                     canary_of(plan_req.canary, plan_req.auto_promote_secs).map_err(Status::invalid_argument)?;

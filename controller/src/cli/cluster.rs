@@ -268,6 +268,12 @@ pub struct CreateArgs {
     max_failures: String,
     #[command(flatten)]
     canary: CanaryArgs,
+    /// Take an etcd backup this often once the cluster is up (`6h`; see `cluster set`).
+    #[arg(long, value_parser = fleetadm_common::clock::parse_duration)]
+    backup_every: Option<Duration>,
+    /// With --backup-every: keep this many backups.
+    #[arg(long, default_value = "12", requires = "backup_every")]
+    keep: u32,
     /// Validity of the Kubernetes certificates.
     #[arg(long, value_parser = humantime::parse_duration)]
     cert_validity: Option<Duration>,
@@ -494,6 +500,8 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
             plan: Some(plan_req),
             max_failures: a.max_failures.clone(),
             cert_validity_secs: a.cert_validity.map(|d| d.as_secs()).unwrap_or(0),
+            backup_every_secs: a.backup_every.map(|d| d.as_secs()).unwrap_or(0),
+            backup_keep: a.keep,
         })
         .await
         .map_err(rpc_error)?

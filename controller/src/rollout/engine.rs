@@ -82,6 +82,17 @@ impl From<usize> for Waves {
     }
 }
 
+/// A backup schedule's rules: every 1 minute at least (or 0: none), keeping at least one.
+pub fn check_schedule(every: Duration, keep: u32) -> Result<(), RolloutError> {
+    if !every.is_zero() && every < Duration::from_secs(60) {
+        return Err(RolloutError::Invalid("--backup-every must be at least 1m (or 0 to turn it off)".into()));
+    }
+    if !every.is_zero() && keep == 0 {
+        return Err(RolloutError::Invalid("--keep must be at least 1 with a schedule".into()));
+    }
+    Ok(())
+}
+
 /// What `cluster upgrade` asks for.
 #[derive(Debug, Clone, Default)]
 pub struct UpgradeTo {
@@ -417,12 +428,7 @@ impl Rollouts {
                 rec.operation
             )));
         }
-        if !every.is_zero() && every < Duration::from_secs(60) {
-            return Err(RolloutError::Invalid("--backup-every must be at least 1m (or 0 to turn it off)".into()));
-        }
-        if !every.is_zero() && keep == 0 {
-            return Err(RolloutError::Invalid("--keep must be at least 1 with a schedule".into()));
-        }
+        check_schedule(every, keep)?;
         rec.spec.backup_every_secs = every.as_secs();
         rec.spec.backup_keep = keep;
         rec.updated_ms = now_unix_ms();
