@@ -200,13 +200,11 @@ async fn uncordon(kube_dir: &Path, node: &str, timeout: Duration, cancel: &Cance
     let kubeconfig = kube_dir.join("admin.conf").to_string_lossy().into_owned();
     let ran =
         command::run(&Cmd::new("kubectl", &["--kubeconfig", &kubeconfig, "uncordon", node], timeout), cancel).await?;
-    if ran.success {
-        return Ok(Outcome { changed: true, output: format!("node {node} uncordoned") });
-    }
-    if ran.output.contains("(NotFound)") {
+    if !ran.success && ran.output.contains("(NotFound)") {
         return Ok(Outcome { changed: false, output: format!("node {node} is gone: nothing to uncordon") });
     }
-    Err(ran.ok("kubectl uncordon").map(drop).unwrap_err().into())
+    ran.ok("kubectl uncordon")?;
+    Ok(Outcome { changed: true, output: format!("node {node} uncordoned") })
 }
 
 #[cfg(test)]
