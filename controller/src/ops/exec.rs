@@ -145,6 +145,8 @@ impl Execs {
     /// skipped if a canary host failed or the operation is aborted.
     pub async fn run(self: &Arc<Self>, spec: ExecSpec, events: mpsc::Sender<ExecEvent>) -> Summary {
         let running = self.ops.start(&spec.id, "exec", spec.argv.join(" "), spec.hosts.len());
+        // Shared by every host's task (the host list alone is O(hosts): never copied per host).
+        let spec = Arc::new(spec);
         let events = Tap { op: running.op.clone(), events };
         let notice = |text: String| ExecEvent { op: spec.id.clone(), notice: text, ..Default::default() };
         let _ = events.send(notice(String::new())).await;
@@ -203,7 +205,7 @@ impl Execs {
     /// failures so far before it starts.
     async fn wave(
         self: &Arc<Self>,
-        spec: &ExecSpec,
+        spec: &Arc<ExecSpec>,
         hosts: &[String],
         running: &Running,
         events: &Tap,

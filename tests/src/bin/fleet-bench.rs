@@ -108,7 +108,7 @@ fn print_beats(beats: &Mutex<Beats>) {
 
 /// `controller exec -l bench=yes -- true` on every agent at once through the admin API: when each
 /// host's result arrived (µs from the start), and how many failed.
-async fn fleet_task(data: &Path, agents: usize) -> anyhow::Result<(Vec<u64>, usize, Duration)> {
+async fn fleet_task(data: &Path, agents: usize) -> anyhow::Result<(Vec<u64>, BTreeMap<String, usize>, Duration)> {
     let mut admin = fleetadm_controller::admin::client::connect(data).await?;
     let req = fleetadm_proto::ExecRequest {
         argv: vec!["true".into()],
@@ -119,12 +119,12 @@ async fn fleet_task(data: &Path, agents: usize) -> anyhow::Result<(Vec<u64>, usi
     };
     let t0 = Instant::now();
     let mut events = admin.exec(req).await?.into_inner();
-    let (mut acks, mut failed) = (Vec::with_capacity(agents), 0);
+    let (mut acks, mut failed) = (Vec::with_capacity(agents), BTreeMap::new());
     while let Some(ev) = events.message().await? {
         if ev.done && !ev.host.is_empty() {
             acks.push(t0.elapsed().as_micros() as u64);
             if !ev.success {
-                failed += 1;
+                *failed.entry(ev.error.chars().take(120).collect::<String>()).or_insert(0) += 1;
             }
         }
     }
@@ -290,12 +290,16 @@ async fn main() -> anyhow::Result<()> {
         Ok((mut acks, failed, all)) => {
             acks.sort_unstable();
             println!(
-                "task:      exec `true` on every agent at once: {} results ({failed} failed); acknowledged p50 {:.0} ms, p99 {:.0} ms, all {:.2}s",
+                "task:      exec `true` on every agent at once: {} results ({} failed); acknowledged p50 {:.0} ms, p99 {:.0} ms, all {:.2}s",
                 acks.len(),
+                failed.values().sum::<usize>(),
                 percentile(&acks, 0.5),
                 percentile(&acks, 0.99),
                 all.as_secs_f64()
             );
+            for (why, n) in failed.iter().take(5) {
+                println!("           {n} failed: {why}");
+            }
         }
         Err(e) => println!("task:      the fleet-wide exec failed: {e:#}"),
     }
