@@ -9,7 +9,10 @@
 //! - heartbeat round trips throughout, from a few probe agents (protocol clients with their own
 //!   identities that heartbeat every second and answer their tasks at once), per phase.
 //!
-//!   cargo run --release -p fleetadm-tests --bin fleet-bench -- [AGENTS] [ENROLL_CONCURRENCY]
+//!   cargo run --release -p fleetadm-tests --bin fleet-bench -- [AGENTS] [ENROLL_CONCURRENCY] [TASK_PARALLEL]
+//!
+//! TASK_PARALLEL (default: every agent) bounds the exec's `--max-parallel`: all agents share this
+//! process and its open-file limit, and each running `true` holds pipes.
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -108,12 +111,16 @@ fn print_beats(beats: &Mutex<Beats>) {
 
 /// `controller exec -l bench=yes -- true` on every agent at once through the admin API: when each
 /// host's result arrived (µs from the start), and how many failed.
-async fn fleet_task(data: &Path, agents: usize) -> anyhow::Result<(Vec<u64>, BTreeMap<String, usize>, Duration)> {
+async fn fleet_task(
+    data: &Path,
+    agents: usize,
+    parallel: usize,
+) -> anyhow::Result<(Vec<u64>, BTreeMap<String, usize>, Duration)> {
     let mut admin = fleetadm_controller::admin::client::connect(data).await?;
     let req = fleetadm_proto::ExecRequest {
         argv: vec!["true".into()],
         selector: "bench=yes".into(),
-        max_parallel: agents.min(10_000) as u32,
+        max_parallel: parallel.clamp(1, 10_000) as u32,
         timeout_secs: 300,
         ..Default::default()
     };
@@ -190,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let agents: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1000);
     let conc: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(64);
+    let task_parallel: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(agents);
     let bin_dir = std::env::current_exe()?.parent().map(Path::to_path_buf).expect("bin dir");
     let ctl_bin = bin_dir.join("controller");
     anyhow::ensure!(ctl_bin.exists(), "{} missing: cargo build --release -p controller", ctl_bin.display());
@@ -286,11 +294,11 @@ async fn main() -> anyhow::Result<()> {
 
     // A fleet-wide no-op task: every agent runs `true` and reports; when did each result arrive?
     Beats::set(&beats, "fleet-task");
-    match fleet_task(&data, agents).await {
+    match fleet_task(&data, agents, task_parallel).await {
         Ok((mut acks, failed, all)) => {
             acks.sort_unstable();
             println!(
-                "task:      exec `true` on every agent at once: {} results ({} failed); acknowledged p50 {:.0} ms, p99 {:.0} ms, all {:.2}s",
+                "task:      exec `true` on every agent (--max-parallel {task_parallel}): {} results ({} failed); acknowledged p50 {:.0} ms, p99 {:.0} ms, all {:.2}s",
                 acks.len(),
                 failed.values().sum::<usize>(),
                 percentile(&acks, 0.5),
