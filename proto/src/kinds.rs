@@ -26,6 +26,7 @@ pub enum TaskKind {
     EtcdSnapshot,
     EtcdRestore,
     KubeadmUpgrade,
+    AgentUpgrade,
 }
 
 /// A `TaskAssignment` without a task this build knows (from a newer controller).
@@ -34,7 +35,7 @@ pub enum TaskKind {
 pub struct UnknownTask;
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 21] = [
+    pub const ALL: [TaskKind; 22] = [
         TaskKind::Preflight,
         TaskKind::Hosts,
         TaskKind::Files,
@@ -56,6 +57,7 @@ impl TaskKind {
         TaskKind::EtcdSnapshot,
         TaskKind::EtcdRestore,
         TaskKind::KubeadmUpgrade,
+        TaskKind::AgentUpgrade,
     ];
 
     pub fn of(task: &Task) -> TaskKind {
@@ -81,6 +83,7 @@ impl TaskKind {
             Task::EtcdSnapshot(_) => TaskKind::EtcdSnapshot,
             Task::EtcdRestore(_) => TaskKind::EtcdRestore,
             Task::KubeadmUpgrade(_) => TaskKind::KubeadmUpgrade,
+            Task::AgentUpgrade(_) => TaskKind::AgentUpgrade,
         }
     }
 
@@ -112,6 +115,7 @@ impl TaskKind {
             TaskKind::EtcdSnapshot => "etcd-snapshot",
             TaskKind::EtcdRestore => "etcd-restore",
             TaskKind::KubeadmUpgrade => "kubeadm-upgrade",
+            TaskKind::AgentUpgrade => "agent-upgrade",
         }
     }
 

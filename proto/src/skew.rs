@@ -27,6 +27,7 @@ macro_rules! each_task {
             Task::EtcdSnapshot($t) => $body,
             Task::EtcdRestore($t) => $body,
             Task::KubeadmUpgrade($t) => $body,
+            Task::AgentUpgrade($t) => $body,
         }
     };
 }

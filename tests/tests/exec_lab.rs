@@ -296,3 +296,81 @@ fn a_canary_pauses_an_exec_until_it_is_resumed_and_an_abort_skips_the_rest() {
     let (ok, out) = ctl(&["op", "pause", "nosuch"]);
     assert!(!ok && out.contains("no running operation"), "{out}");
 }
+
+/// `controller agent upgrade` where it cannot work: lab agents run from target/, not from a
+/// package, so each says so; with one at a time and no failure tolerated, the first host's
+/// refusal stops the rest. Bad input is refused before anything starts.
+#[test]
+fn agent_upgrade_refuses_unpackaged_agents_and_stops_at_the_failure_budget() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::up("agentup");
+    let dir = lab.dir.join("agents.d");
+    std::fs::create_dir_all(dir.join("packages")).unwrap();
+    std::fs::write(dir.join("packages/node-agent_9.9.9-1_amd64.deb"), b"not really a package").unwrap();
+    let bundle = |name: &str, src: &std::path::Path| {
+        let out = lab.dir.join(format!("{name}.tar.gz"));
+        let (ok, text) = lab.ctl(&[
+            "bundle",
+            "build",
+            &src.display().to_string(),
+            "-o",
+            &out.display().to_string(),
+            "--name",
+            name,
+            "--version",
+            "v1.29.9",
+        ]);
+        assert!(ok, "{text}");
+        let (ok, text) = lab.ctl(&["bundle", "import", &out.display().to_string()]);
+        assert!(ok, "{text}");
+    };
+    bundle("agents", &dir);
+    let bare = lab.dir.join("bare.d");
+    std::fs::create_dir_all(bare.join("conf")).unwrap();
+    std::fs::write(bare.join("conf/x"), b"x").unwrap();
+    bundle("bare", &bare);
+    let upgrade = |args: &[&str]| {
+        let mut a = vec!["agent", "upgrade"];
+        a.extend_from_slice(args);
+        lab.ctl(&a)
+    };
+
+    // Dry run: the package, the canary and the order; nothing starts.
+    let (ok, out) = upgrade(&["--bundle", "agents", "--nodes", "h1,h2,h3", "--canary", "1", "--dry-run"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("node-agent 9.9.9-1 from bundle agents on 3 hosts"), "{out}");
+    assert!(out.contains("canary: h1") && out.contains("h2, h3") && out.contains("nothing was started"), "{out}");
+    let (_, events) = lab.ctl(&["events", "-o", "json"]);
+    assert!(!events.contains("agent-upgrade"), "a dry run is not an operation: {events}");
+
+    let (ok, out) = upgrade(&["--bundle", "bare", "--nodes", "h1"]);
+    assert!(!ok && out.contains("carries no node-agent package"), "{out}");
+    let (ok, out) = upgrade(&["--bundle", "nosuch", "--nodes", "h1"]);
+    assert!(!ok && out.contains("nosuch"), "{out}");
+    let (ok, out) = upgrade(&["--bundle", "agents", "--nodes", "h1,ghost"]);
+    assert!(!ok && out.contains("unknown nodes: ghost"), "{out}");
+
+    // One at a time, no failure tolerated: h1 refuses (not from a package), h2/h3 never start.
+    let (ok, out) =
+        upgrade(&["--bundle", "agents", "--nodes", "h1,h2,h3", "--max-parallel", "1", "--max-failures", "0"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("h1 | ! node-agent at") && out.contains("is not installed from a package"), "{out}");
+    assert!(out.contains("1 failed, 2 skipped") && out.contains("not started on h2, h3"), "{out}");
+    assert!(!out.contains("h2 | !") && !out.contains("h3 | !"), "{out}");
+    // Audited with its outcome.
+    let (ok, events) = lab.ctl(&["events", "-o", "json"]);
+    assert!(ok, "{events}");
+    let ev: serde_json::Value = serde_json::from_str(&events).expect("json");
+    let up = ev
+        .as_array()
+        .and_then(|a| a.iter().rev().find(|e| e["action"] == "agent-upgrade"))
+        .cloned()
+        .expect("an agent-upgrade event");
+    assert_eq!(up["result"], "3 hosts: 0 succeeded, 1 failed (h1), 2 skipped over the failure budget", "{up}");
+    // Every agent is still connected and running the build it ran before.
+    let (ok, nodes) = lab.ctl(&["nodes", "list", "-o", "json"]);
+    assert!(ok, "{nodes}");
+    let nodes: serde_json::Value = serde_json::from_str(&nodes).expect("json");
+    let connected = nodes.as_array().map(|a| a.iter().filter(|n| n["connected"] == true).count()).unwrap_or(0);
+    assert_eq!(connected, 4, "{nodes}");
+}

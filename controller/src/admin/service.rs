@@ -206,30 +206,56 @@ impl Admin for AdminService {
                 return Err(st);
             }
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(256);
-        // Hand events on to the client; a client that went away does not stop the exec.
-        tokio::spawn(async move {
-            while let Some(e) = events_rx.recv().await {
-                let _ = tx.send(Ok(e)).await;
+        Ok(Response::new(self.run_fleet(who, "exec", what, cluster, spec)))
+    }
+
+    type UpgradeAgentsStream = tokio_stream::wrappers::ReceiverStream<Result<fleetadm_proto::ExecEvent, Status>>;
+
+    async fn upgrade_agents(
+        &self,
+        req: Request<fleetadm_proto::UpgradeAgentsRequest>,
+    ) -> Result<Response<Self::UpgradeAgentsStream>, Status> {
+        let who = who(&req);
+        let r = req.into_inner();
+        let mut hosts = r.hosts.unwrap_or_default();
+        let what = format!("node-agent from bundle {}", r.bundle);
+        let cluster = hosts.cluster.clone();
+        let dry_run = r.dry_run;
+        let spec = async {
+            if r.bundle.is_empty() {
+                return Err(Status::invalid_argument("--bundle NAME is required (see `controller bundle list`)"));
             }
-        });
-        let (execs, audit) = (self.ctl.rollouts.execs().clone(), self.ctl.rollouts.audit().clone());
-        let hosts = spec.hosts.join(",");
-        tracing::info!(who = %who, command = %what, hosts = %hosts, "exec");
-        tokio::spawn(async move {
-            let summary = execs.run(spec, events_tx).await;
-            let mut detail = format!("on {hosts}");
-            for (h, why) in &summary.failed {
-                detail.push_str(&format!("; {h}: {why}"));
+            if !hosts.argv.is_empty() {
+                return Err(Status::invalid_argument("an agent upgrade runs no command"));
             }
-            if !summary.skipped.is_empty() {
-                detail.push_str(&format!("; skipped over the failure budget: {}", summary.skipped.join(",")));
+            let (version, packages) = self.agent_packages(r.bundle.clone()).await?;
+            let work = crate::ops::exec::Work::AgentUpgrade { bundle: r.bundle.clone(), version, packages };
+            hosts.argv.clear();
+            self.fleet_spec(hosts, work, "agent-upgrade").await
+        }
+        .await;
+        let spec = match spec {
+            Ok(s) => s,
+            Err(st) => {
+                if !dry_run {
+                    let e = NewEvent::new(who, "agent-upgrade", what)
+                        .cluster(cluster)
+                        .result(format!("error: {}", st.message()));
+                    audit_write(self.ctl.rollouts.audit().clone(), e).await;
+                }
+                return Err(st);
             }
-            let e = NewEvent::new(who, "exec", what).cluster(cluster).result(summary.line()).detail(detail);
-            audit_write(audit, e).await;
-        });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        };
+        if dry_run {
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let notice = |text: String| fleetadm_proto::ExecEvent { notice: text, ..Default::default() };
+            for line in crate::ops::exec::describe_waves(&spec) {
+                let _ = tx.send(Ok(notice(line))).await;
+            }
+            return Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        }
+        let what = spec.work.describe().1;
+        Ok(Response::new(self.run_fleet(who, "agent-upgrade", what, cluster, spec)))
     }
 
     async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<TokenInfo>, Status> {
@@ -805,13 +831,78 @@ static EXEC_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::ne
 
 impl AdminService {
     /// Check an exec request and choose its hosts: a cluster's (one role of it), or named nodes.
-    async fn exec_spec(&self, r: fleetadm_proto::ExecRequest) -> Result<crate::ops::exec::ExecSpec, Status> {
+    async fn exec_spec(&self, mut r: fleetadm_proto::ExecRequest) -> Result<crate::ops::exec::ExecSpec, Status> {
         if r.argv.first().is_none_or(|p| p.is_empty()) {
             return Err(Status::invalid_argument("no command given: controller exec ... -- CMD ARGS"));
         }
         if r.argv.len() > 1024 || r.argv.iter().map(String::len).sum::<usize>() > 64 * 1024 {
             return Err(Status::invalid_argument("the command is too long (at most 1024 arguments, 64 KiB)"));
         }
+        let work = crate::ops::exec::Work::Command(std::mem::take(&mut r.argv));
+        self.fleet_spec(r, work, "exec").await
+    }
+
+    /// Start a fleet operation: its events go to the returned stream (a client that went away
+    /// does not stop it), its outcome to the audit log.
+    fn run_fleet(
+        &self,
+        who: String,
+        action: &'static str,
+        what: String,
+        cluster: String,
+        spec: crate::ops::exec::ExecSpec,
+    ) -> tokio_stream::wrappers::ReceiverStream<Result<fleetadm_proto::ExecEvent, Status>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            while let Some(e) = events_rx.recv().await {
+                let _ = tx.send(Ok(e)).await;
+            }
+        });
+        let (execs, audit) = (self.ctl.rollouts.execs().clone(), self.ctl.rollouts.audit().clone());
+        let hosts = spec.hosts.join(",");
+        tracing::info!(who = %who, what = %what, hosts = %hosts, "{action}");
+        tokio::spawn(async move {
+            let summary = execs.run(spec, events_tx).await;
+            let mut detail = format!("on {hosts}");
+            for (h, why) in &summary.failed {
+                detail.push_str(&format!("; {h}: {why}"));
+            }
+            if !summary.skipped.is_empty() {
+                detail.push_str(&format!("; skipped over the failure budget: {}", summary.skipped.join(",")));
+            }
+            let e = NewEvent::new(who, action, what).cluster(cluster).result(summary.line()).detail(detail);
+            audit_write(audit, e).await;
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+
+    /// The node-agent packages of bundle `name` and the version they carry.
+    async fn agent_packages(&self, name: String) -> Result<(String, Vec<fleetadm_proto::BundleFile>), Status> {
+        let b = self.blocking(move |ctl| ctl.bundles.get(&name).map_err(bundle_status)).await?;
+        let packages: Vec<fleetadm_proto::BundleFile> = b
+            .manifest
+            .files
+            .iter()
+            .filter(|f| crate::ops::exec::agent_package_version(&f.path).is_some())
+            .map(Into::into)
+            .collect();
+        let Some(version) = packages.iter().find_map(|f| crate::ops::exec::agent_package_version(&f.path)) else {
+            return Err(Status::failed_precondition(format!(
+                "bundle {} carries no node-agent package: put node-agent_VERSION_ARCH.deb and/or node-agent-VERSION.ARCH.rpm (packaging/build.sh makes them) in the bundle directory's packages/ and build it again",
+                b.manifest.name
+            )));
+        };
+        Ok((version, packages))
+    }
+
+    /// Hosts and strategy of a fleet operation (`exec`, `agent upgrade`) from the request's choice.
+    async fn fleet_spec(
+        &self,
+        r: fleetadm_proto::ExecRequest,
+        work: crate::ops::exec::Work,
+        prefix: &str,
+    ) -> Result<crate::ops::exec::ExecSpec, Status> {
         let timeout = match r.timeout_secs {
             0 => Duration::from_secs(600),
             s if s <= 24 * 3600 => Duration::from_secs(u64::from(s)),
@@ -905,11 +996,11 @@ impl AdminService {
         }
         let auto_promote = (r.auto_promote_secs > 0).then(|| Duration::from_secs(u64::from(r.auto_promote_secs)));
         let n = EXEC_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = format!("exec-{:x}-{n}", fleetadm_common::clock::now_unix_ms());
+        let id = format!("{prefix}-{:x}-{n}", fleetadm_common::clock::now_unix_ms());
         Ok(crate::ops::exec::ExecSpec {
             id,
             hosts,
-            argv: r.argv,
+            work,
             timeout,
             max_parallel,
             max_failures,

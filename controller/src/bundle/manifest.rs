@@ -11,7 +11,8 @@ use super::BundleError;
 
 pub const MANIFEST: &str = "bundle.yaml";
 /// Top-level directories a bundle may have.
-pub const LAYOUT: &[&str] = &["bin", "images", "conf", "manifests", "scripts"];
+/// Top-level directories of a bundle (`packages/`: node-agent packages for `controller agent upgrade`).
+pub const LAYOUT: &[&str] = &["bin", "images", "conf", "manifests", "scripts", "packages"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

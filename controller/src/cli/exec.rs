@@ -12,10 +12,9 @@ use fleetadm_proto::ExecRequest;
 use super::{rpc_error, DataDir};
 use crate::admin::client;
 
+/// Which hosts a fleet operation runs on, and how (shared by `exec` and `agent upgrade`).
 #[derive(Debug, Args)]
-pub struct ExecArgs {
-    #[command(flatten)]
-    data: DataDir,
+pub struct FleetArgs {
     /// Every host of this cluster (or, with --role, the masters or the workers).
     #[arg(long, conflicts_with = "nodes", required_unless_present_any = ["nodes", "selector"])]
     cluster: Option<String>,
@@ -29,10 +28,10 @@ pub struct ExecArgs {
     /// Enrolled nodes by name, comma-separated.
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<String>,
-    /// Per host: stop the command after this long.
+    /// Per host: give up after this long.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     timeout: Duration,
-    /// Hosts running the command at once.
+    /// Hosts working at once.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     max_parallel: u32,
     /// Failures tolerated, N or P% of the hosts: once more hosts have failed, no further host
@@ -46,6 +45,31 @@ pub struct ExecArgs {
     /// After a passed canary, start the rest by themselves after this long.
     #[arg(long, requires = "canary", value_parser = parse_duration)]
     auto_promote: Option<Duration>,
+}
+
+impl FleetArgs {
+    pub fn request(self, argv: Vec<String>) -> ExecRequest {
+        ExecRequest {
+            cluster: self.cluster.unwrap_or_default(),
+            role: self.role.unwrap_or_default(),
+            nodes: self.nodes,
+            argv,
+            timeout_secs: self.timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
+            max_parallel: self.max_parallel,
+            selector: self.selector.unwrap_or_default(),
+            max_failures: self.max_failures.unwrap_or_default(),
+            canary: self.canary.unwrap_or(0),
+            auto_promote_secs: self.auto_promote.map(|d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32).unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    data: DataDir,
+    #[command(flatten)]
+    fleet: FleetArgs,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, num_args = 1..)]
     command: Vec<String>,
@@ -53,22 +77,17 @@ pub struct ExecArgs {
 
 pub async fn run(a: ExecArgs) -> anyhow::Result<()> {
     let mut c = client::connect(&a.data.data_dir).await?;
-    let mut stream = c
-        .exec(ExecRequest {
-            cluster: a.cluster.unwrap_or_default(),
-            role: a.role.unwrap_or_default(),
-            nodes: a.nodes,
-            argv: a.command,
-            timeout_secs: a.timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
-            max_parallel: a.max_parallel,
-            selector: a.selector.unwrap_or_default(),
-            max_failures: a.max_failures.unwrap_or_default(),
-            canary: a.canary.unwrap_or(0),
-            auto_promote_secs: a.auto_promote.map(|d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32).unwrap_or(0),
-        })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
+    let stream = c.exec(a.fleet.request(a.command)).await.map_err(rpc_error)?.into_inner();
+    print_stream("exec", "the command", stream).await
+}
+
+/// Print a fleet operation's events as they come: each host's lines with the host in front, the
+/// operation's notices on stderr, a summary at the end; an error if any host failed.
+pub async fn print_stream(
+    label: &str,
+    what: &str,
+    mut stream: tonic::Streaming<fleetadm_proto::ExecEvent>,
+) -> anyhow::Result<()> {
     // Output arrives in pieces; each host's lines are printed whole, with the host in front.
     let mut partial: BTreeMap<String, String> = BTreeMap::new();
     let (mut ok, mut failed, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
@@ -77,9 +96,9 @@ pub async fn run(a: ExecArgs) -> anyhow::Result<()> {
         if ev.host.is_empty() {
             // About the operation itself.
             if ev.notice.is_empty() {
-                eprintln!("exec: operation {} (controller op list | pause | resume | abort {0})", term(&ev.op));
+                eprintln!("{label}: operation {} (controller op list | pause | resume | abort {0})", term(&ev.op));
             } else {
-                eprintln!("exec: {}", term(&ev.notice));
+                eprintln!("{label}: {}", term(&ev.notice));
             }
             continue;
         }
@@ -105,8 +124,11 @@ pub async fn run(a: ExecArgs) -> anyhow::Result<()> {
         }
         out.flush()?;
     }
+    if ok.len() + failed.len() + skipped.len() == 0 {
+        return Ok(());
+    }
     eprintln!(
-        "exec: {} hosts, {} succeeded, {} failed, {} skipped",
+        "{label}: {} hosts, {} succeeded, {} failed, {} skipped",
         ok.len() + failed.len() + skipped.len(),
         ok.len(),
         failed.len(),
@@ -116,9 +138,9 @@ pub async fn run(a: ExecArgs) -> anyhow::Result<()> {
     skipped.sort();
     match (failed.is_empty(), skipped.is_empty()) {
         (true, true) => Ok(()),
-        (false, true) => anyhow::bail!("the command failed on {}", failed.join(", ")),
+        (false, true) => anyhow::bail!("{what} failed on {}", failed.join(", ")),
         _ => anyhow::bail!(
-            "the command failed on {}; over --max-failures, not started on {}",
+            "{what} failed on {}; over --max-failures, not started on {}",
             failed.join(", "),
             skipped.join(", ")
         ),

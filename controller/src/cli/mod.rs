@@ -1,5 +1,6 @@
 //! The `controller` command line: `serve` runs the daemon; every other subcommand is an admin
 //! client that talks to the running daemon over `DATA_DIR/admin.sock`.
+pub mod agent;
 pub mod backup;
 pub mod bundle;
 pub mod certs;
@@ -62,6 +63,9 @@ pub enum Command {
     /// Run a command on hosts through their agents (`--cluster NAME [--role master|node]` or
     /// `--nodes H,...`), output streamed per host; exit status 1 if any host failed.
     Exec(exec::ExecArgs),
+    /// Upgrade the agents from a package in a bundle, in waves (with the strategy of `exec`).
+    #[command(subcommand)]
+    Agent(agent::AgentCmd),
     /// Running operations: list them; pause, resume or abort an exec.
     #[command(subcommand)]
     Op(op::OpCmd),
@@ -109,6 +113,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bundle(c) => bundle::run(c).await,
         Command::Events(a) => events::run(a).await,
         Command::Exec(a) => exec::run(a).await,
+        Command::Agent(c) => agent::run(c).await,
         Command::Op(c) => op::run(c).await,
         Command::Relay(a) => relay::run_relay(a).await,
         Command::Relays(c) => relay::run(c).await,

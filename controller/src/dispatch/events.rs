@@ -25,7 +25,7 @@ pub trait TaskEvents: Send + Sync + 'static {
     async fn task_report(&self, node: &str, report: TaskReport) -> Result<(), ReportRejected>;
     /// A session for `node` opened: work may be waiting for it, or need re-sending.
     fn session_opened(&self, node: &str);
-    /// Whether `node` belongs to a cluster that uses `bundle` (may read the store: call it off
-    /// the async threads).
+    /// Whether `node` belongs to a cluster that uses `bundle`, or a running agent upgrade sends
+    /// it that bundle's package (may read the store: call it off the async threads).
     fn node_uses_bundle(&self, node: &str, bundle: &str) -> Result<bool, BoxError>;
 }

@@ -20,12 +20,44 @@ pub const PREFIX: &str = "exec/";
 /// Added to a command's timeout before the controller stops waiting for its host's answer.
 const GRACE: Duration = Duration::from_secs(30);
 
-/// One exec: what to run where.
+/// What each host of a fleet operation does.
+#[derive(Debug, Clone)]
+pub enum Work {
+    /// `controller exec`: run a command.
+    Command(Vec<String>),
+    /// `controller agent upgrade`: install the node-agent package from `bundle` and come back.
+    AgentUpgrade { bundle: String, version: String, packages: Vec<fleetadm_proto::BundleFile> },
+}
+
+impl Work {
+    /// The operation's kind (op list) and what it does (its description).
+    pub fn describe(&self) -> (&'static str, String) {
+        match self {
+            Work::Command(argv) => ("exec", argv.join(" ")),
+            Work::AgentUpgrade { bundle, version, .. } => {
+                ("agent-upgrade", format!("node-agent {version} from bundle {bundle}"))
+            }
+        }
+    }
+
+    fn task(&self) -> Task {
+        match self {
+            Work::Command(argv) => Task::Exec(ExecTask { argv: argv.clone(), ..Default::default() }),
+            Work::AgentUpgrade { bundle, packages, .. } => Task::AgentUpgrade(fleetadm_proto::AgentUpgradeTask {
+                bundle: bundle.clone(),
+                packages: packages.clone(),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+/// One exec (or agent upgrade): what to run where.
 #[derive(Debug, Clone)]
 pub struct ExecSpec {
     pub id: String,
     pub hosts: Vec<String>,
-    pub argv: Vec<String>,
+    pub work: Work,
     pub timeout: Duration,
     pub max_parallel: usize,
     /// Failed hosts tolerated; once more have failed, no further host starts (None: no limit).
@@ -33,6 +65,52 @@ pub struct ExecSpec {
     /// The first this many hosts run first; the rest wait for `op resume` or `auto_promote`.
     pub canary: usize,
     pub auto_promote: Option<Duration>,
+}
+
+/// The version of a node-agent package from its bundle path (`packages/node-agent_0.2.0-1_amd64.deb`,
+/// `packages/node-agent-0.2.0-1.x86_64.rpm`); None for any other file. (What is shown to the
+/// operator: the agent reads the version from the package itself before installing it.)
+pub fn agent_package_version(path: &str) -> Option<String> {
+    let name = path.strip_prefix("packages/")?;
+    if let Some(rest) = name.strip_prefix("node-agent_").and_then(|r| r.strip_suffix(".deb")) {
+        let (version, arch) = rest.rsplit_once('_')?;
+        return (!version.is_empty() && !arch.is_empty()).then(|| version.to_string());
+    }
+    let rest = name.strip_prefix("node-agent-").and_then(|r| r.strip_suffix(".rpm"))?;
+    let (version, arch) = rest.rsplit_once('.')?;
+    (!version.is_empty() && !arch.is_empty() && version.starts_with(|c: char| c.is_ascii_digit()))
+        .then(|| version.to_string())
+}
+
+/// The waves a spec runs in, as lines for a dry run.
+pub fn describe_waves(spec: &ExecSpec) -> Vec<String> {
+    let (kind, what) = spec.work.describe();
+    let mut out = vec![format!("{kind}: {what} on {} hosts, at most {} at once", spec.hosts.len(), spec.max_parallel)];
+    if let Work::AgentUpgrade { packages, .. } = &spec.work {
+        let names: Vec<&str> = packages.iter().map(|p| p.path.as_str()).collect();
+        out.push(format!("packages (each host installs the one of its package manager): {}", names.join(", ")));
+    }
+    let canary = spec.canary.min(spec.hosts.len());
+    let (first, rest) = spec.hosts.split_at(canary);
+    if !first.is_empty() {
+        let then = match spec.auto_promote {
+            Some(d) => format!("then the rest after {}s (or `controller op resume`)", d.as_secs()),
+            None => "then a pause until `controller op resume`".to_string(),
+        };
+        out.push(format!("canary: {}; {then}", first.join(", ")));
+    }
+    if !rest.is_empty() {
+        let shown: Vec<&str> = rest.iter().take(20).map(String::as_str).collect();
+        let more =
+            if rest.len() > shown.len() { format!(" and {} more", rest.len() - shown.len()) } else { String::new() };
+        let label = if first.is_empty() { "hosts" } else { "then" };
+        out.push(format!("{label}, in this order, {} at a time: {}{more}", spec.max_parallel.max(1), shown.join(", ")));
+    }
+    if let Some(b) = spec.max_failures {
+        out.push(format!("stops once more than {b} hosts failed"));
+    }
+    out.push("dry run: nothing was started".to_string());
+    out
 }
 
 /// How each host did.
@@ -100,11 +178,13 @@ pub struct Execs {
     ops: Arc<Ops>,
     /// Reports for running exec tasks, by task id.
     waiting: Mutex<HashMap<String, mpsc::UnboundedSender<TaskReport>>>,
+    /// (node, bundle) a running agent upgrade lets the node fetch blobs of.
+    bundle_grants: Mutex<HashMap<(String, String), usize>>,
 }
 
 impl Execs {
     pub fn new(sessions: Sessions) -> Arc<Self> {
-        Arc::new(Self { sessions, ops: Arc::default(), waiting: Mutex::default() })
+        Arc::new(Self { sessions, ops: Arc::default(), waiting: Mutex::default(), bundle_grants: Mutex::default() })
     }
 
     /// A report for an exec task (`None`: not an exec task). Only the host the task was sent to
@@ -130,6 +210,25 @@ impl Execs {
         })
     }
 
+    /// Whether a running agent upgrade lets `node` fetch the blobs of `bundle`.
+    pub fn grants_bundle(&self, node: &str, bundle: &str) -> bool {
+        self.bundle_grants.lock().map(|g| g.contains_key(&(node.to_string(), bundle.to_string()))).unwrap_or(false)
+    }
+
+    fn grant_bundle(&self, node: &str, bundle: &str, on: bool) {
+        if let Ok(mut g) = self.bundle_grants.lock() {
+            let key = (node.to_string(), bundle.to_string());
+            if on {
+                *g.entry(key).or_default() += 1;
+            } else if let Some(n) = g.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    g.remove(&key);
+                }
+            }
+        }
+    }
+
     /// The agents' sessions (which hosts are connected, with what capabilities).
     pub fn sessions(&self) -> &Sessions {
         &self.sessions
@@ -144,7 +243,8 @@ impl Execs {
     /// canary, its hosts run first; the rest wait for `op resume` (or `--auto-promote`), and are
     /// skipped if a canary host failed or the operation is aborted.
     pub async fn run(self: &Arc<Self>, spec: ExecSpec, events: mpsc::Sender<ExecEvent>) -> Summary {
-        let running = self.ops.start(&spec.id, "exec", spec.argv.join(" "), spec.hosts.len());
+        let (kind, what) = spec.work.describe();
+        let running = self.ops.start(&spec.id, kind, what, spec.hosts.len());
         // Shared by every host's task (the host list alone is O(hosts): never copied per host).
         let spec = Arc::new(spec);
         let events = Tap { op: running.op.clone(), events };
@@ -234,7 +334,8 @@ impl Execs {
                 if outcome.is_err() {
                     failures.fetch_add(1, Ordering::SeqCst);
                 }
-                crate::metrics::metrics().task_outcome("exec", if outcome.is_ok() { "succeeded" } else { "failed" });
+                let kind = spec.work.describe().0;
+                crate::metrics::metrics().task_outcome(kind, if outcome.is_ok() { "succeeded" } else { "failed" });
                 let (success, error) = match &outcome {
                     Ok(()) => (true, String::new()),
                     Err(e) => (false, e.clone()),
@@ -261,7 +362,8 @@ impl Execs {
     async fn on_host(&self, spec: &ExecSpec, host: &str, events: &Tap) -> Result<(), String> {
         let info =
             self.sessions.info(host).ok_or_else(|| format!("{host} is not connected; is node-agent running?"))?;
-        let capability = TaskKind::Exec.capability();
+        let task = spec.work.task();
+        let capability = TaskKind::of(&task).capability();
         if !info.meta.capabilities.contains(&capability) {
             return Err(format!(
                 "agent {} on {host} cannot run {capability}; upgrade node-agent",
@@ -274,23 +376,49 @@ impl Execs {
             w.insert(task_id.clone(), tx);
         }
         let _unregister = Unregister { execs: self, task_id: task_id.clone() };
+        // An agent upgrade fetches its package as a bundle blob: allowed while it runs.
+        let upgrade_bundle = match &spec.work {
+            Work::AgentUpgrade { bundle, .. } => Some(bundle.clone()),
+            Work::Command(_) => None,
+        };
+        let _grant = upgrade_bundle.as_ref().map(|b| {
+            self.grant_bundle(host, b, true);
+            Ungrant { execs: self, node: host.to_string(), bundle: b.clone() }
+        });
         let a = TaskAssignment {
             task_id: task_id.clone(),
             attempt: 1,
             timeout_secs: spec.timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
-            task: Some(Task::Exec(ExecTask { argv: spec.argv.clone(), ..Default::default() })),
+            task: Some(task),
             ..Default::default()
         };
-        if self.sessions.send(host, ServerEvent { event: Some(server_event::Event::Task(a)) }).is_none() {
+        let send = |a: &TaskAssignment| {
+            self.sessions.send(host, ServerEvent { event: Some(server_event::Event::Task(a.clone())) })
+        };
+        let Some(mut session) = send(&a) else {
             return Err(format!("{host} could not be reached (session closed or busy)"));
-        }
+        };
         let deadline = tokio::time::Instant::now() + spec.timeout + GRACE;
         let mut streamed = false;
+        let mut recheck = tokio::time::interval(RESEND_CHECK);
         loop {
-            let r = match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(r)) => r,
-                Ok(None) => return Err("internal: report channel closed".into()),
-                Err(_) => return Err(format!("no answer from {host} within {}s", (spec.timeout + GRACE).as_secs())),
+            let r = tokio::select! {
+                r = tokio::time::timeout_at(deadline, rx.recv()) => match r {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return Err("internal: report channel closed".into()),
+                    Err(_) => return Err(format!("no answer from {host} within {}s", (spec.timeout + GRACE).as_secs())),
+                },
+                // An upgrading agent restarts on purpose: its successor gets the task again (and
+                // answers it from its journal), so a report lost with the old session is not
+                // waited for until the deadline.
+                _ = recheck.tick(), if upgrade_bundle.is_some() => {
+                    if self.sessions.info(host).is_some_and(|i| i.id != session) {
+                        if let Some(id) = send(&a) {
+                            session = id;
+                        }
+                    }
+                    continue;
+                }
             };
             let piece = |output: String| ExecEvent { host: host.to_string(), output, ..Default::default() };
             match TaskState::try_from(r.state) {
@@ -364,6 +492,22 @@ impl Execs {
     }
 }
 
+/// How often a waiting agent upgrade checks whether its host came back in a new session.
+const RESEND_CHECK: Duration = Duration::from_secs(2);
+
+/// Withdraws an agent upgrade's permission to fetch its bundle.
+struct Ungrant<'a> {
+    execs: &'a Execs,
+    node: String,
+    bundle: String,
+}
+
+impl Drop for Ungrant<'_> {
+    fn drop(&mut self) {
+        self.execs.grant_bundle(&self.node, &self.bundle, false);
+    }
+}
+
 /// Stops routing a task's reports once its host is done with.
 struct Unregister<'a> {
     execs: &'a Execs,
@@ -403,7 +547,7 @@ mod tests {
         let spec = ExecSpec {
             id: "x1".into(),
             hosts: vec!["h1".into(), "h2".into(), "h9".into()],
-            argv: vec!["hostname".into()],
+            work: Work::Command(vec!["hostname".into()]),
             timeout: Duration::from_secs(5),
             max_parallel: 2,
             max_failures: None,
@@ -458,7 +602,7 @@ mod tests {
             let spec = ExecSpec {
                 id: "b".into(),
                 hosts: ["h1", "h2", "h3", "h4"].map(String::from).to_vec(),
-                argv: vec!["true".into()],
+                work: Work::Command(vec!["true".into()]),
                 timeout: Duration::from_secs(5),
                 max_parallel: 1,
                 max_failures: budget,
@@ -475,5 +619,103 @@ mod tests {
         assert_eq!((s.failed.len(), s.skipped.len()), (3, 1), "{s:?}");
         let s = run(None).await;
         assert_eq!((s.failed.len(), s.skipped.len()), (4, 0), "no limit: every host runs");
+    }
+}
+
+#[cfg(test)]
+mod agent_upgrade_tests {
+    use super::*;
+    use crate::dispatch::sessions::SessionMeta;
+    use tokio_stream::StreamExt;
+
+    #[test]
+    fn package_versions_come_from_debian_and_rpm_file_names() {
+        let v = |p: &str| agent_package_version(p);
+        assert_eq!(v("packages/node-agent_0.1.0-2_amd64.deb").as_deref(), Some("0.1.0-2"));
+        assert_eq!(v("packages/node-agent-0.1.0-2.x86_64.rpm").as_deref(), Some("0.1.0-2"));
+        assert_eq!(v("packages/fleetadm-relay_0.1.0-2_amd64.deb"), None);
+        assert_eq!(v("bin/node-agent_0.1.0-2_amd64.deb"), None, "only packages/");
+        assert_eq!(v("packages/node-agent_amd64.deb"), None);
+        assert_eq!(v("packages/node-agent-relay.rpm"), None);
+    }
+
+    fn spec(hosts: &[&str]) -> ExecSpec {
+        ExecSpec {
+            id: "agent-upgrade-1".into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            work: Work::AgentUpgrade {
+                bundle: "agents".into(),
+                version: "0.1.0-2".into(),
+                packages: vec![fleetadm_proto::BundleFile {
+                    path: "packages/node-agent_0.1.0-2_amd64.deb".into(),
+                    size: 3,
+                    mode: 0o644,
+                    sha256: "ab".repeat(32),
+                }],
+            },
+            timeout: Duration::from_secs(30),
+            max_parallel: 2,
+            max_failures: Some(0),
+            canary: 1,
+            auto_promote: None,
+        }
+    }
+
+    #[test]
+    fn a_dry_run_names_the_package_the_canary_and_the_order() {
+        let lines = describe_waves(&spec(&["h1", "h2", "h3"]));
+        let text = lines.join("\n");
+        assert!(text.contains("agent-upgrade: node-agent 0.1.0-2 from bundle agents on 3 hosts"), "{text}");
+        assert!(text.contains("packages/node-agent_0.1.0-2_amd64.deb"), "{text}");
+        assert!(text.contains("canary: h1; then a pause"), "{text}");
+        assert!(text.contains("then, in this order, 2 at a time: h2, h3"), "{text}");
+        assert!(text.contains("more than 0 hosts failed") && text.ends_with("nothing was started"), "{text}");
+    }
+
+    fn meta() -> SessionMeta {
+        SessionMeta {
+            peer: "127.0.0.1:1".into(),
+            agent_version: "0.1.0".into(),
+            protocol: 1,
+            capabilities: TaskKind::all_capabilities().into_iter().collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_restarted_agent_gets_the_task_again_and_its_report_ends_it() {
+        let sessions = Sessions::new(|_| {});
+        let execs = Execs::new(sessions.clone());
+        let (_id, _tx, mut old) = sessions.open("h1", meta(), 0, 16);
+        let mut s = spec(&["h1"]);
+        s.canary = 0;
+        let run = {
+            let e = execs.clone();
+            tokio::spawn(async move { e.run(s, mpsc::channel(64).0).await })
+        };
+        let ev = tokio::time::timeout(Duration::from_secs(5), old.next()).await.unwrap().unwrap().unwrap();
+        let Some(server_event::Event::Task(a)) = ev.event else { panic!("{ev:?}") };
+        let Some(Task::AgentUpgrade(t)) = &a.task else { panic!("{a:?}") };
+        assert_eq!((t.bundle.as_str(), t.packages.len()), ("agents", 1));
+        assert!(execs.grants_bundle("h1", "agents"), "the host may fetch the package while it upgrades");
+        assert!(!execs.grants_bundle("h2", "agents") && !execs.grants_bundle("h1", "other"));
+        // The package restarts the agent: a new session, and the task again on it.
+        drop(old);
+        let (_id2, _tx2, mut new) = sessions.open("h1", meta(), 1, 16);
+        let ev = tokio::time::timeout(Duration::from_secs(10), new.next()).await.unwrap().unwrap().unwrap();
+        let Some(server_event::Event::Task(again)) = ev.event else { panic!("{ev:?}") };
+        assert_eq!((again.task_id.as_str(), again.attempt), (a.task_id.as_str(), a.attempt));
+        let done = TaskReport {
+            task_id: a.task_id.clone(),
+            attempt: 1,
+            state: TaskState::Succeeded as i32,
+            output: "node-agent upgraded from 0.1.0-1 to 0.1.0-2".into(),
+            ..Default::default()
+        };
+        execs.route("h1", &done).unwrap().unwrap();
+        let summary = tokio::time::timeout(Duration::from_secs(5), run).await.unwrap().unwrap();
+        assert_eq!(summary.succeeded, vec!["h1".to_string()]);
+        assert!(!execs.grants_bundle("h1", "agents"), "the permission ends with the host's upgrade");
+        let op = execs.ops().get("agent-upgrade-1").unwrap();
+        assert_eq!((op.kind, op.description.as_str()), ("agent-upgrade", "node-agent 0.1.0-2 from bundle agents"));
     }
 }

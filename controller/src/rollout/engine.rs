@@ -1190,6 +1190,9 @@ impl TaskEvents for Rollouts {
     }
 
     fn node_uses_bundle(&self, node: &str, bundle: &str) -> Result<bool, BoxError> {
+        if self.execs.grants_bundle(node, bundle) {
+            return Ok(true);
+        }
         Ok(self.list().map_err(Box::new)?.iter().any(|c| {
             c.shape.bundle.as_deref() == Some(bundle)
                 && c.shape.masters.iter().chain(c.shape.workers.iter()).any(|h| h.node == node)

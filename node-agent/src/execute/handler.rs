@@ -32,6 +32,8 @@ pub struct Ctx {
     pub progress: Arc<dyn Fn(String) + Send + Sync>,
     pub lb: Arc<super::lb::LbManager>,
     pub channel: SessionChannel,
+    /// The attempt being run (a self-upgrade hands it on to the agent that reports it).
+    pub attempt: u32,
 }
 
 /// A finished task: whether it changed the host, and what to tell the operator.
@@ -79,6 +81,8 @@ pub enum TaskError {
     Restore(#[from] super::etcd::RestoreError),
     #[error(transparent)]
     Upgrade(#[from] super::kubeadm::upgrade::UpgradeError),
+    #[error(transparent)]
+    AgentUpgrade(#[from] super::agent_upgrade::AgentUpgradeError),
     #[error("the task's worker thread failed")]
     Worker(#[from] tokio::task::JoinError),
 }

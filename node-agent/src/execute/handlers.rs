@@ -10,7 +10,7 @@ use fleetadm_proto::{self as pb};
 
 use super::command::{self, Cmd};
 use super::handler::{blocking, Ctx, Done, Handler, TaskError};
-use super::{bootstrap, certs, etcd, exec, fetch, files, hosts, kubeadm, lb, preflight};
+use super::{agent_upgrade, bootstrap, certs, etcd, exec, fetch, files, hosts, kubeadm, lb, preflight};
 
 /// Run `task` with the handler of its kind.
 pub async fn run(task_id: String, task: Task, cx: Ctx) -> Result<Done, TaskError> {
@@ -36,6 +36,7 @@ pub async fn run(task_id: String, task: Task, cx: Ctx) -> Result<Done, TaskError
         Task::EtcdSnapshot(t) => EtcdSnapshot { task_id }.run(t, cx).await,
         Task::EtcdRestore(t) => EtcdRestore.run(t, cx).await,
         Task::KubeadmUpgrade(t) => KubeadmUpgrade.run(t, cx).await,
+        Task::AgentUpgrade(t) => AgentUpgrade { task_id }.run(t, cx).await,
     }
 }
 
@@ -282,6 +283,38 @@ impl Handler for KubeadmUpgrade {
     async fn run(&self, t: pb::KubeadmUpgradeTask, cx: Ctx) -> Result<Done, TaskError> {
         let o = kubeadm::upgrade::step(&cx.paths.kube_dir, &t, cx.timeout, &cx.cancel).await?;
         Ok(Done::new(o.changed, o.output))
+    }
+}
+
+/// `controller agent upgrade`: see [`agent_upgrade`].
+pub struct AgentUpgrade {
+    task_id: String,
+}
+
+impl Handler for AgentUpgrade {
+    type Task = pb::AgentUpgradeTask;
+    async fn run(&self, t: pb::AgentUpgradeTask, cx: Ctx) -> Result<Done, TaskError> {
+        let digest = fleetadm_common::tasks::digest(&pb::task_assignment::Task::AgentUpgrade(t.clone()));
+        let packages: Vec<BundleFile> = t.packages.iter().map(Into::into).collect();
+        let exe = std::env::current_exe().unwrap_or_else(|_| "/usr/bin/node-agent".into());
+        let cache = fetch::BlobCache::new(&cx.state_dir);
+        let fetched = async |f: &BundleFile| -> Result<std::path::PathBuf, TaskError> {
+            let mut src = fetch::Remote { bundle: t.bundle.clone(), channel: cx.channel.clone() };
+            fetch::fetch_all(&cache, &mut src, std::slice::from_ref(f), |_, _| {}).await?;
+            Ok(cache.path(&f.sha256))
+        };
+        let out = agent_upgrade::start(
+            &agent_upgrade::Host,
+            &cx.state_dir,
+            &exe,
+            &packages,
+            fetched,
+            (&self.task_id, cx.attempt, &digest),
+            &*cx.progress,
+            &cx.cancel,
+        )
+        .await?;
+        Ok(Done::new(false, out))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Executing the tasks the controller assigns: one module per kind, each idempotent and reporting
 //! whether it changed anything. [`Executor`] receives assignments from the session, answers
 //! duplicates from the [`journal`], runs new ones in the background and hands reports back.
+pub mod agent_upgrade;
 pub mod bootstrap;
 pub mod certs;
 pub mod command;
@@ -85,9 +86,40 @@ impl Executor {
         (ex, rx)
     }
 
-    /// Background duties that outlive sessions (the load balancer guard).
-    pub fn resume(&self) {
+    /// Background duties that outlive sessions (the load balancer guard), and the outcome of a
+    /// self-upgrade the agent before this one started.
+    pub fn resume(self: &Arc<Self>) {
         self.lb.resume();
+        let Some(m) = agent_upgrade::Marker::load(&self.state_dir) else { return };
+        let me = self.clone();
+        tokio::spawn(async move {
+            // The installer may still be finishing (the package's scripts restarted us).
+            let r = agent_upgrade::conclude(&agent_upgrade::Host, &me.state_dir, &m, Duration::from_secs(180)).await;
+            let (state, outcome, output) = match r {
+                Ok(out) => (TaskState::Succeeded, Outcome::Succeeded, out),
+                Err(why) => (TaskState::Failed, Outcome::Failed, why),
+            };
+            match state {
+                TaskState::Succeeded => tracing::info!(task = %m.task_id, "{output}"),
+                _ => tracing::warn!(task = %m.task_id, "{output}"),
+            }
+            let output = bounded(output);
+            let entry = Entry {
+                task_id: m.task_id.clone(),
+                attempt: m.attempt,
+                digest: m.digest.clone(),
+                outcome,
+                changed: state == TaskState::Succeeded,
+                output: output.clone(),
+                updated_ms: now_unix_ms(),
+            };
+            // Journal first (a re-sent task is answered from it), then the marker goes.
+            me.journal_put(&entry).await;
+            let dir = me.state_dir.clone();
+            let _ = tokio::task::spawn_blocking(move || agent_upgrade::Marker::clear(&dir)).await;
+            let a = TaskAssignment { task_id: m.task_id, attempt: m.attempt, ..Default::default() };
+            me.report(&a, state, entry.changed, output);
+        });
     }
 
     /// The guard's status, as it changes.
@@ -210,6 +242,7 @@ impl Executor {
             progress,
             lb: self.lb.clone(),
             channel: self.channel.subscribe(),
+            attempt: a.attempt,
         };
         let mut work = tokio::spawn(handlers::run(a.task_id.clone(), task, cx));
         tokio::select! {

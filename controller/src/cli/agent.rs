@@ -1,0 +1,43 @@
+//! `controller agent upgrade`: the agents install the node-agent package carried in a bundle
+//! and come back running it, in the order and waves the strategy says.
+use clap::{Args, Subcommand};
+use fleetadm_proto::UpgradeAgentsRequest;
+
+use super::exec::{print_stream, FleetArgs};
+use super::{rpc_error, DataDir};
+use crate::admin::client;
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCmd {
+    /// Upgrade node-agent on the chosen hosts from the package in a bundle (its `packages/`
+    /// holds node-agent_VERSION_ARCH.deb and/or node-agent-VERSION.ARCH.rpm). Each agent installs
+    /// the package of the manager that installed it, is restarted by the package, and reports
+    /// from its new version; the identity and state are kept. Output as for `exec`.
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    data: DataDir,
+    /// The imported bundle carrying the packages.
+    #[arg(long)]
+    bundle: String,
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// Only print which hosts would be upgraded, in which order; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
+    match cmd {
+        AgentCmd::Upgrade(a) => {
+            let mut c = client::connect(&a.data.data_dir).await?;
+            let req =
+                UpgradeAgentsRequest { hosts: Some(a.fleet.request(Vec::new())), bundle: a.bundle, dry_run: a.dry_run };
+            let stream = c.upgrade_agents(req).await.map_err(rpc_error)?.into_inner();
+            print_stream("agent upgrade", "the upgrade", stream).await
+        }
+    }
+}
