@@ -3,8 +3,8 @@
 #   build the .deb/.rpm packages (revision 1 and a newer revision 2), boot a debootstrapped Debian
 #   under qemu on a private network inside a network namespace, `apt-get install ./node-agent*.deb`
 #   there, enroll against a controller on the host side, and check: service enabled but idle
-#   before enrollment, active and connected after, survives a reboot, survives an upgrade without
-#   re-enrolling, stops on remove, state gone on purge. The relay package (fleetadm-relay) is
+#   before enrollment, active and connected after, survives a reboot, upgrades itself from a
+#   bundle (`controller agent upgrade`) without re-enrolling, stops on remove, state gone on purge. The relay package (fleetadm-relay) is
 #   installed there too: idle until configured, runs as its own user, and the agent enrolls and
 #   runs through it (the controller records the agent's address as the relay vouched for it).
 #   Also inspects the .rpm files with rpm(8).
@@ -167,13 +167,30 @@ check "node connected again after reboot" wait_until 90 connected
 relay_back() { via_relay && gx "systemctl is-active -q fleetadm-relay" >/dev/null; }
 check "relay active after reboot, and the session runs through it again" wait_until 60 relay_back
 
+# --- the agent upgrades itself: `controller agent upgrade` with the newer package in a bundle
+# (fetched through the relay like any bundle blob, installed from a transient unit, the agent
+# restarted by the package's scripts; the new agent reports the outcome).
+ver1=${deb1#node-agent_}; ver1=${ver1%_amd64.deb}
+ver2=${deb2#node-agent_}; ver2=${ver2%_amd64.deb}
+mkdir -p "$work/agents.d/packages" && cp "$lab/$deb2" "$work/agents.d/packages/"
+out=$(target/release/controller bundle build "$work/agents.d" -o "$work/agents.tar.gz" --name agents --version v1.29.9 2>&1 && admin bundle import "$work/agents.tar.gz" 2>&1)
+check "a bundle carrying node-agent $ver2 imported" test $? -eq 0 || echo "$out"
 pid_before=$(gx "systemctl show -p MainPID --value node-agent")
-out=$(gx "cd /lab && DEBIAN_FRONTEND=noninteractive apt-get install -y ./$deb2 2>&1")
-check "upgrade to $deb2" test $? -eq 0 || echo "$out"
-check "upgraded version installed" gx "dpkg-query -W -f '\${Version}' node-agent | grep -q -- '-2$'"
+out=$(admin agent upgrade --bundle agents --nodes fleetadm-vm --dry-run 2>&1)
+check "agent upgrade --dry-run names the version and the host" grep -q "node-agent $ver2 from bundle agents on 1 hosts" <<<"$out" || echo "$out"
+check "the dry run changed nothing" gx "dpkg-query -W -f '\${Version}' node-agent | grep -qx -- '$ver1' && test \$(systemctl show -p MainPID --value node-agent) = '$pid_before'"
+out=$(admin agent upgrade --bundle agents --nodes fleetadm-vm --timeout 5m 2>&1)
+check "controller agent upgrade $ver1 -> $ver2 succeeds" test $? -eq 0 || echo "$out"
+check "the restarted agent reported the upgrade" grep -q "fleetadm-vm | node-agent upgraded from $ver1 to $ver2" <<<"$out" || echo "$out"
+check "upgraded version installed" gx "dpkg-query -W -f '\${Version}' node-agent | grep -qx -- '$ver2'"
 check "service restarted by the upgrade" gx "systemctl is-active -q node-agent && test \$(systemctl show -p MainPID --value node-agent) != '$pid_before'"
+check "the install ran in its own transient unit to success, the marker gone" gx "journalctl --no-pager -o cat -u 'node-agent-upgrade-*' | grep -q '^node-agent-upgrade-[0-9]*.service: Deactivated successfully' && test ! -e /var/lib/node-agent/agent-upgrade.json"
 check "identity kept across upgrade" test "$ident" = "$(gx "sha256sum /var/lib/node-agent/identity/node.key /var/lib/node-agent/identity/agent.json")"
 check "node connected after upgrade without re-enrolling" wait_until 60 bash -c "$(declare -f admin node_json connected); ctl='$ctl'; connected && node_json | grep -q '$serial'"
+pid_after=$(gx "systemctl show -p MainPID --value node-agent")
+out=$(admin agent upgrade --bundle agents --nodes fleetadm-vm 2>&1)
+check "a second agent upgrade changes nothing" grep -q "fleetadm-vm | node-agent $ver2 is installed and running; nothing to do" <<<"$out" || echo "$out"
+check "... and does not restart the agent" gx "test \$(systemctl show -p MainPID --value node-agent) = '$pid_after'"
 
 out=$(gx "cd /lab && DEBIAN_FRONTEND=noninteractive apt-get install -y ./$rdeb2 2>&1")
 relay_upgraded() {

@@ -427,7 +427,9 @@ impl Execs {
                     let _ = events.send(piece(r.output)).await;
                 }
                 Ok(TaskState::Succeeded) => {
-                    if !streamed && !r.output.is_empty() {
+                    // A command's final report repeats what was streamed; an upgraded agent's
+                    // is its own news (the old agent streamed only its progress).
+                    if (!streamed || upgrade_bundle.is_some()) && !r.output.is_empty() {
                         let _ = events.send(piece(r.output)).await;
                     }
                     return Ok(());

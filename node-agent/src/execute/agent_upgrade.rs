@@ -24,7 +24,7 @@ pub const MARKER: &str = "agent-upgrade.json";
 /// The installer's output (the transient unit's stdout and stderr).
 pub const LOG: &str = "agent-upgrade.log";
 /// How long the old agent waits for the package's scripts to restart it after the install ended.
-const RESTART_GRACE: Duration = Duration::from_secs(20);
+pub const RESTART_GRACE: Duration = Duration::from_secs(20);
 
 /// The package manager that installed this agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +91,8 @@ pub enum AgentUpgradeError {
         RESTART_GRACE.as_secs()
     )]
     NotRestarted { to: String },
+    #[error("stopped while the install ran in {unit}; the agent that starts next reports its outcome")]
+    Stopped { unit: String },
 }
 
 /// What a self-upgrade in flight left behind for the next agent.
@@ -262,6 +264,7 @@ pub async fn start(
     task: (&str, u32, &str),
     progress: &(dyn Fn(String) + Send + Sync),
     cancel: &Cancel,
+    grace: Duration,
 ) -> Result<String, super::handler::TaskError> {
     let m =
         sys.manager_of(exe).await.ok_or_else(|| AgentUpgradeError::NotPackaged { exe: exe.display().to_string() })?;
@@ -299,22 +302,24 @@ pub async fn start(
     })
     .await?;
     let log = state_dir.join(LOG);
-    progress(format!("installing {PACKAGE} {to} (installed: {}) in {unit}; the agent restarts", or_none(&from)));
+    progress(format!("installing {PACKAGE} {to} (installed: {}) in {unit}; the agent restarts\n", or_none(&from)));
     tracing::info!(from = %from, to = %to, unit = %unit, "starting the agent's own upgrade");
     if let Err(source) = sys.start_unit(&unit, &m.install_argv(&path), &log).await {
         Marker::clear(state_dir);
         return Err(AgentUpgradeError::Start { version: to, source }.into());
     }
-    // Normally this process is stopped (and replaced) while it waits here.
+    // Normally this process is stopped (and replaced) while it waits here. Stopped otherwise
+    // (the agent stopping, the task's timeout), the marker stays: the next agent concludes.
+    let stopped = || AgentUpgradeError::Stopped { unit: unit.clone() };
     while sys.unit_running(&unit).await {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = cancel.fired() => break,
+            _ = cancel.fired() => return Err(stopped().into()),
         }
     }
     tokio::select! {
-        _ = tokio::time::sleep(RESTART_GRACE) => {}
-        _ = cancel.fired() => {}
+        _ = tokio::time::sleep(grace) => {}
+        _ = cancel.fired() => return Err(stopped().into()),
     }
     // Still here: the install failed, or it did not restart the service.
     Marker::clear(state_dir);
@@ -429,9 +434,6 @@ mod tests {
     }
 
     async fn run(sys: &Fake, dir: &Path, packages: &[BundleFile]) -> Result<String, String> {
-        let (cancel_handle, cancel) = Cancel::new();
-        // The grace after a finished install is not waited out in tests.
-        cancel_handle.cancel();
         start(
             sys,
             dir,
@@ -440,14 +442,15 @@ mod tests {
             async |f: &BundleFile| Ok(dir.join(&f.sha256)),
             ("agent-upgrade/op1/h1", 1, "d1"),
             &|_| {},
-            &cancel,
+            &Cancel::none(),
+            Duration::ZERO,
         )
         .await
         .map_err(|e| fleetadm_common::error_chain(&e))
     }
 
     #[tokio::test]
-    async fn installs_the_package_of_its_own_manager_and_leaves_a_marker_for_the_next_agent() {
+    async fn installs_the_package_of_its_own_manager_and_says_so_when_it_was_not_restarted() {
         let dir = tempfile::tempdir().unwrap();
         let sys = Fake::new("0.1.0-1", "0.2.0-1");
         // The old agent survived the install: in real life it is replaced first. Here it
@@ -460,6 +463,57 @@ mod tests {
         assert_eq!(started[0].1[..3], ["dpkg", "--force-confold", "-i"]);
         assert!(started[0].1[3].ends_with(&"ab".repeat(32)), "the fetched blob is installed");
         assert!(Marker::load(dir.path()).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_agent_stopped_during_the_install_leaves_the_marker_for_the_next_one() {
+        struct Slow(Fake);
+        impl System for Slow {
+            async fn manager_of(&self, e: &Path) -> Option<Manager> {
+                self.0.manager_of(e).await
+            }
+            async fn inspect(&self, m: Manager, p: &Path) -> Result<(String, String), CommandError> {
+                self.0.inspect(m, p).await
+            }
+            async fn installed(&self, m: Manager) -> String {
+                self.0.installed(m).await
+            }
+            async fn start_unit(&self, u: &str, a: &[String], l: &Path) -> Result<(), CommandError> {
+                self.0.start_unit(u, a, l).await
+            }
+            async fn unit_running(&self, _: &str) -> bool {
+                true
+            }
+            fn running_replaced(&self) -> bool {
+                false
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let sys = Slow(Fake::new("0.1.0-1", "0.2.0-1"));
+        let (stop, cancel) = Cancel::new();
+        let d = dir.path().to_path_buf();
+        let run = async {
+            start(
+                &sys,
+                &d,
+                Path::new("/usr/bin/node-agent"),
+                &pkgs(),
+                async |f: &BundleFile| Ok(d.join(&f.sha256)),
+                ("agent-upgrade/op1/h1", 3, "d1"),
+                &|_| {},
+                &cancel,
+                Duration::ZERO,
+            )
+            .await
+        };
+        let (r, _) = tokio::join!(run, async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            stop.cancel();
+        });
+        let err = fleetadm_common::error_chain(&r.unwrap_err());
+        assert!(err.contains("the agent that starts next reports"), "{err}");
+        let m = Marker::load(dir.path()).expect("the marker stays");
+        assert_eq!((m.attempt, m.from.as_str(), m.to.as_str()), (3, "0.1.0-1", "0.2.0-1"));
     }
 
     #[tokio::test]

@@ -312,6 +312,7 @@ impl Handler for AgentUpgrade {
             (&self.task_id, cx.attempt, &digest),
             &*cx.progress,
             &cx.cancel,
+            agent_upgrade::RESTART_GRACE,
         )
         .await?;
         Ok(Done::new(false, out))

@@ -91,6 +91,11 @@ impl Executor {
     pub fn resume(self: &Arc<Self>) {
         self.lb.resume();
         let Some(m) = agent_upgrade::Marker::load(&self.state_dir) else { return };
+        // The controller re-sends the task to this new session: it is answered by the outcome
+        // below, not run again.
+        if let Ok(mut inflight) = self.inflight.lock() {
+            inflight.insert(m.task_id.clone(), (m.digest.clone(), m.attempt));
+        }
         let me = self.clone();
         tokio::spawn(async move {
             // The installer may still be finishing (the package's scripts restarted us).
@@ -117,7 +122,12 @@ impl Executor {
             me.journal_put(&entry).await;
             let dir = me.state_dir.clone();
             let _ = tokio::task::spawn_blocking(move || agent_upgrade::Marker::clear(&dir)).await;
-            let a = TaskAssignment { task_id: m.task_id, attempt: m.attempt, ..Default::default() };
+            let latest = me.inflight.lock().ok().and_then(|mut f| f.remove(&m.task_id)).map(|(_, a)| a);
+            let a = TaskAssignment {
+                task_id: m.task_id,
+                attempt: latest.unwrap_or(m.attempt).max(m.attempt),
+                ..Default::default()
+            };
             me.report(&a, state, entry.changed, output);
         });
     }
