@@ -20,6 +20,7 @@ pub struct Metrics {
     rpc_errors: Mutex<BTreeMap<String, u64>>,
     rollout_seconds: Mutex<BTreeMap<(String, String), f64>>,
     blob_bytes: AtomicU64,
+    peer_redirects: AtomicU64,
     relayed: Mutex<BTreeMap<&'static str, u64>>,
     sessions_shed: AtomicU64,
 }
@@ -64,6 +65,11 @@ impl Metrics {
 
     pub fn blob_bytes(&self, n: u64) {
         self.blob_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A blob request answered with a peer to fetch from instead of data.
+    pub fn peer_redirect(&self) {
+        self.peer_redirects.fetch_add(1, Ordering::Relaxed);
     }
 
     /// How long a cluster's last rollout took, by how it ended.
@@ -156,6 +162,13 @@ pub fn render(ctl: &Controller) -> String {
     }
     family(&mut out, "fleetadm_blob_bytes_sent_total", "counter", "Bundle blob bytes sent to agents.");
     let _ = writeln!(out, "fleetadm_blob_bytes_sent_total {}", m.blob_bytes.load(Ordering::Relaxed));
+    family(
+        &mut out,
+        "fleetadm_blob_peer_redirects_total",
+        "counter",
+        "Blob requests answered with a peer that holds the blob (peer-to-peer distribution).",
+    );
+    let _ = writeln!(out, "fleetadm_blob_peer_redirects_total {}", m.peer_redirects.load(Ordering::Relaxed));
     family(
         &mut out,
         "fleetadm_relayed_connections_total",

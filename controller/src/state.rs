@@ -42,7 +42,28 @@ pub struct Controller {
     pub transfers: Arc<tokio::sync::Semaphore>,
     /// Each node's own share of those slots.
     node_transfers: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Who holds which blob, for peer-to-peer fetches.
+    pub swarm: crate::dispatch::peers::Swarm,
     pub settings: Settings,
+}
+
+/// The secret the agents' peer keys derive from: made once, kept in the store (flushed).
+fn peer_secret(store: &dyn Store) -> Vec<u8> {
+    use crate::store::{Durability, Table};
+    if let Ok(Some(s)) = store.get(Table::Meta, "peer-secret") {
+        if s.len() == 32 {
+            return s;
+        }
+    }
+    let mut s = vec![0u8; 32];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut s).is_err() {
+        tracing::error!("no randomness for the peer secret; peer-to-peer fetches stay off");
+        return Vec::new();
+    }
+    if let Err(e) = store.put(Table::Meta, "peer-secret", &s, Durability::Flush) {
+        tracing::warn!(error = %e, "peer secret not stored; peer tickets change with the next restart");
+    }
+    s
 }
 
 impl Controller {
@@ -55,7 +76,9 @@ impl Controller {
         });
         let rollouts = Rollouts::new(store.clone(), sessions.clone(), RolloutSettings::default());
         let bundles = Arc::new(crate::bundle::Bundles::new(store.clone(), &settings.data_dir));
+        let secret = peer_secret(&*store);
         Arc::new(Self {
+            swarm: crate::dispatch::peers::Swarm::new(&secret),
             tokens: Tokens::new(store.clone()),
             relays: Arc::new(crate::relay::Relays::new(store.clone())),
             backups: crate::ops::backup::Backups::new(store.clone(), &settings.data_dir),

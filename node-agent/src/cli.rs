@@ -135,6 +135,10 @@ pub struct RunArgs {
     /// How often host facts are re-collected; changes are reported [default: 60s].
     #[arg(long, value_parser = parse_duration)]
     inventory_interval: Option<Duration>,
+    /// Serve bundle blobs to peers on this address (e.g. 0.0.0.0:7451), so a bundle reaches
+    /// many hosts without the controller sending it to each [default: the config's peer_listen, else off].
+    #[arg(long, value_name = "ADDR")]
+    peer_listen: Option<String>,
 }
 
 fn default_node_name() -> String {
@@ -194,6 +198,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 backoff_max: a.backoff_max.or(cfg.backoff_max).unwrap_or(d.backoff_max),
                 inventory_interval: a.inventory_interval.or(cfg.inventory_interval).unwrap_or(d.inventory_interval),
                 proxy: cfg.proxy.clone(),
+                peer_listen: a.peer_listen.clone().or(cfg.peer_listen.clone()),
                 ..d
             };
             if let Some(p) = opts.proxy.as_deref().filter(|p| !p.is_empty()) {

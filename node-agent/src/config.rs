@@ -17,6 +17,10 @@ pub struct AgentFileConfig {
     /// HTTP CONNECT proxy to the controller: "http://[USER:PASSWORD@]HOST:PORT" ("": none, even if
     /// HTTPS_PROXY is set). Unset: the one given at enrollment, else HTTPS_PROXY/NO_PROXY.
     pub proxy: Option<String>,
+    /// Serve bundle blobs to peers on this address ("0.0.0.0:7451"; unset: off). Only where
+    /// the other agents can reach this host; its fleet certificate and the controller's tickets
+    /// guard it.
+    pub peer_listen: Option<String>,
 }
 
 impl AgentFileConfig {

@@ -22,6 +22,7 @@ pub mod identity;
 pub mod inventory;
 pub mod lb;
 pub mod lb_cli;
+pub mod peer;
 pub mod report;
 pub mod service;
 pub mod session;

@@ -4,6 +4,11 @@
 # the controller sent on the wire (TX on the lab bridge, TLS and HTTP/2 included), bytes per host,
 # and the controller's peak RSS. Stops each run after the distribute phase.
 # usage: tests/lab/bundle-bench.sh [SIZE_MIB (1024)] [AGENT COUNTS (1 10 50)]
+# env:   BENCH_PEERS ("0 1"): each count from the controller only (0) and with the agents
+#        serving each other (1: --peer-listen), side by side.
+#        BENCH_RATE (e.g. 1gbit; unset: no limit): every host's link and the controller's are
+#        shaped to this rate each way (tc tbf), as on a network where each machine has its own
+#        NIC; without it, everything shares this machine's loopback-speed bridge and CPUs.
 # Needs root and SIZE x (largest count + 3) of free disk under LAB_DIR.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -19,8 +24,20 @@ head -c $((size * 1024 * 1024)) /dev/urandom > "$work/k8s-lab.d/images/payload.t
 bin=${FLEETADM_BIN_DIR:-$here/../../target/debug}
 "$bin/controller" bundle build "$work/k8s-lab.d" -o "$work/bench.tar.gz" --name bench --version v1.29.9 --arch amd64 >/dev/null
 echo "BENCH bundle: $(du -m "$work/bench.tar.gz" | cut -f1) MiB packed, payload ${size} MiB"
+shape() { # shape N: every link of the lab at BENCH_RATE
+  [ -n "${BENCH_RATE:-}" ] || return 0
+  local q=(root tbf rate "$BENCH_RATE" burst 1mb latency 100ms)
+  tc qdisc replace dev flab0 "${q[@]}"
+  for i in $(seq 1 "$1"); do
+    tc qdisc replace dev "flab-h$i" "${q[@]}"
+    ip netns exec "flab-h$i" tc qdisc replace dev eth0 "${q[@]}"
+  done
+}
 for n in $counts; do
+for peers in ${BENCH_PEERS:-0 1}; do
+  if [ "$peers" = 1 ]; then export LAB_PEERS=1; else unset LAB_PEERS; fi
   LAB_HOSTS=$n "$here/lab.sh" up >/dev/null
+  shape "$n"
   LAB_HOSTS=$n "$here/lab.sh" ctl bundle import "$work/k8s-lab.d" >/dev/null
   nodes=$(seq -s, 2 "$n" | sed 's/\([0-9]\+\)/h\1/g')
   tx0=$(cat /sys/class/net/flab0/statistics/tx_bytes)
@@ -40,6 +57,9 @@ for n in $counts; do
   rss=$(awk '/VmHWM/{print $2}' "/proc/$pid/status")
   secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", (b-a)/1e9}')
   sent=$((tx1 - tx0))
-  echo "BENCH agents=$n size_mib=$size time_s=$secs controller_tx_mib=$((sent / 1048576)) per_host_mib=$((sent / n / 1048576)) controller_peak_rss_mib=$((rss / 1024))"
+  # (each agent logs this once per blob it was sent to a peer for)
+  redirects=$(cat "$LAB_DIR"/hosts/*/agent.log 2>/dev/null | grep -c 'fetching from a peer' || true)
+  echo "BENCH agents=$n peers=$peers rate=${BENCH_RATE:-none} size_mib=$size time_s=$secs controller_tx_mib=$((sent / 1048576)) per_host_mib=$((sent / n / 1048576)) blobs_from_peers=$redirects controller_peak_rss_mib=$((rss / 1024))"
   LAB_HOSTS=$n "$here/lab.sh" down >/dev/null
+done
 done

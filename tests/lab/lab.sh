@@ -11,6 +11,7 @@
 #        tests/lab/lab.sh start-agent|stop-agent HOST, kill-controller, start-controller,
 #                         restart-proxy, restart-relay
 # env:   LAB_HOSTS (5)  LAB_DIR (/tmp/fleetadm-lab)  FLEETADM_BIN_DIR (target/debug)
+#        LAB_PEERS=1: agents serve bundle blobs to each other (--peer-listen 0.0.0.0:7451).
 #        LAB_BUNDLE=1: hosts start without kubeadm (it comes from a bundle); otherwise kubeadm is
 #        preinstalled on every host. Each host has its own /usr/local/bin, /etc/systemd/system,
 #        /etc/modules-load.d, /etc/sysctl.d and /etc/fstab; kernel modules and the host's systemd
@@ -210,7 +211,8 @@ start_controller() {
 start_agent() {
   local h=$1 d; d=$(host_dir "$1")
   on "$h" env ${proxy:+HTTPS_PROXY=$proxy} "$bin/node-agent" run --state-dir "$d/state" --backoff-initial 200ms --backoff-max 2s \
-    ${LAB_INVENTORY_INTERVAL:+--inventory-interval $LAB_INVENTORY_INTERVAL} >>"$d/agent.log" 2>&1 &
+    ${LAB_INVENTORY_INTERVAL:+--inventory-interval $LAB_INVENTORY_INTERVAL} ${LAB_PEERS:+--peer-listen 0.0.0.0:7451} \
+    >>"$d/agent.log" 2>&1 &
   echo $! > "$d/agent.pid"
 }
 

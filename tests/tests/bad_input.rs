@@ -256,6 +256,7 @@ fn blobs_and_task_reports_are_only_for_the_nodes_they_belong_to() {
             sha256: sha.into(),
             offset: 0,
             max_len: 1024,
+            peers_ok: false,
         };
         let st = c.fetch_blob(req(&sha)).await.expect_err("not in a cluster using the bundle");
         assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");

@@ -3,6 +3,7 @@
 pub mod admission;
 pub mod auth;
 pub mod events;
+pub mod peers;
 pub mod service;
 pub mod sessions;
 

@@ -102,7 +102,7 @@ impl AgentService {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::failed_precondition(fleetadm_common::error_chain(&e)))?;
         crate::metrics::metrics().blob_bytes(data.len() as u64);
-        Ok(Response::new(BlobChunk { data, size }))
+        Ok(Response::new(BlobChunk { data, size, peer: None }))
     }
 
     fn granted(&self, key: &(String, String, String)) -> bool {
@@ -165,6 +165,7 @@ impl Agent for AgentService {
             agent_version: body.agent_version.chars().take(64).collect(),
             protocol,
             capabilities: body.capabilities.iter().cloned().collect(),
+            peer_port: u16::try_from(body.peer_port).unwrap_or(0),
         };
         let (session_id, tx, stream) = self.ctl.sessions.open(&id.name, meta, now, 16);
         let welcome = ServerEvent {
@@ -175,6 +176,7 @@ impl Agent for AgentService {
                 heartbeat_interval_secs: self.ctl.settings.heartbeat_interval.as_secs().max(1) as u32,
                 protocol,
                 controller_version: env!("CARGO_PKG_VERSION").to_string(),
+                peer_key: if body.peer_port > 0 { self.ctl.swarm.peer_key(&id.name) } else { Vec::new() },
             })),
         };
         tx.send(Ok(welcome)).await.map_err(|_| Status::unavailable("session closed while opening"))?;
@@ -297,6 +299,22 @@ impl Agent for AgentService {
                 id.name, r.bundle, r.sha256
             )));
         }
+        // An agent that serves peers may be sent to one that holds (or is fetching) the blob.
+        let serves = self.ctl.sessions.info(&id.name).is_some_and(|i| i.meta.peer_port > 0);
+        if serves {
+            let sessions = &self.ctl.sessions;
+            let reachable = |n: &str| {
+                let i = sessions.info(n).filter(|i| i.meta.peer_port > 0)?;
+                let ip = crate::plan::resolve::peer_ip(&i.peer)?;
+                Some(std::net::SocketAddr::new(ip, i.meta.peer_port).to_string())
+            };
+            let now = now_unix_ms();
+            if let Some(src) = self.ctl.swarm.route(&id.name, &r.sha256, r.peers_ok, serves, now, reachable) {
+                tracing::debug!(node = %id.name, blob = %r.sha256, peer = %src.node, "blob from a peer");
+                crate::metrics::metrics().peer_redirect();
+                return Ok(Response::new(BlobChunk { data: Vec::new(), size: 0, peer: Some(src) }));
+            }
+        }
         // A node queues on its own few slots before it may take one of the shared ones: one node
         // (or a misbehaving agent) never holds every transfer slot.
         let own = self.ctl.node_transfers(&id.name);
@@ -310,7 +328,7 @@ impl Agent for AgentService {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         crate::metrics::metrics().blob_bytes(data.len() as u64);
-        Ok(Response::new(BlobChunk { data, size }))
+        Ok(Response::new(BlobChunk { data, size, peer: None }))
     }
 
     async fn renew_certificate(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {

@@ -29,6 +29,8 @@ pub struct SessionMeta {
     pub protocol: u32,
     /// Task capabilities the agent announced ("hosts-v1", ...).
     pub capabilities: std::collections::BTreeSet<String>,
+    /// The port it serves blob chunks to peers on (0: none).
+    pub peer_port: u16,
 }
 
 /// Information about a live session.

@@ -536,6 +536,7 @@ mod tests {
             agent_version: "0.9.0".into(),
             protocol: 1,
             capabilities: caps.into_iter().collect(),
+            peer_port: 0,
         }
     }
 
@@ -680,6 +681,7 @@ mod agent_upgrade_tests {
             agent_version: "0.1.0".into(),
             protocol: 1,
             capabilities: TaskKind::all_capabilities().into_iter().collect(),
+            peer_port: 0,
         }
     }
 

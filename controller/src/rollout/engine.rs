@@ -1282,6 +1282,7 @@ mod tests {
             agent_version: version.into(),
             protocol: 1,
             capabilities: caps.into_iter().collect(),
+            peer_port: 0,
         }
     }
 

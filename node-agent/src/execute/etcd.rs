@@ -275,7 +275,7 @@ pub async fn restore_step(
                 return Ok((false, format!("{} already holds snapshot {}", data.display(), snap.sha256)));
             }
             let cache = super::fetch::BlobCache::new(state_dir);
-            let mut src = super::fetch::Remote { bundle: t.source.clone(), channel: channel.clone() };
+            let mut src = super::fetch::Remote::new(t.source.clone(), channel.clone(), None);
             let files = [fleetadm_common::tasks::BundleFile::from(snap)];
             super::fetch::fetch_all(&cache, &mut src, &files, |_, _| {}).await?;
             let file = cache.path(&snap.sha256);

@@ -1,8 +1,10 @@
 //! The `fetch-bundle` task: pull a bundle's blobs into the agent's cache over the mTLS session,
 //! in chunks, resuming a cut transfer from what is already on disk, verifying every blob's
 //! SHA-256 before it is used, and never fetching a blob the cache already holds.
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use fleetadm_common::tasks::{is_sha256_hex, BundleFile};
 use sha2::{Digest, Sha256};
@@ -83,10 +85,12 @@ type ChunkResult = Result<(Vec<u8>, u64), String>;
 /// Where chunks come from (the controller in production, a fake in tests). Cheap to clone: each
 /// request in flight works on its own clone.
 pub trait ChunkSource: Clone + Send + 'static {
-    /// Up to `max` bytes of blob `sha256` from `offset`, and the blob's total size.
+    /// Up to `max` bytes of blob `sha256` (`size` bytes, as the manifest says) from `offset`,
+    /// and the blob's total size.
     fn chunk(
         &self,
         sha256: String,
+        size: u64,
         offset: u64,
         max: u32,
     ) -> impl std::future::Future<Output = ChunkResult> + Send + 'static;
@@ -180,7 +184,7 @@ pub async fn fetch_all<S: ChunkSource>(
         while have < f.size {
             while inflight.len() < DEPTH && next < f.size {
                 let want = CHUNK.min((f.size - next).min(u64::from(u32::MAX)) as u32);
-                inflight.push_back((next, tokio::spawn(src.chunk(f.sha256.clone(), next, want))));
+                inflight.push_back((next, tokio::spawn(src.chunk(f.sha256.clone(), f.size, next, want))));
                 next += u64::from(want);
             }
             let Some((offset, job)) = inflight.pop_front() else { break };
@@ -232,10 +236,37 @@ pub async fn fetch_all<S: ChunkSource>(
 
 /// The controller as a chunk source, over the session's own connection: when the session drops,
 /// a request waits (up to [`RECONNECT_WAIT`]) for the next one instead of dialling its own.
+/// With `peers` (this agent serves peers too), the controller may send it to a peer for a blob:
+/// the chunks then come from that peer, and from the controller again if the peer fails.
 #[derive(Clone)]
 pub struct Remote {
     pub bundle: String,
     pub channel: super::handler::SessionChannel,
+    pub peers: Option<crate::identity::StateDir>,
+    routes: Arc<Mutex<HashMap<String, Route>>>,
+}
+
+impl Remote {
+    pub fn new(
+        bundle: String,
+        channel: super::handler::SessionChannel,
+        peers: Option<crate::identity::StateDir>,
+    ) -> Self {
+        Self { bundle, channel, peers, routes: Arc::default() }
+    }
+}
+
+type PeerClient = fleetadm_proto::peer_client::PeerClient<tonic::transport::Channel>;
+
+/// Where one blob's chunks come from.
+#[derive(Clone)]
+enum Route {
+    /// The controller answered with data (it keeps doing so for this blob).
+    Controller,
+    /// A peer the controller chose, dialled once and shared by the requests in flight.
+    Peer { source: fleetadm_proto::PeerSource, client: Arc<tokio::sync::OnceCell<PeerClient>> },
+    /// A peer failed: the controller, and no peer again for this blob.
+    GaveUp,
 }
 
 /// How long a chunk request waits for a session to come back.
@@ -245,25 +276,97 @@ impl ChunkSource for Remote {
     fn chunk(
         &self,
         sha256: String,
+        size: u64,
         offset: u64,
         max: u32,
     ) -> impl std::future::Future<Output = ChunkResult> + Send + 'static {
-        let mut channel = self.channel.clone();
-        let bundle = self.bundle.clone();
+        let me = self.clone();
         async move {
-            let client = tokio::time::timeout(RECONNECT_WAIT, channel.wait_for(|c| c.is_some()))
-                .await
-                .map_err(|_| format!("no session with the controller for {}s", RECONNECT_WAIT.as_secs()))?
-                .map_err(|_| "the agent is stopping".to_string())?
-                .clone();
-            let mut client = client.ok_or("no session")?;
-            let r = client
-                .fetch_blob(fleetadm_proto::FetchBlobRequest { bundle, sha256, offset, max_len: max })
-                .await
-                .map_err(|st| fleetadm_common::dial::explain_status(&st))?
-                .into_inner();
-            Ok((r.data, r.size))
+            loop {
+                let route = me.routes.lock().ok().and_then(|r| r.get(&sha256).cloned());
+                match route {
+                    Some(Route::Peer { source, client }) => {
+                        match from_peer(&me, &source, &client, &sha256, size, offset, max).await {
+                            Ok(c) => return Ok(c),
+                            Err(why) => {
+                                tracing::warn!(peer = %source.node, blob = %sha256, %why, "peer failed; fetching from the controller");
+                                if let Ok(mut r) = me.routes.lock() {
+                                    r.insert(sha256.clone(), Route::GaveUp);
+                                }
+                            }
+                        }
+                    }
+                    other => {
+                        let peers_ok = me.peers.is_some() && other.is_none();
+                        let r = from_controller(&me, &sha256, offset, max, peers_ok).await?;
+                        let Some(source) = r.peer else {
+                            if peers_ok {
+                                if let Ok(mut routes) = me.routes.lock() {
+                                    routes.entry(sha256.clone()).or_insert(Route::Controller);
+                                }
+                            }
+                            return Ok((r.data, r.size));
+                        };
+                        if let Ok(mut routes) = me.routes.lock() {
+                            if let std::collections::hash_map::Entry::Vacant(e) = routes.entry(sha256.clone()) {
+                                tracing::info!(peer = %source.node, address = %source.address, blob = %sha256, "fetching from a peer");
+                                let client = Arc::new(tokio::sync::OnceCell::new());
+                                e.insert(Route::Peer { source, client });
+                            }
+                        }
+                    }
+                }
+            }
         }
+    }
+}
+
+async fn from_peer(
+    me: &Remote,
+    source: &fleetadm_proto::PeerSource,
+    client: &tokio::sync::OnceCell<PeerClient>,
+    sha256: &str,
+    size: u64,
+    offset: u64,
+    max: u32,
+) -> ChunkResult {
+    let dir = me.peers.as_ref().ok_or("peers are off")?;
+    let c = client.get_or_try_init(|| crate::peer::dial(dir, &source.node, &source.address)).await?;
+    let req = fleetadm_proto::PeerChunkRequest {
+        ticket: source.ticket.clone(),
+        sha256: sha256.to_string(),
+        offset,
+        max_len: max,
+        size,
+    };
+    let mut req = tonic::Request::new(req);
+    req.set_timeout(crate::peer::RANGE_WAIT + std::time::Duration::from_secs(10));
+    let r = c.clone().peer_chunk(req).await.map_err(|st| fleetadm_common::dial::explain_status(&st))?.into_inner();
+    Ok((r.data, r.size))
+}
+
+async fn from_controller(
+    me: &Remote,
+    sha256: &str,
+    offset: u64,
+    max: u32,
+    peers_ok: bool,
+) -> Result<fleetadm_proto::BlobChunk, String> {
+    let mut channel = me.channel.clone();
+    let (bundle, sha256) = (me.bundle.clone(), sha256.to_string());
+    {
+        let client = tokio::time::timeout(RECONNECT_WAIT, channel.wait_for(|c| c.is_some()))
+            .await
+            .map_err(|_| format!("no session with the controller for {}s", RECONNECT_WAIT.as_secs()))?
+            .map_err(|_| "the agent is stopping".to_string())?
+            .clone();
+        let mut client = client.ok_or("no session")?;
+        let r = client
+            .fetch_blob(fleetadm_proto::FetchBlobRequest { bundle, sha256, offset, max_len: max, peers_ok })
+            .await
+            .map_err(|st| fleetadm_common::dial::explain_status(&st))?
+            .into_inner();
+        Ok(r)
     }
 }
 
@@ -296,6 +399,7 @@ mod tests {
         fn chunk(
             &self,
             sha256: String,
+            _size: u64,
             offset: u64,
             max: u32,
         ) -> impl std::future::Future<Output = ChunkResult> + Send + 'static {

@@ -34,6 +34,8 @@ pub struct Ctx {
     pub channel: SessionChannel,
     /// The attempt being run (a self-upgrade hands it on to the agent that reports it).
     pub attempt: u32,
+    /// This agent's state dir when it serves peers (and so may fetch from them).
+    pub peers: Option<crate::identity::StateDir>,
 }
 
 /// A finished task: whether it changed the host, and what to tell the operator.

@@ -299,7 +299,7 @@ impl Handler for AgentUpgrade {
         let exe = std::env::current_exe().unwrap_or_else(|_| "/usr/bin/node-agent".into());
         let cache = fetch::BlobCache::new(&cx.state_dir);
         let fetched = async |f: &BundleFile| -> Result<std::path::PathBuf, TaskError> {
-            let mut src = fetch::Remote { bundle: t.bundle.clone(), channel: cx.channel.clone() };
+            let mut src = fetch::Remote::new(t.bundle.clone(), cx.channel.clone(), cx.peers.clone());
             fetch::fetch_all(&cache, &mut src, std::slice::from_ref(f), |_, _| {}).await?;
             Ok(cache.path(&f.sha256))
         };
@@ -424,7 +424,7 @@ impl Handler for FetchBundle {
     type Task = pb::FetchBundleTask;
     async fn run(&self, t: pb::FetchBundleTask, cx: Ctx) -> Result<Done, TaskError> {
         let files: Vec<BundleFile> = t.files.iter().map(Into::into).collect();
-        let mut src = fetch::Remote { bundle: t.bundle.clone(), channel: cx.channel.clone() };
+        let mut src = fetch::Remote::new(t.bundle.clone(), cx.channel.clone(), cx.peers.clone());
         let cache = fetch::BlobCache::new(&cx.state_dir);
         let mut last = std::time::Instant::now();
         let fetching = fetch::fetch_all(&cache, &mut src, &files, |done, total| {

@@ -63,6 +63,8 @@ pub struct Executor {
     reports: mpsc::UnboundedSender<TaskReport>,
     /// The session's connection, when one is open (the session sets it).
     channel: watch::Sender<Option<AgentClient<Channel>>>,
+    /// Set when this agent serves peers: bundle blobs may then come from peers too.
+    peers: Mutex<Option<crate::identity::StateDir>>,
 }
 
 /// The capabilities this agent announces: every task kind it implements.
@@ -82,6 +84,7 @@ impl Executor {
             inflight: Mutex::default(),
             reports: tx,
             channel: watch::channel(None).0,
+            peers: Mutex::default(),
         });
         (ex, rx)
     }
@@ -135,6 +138,13 @@ impl Executor {
     /// The guard's status, as it changes.
     pub fn lb_status(&self) -> watch::Receiver<Option<crate::lb::guard::GuardStatus>> {
         self.lb.status()
+    }
+
+    /// This agent serves peers (with the identity in `dir`), so it may fetch from them.
+    pub fn set_peers(&self, dir: crate::identity::StateDir) {
+        if let Ok(mut p) = self.peers.lock() {
+            *p = Some(dir);
+        }
     }
 
     /// The session's connection for tasks that need the controller (bundle chunks); `None` while
@@ -253,6 +263,7 @@ impl Executor {
             lb: self.lb.clone(),
             channel: self.channel.subscribe(),
             attempt: a.attempt,
+            peers: self.peers.lock().ok().and_then(|p| p.clone()),
         };
         let mut work = tokio::spawn(handlers::run(a.task_id.clone(), task, cx));
         tokio::select! {

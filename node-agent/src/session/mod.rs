@@ -28,6 +28,8 @@ pub enum RunError {
     Revoked(String),
     #[error("this node's certificate expired at {0}; re-enroll with a new token: node-agent enroll --force ...")]
     Expired(String),
+    #[error("the peer listener (peer_listen)")]
+    Peer(#[source] Box<crate::peer::PeerError>),
 }
 
 #[derive(Debug, Clone)]
@@ -38,6 +40,8 @@ pub struct RunOptions {
     pub dial: DialOptions,
     /// The config file's `proxy` (wins over the one recorded at enrollment, then the environment).
     pub proxy: Option<String>,
+    /// Serve bundle blobs to peers on this address (`peer_listen`; None: no peer-to-peer).
+    pub peer_listen: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -48,6 +52,7 @@ impl Default for RunOptions {
             inventory_interval: Duration::from_secs(60),
             dial: DialOptions::default(),
             proxy: None,
+            peer_listen: None,
         }
     }
 }
@@ -79,6 +84,23 @@ pub async fn run(
     // report goes out on whichever session is open when it finishes.
     let (executor, mut reports) = Executor::new(&dir.root, HostPaths::system());
     executor.resume();
+    let peer = match opts.peer_listen.as_deref().filter(|a| !a.is_empty()) {
+        Some(addr) => {
+            let listener = crate::peer::bind(addr).await.map_err(|e| RunError::Peer(Box::new(e)))?;
+            let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+            let name = Identity::load(dir)?.config.node_name;
+            let holder = std::sync::Arc::new(crate::peer::Holder {
+                name,
+                key: std::sync::RwLock::new(Vec::new()),
+                blobs: dir.root.join("blobs"),
+            });
+            crate::peer::serve(listener, dir.clone(), holder.clone());
+            executor.set_peers(dir.clone());
+            tracing::info!(%addr, port, "serving bundle blobs to peers");
+            Some((port, holder))
+        }
+        None => None,
+    };
     let mut last_inventory: Option<Inventory> = None;
     loop {
         let identity = Identity::load(dir)?;
@@ -104,7 +126,7 @@ pub async fn run(
         status::write(dir, &SessionStatus::new(SessionState::Connecting, &identity.config.controller, None));
         let started = std::time::Instant::now();
         let ended = tokio::select! {
-            e = session(dir, &identity, opts, &mut last_inventory, &executor, &mut reports) => e,
+            e = session(dir, &identity, opts, &mut last_inventory, &executor, &mut reports, peer.as_ref()) => e,
             _ = &mut stop => Ended::Stop,
         };
         let (reason, delay) = match ended {
@@ -218,6 +240,7 @@ async fn session(
     last_inventory: &mut Option<Inventory>,
     executor: &std::sync::Arc<Executor>,
     reports: &mut tokio::sync::mpsc::UnboundedReceiver<TaskReport>,
+    peer: Option<&(u16, std::sync::Arc<crate::peer::Holder>)>,
 ) -> Ended {
     let mut client = match connect(identity, opts).await {
         Ok(c) => c,
@@ -229,6 +252,7 @@ async fn session(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         protocol: fleetadm_proto::PROTOCOL_VERSION,
         capabilities: crate::execute::capabilities(),
+        peer_port: peer.map(|(p, _)| u32::from(*p)).unwrap_or(0),
     };
     let mut stream = match client.open_session(req).await {
         Ok(r) => r.into_inner(),
@@ -252,6 +276,11 @@ async fn session(
         );
         tracing::error!("{why}");
         return Ended::Retry(why);
+    }
+    if let Some((_, holder)) = peer {
+        if let Ok(mut k) = holder.key.write() {
+            *k = welcome.peer_key.clone();
+        }
     }
     let mut st = SessionStatus::new(SessionState::Connected, &identity.config.controller, None);
     st.session_id = welcome.session_id.clone();

@@ -116,6 +116,7 @@ async fn fetch(client: &AgentClient<Channel>, sha: &str, size: u64) -> anyhow::R
                 sha256: sha.into(),
                 offset,
                 max_len: CHUNK.min(size - offset) as u32,
+                peers_ok: false,
             };
             inflight.push_back(tokio::spawn(async move { c.fetch_blob(req).await }));
             offset += CHUNK;
@@ -144,6 +145,7 @@ async fn agent(
         agent_version: env!("CARGO_PKG_VERSION").into(),
         protocol: fleetadm_proto::PROTOCOL_VERSION,
         capabilities: fleetadm_proto::TaskKind::all_capabilities(),
+        peer_port: 0,
     };
     let mut stream = client.clone().open_session(req).await?.into_inner();
     let tasks_client = client.clone();
