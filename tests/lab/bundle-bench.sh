@@ -41,6 +41,7 @@ for peers in ${BENCH_PEERS:-0 1}; do
   LAB_HOSTS=$n "$here/lab.sh" ctl bundle import "$work/k8s-lab.d" >/dev/null
   nodes=$(seq -s, 2 "$n" | sed 's/\([0-9]\+\)/h\1/g')
   tx0=$(cat /sys/class/net/flab0/statistics/tx_bytes)
+  cpu0=$(awk '/^cpu /{print $2+$3+$4+$6+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
   t0=$(date +%s%N)
   args=(cluster create bench --masters h1 --bundle bench --detach)
   [ -n "$nodes" ] && args+=(--nodes "$nodes")
@@ -53,13 +54,16 @@ for peers in ${BENCH_PEERS:-0 1}; do
   done
   t1=$(date +%s%N)
   tx1=$(cat /sys/class/net/flab0/statistics/tx_bytes)
+  cpu1=$(awk '/^cpu /{print $2+$3+$4+$6+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
+  # the machine's CPUs busy during the run (all agents and the controller share them)
+  busy=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN{split(a,x," "); split(b,y," "); printf "%.0f", 100*(y[1]-x[1])/((y[2]-x[2])||1)}')
   pid=$(cat "$LAB_DIR/controller.pid")
   rss=$(awk '/VmHWM/{print $2}' "/proc/$pid/status")
   secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", (b-a)/1e9}')
   sent=$((tx1 - tx0))
   # (each agent logs this once per blob it was sent to a peer for)
   redirects=$(cat "$LAB_DIR"/hosts/*/agent.log 2>/dev/null | grep -c 'fetching from a peer' || true)
-  echo "BENCH agents=$n peers=$peers rate=${BENCH_RATE:-none} size_mib=$size time_s=$secs controller_tx_mib=$((sent / 1048576)) per_host_mib=$((sent / n / 1048576)) blobs_from_peers=$redirects controller_peak_rss_mib=$((rss / 1024))"
+  echo "BENCH agents=$n peers=$peers rate=${BENCH_RATE:-none} size_mib=$size time_s=$secs controller_tx_mib=$((sent / 1048576)) per_host_mib=$((sent / n / 1048576)) blobs_from_peers=$redirects cpu_busy_pct=$busy controller_peak_rss_mib=$((rss / 1024))"
   LAB_HOSTS=$n "$here/lab.sh" down >/dev/null
 done
 done

@@ -4,7 +4,8 @@
 //!
 //! - enrollment rate, all sessions up, controller RSS per agent;
 //! - a fleet-wide no-op task (`controller exec -l bench=yes -- true` through the admin API, every
-//!   agent at once): when each agent's result reached the controller, p50/p99/all;
+//!   agent at once): when each agent's first report (task received and started) and its result
+//!   reached the controller, p50/p99/all;
 //! - reconnection after the controller is SIGKILLed and restarted;
 //! - heartbeat round trips throughout, from a few probe agents (protocol clients with their own
 //!   identities that heartbeat every second and answer their tasks at once), per phase.
@@ -109,13 +110,17 @@ fn print_beats(beats: &Mutex<Beats>) {
     }
 }
 
-/// `controller exec -l bench=yes -- true` on every agent at once through the admin API: when each
-/// host's result arrived (µs from the start), and how many failed.
-async fn fleet_task(
-    data: &Path,
-    agents: usize,
-    parallel: usize,
-) -> anyhow::Result<(Vec<u64>, BTreeMap<String, usize>, Duration)> {
+/// What a fleet-wide task measured: per host, when its agent's first report (it received the
+/// task and started it) and its result reached the controller (µs from the start).
+struct TaskTimes {
+    received: Vec<u64>,
+    results: Vec<u64>,
+    failed: BTreeMap<String, usize>,
+    all: Duration,
+}
+
+/// `controller exec -l bench=yes -- true` on every agent at once through the admin API.
+async fn fleet_task(data: &Path, agents: usize, parallel: usize) -> anyhow::Result<TaskTimes> {
     let mut admin = fleetadm_controller::admin::client::connect(data).await?;
     let req = fleetadm_proto::ExecRequest {
         argv: vec!["true".into()],
@@ -127,7 +132,12 @@ async fn fleet_task(
     let t0 = Instant::now();
     let mut events = admin.exec(req).await?.into_inner();
     let (mut acks, mut failed) = (Vec::with_capacity(agents), BTreeMap::new());
+    let mut received = Vec::with_capacity(agents);
+    let mut seen = std::collections::HashSet::with_capacity(agents);
     while let Some(ev) = events.message().await? {
+        if !ev.host.is_empty() && seen.insert(ev.host.clone()) {
+            received.push(t0.elapsed().as_micros() as u64);
+        }
         if ev.done && !ev.host.is_empty() {
             acks.push(t0.elapsed().as_micros() as u64);
             if !ev.success {
@@ -135,7 +145,7 @@ async fn fleet_task(
             }
         }
     }
-    Ok((acks, failed, t0.elapsed()))
+    Ok(TaskTimes { received, results: acks, failed, all: t0.elapsed() })
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -295,10 +305,18 @@ async fn main() -> anyhow::Result<()> {
     // A fleet-wide no-op task: every agent runs `true` and reports; when did each result arrive?
     Beats::set(&beats, "fleet-task");
     match fleet_task(&data, agents, task_parallel).await {
-        Ok((mut acks, failed, all)) => {
+        Ok(TaskTimes { mut received, results: mut acks, failed, all }) => {
             acks.sort_unstable();
+            received.sort_unstable();
             println!(
-                "task:      exec `true` on every agent (--max-parallel {task_parallel}): {} results ({} failed); acknowledged p50 {:.0} ms, p99 {:.0} ms, all {:.2}s",
+                "task:      exec `true` on every agent (--max-parallel {task_parallel}): received and acknowledged by {} agents: p50 {:.0} ms, p99 {:.0} ms, all {:.2}s",
+                received.len(),
+                percentile(&received, 0.5),
+                percentile(&received, 0.99),
+                received.last().copied().unwrap_or(0) as f64 / 1e6
+            );
+            println!(
+                "           results: {} ({} failed): p50 {:.0} ms, p99 {:.0} ms, all {:.2}s",
                 acks.len(),
                 failed.values().sum::<usize>(),
                 percentile(&acks, 0.5),
