@@ -56,7 +56,7 @@ for peers in ${BENCH_PEERS:-0 1}; do
   tx1=$(cat /sys/class/net/flab0/statistics/tx_bytes)
   cpu1=$(awk '/^cpu /{print $2+$3+$4+$6+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
   # the machine's CPUs busy during the run (all agents and the controller share them)
-  busy=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN{split(a,x," "); split(b,y," "); printf "%.0f", 100*(y[1]-x[1])/((y[2]-x[2])||1)}')
+  busy=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN{split(a,x," "); split(b,y," "); t=y[2]-x[2]; if (t<1) t=1; printf "%.0f", 100*(y[1]-x[1])/t}')
   pid=$(cat "$LAB_DIR/controller.pid")
   rss=$(awk '/VmHWM/{print $2}' "/proc/$pid/status")
   secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", (b-a)/1e9}')

@@ -18,7 +18,7 @@ use fleetadm_proto::{PeerSource, PeerTicket};
 use ring::hmac;
 
 /// Downstream agents one holder serves at once.
-pub const FANOUT: usize = 3;
+pub const FANOUT: usize = 2;
 /// How long a ticket is good for.
 pub const TICKET_TTL: Duration = Duration::from_secs(600);
 /// A blob nobody asked for in this long is forgotten.
