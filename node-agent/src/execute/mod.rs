@@ -189,6 +189,10 @@ impl Executor {
             tracing::debug!(task = %a.task_id, attempt = a.attempt, "already running");
             return;
         }
+        // An exec is never re-sent (commands are not idempotent; the controller does not resume
+        // one), so nothing would read its journal entry: it is not written (two flushed writes
+        // per host of every fleet-wide command saved).
+        let journaled = kind != TaskKind::Exec;
         let me = self.clone();
         tokio::spawn(async move {
             let mut entry = Entry {
@@ -200,7 +204,9 @@ impl Executor {
                 output: String::new(),
                 updated_ms: now_unix_ms(),
             };
-            me.journal_put(&entry).await;
+            if journaled {
+                me.journal_put(&entry).await;
+            }
             me.report(&a, TaskState::Running, false, String::new());
             tracing::info!(task = %a.task_id, attempt = a.attempt, kind = %kind, "task started");
             let result = me.run_bounded(&a, task).await;
@@ -226,7 +232,9 @@ impl Executor {
             entry.output = output.clone();
             entry.updated_ms = now_unix_ms();
             // Journal first: if the report is lost, the re-sent task is answered from here.
-            me.journal_put(&entry).await;
+            if journaled {
+                me.journal_put(&entry).await;
+            }
             match state {
                 TaskState::Succeeded => tracing::info!(task = %a.task_id, changed, "task succeeded"),
                 _ => tracing::warn!(task = %a.task_id, output = %output, "task failed"),
