@@ -34,13 +34,32 @@ pub enum Source {
 struct BlobSwarm {
     /// Agents that asked for the blob, in order (they hold it, or some of it).
     holders: Vec<String>,
+    is_holder: std::collections::HashSet<String>,
+    /// Holders before this index were full when last looked at, so the search starts here:
+    /// choosing costs O(1) amortised, not O(holders), with 10,000 agents on one blob. (A holder
+    /// whose downstream later gave up on it is not offered again: its room is lost, nothing else.)
+    full_before: usize,
     assigned: HashMap<String, Source>,
+    /// Downstream per holder.
+    loads: HashMap<String, usize>,
     last_ms: u64,
 }
 
 impl BlobSwarm {
     fn load(&self, holder: &str) -> usize {
-        self.assigned.values().filter(|s| matches!(s, Source::Peer(h) if h == holder)).count()
+        self.loads.get(holder).copied().unwrap_or(0)
+    }
+
+    fn assign(&mut self, requester: &str, to: Source) {
+        if let Some(Source::Peer(old)) = self.assigned.get(requester) {
+            if let Some(l) = self.loads.get_mut(old) {
+                *l = l.saturating_sub(1);
+            }
+        }
+        if let Source::Peer(h) = &to {
+            *self.loads.entry(h.clone()).or_default() += 1;
+        }
+        self.assigned.insert(requester.to_string(), to);
     }
 }
 
@@ -80,11 +99,13 @@ impl Swarm {
         blobs.retain(|_, b| now_ms.saturating_sub(b.last_ms) < IDLE.as_millis() as u64);
         let b = blobs.entry(sha256.to_string()).or_default();
         b.last_ms = now_ms;
-        if serves && !b.holders.iter().any(|h| h == requester) {
+        if serves && b.is_holder.insert(requester.to_string()) {
             b.holders.push(requester.to_string());
         }
         if !peers_ok {
-            b.assigned.insert(requester.to_string(), Source::Controller);
+            if b.assigned.get(requester) != Some(&Source::Controller) {
+                b.assign(requester, Source::Controller);
+            }
             return None;
         }
         if let Some(Source::Peer(h)) = b.assigned.get(requester) {
@@ -97,18 +118,20 @@ impl Swarm {
         }
         // The earliest holder with room: it has the most of the blob, and filling holders in
         // order makes a tree FANOUT wide (depth log_FANOUT(hosts)), not a long chain.
-        let best = b
-            .holders
+        while b.full_before < b.holders.len() && b.load(&b.holders[b.full_before]) >= FANOUT {
+            b.full_before += 1;
+        }
+        let best = b.holders[b.full_before..]
             .iter()
             .filter(|h| *h != requester && b.load(h) < FANOUT)
             .find_map(|h| reachable(h).map(|addr| (h.clone(), addr)));
         match best {
             Some((h, addr)) => {
-                b.assigned.insert(requester.to_string(), Source::Peer(h.clone()));
+                b.assign(requester, Source::Peer(h.clone()));
                 Some(self.source(requester, &h, addr, sha256, now_ms))
             }
             None => {
-                b.assigned.insert(requester.to_string(), Source::Controller);
+                b.assign(requester, Source::Controller);
                 None
             }
         }
@@ -162,6 +185,32 @@ mod tests {
         // Given up on peers: the controller, and it stays so.
         assert_eq!(s.route("h5", SHA, false, true, 3, all), None);
         assert_eq!(s.route("h5", SHA, true, true, 4, all), None);
+    }
+
+    #[test]
+    fn ten_thousand_agents_on_one_blob_form_a_tree_and_fallbacks_free_room() {
+        let s = Swarm::new(b"secret");
+        let all = |_: &str| Some("10.0.0.1:7451".to_string());
+        let names: Vec<String> = (0..10_000).map(|i| format!("n{i}")).collect();
+        let mut from_controller = 0;
+        for n in &names {
+            if s.route(n, SHA, true, true, 1, all).is_none() {
+                from_controller += 1;
+            }
+        }
+        assert_eq!(from_controller, 1, "only the first asker is served by the controller");
+        {
+            let blobs = s.blobs.lock().unwrap();
+            let b = &blobs[SHA];
+            assert!(b.loads.values().all(|l| *l <= FANOUT));
+            assert_eq!(b.loads.values().sum::<usize>(), 9_999);
+            // A downstream that gives up frees its holder's room.
+            let Some(Source::Peer(h)) = b.assigned.get("n9999").cloned() else { panic!() };
+            let before = b.load(&h);
+            drop(blobs);
+            assert_eq!(s.route("n9999", SHA, false, true, 2, all), None);
+            assert_eq!(s.blobs.lock().unwrap()[SHA].load(&h), before - 1);
+        }
     }
 
     #[test]
