@@ -156,6 +156,19 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command (which may hold spaces) start after the last ')'.
+            let rest = s.rsplit_once(')')?.1.split_whitespace().map(String::from).collect::<Vec<_>>();
+            Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
 /// The controller process; killed and reaped when dropped.
 struct Ctl(Child);
 
@@ -166,9 +179,10 @@ impl Drop for Ctl {
     }
 }
 
-fn spawn_controller(bin: &Path, data: &Path, addr: &str) -> Ctl {
+fn spawn_controller(bin: &Path, data: &Path, addr: &str, metrics: &str) -> Ctl {
     let child = Command::new(bin)
-        .args(["serve", "--listen", addr, "--heartbeat-interval", "15s", "--config", "/dev/null", "--data-dir"])
+        .args(["serve", "--listen", addr, "--heartbeat-interval", "15s", "--config", "/dev/null"])
+        .args(["--metrics-listen", metrics, "--data-dir"])
         .arg(data)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -183,17 +197,26 @@ fn spawn_controller(bin: &Path, data: &Path, addr: &str) -> Ctl {
     Ctl(child)
 }
 
-fn connected(bin: &Path, data: &Path) -> usize {
-    let out =
-        Command::new(bin).args(["nodes", "list", "-o", "json", "--data-dir"]).arg(data).output().expect("nodes list");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array().map(|a| a.iter().filter(|n| n["connected"] == true).count()).unwrap_or(0)
+/// Agents with an open session, from the controller's /metrics (cheap for the controller, unlike
+/// listing 10,000 nodes every poll, which slowed what it measured).
+fn connected(metrics: &str) -> usize {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(metrics) else { return 0 };
+    if s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").is_err() {
+        return 0;
+    }
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .find_map(|l| l.strip_prefix("fleetadm_agents_connected "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
-fn wait_connected(bin: &Path, data: &Path, n: usize, limit: Duration) -> Option<Duration> {
+fn wait_connected(metrics: &str, n: usize, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < limit {
-        if connected(bin, data) >= n {
+        if connected(metrics) >= n {
             return Some(start.elapsed());
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -216,7 +239,8 @@ async fn main() -> anyhow::Result<()> {
     let data = tmp.path().join("ctl");
     let port = fleetadm_tests::free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut ctl = spawn_controller(&ctl_bin, &data, &addr);
+    let metrics = format!("127.0.0.1:{}", fleetadm_tests::free_port());
+    let mut ctl = spawn_controller(&ctl_bin, &data, &addr, &metrics);
     let out = Command::new(&ctl_bin)
         .args(["token", "create", "-o", "json", "--uses", &agents.to_string(), "--data-dir"])
         .arg(&data)
@@ -284,13 +308,11 @@ async fn main() -> anyhow::Result<()> {
             let _ = session::run(&dir, &opts, stop).await;
         });
     }
-    let ctl_bin2 = ctl_bin.clone();
-    let data2 = data.clone();
-    let up = tokio::task::spawn_blocking(move || wait_connected(&ctl_bin2, &data2, agents, Duration::from_secs(300)))
-        .await?;
+    let metrics2 = metrics.clone();
+    let up = tokio::task::spawn_blocking(move || wait_connected(&metrics2, agents, Duration::from_secs(300))).await?;
     match up {
         Some(_) => println!("sessions:  {agents} connected in {:.2}s", t1.elapsed().as_secs_f64()),
-        None => println!("sessions:  only {} of {agents} connected after 300s", connected(&ctl_bin, &data)),
+        None => println!("sessions:  only {} of {agents} connected after 300s", connected(&metrics)),
     }
     Beats::set(&beats, "idle");
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -304,7 +326,16 @@ async fn main() -> anyhow::Result<()> {
 
     // A fleet-wide no-op task: every agent runs `true` and reports; when did each result arrive?
     Beats::set(&beats, "fleet-task");
-    match fleet_task(&data, agents, task_parallel).await {
+    let (ctl_cpu0, me_cpu0, task_t0) = (cpu_secs(ctl.0.id()), cpu_secs(std::process::id()), Instant::now());
+    let task = fleet_task(&data, agents, task_parallel).await;
+    println!(
+        "cpu:       during the task ({:.1}s): controller {:.1} CPU-s, the agents' process {:.1} CPU-s (2 cores: {:.1} available)",
+        task_t0.elapsed().as_secs_f64(),
+        cpu_secs(ctl.0.id()) - ctl_cpu0,
+        cpu_secs(std::process::id()) - me_cpu0,
+        2.0 * task_t0.elapsed().as_secs_f64()
+    );
+    match task {
         Ok(TaskTimes { mut received, results: mut acks, failed, all }) => {
             acks.sort_unstable();
             received.sort_unstable();
@@ -338,16 +369,22 @@ async fn main() -> anyhow::Result<()> {
     drop(ctl);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t2 = Instant::now();
-    ctl = spawn_controller(&ctl_bin, &data, &addr);
-    let (ctl_bin3, data3) = (ctl_bin.clone(), data.clone());
-    let back = tokio::task::spawn_blocking(move || wait_connected(&ctl_bin3, &data3, agents, Duration::from_secs(300)))
-        .await?;
+    let me_cpu0 = cpu_secs(std::process::id());
+    ctl = spawn_controller(&ctl_bin, &data, &addr, &metrics);
+    let metrics3 = metrics.clone();
+    let back = tokio::task::spawn_blocking(move || wait_connected(&metrics3, agents, Duration::from_secs(300))).await?;
+    println!(
+        "cpu:       during the reconnect ({:.1}s): controller {:.1} CPU-s, the agents' process {:.1} CPU-s",
+        t2.elapsed().as_secs_f64(),
+        cpu_secs(ctl.0.id()),
+        cpu_secs(std::process::id()) - me_cpu0
+    );
     match back {
         Some(_) => println!(
             "restart:   controller SIGKILLed; all {agents} agents back {:.2}s after it restarted (backoff 1s..10s, full jitter)",
             t2.elapsed().as_secs_f64()
         ),
-        None => println!("restart:   only {} of {agents} back after 300s", connected(&ctl_bin, &data)),
+        None => println!("restart:   only {} of {agents} back after 300s", connected(&metrics)),
     }
     Beats::set(&beats, "after");
     tokio::time::sleep(Duration::from_secs(3)).await;
