@@ -9,6 +9,18 @@ use fleetadm_tests::{http_get, metric};
 
 const RELAY_METRICS: &str = "10.79.0.2:9101";
 
+/// Whether `ok` holds within `limit` (checked every 200 ms).
+fn eventually(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ok()
+}
+
 fn connects(lab: &Lab) -> usize {
     std::fs::read_to_string(lab.dir.join("tinyproxy.log"))
         .unwrap_or_default()
@@ -70,12 +82,14 @@ fn enrollment_sessions_and_a_cluster_create_through_a_proxy_on_a_bastion() {
     let (ok, out) = lab.ctl(&["cluster", "create", "px", "--masters", "h1,h2", "--bundle", "k8s-lab", "--detach"]);
     assert!(ok, "{out}");
     wait_past_preflight(&lab, "px");
+    let before_restart = connects(&lab);
     let restarted = lab.run(&["restart-proxy"]);
     assert!(restarted.status.success(), "{}", String::from_utf8_lossy(&restarted.stderr));
-    let after_restart = connects(&lab);
     let (ok, out) = lab.ctl(&["cluster", "status", "px", "--watch"]);
     assert!(ok, "the rollout completes through the restarted proxy: {out}");
-    assert!(connects(&lab) > after_restart, "the agents reconnected through the new proxy process");
+    // (The rollout may finish before the agents notice the old proxy is gone: wait for it.)
+    let reconnected = eventually(Duration::from_secs(30), || connects(&lab) >= before_restart + 2);
+    assert!(reconnected, "both agents reconnected through the new proxy process ({before_restart} CONNECTs before)");
     let (_, logs) = lab.ctl(&["cluster", "logs", "px", "--host", "h2"]);
     assert!(logs.contains("blobs fetched"), "h2 fetched the bundle (through the proxy): {logs}");
     assert!(lab.host("h2").join("usr-local-bin/kubeadm").exists(), "bootstrap installed it");
@@ -115,9 +129,9 @@ fn enrollment_and_a_cluster_create_by_address_through_a_relay_on_a_bastion() {
     assert!(restarted.status.success(), "{}", String::from_utf8_lossy(&restarted.stderr));
     let (ok, out) = lab.ctl(&["cluster", "status", "rl", "--watch"]);
     assert!(ok, "the rollout completes through the restarted relay: {out}");
-    let m = http_get(RELAY_METRICS, "/metrics");
-    let again = metric(&m, "fleetadm_relay_connections_total{").unwrap_or(0.0);
-    assert!(again >= 2.0, "both agents reconnected through the new relay process: {m}");
+    let again = || metric(&http_get(RELAY_METRICS, "/metrics"), "fleetadm_relay_connections_total{").unwrap_or(0.0);
+    let reconnected = eventually(Duration::from_secs(30), || again() >= 2.0);
+    assert!(reconnected, "both agents reconnected through the new relay process: {}", again());
     let (_, logs) = lab.ctl(&["cluster", "logs", "rl", "--host", "h2"]);
     assert!(logs.contains("blobs fetched"), "h2 fetched the bundle (through the relay): {logs}");
     assert!(lab.host("h2").join("usr-local-bin/kubeadm").exists(), "bootstrap installed it");

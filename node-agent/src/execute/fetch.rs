@@ -299,6 +299,10 @@ impl ChunkSource for Remote {
                     other => {
                         let peers_ok = me.peers.is_some() && other.is_none();
                         let r = from_controller(&me, &sha256, offset, max, peers_ok).await?;
+                        if r.peer.is_some() && !peers_ok {
+                            // Asking again would loop: a controller that does this is broken.
+                            return Err("the controller sent a peer for a blob fetched without peers".into());
+                        }
                         let Some(source) = r.peer else {
                             if peers_ok {
                                 if let Ok(mut routes) = me.routes.lock() {
