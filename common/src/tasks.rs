@@ -126,3 +126,9 @@ mod path_tests {
         assert!(!is_sha256_hex(&"AB".repeat(32)) && !is_sha256_hex("ab"));
     }
 }
+
+/// The bytes a peer ticket's MAC covers: the controller signs them, the holder verifies them
+/// (one definition, so the two sides cannot drift apart).
+pub fn peer_ticket_message(t: &fleetadm_proto::PeerTicket) -> Vec<u8> {
+    format!("{}\0{}\0{}\0{}", t.requester, t.holder, t.sha256, t.expires_unix_ms).into_bytes()
+}

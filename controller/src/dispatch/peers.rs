@@ -152,9 +152,7 @@ impl Swarm {
 }
 
 /// What a ticket's MAC covers (the agent computes the same).
-pub fn ticket_message(t: &PeerTicket) -> Vec<u8> {
-    format!("{}\0{}\0{}\0{}", t.requester, t.holder, t.sha256, t.expires_unix_ms).into_bytes()
-}
+pub use fleetadm_common::tasks::peer_ticket_message as ticket_message;
 
 #[cfg(test)]
 mod tests {

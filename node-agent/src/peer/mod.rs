@@ -168,8 +168,8 @@ impl Holder {
             return Err(Status::permission_denied("the ticket expired; ask the controller again"));
         }
         let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
-        let msg = format!("{}\0{}\0{}\0{}", t.requester, t.holder, t.sha256, t.expires_unix_ms);
-        ring::hmac::verify(&k, msg.as_bytes(), &t.mac)
+        let msg = fleetadm_common::tasks::peer_ticket_message(t);
+        ring::hmac::verify(&k, &msg, &t.mac)
             .map_err(|_| Status::permission_denied("the ticket was not signed by this node's controller"))
     }
 
@@ -347,8 +347,7 @@ mod tests {
             mac: vec![],
         };
         let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
-        let msg = format!("{}\0{}\0{}\0{}", t.requester, t.holder, t.sha256, t.expires_unix_ms);
-        t.mac = ring::hmac::sign(&k, msg.as_bytes()).as_ref().to_vec();
+        t.mac = ring::hmac::sign(&k, &fleetadm_common::tasks::peer_ticket_message(&t)).as_ref().to_vec();
         t
     }
 
