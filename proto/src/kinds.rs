@@ -27,6 +27,7 @@ pub enum TaskKind {
     EtcdRestore,
     KubeadmUpgrade,
     AgentUpgrade,
+    Ping,
 }
 
 /// A `TaskAssignment` without a task this build knows (from a newer controller).
@@ -35,7 +36,7 @@ pub enum TaskKind {
 pub struct UnknownTask;
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 22] = [
+    pub const ALL: [TaskKind; 23] = [
         TaskKind::Preflight,
         TaskKind::Hosts,
         TaskKind::Files,
@@ -58,6 +59,7 @@ impl TaskKind {
         TaskKind::EtcdRestore,
         TaskKind::KubeadmUpgrade,
         TaskKind::AgentUpgrade,
+        TaskKind::Ping,
     ];
 
     pub fn of(task: &Task) -> TaskKind {
@@ -84,6 +86,7 @@ impl TaskKind {
             Task::EtcdRestore(_) => TaskKind::EtcdRestore,
             Task::KubeadmUpgrade(_) => TaskKind::KubeadmUpgrade,
             Task::AgentUpgrade(_) => TaskKind::AgentUpgrade,
+            Task::Ping(_) => TaskKind::Ping,
         }
     }
 
@@ -116,6 +119,7 @@ impl TaskKind {
             TaskKind::EtcdRestore => "etcd-restore",
             TaskKind::KubeadmUpgrade => "kubeadm-upgrade",
             TaskKind::AgentUpgrade => "agent-upgrade",
+            TaskKind::Ping => "ping",
         }
     }
 

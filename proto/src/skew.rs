@@ -28,6 +28,7 @@ macro_rules! each_task {
             Task::EtcdRestore($t) => $body,
             Task::KubeadmUpgrade($t) => $body,
             Task::AgentUpgrade($t) => $body,
+            Task::Ping($t) => $body,
         }
     };
 }

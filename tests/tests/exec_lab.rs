@@ -23,6 +23,34 @@ fn exec(lab: &Lab, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `controller agent ping ARGS` against the lab: (exit success, stdout, stderr).
+fn ping(lab: &Lab, args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(fleetadm_tests::bin("controller"))
+        .args(["agent", "ping"])
+        .args(args)
+        .env("FLEETADM_DATA_DIR", lab.dir.join("controller"))
+        .output()
+        .expect("controller agent ping");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// The process id in `host`'s answer to a ping
+/// (`h1 | pong: node-agent 0.1.0 (protocol 3), pid 123, up 0h00m05s (1.2 ms)`).
+fn pong_pid(out: &str, host: &str) -> u32 {
+    let prefix = format!("{host} | pong: node-agent {} (protocol ", env!("CARGO_PKG_VERSION"));
+    let line = out.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no answer from {host}: {out}"));
+    assert!(line.ends_with(" ms)"), "the round trip is shown: {line}");
+    line.split(", pid ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"))
+}
+
 #[test]
 fn exec_runs_on_the_chosen_hosts_streams_their_output_and_fails_if_any_host_fails() {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
@@ -79,7 +107,33 @@ fn exec_runs_on_the_chosen_hosts_streams_their_output_and_fails_if_any_host_fail
     std::thread::sleep(Duration::from_millis(500));
     let (ok, out, _) = exec(&lab, &["--nodes", "h3", "--", "true"]);
     assert!(!ok && out.contains("h3 | ! h3 is not connected"), "{out}");
+
+    // The no-op task: every chosen agent answers with what runs (its own process), h3 cannot.
+    let (ok, out, err) = ping(&lab, &["-l", "lab=yes"]);
+    assert!(!ok && out.contains("h3 | ! h3 is not connected") && err.contains("the ping failed on h3"), "{out}{err}");
+    let mut pids = std::collections::BTreeSet::new();
+    for h in ["h1", "h2", "h4"] {
+        let pid = pong_pid(&out, h);
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert_eq!(comm.trim(), "node-agent", "{h}'s answer names its running agent: {out}");
+        pids.insert(pid);
+    }
+    assert_eq!(pids.len(), 3, "each host answered for itself: {out}");
     let _ = lab.run(&["start-agent", "h3"]);
+    let back = Instant::now();
+    let (ok, out, err) = loop {
+        let r = ping(&lab, &["--nodes", "h3", "--timeout", "5s"]);
+        if r.0 || back.elapsed() > Duration::from_secs(30) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(ok && err.contains("agent ping: 1 hosts, 1 succeeded"), "h3 answers once its agent is back: {out}{err}");
+    assert!(!pids.contains(&pong_pid(&out, "h3")), "{out}");
+    let (ok, _, err) = ping(&lab, &["--nodes", "h1", "--", "true"]);
+    assert!(!ok && err.contains("unexpected argument"), "a ping runs no command: {err}");
+    let (ok, _, err) = ping(&lab, &["--nodes", "nosuch"]);
+    assert!(!ok && err.contains("unknown nodes: nosuch"), "{err}");
 
     // Output arrives while the command runs, not at its end.
     let mut child = Command::new(fleetadm_tests::bin("controller"))
@@ -151,6 +205,8 @@ fn exec_runs_on_the_chosen_hosts_streams_their_output_and_fails_if_any_host_fail
             .any(|e| e["action"] == "exec" && e["result"].as_str().is_some_and(|r| r.contains("unknown nodes"))),
         "refusals are audited too"
     );
+    assert!(!events.iter().any(|e| e["action"] == "ping"), "a ping changes nothing and is not audited: {events:?}");
+    assert!(events.iter().any(|e| e["action"] == "exec"), "(the audit log was read)");
 }
 
 /// `controller exec ARGS` started in the background, its stderr read line by line.

@@ -209,6 +209,21 @@ impl Admin for AdminService {
         Ok(Response::new(self.run_fleet(who, "exec", what, cluster, spec)))
     }
 
+    type PingAgentsStream = tokio_stream::wrappers::ReceiverStream<Result<fleetadm_proto::ExecEvent, Status>>;
+
+    /// Read-only (nothing changes on any host): not audited.
+    async fn ping_agents(
+        &self,
+        req: Request<fleetadm_proto::ExecRequest>,
+    ) -> Result<Response<Self::PingAgentsStream>, Status> {
+        let r = req.into_inner();
+        if !r.argv.is_empty() {
+            return Err(Status::invalid_argument("a ping runs no command (see `controller exec`)"));
+        }
+        let spec = self.fleet_spec(r, crate::ops::exec::Work::Ping, "ping").await?;
+        Ok(Response::new(self.start_fleet(spec).0))
+    }
+
     type UpgradeAgentsStream = tokio_stream::wrappers::ReceiverStream<Result<fleetadm_proto::ExecEvent, Status>>;
 
     async fn upgrade_agents(
@@ -852,18 +867,18 @@ impl AdminService {
         cluster: String,
         spec: crate::ops::exec::ExecSpec,
     ) -> tokio_stream::wrappers::ReceiverStream<Result<fleetadm_proto::ExecEvent, Status>> {
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(256);
-        tokio::spawn(async move {
-            while let Some(e) = events_rx.recv().await {
-                let _ = tx.send(Ok(e)).await;
-            }
-        });
-        let (execs, audit) = (self.ctl.rollouts.execs().clone(), self.ctl.rollouts.audit().clone());
+        let audit = self.ctl.rollouts.audit().clone();
         let hosts = spec.hosts.join(",");
         tracing::info!(who = %who, what = %what, hosts = %hosts, "{action}");
+        let (stream, ran) = self.start_fleet(spec);
         tokio::spawn(async move {
-            let summary = execs.run(spec, events_tx).await;
+            let summary = match ran.await {
+                Ok(s) => s,
+                Err(e) => crate::ops::exec::Summary {
+                    failed: vec![("(internal)".into(), format!("the operation's task failed: {e}"))],
+                    ..Default::default()
+                },
+            };
             let mut detail = format!("on {hosts}");
             for (h, why) in &summary.failed {
                 detail.push_str(&format!("; {h}: {why}"));
@@ -874,7 +889,28 @@ impl AdminService {
             let e = NewEvent::new(who, action, what).cluster(cluster).result(summary.line()).detail(detail);
             audit_write(audit, e).await;
         });
-        tokio_stream::wrappers::ReceiverStream::new(rx)
+        stream
+    }
+
+    /// Run a fleet operation in the background: its events go to the returned stream (a client
+    /// that went away does not stop it); the handle ends with its summary.
+    fn start_fleet(
+        &self,
+        spec: crate::ops::exec::ExecSpec,
+    ) -> (
+        tokio_stream::wrappers::ReceiverStream<Result<fleetadm_proto::ExecEvent, Status>>,
+        tokio::task::JoinHandle<crate::ops::exec::Summary>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            while let Some(e) = events_rx.recv().await {
+                let _ = tx.send(Ok(e)).await;
+            }
+        });
+        let execs = self.ctl.rollouts.execs().clone();
+        let ran = tokio::spawn(async move { execs.run(spec, events_tx).await });
+        (tokio_stream::wrappers::ReceiverStream::new(rx), ran)
     }
 
     /// The node-agent packages of bundle `name` and the version they carry.
@@ -904,15 +940,13 @@ impl AdminService {
         prefix: &str,
     ) -> Result<crate::ops::exec::ExecSpec, Status> {
         let timeout = match r.timeout_secs {
-            0 => Duration::from_secs(600),
+            0 => work.default_timeout(),
             s if s <= 24 * 3600 => Duration::from_secs(u64::from(s)),
             _ => return Err(Status::invalid_argument("--timeout must be at most 24h")),
         };
-        let max_parallel = match r.max_parallel {
-            0 => 10,
-            n if n <= 10_000 => n as usize,
-            _ => return Err(Status::invalid_argument("--max-parallel must be 1-10000")),
-        };
+        if r.max_parallel > 10_000 {
+            return Err(Status::invalid_argument("--max-parallel must be 1-10000"));
+        }
         let selector =
             crate::plan::select::Selector::parse(&r.selector).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let by_label = r.cluster.is_empty() && r.nodes.is_empty() && !r.selector.is_empty();
@@ -980,6 +1014,10 @@ impl AdminService {
         if hosts.is_empty() {
             return Err(Status::failed_precondition("no hosts match"));
         }
+        let max_parallel = match r.max_parallel {
+            0 => work.default_parallel(hosts.len()),
+            n => n as usize,
+        };
         let max_failures = if r.max_failures.trim().is_empty() {
             None
         } else {

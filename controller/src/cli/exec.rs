@@ -28,12 +28,12 @@ pub struct FleetArgs {
     /// Enrolled nodes by name, comma-separated.
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<String>,
-    /// Per host: give up after this long.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
-    timeout: Duration,
-    /// Hosts working at once.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    max_parallel: u32,
+    /// Per host: give up after this long [default: 10m; ping: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Hosts working at once [default: 10; ping: every host].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    max_parallel: Option<u32>,
     /// Failures tolerated, N or P% of the hosts: once more hosts have failed, no further host
     /// starts and the rest are reported as skipped [default: no limit].
     #[arg(long, value_name = "N|P%")]
@@ -54,8 +54,9 @@ impl FleetArgs {
             role: self.role.unwrap_or_default(),
             nodes: self.nodes,
             argv,
-            timeout_secs: self.timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
-            max_parallel: self.max_parallel,
+            // 0: the operation's own default.
+            timeout_secs: self.timeout.map(|t| t.as_secs().clamp(1, u64::from(u32::MAX)) as u32).unwrap_or(0),
+            max_parallel: self.max_parallel.unwrap_or(0),
             selector: self.selector.unwrap_or_default(),
             max_failures: self.max_failures.unwrap_or_default(),
             canary: self.canary.unwrap_or(0),

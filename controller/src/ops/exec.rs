@@ -27,6 +27,8 @@ pub enum Work {
     Command(Vec<String>),
     /// `controller agent upgrade`: install the node-agent package from `bundle` and come back.
     AgentUpgrade { bundle: String, version: String, packages: Vec<fleetadm_proto::BundleFile> },
+    /// `controller agent ping`: the no-op task (each agent answers what runs; nothing changes).
+    Ping,
 }
 
 impl Work {
@@ -37,6 +39,7 @@ impl Work {
             Work::AgentUpgrade { bundle, version, .. } => {
                 ("agent-upgrade", format!("node-agent {version} from bundle {bundle}"))
             }
+            Work::Ping => ("ping", "the no-op task".to_string()),
         }
     }
 
@@ -48,6 +51,24 @@ impl Work {
                 packages: packages.clone(),
                 ..Default::default()
             }),
+            Work::Ping => Task::Ping(fleetadm_proto::PingTask::default()),
+        }
+    }
+
+    /// Hosts at once when the operator did not say: every host for a ping (it costs the host
+    /// nothing), 10 for what changes hosts.
+    pub fn default_parallel(&self, hosts: usize) -> usize {
+        match self {
+            Work::Ping => hosts,
+            _ => 10,
+        }
+    }
+
+    /// Per-host limit when the operator did not say.
+    pub fn default_timeout(&self) -> Duration {
+        match self {
+            Work::Ping => Duration::from_secs(30),
+            _ => Duration::from_secs(600),
         }
     }
 }
@@ -379,7 +400,7 @@ impl Execs {
         // An agent upgrade fetches its package as a bundle blob: allowed while it runs.
         let upgrade_bundle = match &spec.work {
             Work::AgentUpgrade { bundle, .. } => Some(bundle.clone()),
-            Work::Command(_) => None,
+            Work::Command(_) | Work::Ping => None,
         };
         let _grant = upgrade_bundle.as_ref().map(|b| {
             self.grant_bundle(host, b, true);
@@ -395,6 +416,7 @@ impl Execs {
         let send = |a: &TaskAssignment| {
             self.sessions.send(host, ServerEvent { event: Some(server_event::Event::Task(a.clone())) })
         };
+        let sent = std::time::Instant::now();
         let Some(mut session) = send(&a) else {
             return Err(format!("{host} could not be reached (session closed or busy)"));
         };
@@ -425,6 +447,12 @@ impl Execs {
                 Ok(TaskState::Running) => {
                     streamed |= !r.output.is_empty();
                     let _ = events.send(piece(r.output)).await;
+                }
+                Ok(TaskState::Succeeded) if matches!(spec.work, Work::Ping) => {
+                    // The answer and how long the round trip through the agent took.
+                    let ms = sent.elapsed().as_secs_f64() * 1000.0;
+                    let _ = events.send(piece(format!("{} ({ms:.1} ms)\n", r.output.trim_end()))).await;
+                    return Ok(());
                 }
                 Ok(TaskState::Succeeded) => {
                     // A command's final report repeats what was streamed; an upgraded agent's
@@ -595,6 +623,58 @@ mod tests {
         assert_eq!(h1_out, "h1\n", "streamed once, not repeated by the final report");
         assert!(got.iter().any(|e| e.host == "h1" && e.done && e.success));
         assert!(execs.route("h1", &report(TaskState::Succeeded, "late")).unwrap().is_ok(), "late reports are accepted");
+    }
+
+    #[tokio::test]
+    async fn a_ping_shows_each_answer_with_its_round_trip_and_older_agents_are_named() {
+        let sessions = Sessions::new(|_| {});
+        let execs = Execs::new(sessions.clone());
+        let (_a, _ta, mut h1) = sessions.open("h1", meta(TaskKind::all_capabilities()), 0, 16);
+        let older: Vec<String> = TaskKind::all_capabilities().into_iter().filter(|c| c != "ping-v1").collect();
+        let (_b, _tb, _h2) = sessions.open("h2", meta(older), 0, 16);
+        let work = Work::Ping;
+        assert_eq!((work.default_parallel(3), work.default_timeout()), (3, Duration::from_secs(30)));
+        assert_eq!(Work::Command(vec!["true".into()]).default_parallel(3), 10);
+        let spec = ExecSpec {
+            id: "ping-1".into(),
+            hosts: vec!["h1".into(), "h2".into()],
+            work,
+            timeout: Duration::from_secs(5),
+            max_parallel: 2,
+            max_failures: None,
+            canary: 0,
+            auto_promote: None,
+        };
+        let (tx, mut rx) = mpsc::channel(64);
+        let run = {
+            let e = execs.clone();
+            tokio::spawn(async move { e.run(spec, tx).await })
+        };
+        let ev = tokio::time::timeout(Duration::from_secs(5), h1.next()).await.unwrap().unwrap().unwrap();
+        let Some(server_event::Event::Task(a)) = ev.event else { panic!("{ev:?}") };
+        assert!(matches!(a.task, Some(Task::Ping(_))), "{a:?}");
+        assert_eq!(a.task_id, "exec/ping-1/h1");
+        let report = |state: TaskState, out: &str| TaskReport {
+            task_id: a.task_id.clone(),
+            attempt: 1,
+            state: state as i32,
+            output: out.into(),
+            ..Default::default()
+        };
+        execs.route("h1", &report(TaskState::Running, "")).unwrap().unwrap();
+        execs.route("h1", &report(TaskState::Succeeded, "pong: node-agent 9.9.9")).unwrap().unwrap();
+        let summary = run.await.unwrap();
+        assert_eq!(summary.succeeded, vec!["h1".to_string()]);
+        assert!(summary.failed[0].1.contains("cannot run ping-v1; upgrade node-agent"), "{summary:?}");
+        let mut out = String::new();
+        while let Ok(e) = rx.try_recv() {
+            if e.host == "h1" {
+                out.push_str(&e.output);
+            }
+        }
+        let (answer, rest) = out.split_once(" (").unwrap_or_else(|| panic!("{out:?}"));
+        assert_eq!(answer, "pong: node-agent 9.9.9");
+        assert!(rest.ends_with(" ms)\n") && rest.trim_end_matches(" ms)\n").parse::<f64>().is_ok(), "{out:?}");
     }
 
     #[tokio::test]

@@ -37,7 +37,34 @@ pub async fn run(task_id: String, task: Task, cx: Ctx) -> Result<Done, TaskError
         Task::EtcdRestore(t) => EtcdRestore.run(t, cx).await,
         Task::KubeadmUpgrade(t) => KubeadmUpgrade.run(t, cx).await,
         Task::AgentUpgrade(t) => AgentUpgrade { task_id }.run(t, cx).await,
+        Task::Ping(t) => Ping.run(t, cx).await,
     }
+}
+
+/// When this agent process started (set when its executor is made).
+pub static STARTED: std::sync::LazyLock<std::time::Instant> = std::sync::LazyLock::new(std::time::Instant::now);
+
+/// `controller agent ping`: the no-op task. Answers with what is running; touches nothing.
+pub struct Ping;
+
+impl Handler for Ping {
+    type Task = pb::PingTask;
+    async fn run(&self, _t: pb::PingTask, _cx: Ctx) -> Result<Done, TaskError> {
+        Ok(Done::new(false, pong(STARTED.elapsed())))
+    }
+}
+
+fn pong(up: Duration) -> String {
+    let s = up.as_secs();
+    format!(
+        "pong: node-agent {} (protocol {}), pid {}, up {}h{:02}m{:02}s",
+        env!("CARGO_PKG_VERSION"),
+        pb::PROTOCOL_VERSION,
+        std::process::id(),
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
 }
 
 pub struct Preflight;

@@ -76,6 +76,7 @@ impl Executor {
     /// The executor and the stream of reports the session must deliver.
     pub fn new(state_dir: &Path, paths: HostPaths) -> (Arc<Self>, mpsc::UnboundedReceiver<TaskReport>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        std::sync::LazyLock::force(&handlers::STARTED);
         let ex = Arc::new(Self {
             state_dir: Arc::new(state_dir.to_path_buf()),
             journal: Journal::new(state_dir),
@@ -161,13 +162,41 @@ impl Executor {
             return;
         };
         let kind = TaskKind::of(&task);
+        // An exec or a ping is never re-sent (a command is not idempotent and the controller
+        // does not resume one; a ping is asked afresh), so nothing would read its journal entry:
+        // none is written or looked up (two flushed writes and a read saved per host of every
+        // fleet-wide command).
+        let journaled = !matches!(kind, TaskKind::Exec | TaskKind::Ping);
+        let me = self.clone();
         let digest = fleetadm_common::tasks::digest(&task);
-        if let Some(done) = self.journal.finished(&a.task_id, a.attempt, &digest) {
-            tracing::info!(task = %a.task_id, attempt = a.attempt, "answering a repeated task from the journal");
-            let st = if done.outcome == Outcome::Succeeded { TaskState::Succeeded } else { TaskState::Failed };
-            self.report(&a, st, done.changed, done.output);
+        if !journaled {
+            me.start(a, task, kind, digest, false);
             return;
         }
+        // The journal is files: read off the async threads.
+        tokio::spawn(async move {
+            let (journal, id, attempt, d) = (me.journal.clone(), a.task_id.clone(), a.attempt, digest.clone());
+            let done = tokio::task::spawn_blocking(move || journal.finished(&id, attempt, &d)).await;
+            if let Ok(Some(done)) = done {
+                tracing::info!(task = %a.task_id, attempt = a.attempt, "answering a repeated task from the journal");
+                let st = if done.outcome == Outcome::Succeeded { TaskState::Succeeded } else { TaskState::Failed };
+                me.report(&a, st, done.changed, done.output);
+                return;
+            }
+            me.start(a, task, kind, digest, true);
+        });
+    }
+
+    /// Run `a` unless the same task is running already (then the newest attempt is answered
+    /// when it ends).
+    fn start(
+        self: &Arc<Self>,
+        a: TaskAssignment,
+        task: fleetadm_proto::task_assignment::Task,
+        kind: TaskKind,
+        digest: String,
+        journaled: bool,
+    ) {
         let fresh = self
             .inflight
             .lock()
@@ -189,10 +218,6 @@ impl Executor {
             tracing::debug!(task = %a.task_id, attempt = a.attempt, "already running");
             return;
         }
-        // An exec is never re-sent (commands are not idempotent; the controller does not resume
-        // one), so nothing would read its journal entry: it is not written (two flushed writes
-        // per host of every fleet-wide command saved).
-        let journaled = kind != TaskKind::Exec;
         let me = self.clone();
         tokio::spawn(async move {
             let mut entry = Entry {
@@ -349,6 +374,44 @@ mod tests {
         unknown.task = None;
         ex.submit(unknown);
         assert_eq!(next(&mut rx).await, (3, TaskState::Failed));
+    }
+
+    #[tokio::test]
+    async fn a_ping_is_answered_with_what_runs_and_leaves_nothing_behind() {
+        let state = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let paths = HostPaths {
+            root: root.path().into(),
+            hosts_file: root.path().join("hosts"),
+            kube_dir: root.path().join("etc/kubernetes"),
+            proc_swaps: root.path().join("swaps"),
+        };
+        let (ex, mut rx) = Executor::new(state.path(), paths);
+        let ping = TaskAssignment {
+            task_id: "exec/ping-1/h1".into(),
+            attempt: 1,
+            timeout_secs: 5,
+            task: Some(fleetadm_proto::task_assignment::Task::Ping(Default::default())),
+            ..Default::default()
+        };
+        ex.submit(ping.clone());
+        assert_eq!(next(&mut rx).await, (1, TaskState::Running));
+        let r = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        assert_eq!(r.state, TaskState::Succeeded as i32);
+        assert!(!r.changed);
+        let want = format!(
+            "pong: node-agent {} (protocol {}), pid {}, up 0h",
+            env!("CARGO_PKG_VERSION"),
+            fleetadm_proto::PROTOCOL_VERSION,
+            std::process::id()
+        );
+        assert!(r.output.starts_with(&want), "{}", r.output);
+        // Not journaled: asked again, it is answered again by a new run (Running first).
+        assert!(!state.path().join("tasks").exists());
+        ex.submit(ping);
+        assert_eq!(next(&mut rx).await, (1, TaskState::Running));
+        assert_eq!(next(&mut rx).await, (1, TaskState::Succeeded));
+        assert!(!state.path().join("tasks").exists());
     }
 
     #[tokio::test]

@@ -3,9 +3,10 @@
 //! process, on loopback. Prints numbers; asserts nothing:
 //!
 //! - enrollment rate, all sessions up, controller RSS per agent;
-//! - a fleet-wide no-op task (`controller exec -l bench=yes -- true` through the admin API, every
-//!   agent at once): when each agent's first report (task received and started) and its result
-//!   reached the controller, p50/p99/all;
+//! - the fleet-wide no-op task (`controller agent ping -l bench=yes` through the admin API, every
+//!   agent at once), then a fleet-wide command (`controller exec -l bench=yes -- true`, each agent
+//!   spawning a process): when each agent's first report (task received and started) and its
+//!   result reached the controller, p50/p99/all, and the CPU used (the `true` processes too);
 //! - reconnection after the controller is SIGKILLed and restarted;
 //! - heartbeat round trips throughout, from a few probe agents (protocol clients with their own
 //!   identities that heartbeat every second and answer their tasks at once), per phase.
@@ -13,7 +14,8 @@
 //!   cargo run --release -p fleetadm-tests --bin fleet-bench -- [AGENTS] [ENROLL_CONCURRENCY] [TASK_PARALLEL]
 //!
 //! TASK_PARALLEL (default: every agent) bounds the exec's `--max-parallel`: all agents share this
-//! process and its open-file limit, and each running `true` holds pipes.
+//! process and its open-file limit, and each running `true` holds pipes. The ping always goes to
+//! every agent at once.
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -113,28 +115,34 @@ fn print_beats(beats: &Mutex<Beats>) {
 /// What a fleet-wide task measured: per host, when its agent's first report (it received the
 /// task and started it) and its result reached the controller (µs from the start).
 struct TaskTimes {
+    /// When the operation's first event (hosts chosen, operation started) arrived.
+    started: Duration,
     received: Vec<u64>,
     results: Vec<u64>,
     failed: BTreeMap<String, usize>,
     all: Duration,
 }
 
-/// `controller exec -l bench=yes -- true` on every agent at once through the admin API.
-async fn fleet_task(data: &Path, agents: usize, parallel: usize) -> anyhow::Result<TaskTimes> {
+/// A fleet-wide task on every `bench=yes` agent through the admin API: the ping (no argv) or
+/// `exec -- ARGV`.
+async fn fleet_task(data: &Path, agents: usize, parallel: usize, argv: &[&str]) -> anyhow::Result<TaskTimes> {
     let mut admin = fleetadm_controller::admin::client::connect(data).await?;
     let req = fleetadm_proto::ExecRequest {
-        argv: vec!["true".into()],
+        argv: argv.iter().map(|a| a.to_string()).collect(),
         selector: "bench=yes".into(),
         max_parallel: parallel.clamp(1, 10_000) as u32,
         timeout_secs: 300,
         ..Default::default()
     };
     let t0 = Instant::now();
-    let mut events = admin.exec(req).await?.into_inner();
+    let mut events =
+        if argv.is_empty() { admin.ping_agents(req).await?.into_inner() } else { admin.exec(req).await?.into_inner() };
     let (mut acks, mut failed) = (Vec::with_capacity(agents), BTreeMap::new());
     let mut received = Vec::with_capacity(agents);
     let mut seen = std::collections::HashSet::with_capacity(agents);
+    let mut started = None;
     while let Some(ev) = events.message().await? {
+        started.get_or_insert_with(|| t0.elapsed());
         if !ev.host.is_empty() && seen.insert(ev.host.clone()) {
             received.push(t0.elapsed().as_micros() as u64);
         }
@@ -145,7 +153,7 @@ async fn fleet_task(data: &Path, agents: usize, parallel: usize) -> anyhow::Resu
             }
         }
     }
-    Ok(TaskTimes { received, results: acks, failed, all: t0.elapsed() })
+    Ok(TaskTimes { started: started.unwrap_or_default(), received, results: acks, failed, all: t0.elapsed() })
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -158,15 +166,80 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// CPU seconds (user + system) process `pid` has used so far.
 fn cpu_secs(pid: u32) -> f64 {
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    stat_ticks(pid, 11) as f64 / 100.0
+}
+
+/// CPU seconds (user + system) the reaped children of process `pid` used so far.
+fn children_cpu_secs(pid: u32) -> f64 {
+    stat_ticks(pid, 13) as f64 / 100.0
+}
+
+/// The sum of /proc/PID/stat's two fields from `first` (counted after the command's ')').
+fn stat_ticks(pid: u32, first: usize) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
             // Fields after the command (which may hold spaces) start after the last ')'.
             let rest = s.rsplit_once(')')?.1.split_whitespace().map(String::from).collect::<Vec<_>>();
-            Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+            Some(rest.get(first)?.parse::<u64>().ok()? + rest.get(first + 1)?.parse::<u64>().ok()?)
         })
-        .unwrap_or(0);
-    ticks as f64 / 100.0
+        .unwrap_or(0)
+}
+
+/// Run one fleet-wide task and print what it measured.
+async fn measure_task(
+    label: &'static str,
+    data: &Path,
+    ctl: u32,
+    agents: usize,
+    parallel: usize,
+    argv: &[&str],
+    beats: &Mutex<Beats>,
+) {
+    Beats::set(beats, label);
+    let me = std::process::id();
+    let (ctl0, me0, kids0, t0) = (cpu_secs(ctl), cpu_secs(me), children_cpu_secs(me), Instant::now());
+    let task = fleet_task(data, agents, parallel, argv).await;
+    let what = if argv.is_empty() {
+        "ping (the no-op task) to every agent at once".to_string()
+    } else {
+        format!("exec `{}` on every agent (--max-parallel {parallel})", argv.join(" "))
+    };
+    println!("{label}: {what}");
+    println!(
+        "  cpu:     {:.1}s: controller {:.1} CPU-s, the agents' process {:.1} CPU-s, the processes they ran {:.1} CPU-s (2 cores: {:.1} available)",
+        t0.elapsed().as_secs_f64(),
+        cpu_secs(ctl) - ctl0,
+        cpu_secs(me) - me0,
+        children_cpu_secs(me) - kids0,
+        2.0 * t0.elapsed().as_secs_f64()
+    );
+    match task {
+        Ok(TaskTimes { started, mut received, results: mut acks, failed, all }) => {
+            acks.sort_unstable();
+            received.sort_unstable();
+            println!("  started: the operation (hosts chosen) after {:.0} ms", started.as_secs_f64() * 1000.0);
+            println!(
+                "  acked:   received and acknowledged by {} agents: p50 {:.0} ms, p99 {:.0} ms, all {:.2}s",
+                received.len(),
+                percentile(&received, 0.5),
+                percentile(&received, 0.99),
+                received.last().copied().unwrap_or(0) as f64 / 1e6
+            );
+            println!(
+                "  results: {} ({} failed): p50 {:.0} ms, p99 {:.0} ms, all {:.2}s",
+                acks.len(),
+                failed.values().sum::<usize>(),
+                percentile(&acks, 0.5),
+                percentile(&acks, 0.99),
+                all.as_secs_f64()
+            );
+            for (why, n) in failed.iter().take(5) {
+                println!("           {n} failed: {why}");
+            }
+        }
+        Err(e) => println!("  the fleet-wide task failed: {e:#}"),
+    }
 }
 
 /// The controller process; killed and reaped when dropped.
@@ -324,43 +397,12 @@ async fn main() -> anyhow::Result<()> {
         rss_kib(std::process::id()) / 1024
     );
 
-    // A fleet-wide no-op task: every agent runs `true` and reports; when did each result arrive?
-    Beats::set(&beats, "fleet-task");
-    let (ctl_cpu0, me_cpu0, task_t0) = (cpu_secs(ctl.0.id()), cpu_secs(std::process::id()), Instant::now());
-    let task = fleet_task(&data, agents, task_parallel).await;
-    println!(
-        "cpu:       during the task ({:.1}s): controller {:.1} CPU-s, the agents' process {:.1} CPU-s (2 cores: {:.1} available)",
-        task_t0.elapsed().as_secs_f64(),
-        cpu_secs(ctl.0.id()) - ctl_cpu0,
-        cpu_secs(std::process::id()) - me_cpu0,
-        2.0 * task_t0.elapsed().as_secs_f64()
-    );
-    match task {
-        Ok(TaskTimes { mut received, results: mut acks, failed, all }) => {
-            acks.sort_unstable();
-            received.sort_unstable();
-            println!(
-                "task:      exec `true` on every agent (--max-parallel {task_parallel}): received and acknowledged by {} agents: p50 {:.0} ms, p99 {:.0} ms, all {:.2}s",
-                received.len(),
-                percentile(&received, 0.5),
-                percentile(&received, 0.99),
-                received.last().copied().unwrap_or(0) as f64 / 1e6
-            );
-            println!(
-                "           results: {} ({} failed): p50 {:.0} ms, p99 {:.0} ms, all {:.2}s",
-                acks.len(),
-                failed.values().sum::<usize>(),
-                percentile(&acks, 0.5),
-                percentile(&acks, 0.99),
-                all.as_secs_f64()
-            );
-            for (why, n) in failed.iter().take(5) {
-                println!("           {n} failed: {why}");
-            }
-        }
-        Err(e) => println!("task:      the fleet-wide exec failed: {e:#}"),
-    }
-    println!("memory:    controller RSS after the task {} MiB", rss_kib(ctl.0.id()) / 1024);
+    // The no-op task, then a command: when did each agent acknowledge it, and its result arrive?
+    measure_task("ping", &data, ctl.0.id(), agents, agents, &[], &beats).await;
+    Beats::set(&beats, "idle-between");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    measure_task("exec", &data, ctl.0.id(), agents, task_parallel, &["true"], &beats).await;
+    println!("memory:    controller RSS after the tasks {} MiB", rss_kib(ctl.0.id()) / 1024);
     Beats::set(&beats, "idle-after");
     tokio::time::sleep(Duration::from_secs(3)).await;
 
