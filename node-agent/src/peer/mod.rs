@@ -28,6 +28,14 @@ use crate::identity::StateDir;
 pub const CHUNK_MAX: usize = 1024 * 1024;
 /// How long a holder still fetching waits for a range it does not have yet.
 pub const RANGE_WAIT: Duration = Duration::from_secs(30);
+/// Connections the peer port holds at once, handshakes included (the controller sends each
+/// holder at most a few downstream peers); more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection that has not finished its TLS handshake by then is closed.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// How often the listener reads the node's identity again (a renewed certificate is served
+/// from then on; the old one stays valid well past that).
+const IDENTITY_RECHECK: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -257,14 +265,73 @@ pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener, PeerError> {
     tokio::net::TcpListener::bind(addr).await.map_err(|source| PeerError::Bind { addr: addr.to_string(), source })
 }
 
-/// Serve peers on `listener` until the process ends. The TLS identity is read again when the
-/// node's certificate changes (a renewal).
+/// A peer connection holding one of the [`MAX_CONNECTIONS`] slots until it closes.
+struct Slotted<S> {
+    io: S,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Slotted<S> {
+    type ConnectInfo = S::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        // The TLS stream's own (the requester's certificate is read from it).
+        self.io.connect_info()
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Slotted<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Slotted<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+type PeerConn = Slotted<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
+/// Serve peers on `listener` until the process ends: at most [`MAX_CONNECTIONS`] at once
+/// (handshakes included; more are closed as they arrive), each handshake within
+/// [`HANDSHAKE_DEADLINE`]. The TLS identity is read again every [`IDENTITY_RECHECK`] (a renewal).
 pub fn serve(listener: tokio::net::TcpListener, dir: StateDir, holder: Arc<Holder>) {
-    let (tx, rx) = tokio::sync::mpsc::channel::<
-        Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
-    >(64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<PeerConn, std::io::Error>>(64);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         let mut current: Option<(String, tokio_rustls::TlsAcceptor)> = None;
+        let mut loaded_at: Option<tokio::time::Instant> = None;
         loop {
             let (tcp, from) = match listener.accept().await {
                 Ok(c) => c,
@@ -274,27 +341,35 @@ pub fn serve(listener: tokio::net::TcpListener, dir: StateDir, holder: Arc<Holde
                     continue;
                 }
             };
-            let d = dir.clone();
-            let loaded = tokio::task::spawn_blocking(move || crate::identity::Identity::load(&d)).await;
-            let Ok(Ok(id)) = loaded else {
-                tracing::warn!(%from, "peer connection refused: no identity");
+            // Taken before anything is spent on the connection (no file read, no handshake).
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(%from, "peer connection closed: {MAX_CONNECTIONS} already open");
                 continue;
             };
-            if current.as_ref().is_none_or(|(pem, _)| *pem != id.cert_pem) {
-                match acceptor(&id) {
-                    Ok(a) => current = Some((id.cert_pem.clone(), a)),
-                    Err(e) => {
-                        tracing::warn!(error = %fleetadm_common::error_chain(&e), "peer TLS");
-                        continue;
+            if current.is_none() || loaded_at.is_none_or(|t| t.elapsed() >= IDENTITY_RECHECK) {
+                let d = dir.clone();
+                let loaded = tokio::task::spawn_blocking(move || crate::identity::Identity::load(&d)).await;
+                let Ok(Ok(id)) = loaded else {
+                    tracing::warn!(%from, "peer connection refused: no identity");
+                    continue;
+                };
+                loaded_at = Some(tokio::time::Instant::now());
+                if current.as_ref().is_none_or(|(pem, _)| *pem != id.cert_pem) {
+                    match acceptor(&id) {
+                        Ok(a) => current = Some((id.cert_pem.clone(), a)),
+                        Err(e) => {
+                            tracing::warn!(error = %fleetadm_common::error_chain(&e), "peer TLS");
+                            continue;
+                        }
                     }
                 }
             }
             let Some((_, acc)) = current.clone() else { continue };
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acc.accept(tcp)).await {
+                match tokio::time::timeout(HANDSHAKE_DEADLINE, acc.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let _ = tx.send(Ok(Slotted { io: tls, _slot: slot })).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%from, error = %e, "peer TLS handshake failed"),
                     Err(_) => tracing::debug!(%from, "peer TLS handshake timed out"),
@@ -391,5 +466,48 @@ mod tests {
         assert_eq!(waiting.await.unwrap().unwrap(), vec![2u8; 200]);
         let e = h.read(&sha, 0, 10, 999, Duration::ZERO).await.unwrap_err();
         assert!(e.message().contains("not 999"), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn the_peer_port_holds_at_most_its_connections_and_closes_the_rest_at_once() {
+        use tokio::io::AsyncReadExt;
+        use tokio::net::TcpStream;
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(dir.path().join("state"));
+        let kc = crate::identity::new_key_and_csr("h1").unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["h1".into()]).unwrap().self_signed(&kc.key).unwrap();
+        let cfg = crate::identity::AgentConfig {
+            controller: "127.0.0.1:1".into(),
+            node_name: "h1".into(),
+            enrolled_at: 1,
+            proxy: None,
+        };
+        crate::identity::Identity::save(&sd, &cfg, &kc.key.serialize_pem(), &cert.pem(), &cert.pem()).unwrap();
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        serve(listener, sd, Arc::new(holder(dir.path())));
+        // Connections that never start their handshake (what an attacker would open).
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Closed: the peer end reads EOF (or a reset), long before the handshake deadline.
+        async fn closed(s: &mut TcpStream, within: Duration) -> bool {
+            let mut b = [0u8; 1];
+            matches!(tokio::time::timeout(within, s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+        }
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut extra, Duration::from_secs(5)).await, "one over the limit is closed at once");
+        assert!(!closed(&mut held[0], Duration::from_millis(300)).await, "those within it wait for their handshake");
+        // One goes away: its slot is free again.
+        drop(held.pop());
+        let start = std::time::Instant::now();
+        loop {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            if !closed(&mut s, Duration::from_millis(500)).await {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "the freed slot was never given out again");
+        }
     }
 }
