@@ -7,15 +7,15 @@ use std::time::{Duration, Instant};
 
 use fleetadm_tests::lab::{Lab, ONE_LAB};
 
-/// `controller exec ARGS` against the lab (the data dir comes from the environment: everything
-/// after `--` is the command). (exit success, stdout, stderr)
-fn exec(lab: &Lab, args: &[&str]) -> (bool, String, String) {
+/// `controller VERB.. ARGS` against the lab (the data dir comes from the environment), stdout and
+/// stderr apart: (exit success, stdout, stderr).
+fn verb(lab: &Lab, verb: &[&str], args: &[&str]) -> (bool, String, String) {
     let o = Command::new(fleetadm_tests::bin("controller"))
-        .arg("exec")
+        .args(verb)
         .args(args)
         .env("FLEETADM_DATA_DIR", lab.dir.join("controller"))
         .output()
-        .expect("controller exec");
+        .expect("run controller");
     (
         o.status.success(),
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -23,19 +23,14 @@ fn exec(lab: &Lab, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// `controller agent ping ARGS` against the lab: (exit success, stdout, stderr).
+/// `controller exec ARGS` (everything after `--` is the command).
+fn exec(lab: &Lab, args: &[&str]) -> (bool, String, String) {
+    verb(lab, &["exec"], args)
+}
+
+/// `controller agent ping ARGS`.
 fn ping(lab: &Lab, args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(fleetadm_tests::bin("controller"))
-        .args(["agent", "ping"])
-        .args(args)
-        .env("FLEETADM_DATA_DIR", lab.dir.join("controller"))
-        .output()
-        .expect("controller agent ping");
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    verb(lab, &["agent", "ping"], args)
 }
 
 /// The process id in `host`'s answer to a ping

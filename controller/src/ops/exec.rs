@@ -568,6 +568,26 @@ mod tests {
         }
     }
 
+    fn spec(id: &str, hosts: &[&str], work: Work, max_parallel: usize) -> ExecSpec {
+        ExecSpec {
+            id: id.into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            work,
+            timeout: Duration::from_secs(5),
+            max_parallel,
+            max_failures: None,
+            canary: 0,
+            auto_promote: None,
+        }
+    }
+
+    /// Run `spec` in the background: its summary at the end, its events as they come.
+    fn start(execs: &Arc<Execs>, spec: ExecSpec) -> (tokio::task::JoinHandle<Summary>, mpsc::Receiver<ExecEvent>) {
+        let (tx, rx) = mpsc::channel(64);
+        let e = execs.clone();
+        (tokio::spawn(async move { e.run(spec, tx).await }), rx)
+    }
+
     #[tokio::test]
     async fn every_host_answers_for_itself_and_failures_say_why() {
         let sessions = Sessions::new(|_| {});
@@ -575,21 +595,7 @@ mod tests {
         let (_a, _ta, mut h1) = sessions.open("h1", meta(TaskKind::all_capabilities()), 0, 16);
         let older: Vec<String> = TaskKind::all_capabilities().into_iter().filter(|c| c != "exec-v1").collect();
         let (_b, _tb, _h2) = sessions.open("h2", meta(older), 0, 16);
-        let spec = ExecSpec {
-            id: "x1".into(),
-            hosts: vec!["h1".into(), "h2".into(), "h9".into()],
-            work: Work::Command(vec!["hostname".into()]),
-            timeout: Duration::from_secs(5),
-            max_parallel: 2,
-            max_failures: None,
-            canary: 0,
-            auto_promote: None,
-        };
-        let (tx, mut rx) = mpsc::channel(64);
-        let run = {
-            let e = execs.clone();
-            tokio::spawn(async move { e.run(spec, tx).await })
-        };
+        let (run, mut rx) = start(&execs, spec("x1", &["h1", "h2", "h9"], Work::Command(vec!["hostname".into()]), 2));
         let ev = tokio::time::timeout(Duration::from_secs(5), h1.next()).await.unwrap().unwrap().unwrap();
         let Some(server_event::Event::Task(a)) = ev.event else { panic!("{ev:?}") };
         assert_eq!(a.task_id, "exec/x1/h1");
@@ -635,21 +641,7 @@ mod tests {
         let work = Work::Ping;
         assert_eq!((work.default_parallel(3), work.default_timeout()), (3, Duration::from_secs(30)));
         assert_eq!(Work::Command(vec!["true".into()]).default_parallel(3), 10);
-        let spec = ExecSpec {
-            id: "ping-1".into(),
-            hosts: vec!["h1".into(), "h2".into()],
-            work,
-            timeout: Duration::from_secs(5),
-            max_parallel: 2,
-            max_failures: None,
-            canary: 0,
-            auto_promote: None,
-        };
-        let (tx, mut rx) = mpsc::channel(64);
-        let run = {
-            let e = execs.clone();
-            tokio::spawn(async move { e.run(spec, tx).await })
-        };
+        let (run, mut rx) = start(&execs, spec("ping-1", &["h1", "h2"], work, 2));
         let ev = tokio::time::timeout(Duration::from_secs(5), h1.next()).await.unwrap().unwrap().unwrap();
         let Some(server_event::Event::Task(a)) = ev.event else { panic!("{ev:?}") };
         assert!(matches!(a.task, Some(Task::Ping(_))), "{a:?}");

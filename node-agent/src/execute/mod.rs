@@ -343,6 +343,16 @@ mod tests {
         }
     }
 
+    /// A host whose files live under `root`.
+    fn paths(root: &Path) -> HostPaths {
+        HostPaths {
+            root: root.into(),
+            hosts_file: root.join("hosts"),
+            kube_dir: root.join("etc/kubernetes"),
+            proc_swaps: root.join("swaps"),
+        }
+    }
+
     async fn next(rx: &mut mpsc::UnboundedReceiver<TaskReport>) -> (u32, TaskState) {
         let r = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
         (r.attempt, TaskState::try_from(r.state).unwrap())
@@ -352,13 +362,7 @@ mod tests {
     async fn repeated_tasks_are_answered_from_the_journal_new_attempts_run() {
         let state = tempfile::tempdir().unwrap();
         let root = tempfile::tempdir().unwrap();
-        let paths = HostPaths {
-            root: root.path().into(),
-            hosts_file: root.path().join("hosts"),
-            kube_dir: root.path().join("etc/kubernetes"),
-            proc_swaps: root.path().join("swaps"),
-        };
-        let (ex, mut rx) = Executor::new(state.path(), paths);
+        let (ex, mut rx) = Executor::new(state.path(), paths(root.path()));
         ex.submit(assignment(1));
         assert_eq!(next(&mut rx).await, (1, TaskState::Running));
         assert_eq!(next(&mut rx).await, (1, TaskState::Succeeded));
@@ -380,13 +384,7 @@ mod tests {
     async fn a_ping_is_answered_with_what_runs_and_leaves_nothing_behind() {
         let state = tempfile::tempdir().unwrap();
         let root = tempfile::tempdir().unwrap();
-        let paths = HostPaths {
-            root: root.path().into(),
-            hosts_file: root.path().join("hosts"),
-            kube_dir: root.path().join("etc/kubernetes"),
-            proc_swaps: root.path().join("swaps"),
-        };
-        let (ex, mut rx) = Executor::new(state.path(), paths);
+        let (ex, mut rx) = Executor::new(state.path(), paths(root.path()));
         let ping = TaskAssignment {
             task_id: "exec/ping-1/h1".into(),
             attempt: 1,
