@@ -83,6 +83,11 @@ fn exec_runs_on_the_chosen_hosts_streams_their_output_and_fails_if_any_host_fail
     assert!(err.contains("1 failed, 2 skipped") && err.contains("not started on h2, h3"), "{err}");
     let (ok, _, err) = exec(&lab, &["--nodes", "h1", "--max-failures", "lots", "--", "true"]);
     assert!(!ok && err.contains("--max-failures"), "{err}");
+    // --max-parallel as a share of the chosen hosts.
+    let (ok, out, err) = exec(&lab, &["--nodes", "h1,h2", "--max-parallel", "50%", "--", "hostname"]);
+    assert!(ok && out.contains("h1 | h1\n") && out.contains("h2 | h2\n"), "{out}{err}");
+    let (ok, _, err) = exec(&lab, &["--nodes", "h1", "--max-parallel", "0%", "--", "true"]);
+    assert!(!ok && err.contains("expected 1-10000 hosts or 1-100%"), "{err}");
 
     let (ok, out, err) = exec(&lab, &["--nodes", "h1,nosuch", "--", "true"]);
     assert!(!ok && err.contains("unknown nodes: nosuch"), "{out}{err}");

@@ -18,6 +18,10 @@ fn a_cluster_with_workers_behind_a_bastion_through_a_proxy_and_a_relay() {
             )),
             "the {mode} run did not complete"
         );
+        assert!(
+            console.contains(&format!("ok - {mode}: all 3 agents reconnected through the new {mode} (")),
+            "the {mode} run did not check the agents came back through the new {mode}"
+        );
     }
     assert!(console.contains("bastion-e2e: "), "the script did not reach its end");
     assert!(ok, "VM script failed");

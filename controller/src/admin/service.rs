@@ -944,9 +944,7 @@ impl AdminService {
             s if s <= 24 * 3600 => Duration::from_secs(u64::from(s)),
             _ => return Err(Status::invalid_argument("--timeout must be at most 24h")),
         };
-        if r.max_parallel > 10_000 {
-            return Err(Status::invalid_argument("--max-parallel must be 1-10000"));
-        }
+
         let selector =
             crate::plan::select::Selector::parse(&r.selector).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let by_label = r.cluster.is_empty() && r.nodes.is_empty() && !r.selector.is_empty();
@@ -1014,10 +1012,7 @@ impl AdminService {
         if hosts.is_empty() {
             return Err(Status::failed_precondition("no hosts match"));
         }
-        let max_parallel = match r.max_parallel {
-            0 => work.default_parallel(hosts.len()),
-            n => n as usize,
-        };
+        let max_parallel = parallelism(&r, &work, hosts.len())?;
         let max_failures = if r.max_failures.trim().is_empty() {
             None
         } else {
@@ -1681,5 +1676,54 @@ fn backup_status(e: crate::ops::backup::BackupError) -> Status {
         E::NotFound(_) => Status::not_found(msg),
         E::Refused(_) | E::NoMaster { .. } | E::Snapshot { .. } => Status::failed_precondition(msg),
         _ => Status::internal(msg),
+    }
+}
+
+/// Hosts at once for a fleet operation on `hosts` hosts: `--max-parallel N|P%` as given (P% of
+/// the hosts, rounded up, at least 1), else the number field, else the work's default.
+fn parallelism(r: &fleetadm_proto::ExecRequest, work: &crate::ops::exec::Work, hosts: usize) -> Result<usize, Status> {
+    let bad = || Status::invalid_argument("--max-parallel must be 1-10000 or 1-100%");
+    let spec = r.max_parallel_spec.trim();
+    if !spec.is_empty() {
+        if !spec.ends_with('%') && !spec.parse::<u32>().is_ok_and(|n| (1..=10_000).contains(&n)) {
+            return Err(bad());
+        }
+        return crate::plan::phases::wave_size(spec, hosts).map_err(|e| Status::invalid_argument(e.to_string()));
+    }
+    match r.max_parallel {
+        0 => Ok(work.default_parallel(hosts)),
+        n if n <= 10_000 => Ok(n as usize),
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod parallelism_tests {
+    use super::*;
+    use crate::ops::exec::Work;
+
+    #[test]
+    fn max_parallel_is_a_number_or_a_share_of_the_hosts() {
+        let req = |n: u32, spec: &str| fleetadm_proto::ExecRequest {
+            max_parallel: n,
+            max_parallel_spec: spec.into(),
+            ..Default::default()
+        };
+        let cmd = Work::Command(vec!["true".into()]);
+        let at = |n, spec: &str, work: &Work, hosts| {
+            parallelism(&req(n, spec), work, hosts).map_err(|e| e.message().to_string())
+        };
+        assert_eq!(at(0, "", &cmd, 50), Ok(10), "exec's default");
+        assert_eq!(at(0, "", &Work::Ping, 50), Ok(50), "a ping: every host");
+        assert_eq!(at(7, "", &cmd, 50), Ok(7), "an older client's number");
+        assert_eq!(at(7, "25%", &cmd, 50), Ok(13), "the share wins, rounded up");
+        assert_eq!(at(0, "1%", &cmd, 3), Ok(1), "at least one");
+        assert_eq!(at(0, "100%", &cmd, 3), Ok(3));
+        assert_eq!(at(0, " 20 ", &cmd, 3), Ok(20));
+        for bad in ["0%", "101%", "lots", "0", "10001", "-1", "5%%"] {
+            let e = at(0, bad, &cmd, 3).unwrap_err();
+            assert!(e.contains("--max-parallel"), "{bad}: {e}");
+        }
+        assert!(at(10_001, "", &cmd, 3).is_err());
     }
 }

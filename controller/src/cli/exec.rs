@@ -31,9 +31,10 @@ pub struct FleetArgs {
     /// Per host: give up after this long [default: 10m; ping: 30s].
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
-    /// Hosts working at once [default: 10; ping: every host].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    max_parallel: Option<u32>,
+    /// Hosts working at once: N, or P% of the chosen hosts (rounded up) [default: 10; ping:
+    /// every host].
+    #[arg(long, value_name = "N|P%", value_parser = parse_parallel)]
+    max_parallel: Option<String>,
     /// Failures tolerated, N or P% of the hosts: once more hosts have failed, no further host
     /// starts and the rest are reported as skipped [default: no limit].
     #[arg(long, value_name = "N|P%")]
@@ -56,12 +57,27 @@ impl FleetArgs {
             argv,
             // 0: the operation's own default.
             timeout_secs: self.timeout.map(|t| t.as_secs().clamp(1, u64::from(u32::MAX)) as u32).unwrap_or(0),
-            max_parallel: self.max_parallel.unwrap_or(0),
+            // The number also in the field older controllers read.
+            max_parallel: self.max_parallel.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0),
+            max_parallel_spec: self.max_parallel.unwrap_or_default(),
             selector: self.selector.unwrap_or_default(),
             max_failures: self.max_failures.unwrap_or_default(),
             canary: self.canary.unwrap_or(0),
             auto_promote_secs: self.auto_promote.map(|d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32).unwrap_or(0),
         }
+    }
+}
+
+/// `--max-parallel`: 1-10000 hosts, or 1-100% of them.
+fn parse_parallel(s: &str) -> Result<String, String> {
+    let ok = match s.strip_suffix('%') {
+        Some(p) => p.parse::<u32>().is_ok_and(|p| (1..=100).contains(&p)),
+        None => s.parse::<u32>().is_ok_and(|n| (1..=10_000).contains(&n)),
+    };
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("expected 1-10000 hosts or 1-100%".into())
     }
 }
 
