@@ -6,6 +6,8 @@
 # usage: tests/lab/bundle-bench.sh [SIZE_MIB (1024)] [AGENT COUNTS (1 10 50)]
 # env:   BENCH_PEERS ("0 1"): each count from the controller only (0) and with the agents
 #        serving each other (1: --peer-listen), side by side.
+#        BENCH_CONTROLLER_MAX (no limit): controller-only runs only up to this many agents (50
+#        hosts from the controller alone at 40 Mbit/s take ~12 minutes).
 #        BENCH_RATE (e.g. 1gbit; unset: no limit): every host's link and the controller's are
 #        shaped to this rate each way (tc tbf), as on a network where each machine has its own
 #        NIC; without it, everything shares this machine's loopback-speed bridge and CPUs.
@@ -33,8 +35,12 @@ shape() { # shape N: every link of the lab at BENCH_RATE
     ip netns exec "flab-h$i" tc qdisc replace dev eth0 "${q[@]}"
   done
 }
+results=()
 for n in $counts; do
 for peers in ${BENCH_PEERS:-0 1}; do
+  if [ "$peers" = 0 ] && [ -n "${BENCH_CONTROLLER_MAX:-}" ] && [ "$n" -gt "$BENCH_CONTROLLER_MAX" ]; then
+    continue
+  fi
   if [ "$peers" = 1 ]; then export LAB_PEERS=1; else unset LAB_PEERS; fi
   LAB_HOSTS=$n "$here/lab.sh" up >/dev/null
   shape "$n"
@@ -64,6 +70,17 @@ for peers in ${BENCH_PEERS:-0 1}; do
   # (each agent logs this once per blob it was sent to a peer for)
   redirects=$(cat "$LAB_DIR"/hosts/*/agent.log 2>/dev/null | grep -c 'fetching from a peer' || true)
   echo "BENCH agents=$n peers=$peers rate=${BENCH_RATE:-none} size_mib=$size time_s=$secs controller_tx_mib=$((sent / 1048576)) per_host_mib=$((sent / n / 1048576)) blobs_from_peers=$redirects cpu_busy_pct=$busy controller_peak_rss_mib=$((rss / 1024))"
+  [ "$n" = 1 ] && [ "$peers" = 1 ] && one=$secs
+  results+=("$n $peers $secs $((sent / 1048576))")
   LAB_HOSTS=$n "$here/lab.sh" down >/dev/null
 done
 done
+# Side by side: each run against one host's time (with peers) and the controller's egress.
+echo "BENCH summary (payload ${size} MiB, rate ${BENCH_RATE:-none})"
+printf 'BENCH %7s  %-15s  %9s  %10s  %14s\n' agents mode time_s vs_one_host controller_tx_mib
+for r in "${results[@]}"; do
+  read -r n peers secs mib <<<"$r"
+  ratio=$(awk -v s="$secs" -v o="${one:-}" 'BEGIN{if (o == "" || o == 0) print "-"; else printf "%.1fx", s/o}')
+  printf 'BENCH %7s  %-15s  %9s  %10s  %14s\n' "$n" "$([ "$peers" = 1 ] && echo peers || echo controller-only)" "$secs" "$ratio" "$mib"
+done
+
