@@ -944,7 +944,6 @@ impl AdminService {
             s if s <= 24 * 3600 => Duration::from_secs(u64::from(s)),
             _ => return Err(Status::invalid_argument("--timeout must be at most 24h")),
         };
-
         let selector =
             crate::plan::select::Selector::parse(&r.selector).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let by_label = r.cluster.is_empty() && r.nodes.is_empty() && !r.selector.is_empty();
