@@ -40,9 +40,16 @@ fn add_skew_probe(source: &str) -> String {
     }
     let mut out = String::with_capacity(source.len() + 4096);
     for line in source.lines() {
+        let t = line.trim();
+        // An empty message (`message PingTask {}`) is opened up to take the field.
+        if let Some(name) = t.strip_prefix("message ").and_then(|r| r.strip_suffix(" {}")) {
+            if targets.iter().any(|x| x == name) {
+                out.push_str(&format!("message {name} {{\n  string skew_probe = 4000;\n}}\n"));
+                continue;
+            }
+        }
         out.push_str(line);
         out.push('\n');
-        let t = line.trim();
         if let Some(name) = t.strip_prefix("message ").and_then(|r| r.strip_suffix(" {")) {
             if targets.iter().any(|x| x == name) {
                 out.push_str("  string skew_probe = 4000;\n");

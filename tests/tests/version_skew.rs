@@ -107,8 +107,8 @@ fn mix(dir: &Path, controller: &Path, agent: &Path) -> PathBuf {
 }
 
 /// Enroll one host with `controller` and create a one-master cluster on it with `agent`; returns
-/// the cluster's task logs.
-fn create_cluster(tag: &str, bins: &Path) -> String {
+/// the lab (still up) and the cluster's task logs.
+fn create_cluster(tag: &str, bins: &Path) -> (Lab, String) {
     let lab = Lab::up_with(tag, 1, bins);
     let (ok, nodes) = lab.ctl(&["nodes", "list", "-o", "json"]);
     assert!(ok && nodes.contains("\"connected\": true"), "{tag}: the agent enrolled and opened a session: {nodes}");
@@ -124,7 +124,7 @@ fn create_cluster(tag: &str, bins: &Path) -> String {
     assert!(lab.host("h1").join("etc-kubernetes/admin.conf").exists(), "{tag}: kubeadm init ran on the host");
     let (ok, logs) = lab.ctl(&["cluster", "logs", "skew"]);
     assert!(ok, "{tag}: {logs}");
-    logs
+    (lab, logs)
 }
 
 #[test]
@@ -146,28 +146,34 @@ fn pinned_and_current_builds_work_together_both_ways() {
     let probe_seen = |logs: &str, value: &str| logs.contains(&format!("skew-probe: the task carried \"{value}\""));
 
     // This tree's controller and the pinned agent, and the reverse.
-    let logs =
+    let (lab, logs) =
         create_cluster("skew-new-ctl", &mix(&work.join("mix1"), &current.join("controller"), &old.join("node-agent")));
     assert!(!logs.contains("skew-probe"), "{logs}");
+    // A task kind newer than the agent is not sent to it; the operator is told why.
+    let (ok, out) = lab.ctl(&["agent", "ping", "--nodes", "h1"]);
+    assert!(!ok && out.contains("h1 | ! agent 0.1.0 on h1 cannot run ping-v1; upgrade node-agent"), "{out}");
+    drop(lab);
     create_cluster("skew-new-agent", &mix(&work.join("mix2"), &old.join("controller"), &current.join("node-agent")));
 
     // Newer controller with an extra field in every task -> older agent: ignored, tasks run.
-    let logs = create_cluster(
+    let (_, logs) = create_cluster(
         "skew-field-to-old",
         &mix(&work.join("mix3"), &probe.join("controller"), &old.join("node-agent")),
     );
     assert!(!logs.contains("skew-probe"), "the pinned agent knows nothing of the field: {logs}");
     // Older controller -> newer agent (whose reports carry an extra field the controller ignores):
     // the field is simply absent.
-    let logs = create_cluster(
+    let (_, logs) = create_cluster(
         "skew-field-from-new",
         &mix(&work.join("mix4"), &old.join("controller"), &probe.join("node-agent")),
     );
     assert!(probe_seen(&logs, ""), "the newer agent saw no value from the older controller: {logs}");
     // Both sides know it: the field really travels (so the two runs above tested something).
-    let logs = create_cluster(
+    let (lab, logs) = create_cluster(
         "skew-field-both",
         &mix(&work.join("mix5"), &probe.join("controller"), &probe.join("node-agent")),
     );
     assert!(probe_seen(&logs, "from-a-newer-controller"), "{logs}");
+    let (ok, out) = lab.ctl(&["agent", "ping", "--nodes", "h1"]);
+    assert!(ok && out.contains("h1 | pong: node-agent 0.1.0"), "the same ping between current builds: {out}");
 }
