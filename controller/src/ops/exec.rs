@@ -1,5 +1,7 @@
 //! `controller exec`: one command on many hosts through their agents, at most `max_parallel` at
-//! once, each host's output streamed back as it comes, each host's outcome audited.
+//! once, each host's output streamed back as it comes, each host's outcome audited. The same
+//! machinery (waves, failure budget, canary, `op` control) runs `controller agent upgrade` and
+//! `controller agent ping` ([`Work`]).
 //!
 //! Commands are not idempotent, so an exec is never resumed: if the controller stops while one
 //! runs, the operator sees the stream end, and the audit log has what finished.
