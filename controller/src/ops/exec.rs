@@ -554,11 +554,23 @@ impl Drop for Unregister<'_> {
     }
 }
 
+/// The next task a test's fake agent session receives (within `within`).
+#[cfg(test)]
+async fn next_task<E: std::fmt::Debug>(
+    session: &mut (impl tokio_stream::Stream<Item = Result<ServerEvent, E>> + Unpin),
+    within: Duration,
+) -> TaskAssignment {
+    use tokio_stream::StreamExt;
+    let ev = tokio::time::timeout(within, session.next()).await.expect("a task in time").expect("session open");
+    let ev = ev.expect("an event");
+    let Some(server_event::Event::Task(a)) = ev.event else { panic!("not a task: {ev:?}") };
+    a
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dispatch::sessions::SessionMeta;
-    use tokio_stream::StreamExt;
 
     fn meta(caps: Vec<String>) -> SessionMeta {
         SessionMeta {
@@ -583,6 +595,17 @@ mod tests {
         }
     }
 
+    /// The agent's report on `a` (attempt 1).
+    fn report_on(a: &TaskAssignment, state: TaskState, out: &str) -> TaskReport {
+        TaskReport {
+            task_id: a.task_id.clone(),
+            attempt: 1,
+            state: state as i32,
+            output: out.into(),
+            ..Default::default()
+        }
+    }
+
     /// Run `spec` in the background: its summary at the end, its events as they come.
     fn start(execs: &Arc<Execs>, spec: ExecSpec) -> (tokio::task::JoinHandle<Summary>, mpsc::Receiver<ExecEvent>) {
         let (tx, rx) = mpsc::channel(64);
@@ -598,16 +621,9 @@ mod tests {
         let older: Vec<String> = TaskKind::all_capabilities().into_iter().filter(|c| c != "exec-v1").collect();
         let (_b, _tb, _h2) = sessions.open("h2", meta(older), 0, 16);
         let (run, mut rx) = start(&execs, spec("x1", &["h1", "h2", "h9"], Work::Command(vec!["hostname".into()]), 2));
-        let ev = tokio::time::timeout(Duration::from_secs(5), h1.next()).await.unwrap().unwrap().unwrap();
-        let Some(server_event::Event::Task(a)) = ev.event else { panic!("{ev:?}") };
+        let a = next_task(&mut h1, Duration::from_secs(5)).await;
         assert_eq!(a.task_id, "exec/x1/h1");
-        let report = |state: TaskState, out: &str| TaskReport {
-            task_id: a.task_id.clone(),
-            attempt: 1,
-            state: state as i32,
-            output: out.into(),
-            ..Default::default()
-        };
+        let report = |state: TaskState, out: &str| report_on(&a, state, out);
         assert!(matches!(
             execs.route("h2", &report(TaskState::Succeeded, "")),
             Some(Err(ReportRejected::NotYours { .. }))
@@ -644,17 +660,10 @@ mod tests {
         assert_eq!((work.default_parallel(3), work.default_timeout()), (3, Duration::from_secs(30)));
         assert_eq!(Work::Command(vec!["true".into()]).default_parallel(3), 10);
         let (run, mut rx) = start(&execs, spec("ping-1", &["h1", "h2"], work, 2));
-        let ev = tokio::time::timeout(Duration::from_secs(5), h1.next()).await.unwrap().unwrap().unwrap();
-        let Some(server_event::Event::Task(a)) = ev.event else { panic!("{ev:?}") };
+        let a = next_task(&mut h1, Duration::from_secs(5)).await;
         assert!(matches!(a.task, Some(Task::Ping(_))), "{a:?}");
         assert_eq!(a.task_id, "exec/ping-1/h1");
-        let report = |state: TaskState, out: &str| TaskReport {
-            task_id: a.task_id.clone(),
-            attempt: 1,
-            state: state as i32,
-            output: out.into(),
-            ..Default::default()
-        };
+        let report = |state: TaskState, out: &str| report_on(&a, state, out);
         execs.route("h1", &report(TaskState::Running, "")).unwrap().unwrap();
         execs.route("h1", &report(TaskState::Succeeded, "pong: node-agent 9.9.9")).unwrap().unwrap();
         let summary = run.await.unwrap();
@@ -703,7 +712,6 @@ mod tests {
 mod agent_upgrade_tests {
     use super::*;
     use crate::dispatch::sessions::SessionMeta;
-    use tokio_stream::StreamExt;
 
     #[test]
     fn package_versions_come_from_debian_and_rpm_file_names() {
@@ -770,8 +778,7 @@ mod agent_upgrade_tests {
             let e = execs.clone();
             tokio::spawn(async move { e.run(s, mpsc::channel(64).0).await })
         };
-        let ev = tokio::time::timeout(Duration::from_secs(5), old.next()).await.unwrap().unwrap().unwrap();
-        let Some(server_event::Event::Task(a)) = ev.event else { panic!("{ev:?}") };
+        let a = next_task(&mut old, Duration::from_secs(5)).await;
         let Some(Task::AgentUpgrade(t)) = &a.task else { panic!("{a:?}") };
         assert_eq!((t.bundle.as_str(), t.packages.len()), ("agents", 1));
         assert!(execs.grants_bundle("h1", "agents"), "the host may fetch the package while it upgrades");
@@ -779,8 +786,7 @@ mod agent_upgrade_tests {
         // The package restarts the agent: a new session, and the task again on it.
         drop(old);
         let (_id2, _tx2, mut new) = sessions.open("h1", meta(), 1, 16);
-        let ev = tokio::time::timeout(Duration::from_secs(10), new.next()).await.unwrap().unwrap().unwrap();
-        let Some(server_event::Event::Task(again)) = ev.event else { panic!("{ev:?}") };
+        let again = next_task(&mut new, Duration::from_secs(10)).await;
         assert_eq!((again.task_id.as_str(), again.attempt), (a.task_id.as_str(), a.attempt));
         let done = TaskReport {
             task_id: a.task_id.clone(),
