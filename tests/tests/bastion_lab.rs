@@ -29,6 +29,28 @@ fn connects(lab: &Lab) -> usize {
         .count()
 }
 
+/// Lines in tinyproxy's log so far.
+fn proxy_log_lines(lab: &Lab) -> usize {
+    std::fs::read_to_string(lab.dir.join("tinyproxy.log")).unwrap_or_default().lines().count()
+}
+
+/// The hosts that opened a connection through tinyproxy after line `skip` of its log.
+fn proxy_clients_since(lab: &Lab, skip: usize) -> std::collections::BTreeSet<String> {
+    std::fs::read_to_string(lab.dir.join("tinyproxy.log"))
+        .unwrap_or_default()
+        .lines()
+        .skip(skip)
+        .filter(|l| l.contains(": Connect (file descriptor "))
+        .filter_map(|l| l.rsplit(' ').next().map(str::to_string))
+        .collect()
+}
+
+/// Nodes the controller has a session with now.
+fn sessions(lab: &Lab) -> usize {
+    let (_, out) = lab.ctl(&["nodes", "list", "-o", "json"]);
+    out.matches("\"connected\": true").count()
+}
+
 fn no_direct_path() {
     let direct = std::process::Command::new("ip")
         .args(["netns", "exec", "flab-h1", "timeout", "3", "bash", "-c", "exec 3<>/dev/tcp/10.79.0.1/9443"])
@@ -82,14 +104,21 @@ fn enrollment_sessions_and_a_cluster_create_through_a_proxy_on_a_bastion() {
     let (ok, out) = lab.ctl(&["cluster", "create", "px", "--masters", "h1,h2", "--bundle", "k8s-lab", "--detach"]);
     assert!(ok, "{out}");
     wait_past_preflight(&lab, "px");
-    let before_restart = connects(&lab);
+    let mark = proxy_log_lines(&lab);
     let restarted = lab.run(&["restart-proxy"]);
     assert!(restarted.status.success(), "{}", String::from_utf8_lossy(&restarted.stderr));
     let (ok, out) = lab.ctl(&["cluster", "status", "px", "--watch"]);
     assert!(ok, "the rollout completes through the restarted proxy: {out}");
-    // (The rollout may finish before the agents notice the old proxy is gone: wait for it.)
-    let reconnected = eventually(Duration::from_secs(30), || connects(&lab) >= before_restart + 2);
-    assert!(reconnected, "both agents reconnected through the new proxy process ({before_restart} CONNECTs before)");
+    // Both agents come back through the new proxy process (their only way out); the rollout may
+    // finish before they notice the old one is gone, so wait for it.
+    let reconnected =
+        eventually(Duration::from_secs(30), || proxy_clients_since(&lab, mark).len() >= 2 && sessions(&lab) == 2);
+    assert!(
+        reconnected,
+        "both agents reconnected through the new proxy process: {:?} connected through it, {} sessions",
+        proxy_clients_since(&lab, mark),
+        sessions(&lab)
+    );
     let (_, logs) = lab.ctl(&["cluster", "logs", "px", "--host", "h2"]);
     assert!(logs.contains("blobs fetched"), "h2 fetched the bundle (through the proxy): {logs}");
     assert!(lab.host("h2").join("usr-local-bin/kubeadm").exists(), "bootstrap installed it");
@@ -129,9 +158,15 @@ fn enrollment_and_a_cluster_create_by_address_through_a_relay_on_a_bastion() {
     assert!(restarted.status.success(), "{}", String::from_utf8_lossy(&restarted.stderr));
     let (ok, out) = lab.ctl(&["cluster", "status", "rl", "--watch"]);
     assert!(ok, "the rollout completes through the restarted relay: {out}");
-    let again = || metric(&http_get(RELAY_METRICS, "/metrics"), "fleetadm_relay_connections_total{").unwrap_or(0.0);
-    let reconnected = eventually(Duration::from_secs(30), || again() >= 2.0);
-    assert!(reconnected, "both agents reconnected through the new relay process: {}", again());
+    // Both sessions open again, through the new relay process (connections open through it now).
+    let open = || metric(&http_get(RELAY_METRICS, "/metrics"), "fleetadm_relay_connections{").unwrap_or(0.0);
+    let reconnected = eventually(Duration::from_secs(30), || open() >= 2.0 && sessions(&lab) == 2);
+    assert!(
+        reconnected,
+        "both agents reconnected through the new relay process: {} open, {} sessions",
+        open(),
+        sessions(&lab)
+    );
     let (_, logs) = lab.ctl(&["cluster", "logs", "rl", "--host", "h2"]);
     assert!(logs.contains("blobs fetched"), "h2 fetched the bundle (through the relay): {logs}");
     assert!(lab.host("h2").join("usr-local-bin/kubeadm").exists(), "bootstrap installed it");
